@@ -1,0 +1,247 @@
+// Package dataplane converges a node's kernel state (ipsets, iptables chains,
+// policy routing, tunnels, sysctls) and the ztunnel pod's network namespace to
+// a plain desired State. It never imports client-go: the controller computes
+// the State, this package diffs it against what it reads back from the kernel
+// and changes only what differs.
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+)
+
+// TunnelType selects the encapsulation used between the node and ztunnel.
+type TunnelType string
+
+// Tunnel types. Auto picks geneve when the kernel has it, else vxlan.
+const (
+	TunnelAuto   TunnelType = "auto"
+	TunnelGeneve TunnelType = "geneve"
+	TunnelVXLAN  TunnelType = "vxlan"
+)
+
+// FailMode says what happens to enrolled pods while no ztunnel is present.
+type FailMode string
+
+const (
+	// FailClosed keeps capture but makes it fail fast (unreachable routes):
+	// nothing of an ambient pod escapes to its destination unproxied.
+	FailClosed FailMode = "closed"
+	// FailOpen withdraws capture so traffic flows directly.
+	FailOpen FailMode = "open"
+)
+
+// IPTablesMode selects the iptables backend.
+type IPTablesMode string
+
+// iptables backends. Auto detects the one kubelet uses.
+const (
+	IPTablesAuto   IPTablesMode = "auto"
+	IPTablesNFT    IPTablesMode = "nft"
+	IPTablesLegacy IPTablesMode = "legacy"
+)
+
+// Default tunnel ports.
+const (
+	DefaultGenevePort = 6081
+	DefaultVXLANPort  = 4789
+)
+
+// Marks are the packet marks of the node and ztunnel namespaces (value/mask, mask = value on the node).
+type Marks struct {
+	Outbound    uint32 // 0x100: TCP from an ambient pod, to ztunnel via istioout
+	Skip        uint32 // 0x200: bypass, rule 100 sends it to main
+	ConnSkip    uint32 // 0x220: skip, saved to connmark (contains Skip)
+	Proxy       uint32 // 0x210: from ztunnel with a spoofed source (contains Skip)
+	ProxyReturn uint32 // 0x040: replies to ztunnel's spoofed connections, back to ztunnel
+	TProxy      uint32 // 0x400 inside the ztunnel netns
+	OrigSrc     uint32 // 0x4d3 inside the ztunnel netns: reply to an original-source socket
+	ZtunnelMask uint32 // 0xfff: mask for TProxy and OrigSrc
+}
+
+// Tables are the route tables on the node.
+type Tables struct {
+	Inbound     int // 100
+	Outbound    int // 101
+	ProxyReturn int // 102
+	// ZtunnelLocal is the table inside the ztunnel netns holding `local 0.0.0.0/0 dev lo`.
+	ZtunnelLocal int // 100
+}
+
+// Priorities are ip rule priorities.
+type Priorities struct {
+	Skip        int // 100
+	Outbound    int // 101
+	ProxyReturn int // 102
+	Inbound     int // 103
+	// ZtunnelTProxy and ZtunnelOrigSrc live inside the ztunnel netns.
+	ZtunnelTProxy  int // 20000
+	ZtunnelOrigSrc int // 20003
+}
+
+// Config is the static configuration of the dataplane.
+type Config struct {
+	Tunnel TunnelType
+	// TunnelPort is the UDP port of the tunnels; 0 means the type's default.
+	// When a device we do not own already uses it, the next free port is taken.
+	TunnelPort   int
+	FailMode     FailMode
+	IPTablesMode IPTablesMode
+	// DNSCapture DNATs ambient pods' UDP/53 to ztunnel's DNS proxy on DNSPort.
+	DNSCapture bool
+	DNSPort    int
+	// CaptureNodeLocal replaces the kernel's `0: from all lookup local` rule
+	// with `0: fwmark 0/<Outbound|ProxyReturn> lookup local` so that ambient
+	// pods' TCP to node addresses is captured too.
+	CaptureNodeLocal bool
+	Marks            Marks
+	Tables           Tables
+	Priorities       Priorities
+	// RouteProtocol marks every route and rule we create as ours.
+	RouteProtocol int
+	IPSetName     string // inet set
+	IPSetNameV6   string // inet6 set (IPv6 not wired up yet)
+	// InVNI/OutVNI and the /30 networks of the istioin/istioout tunnels.
+	InVNI, OutVNI   uint32
+	InNet, OutNet   netip.Prefix
+	NetNSDir        string
+	ProxyPorts      ProxyPorts
+	ZtunnelListenIP netip.Addr
+}
+
+// ProxyPorts are ztunnel's listeners.
+type ProxyPorts struct {
+	Outbound int // 15001
+	Inbound  int // 15006
+	HBONE    int // 15008
+}
+
+// DefaultConfig returns the reference configuration.
+func DefaultConfig() Config {
+	return Config{
+		Tunnel:           TunnelAuto,
+		FailMode:         FailClosed,
+		IPTablesMode:     IPTablesAuto,
+		DNSPort:          15053,
+		CaptureNodeLocal: true,
+		Marks: Marks{
+			Outbound: 0x100, Skip: 0x200, ConnSkip: 0x220, Proxy: 0x210, ProxyReturn: 0x040,
+			TProxy: 0x400, OrigSrc: 0x4d3, ZtunnelMask: 0xfff,
+		},
+		Tables:          Tables{Inbound: 100, Outbound: 101, ProxyReturn: 102, ZtunnelLocal: 100},
+		Priorities:      Priorities{Skip: 100, Outbound: 101, ProxyReturn: 102, Inbound: 103, ZtunnelTProxy: 20000, ZtunnelOrigSrc: 20003},
+		RouteProtocol:   0x61, // 97: unassigned in /etc/iproute2/rt_protos
+		IPSetName:       "ztunnel-pods-ips",
+		IPSetNameV6:     "ztunnel-pods-ips-v6",
+		InVNI:           1000,
+		OutVNI:          1001,
+		InNet:           netip.MustParsePrefix("192.168.126.0/30"),
+		OutNet:          netip.MustParsePrefix("192.168.127.0/30"),
+		NetNSDir:        "/var/run/netns",
+		ProxyPorts:      ProxyPorts{Outbound: 15001, Inbound: 15006, HBONE: 15008},
+		ZtunnelListenIP: netip.MustParseAddr("127.0.0.1"),
+	}
+}
+
+// Validate reports every problem of the configuration at once.
+func (c Config) Validate() error {
+	var errs []error
+	switch c.Tunnel {
+	case TunnelAuto, TunnelGeneve, TunnelVXLAN:
+	default:
+		errs = append(errs, fmt.Errorf("tunnel: %q is not one of auto, geneve, vxlan", c.Tunnel))
+	}
+	switch c.FailMode {
+	case FailClosed, FailOpen:
+	default:
+		errs = append(errs, fmt.Errorf("fail mode: %q is not one of closed, open", c.FailMode))
+	}
+	switch c.IPTablesMode {
+	case IPTablesAuto, IPTablesNFT, IPTablesLegacy:
+	default:
+		errs = append(errs, fmt.Errorf("iptables mode: %q is not one of auto, nft, legacy", c.IPTablesMode))
+	}
+	if c.TunnelPort < 0 || c.TunnelPort > 65535 {
+		errs = append(errs, fmt.Errorf("tunnel port: %d out of range", c.TunnelPort))
+	}
+	if c.DNSCapture && (c.DNSPort <= 0 || c.DNSPort > 65535) {
+		errs = append(errs, fmt.Errorf("dns port: %d out of range", c.DNSPort))
+	}
+	m := c.Marks
+	for name, v := range map[string]uint32{"outbound": m.Outbound, "skip": m.Skip, "proxy-return": m.ProxyReturn} {
+		if v == 0 || v&(v-1) != 0 {
+			errs = append(errs, fmt.Errorf("mark %s: %#x must be a single bit", name, v))
+		}
+	}
+	if m.ConnSkip&m.Skip != m.Skip || m.Proxy&m.Skip != m.Skip {
+		errs = append(errs, fmt.Errorf("marks: conn-skip %#x and proxy %#x must contain the skip bit %#x", m.ConnSkip, m.Proxy, m.Skip))
+	}
+	if m.Outbound&(m.ConnSkip|m.Proxy|m.ProxyReturn) != 0 || m.ProxyReturn&(m.ConnSkip|m.Proxy) != 0 {
+		errs = append(errs, errors.New("marks: outbound and proxy-return must not overlap the skip marks"))
+	}
+	if m.ConnSkip == m.Proxy {
+		errs = append(errs, errors.New("marks: conn-skip and proxy must differ"))
+	}
+	if m.ZtunnelMask == 0 || m.TProxy&^m.ZtunnelMask != 0 || m.OrigSrc&^m.ZtunnelMask != 0 || m.TProxy == m.OrigSrc {
+		errs = append(errs, errors.New("marks: ztunnel tproxy/orig-src marks must differ and fit the ztunnel mask"))
+	}
+	t := c.Tables
+	tables := []int{t.Inbound, t.Outbound, t.ProxyReturn}
+	for _, v := range append(tables, t.ZtunnelLocal) {
+		if v <= 0 || v >= 253 && v <= 255 || v > 0xfffffff0 {
+			errs = append(errs, fmt.Errorf("route table %d is reserved or out of range", v))
+		}
+	}
+	if dup(tables) {
+		errs = append(errs, fmt.Errorf("route tables %v must differ", tables))
+	}
+	p := c.Priorities
+	prios := []int{p.Skip, p.Outbound, p.ProxyReturn, p.Inbound}
+	for _, v := range append(prios, p.ZtunnelTProxy, p.ZtunnelOrigSrc) {
+		if v <= 0 || v >= 32766 {
+			errs = append(errs, fmt.Errorf("rule priority %d must be in 1..32765", v))
+		}
+	}
+	if dup(prios) || p.ZtunnelTProxy == p.ZtunnelOrigSrc {
+		errs = append(errs, fmt.Errorf("rule priorities %v must differ", prios))
+	}
+	if !(p.Skip < p.Outbound && p.Outbound < p.Inbound && p.ProxyReturn < p.Inbound) {
+		errs = append(errs, errors.New("rule priorities: skip < outbound, proxy-return < inbound is required"))
+	}
+	if c.RouteProtocol <= 4 || c.RouteProtocol > 255 {
+		errs = append(errs, fmt.Errorf("route protocol %d must be in 5..255 (0-4 belong to the kernel)", c.RouteProtocol))
+	}
+	if c.IPSetName == "" || len(c.IPSetName) > 31 || c.IPSetNameV6 == "" || len(c.IPSetNameV6) > 31 || c.IPSetName == c.IPSetNameV6 {
+		errs = append(errs, errors.New("ipset names must be distinct, non-empty and at most 31 bytes"))
+	}
+	for _, n := range []netip.Prefix{c.InNet, c.OutNet} {
+		if !n.IsValid() || !n.Addr().Is4() || n.Bits() != 30 || n.Masked() != n {
+			errs = append(errs, fmt.Errorf("tunnel network %v must be an IPv4 /30", n))
+		}
+	}
+	if c.InVNI == 0 || c.OutVNI == 0 || c.InVNI == c.OutVNI || c.InVNI > 1<<24-1 || c.OutVNI > 1<<24-1 {
+		errs = append(errs, errors.New("tunnel VNIs must differ and be in 1..16777215"))
+	}
+	if c.NetNSDir == "" {
+		errs = append(errs, errors.New("netns dir must be set"))
+	}
+	return errors.Join(errs...)
+}
+
+func dup(v []int) bool {
+	seen := map[int]bool{}
+	for _, x := range v {
+		if seen[x] {
+			return true
+		}
+		seen[x] = true
+	}
+	return false
+}
+
+// tunnelAddrs returns the node-side and ztunnel-side addresses of a /30.
+func tunnelAddrs(p netip.Prefix) (node, ztunnel netip.Addr) {
+	node = p.Addr().Next()
+	return node, node.Next()
+}

@@ -1,0 +1,612 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+)
+
+// FakeNetlink is an in-memory Netlink for unit tests. It keeps state,
+// counts writes by method and can fail the next call of a method.
+type FakeNetlink struct {
+	mu     sync.Mutex
+	links  []netlink.Link
+	addrs  map[int][]netlink.Addr
+	neighs []netlink.Neigh
+	routes []netlink.Route
+	rules  []netlink.Rule
+	ipsets map[string]*netlink.IPSetResult
+	next   int
+	fail   map[string]error
+
+	// Writes counts successful write calls by method name.
+	Writes map[string]int
+	// GeneveSupported makes geneve devices creatable.
+	GeneveSupported bool
+	// Src is the source address RouteGet reports.
+	Src netip.Addr
+}
+
+var _ Netlink = (*FakeNetlink)(nil)
+
+// NewFakeNetlink returns a namespace with lo and the kernel's default rules.
+func NewFakeNetlink() *FakeNetlink {
+	f := &FakeNetlink{addrs: map[int][]netlink.Addr{}, ipsets: map[string]*netlink.IPSetResult{}, fail: map[string]error{}, Writes: map[string]int{}, next: 1}
+	f.addVeth("lo", 65536, 0)
+	for _, r := range []struct{ prio, table int }{{0, unix.RT_TABLE_LOCAL}, {32766, unix.RT_TABLE_MAIN}, {32767, unix.RT_TABLE_DEFAULT}} {
+		f.rules = append(f.rules, newRule(r.prio, r.table, 0, 0, unix.RTPROT_KERNEL))
+	}
+	return f
+}
+
+// AddVeth adds a veth whose peer has index peerIndex (in another netns) and
+// returns its index.
+func (f *FakeNetlink) AddVeth(name string, mtu, peerIndex int) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.addVeth(name, mtu, peerIndex)
+}
+
+func (f *FakeNetlink) addVeth(name string, mtu, peer int) int {
+	idx := f.next
+	f.next++
+	f.links = append(f.links, &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name, Index: idx, MTU: mtu, ParentIndex: peer, Flags: net.FlagUp}})
+	return idx
+}
+
+// FailNext makes the next call of method fail with err.
+func (f *FakeNetlink) FailNext(method string, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.fail[method] = err
+}
+
+// TotalWrites sums Writes.
+func (f *FakeNetlink) TotalWrites() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, v := range f.Writes {
+		n += v
+	}
+	return n
+}
+
+func (f *FakeNetlink) check(method string) error {
+	if err, ok := f.fail[method]; ok {
+		delete(f.fail, method)
+		return err
+	}
+	return nil
+}
+
+func (f *FakeNetlink) wrote(method string) { f.Writes[method]++ }
+
+func errNoLink(s string) error { return fmt.Errorf("link %s not found: %w", s, unix.ENODEV) }
+
+func copyLink(l netlink.Link) netlink.Link {
+	switch v := l.(type) {
+	case *netlink.Vxlan:
+		c := *v
+		return &c
+	case *netlink.Geneve:
+		c := *v
+		return &c
+	case *netlink.Veth:
+		c := *v
+		return &c
+	}
+	return l
+}
+
+// LinkList implements Netlink.
+func (f *FakeNetlink) LinkList() ([]netlink.Link, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("LinkList"); err != nil {
+		return nil, err
+	}
+	var out []netlink.Link
+	for _, l := range f.links {
+		out = append(out, copyLink(l))
+	}
+	return out, nil
+}
+
+func (f *FakeNetlink) find(name string) (int, netlink.Link) {
+	for i, l := range f.links {
+		if l.Attrs().Name == name {
+			return i, l
+		}
+	}
+	return -1, nil
+}
+
+// LinkByName implements Netlink.
+func (f *FakeNetlink) LinkByName(name string) (netlink.Link, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("LinkByName"); err != nil {
+		return nil, err
+	}
+	if _, l := f.find(name); l != nil {
+		return copyLink(l), nil
+	}
+	return nil, errNoLink(name)
+}
+
+// LinkByIndex implements Netlink.
+func (f *FakeNetlink) LinkByIndex(index int) (netlink.Link, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, l := range f.links {
+		if l.Attrs().Index == index {
+			return copyLink(l), nil
+		}
+	}
+	return nil, errNoLink(fmt.Sprint(index))
+}
+
+// LinkAdd implements Netlink.
+func (f *FakeNetlink) LinkAdd(link netlink.Link) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("LinkAdd"); err != nil {
+		return err
+	}
+	if _, ok := link.(*netlink.Geneve); ok && !f.GeneveSupported {
+		return unix.EOPNOTSUPP
+	}
+	if i, _ := f.find(link.Attrs().Name); i >= 0 {
+		return unix.EEXIST
+	}
+	c := copyLink(link)
+	c.Attrs().Index = f.next
+	if c.Attrs().MTU == 0 {
+		c.Attrs().MTU = 1450
+	}
+	f.next++
+	f.links = append(f.links, c)
+	f.wrote("LinkAdd")
+	return nil
+}
+
+// LinkModify implements Netlink (geneve remote only, like the kernel's changelink).
+func (f *FakeNetlink) LinkModify(link netlink.Link) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("LinkModify"); err != nil {
+		return err
+	}
+	_, l := f.find(link.Attrs().Name)
+	g, ok := l.(*netlink.Geneve)
+	mod, ok2 := link.(*netlink.Geneve)
+	if !ok || !ok2 || mod.Dport != 0 {
+		return unix.EOPNOTSUPP
+	}
+	g.Remote = mod.Remote
+	f.wrote("LinkModify")
+	return nil
+}
+
+// LinkDel implements Netlink.
+func (f *FakeNetlink) LinkDel(link netlink.Link) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("LinkDel"); err != nil {
+		return err
+	}
+	i, l := f.find(link.Attrs().Name)
+	if l == nil {
+		return errNoLink(link.Attrs().Name)
+	}
+	idx := l.Attrs().Index
+	f.links = slices.Delete(f.links, i, i+1)
+	delete(f.addrs, idx)
+	f.neighs = slices.DeleteFunc(f.neighs, func(n netlink.Neigh) bool { return n.LinkIndex == idx })
+	f.routes = slices.DeleteFunc(f.routes, func(r netlink.Route) bool { return r.LinkIndex == idx })
+	f.wrote("LinkDel")
+	return nil
+}
+
+func (f *FakeNetlink) setAttr(method string, link netlink.Link, set func(*netlink.LinkAttrs)) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check(method); err != nil {
+		return err
+	}
+	_, l := f.find(link.Attrs().Name)
+	if l == nil {
+		return errNoLink(link.Attrs().Name)
+	}
+	set(l.Attrs())
+	f.wrote(method)
+	return nil
+}
+
+// LinkSetUp implements Netlink.
+func (f *FakeNetlink) LinkSetUp(link netlink.Link) error {
+	return f.setAttr("LinkSetUp", link, func(a *netlink.LinkAttrs) { a.Flags |= net.FlagUp })
+}
+
+// LinkSetMTU implements Netlink.
+func (f *FakeNetlink) LinkSetMTU(link netlink.Link, mtu int) error {
+	return f.setAttr("LinkSetMTU", link, func(a *netlink.LinkAttrs) { a.MTU = mtu })
+}
+
+// SetLinkDown is a test hook (drift).
+func (f *FakeNetlink) SetLinkDown(name string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, l := f.find(name); l != nil {
+		l.Attrs().Flags &^= net.FlagUp
+	}
+}
+
+// AddrList implements Netlink.
+func (f *FakeNetlink) AddrList(link netlink.Link, family int) ([]netlink.Addr, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.addrs[link.Attrs().Index]), nil
+}
+
+// AddrReplace implements Netlink.
+func (f *FakeNetlink) AddrReplace(link netlink.Link, addr *netlink.Addr) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("AddrReplace"); err != nil {
+		return err
+	}
+	idx := link.Attrs().Index
+	f.addrs[idx] = slices.DeleteFunc(f.addrs[idx], func(a netlink.Addr) bool { return a.IPNet.String() == addr.IPNet.String() })
+	f.addrs[idx] = append(f.addrs[idx], *addr)
+	f.wrote("AddrReplace")
+	return nil
+}
+
+// AddrDel implements Netlink.
+func (f *FakeNetlink) AddrDel(link netlink.Link, addr *netlink.Addr) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	idx := link.Attrs().Index
+	f.addrs[idx] = slices.DeleteFunc(f.addrs[idx], func(a netlink.Addr) bool { return a.IPNet.String() == addr.IPNet.String() })
+	f.wrote("AddrDel")
+	return nil
+}
+
+// NeighList implements Netlink.
+func (f *FakeNetlink) NeighList(linkIndex, family int) ([]netlink.Neigh, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []netlink.Neigh
+	for _, n := range f.neighs {
+		if n.LinkIndex == linkIndex && n.Family == family {
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+// NeighSet implements Netlink.
+func (f *FakeNetlink) NeighSet(n *netlink.Neigh) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("NeighSet"); err != nil {
+		return err
+	}
+	f.neighs = slices.DeleteFunc(f.neighs, func(x netlink.Neigh) bool {
+		if x.LinkIndex != n.LinkIndex || x.Family != n.Family {
+			return false
+		}
+		if n.Family == unix.AF_BRIDGE {
+			return x.HardwareAddr.String() == n.HardwareAddr.String()
+		}
+		return x.IP.Equal(n.IP)
+	})
+	f.neighs = append(f.neighs, *n)
+	f.wrote("NeighSet")
+	return nil
+}
+
+// DelNeighs is a test hook (drift): removes all entries of a family on a link.
+func (f *FakeNetlink) DelNeighs(linkName string, family int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, l := f.find(linkName)
+	f.neighs = slices.DeleteFunc(f.neighs, func(x netlink.Neigh) bool { return l != nil && x.LinkIndex == l.Attrs().Index && x.Family == family })
+}
+
+// RouteGet implements Netlink.
+func (f *FakeNetlink) RouteGet(dst net.IP) ([]netlink.Route, error) {
+	if !f.Src.IsValid() {
+		return nil, unix.ENETUNREACH
+	}
+	return []netlink.Route{{Dst: &net.IPNet{IP: dst, Mask: net.CIDRMask(32, 32)}, Src: ipOf(f.Src)}}, nil
+}
+
+// RouteListFiltered implements Netlink (table and protocol filters).
+func (f *FakeNetlink) RouteListFiltered(family int, filter *netlink.Route, mask uint64) ([]netlink.Route, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("RouteListFiltered"); err != nil {
+		return nil, err
+	}
+	var out []netlink.Route
+	for _, r := range f.routes {
+		if mask&netlink.RT_FILTER_TABLE != 0 && filter.Table != 0 && r.Table != filter.Table {
+			continue
+		}
+		if mask&netlink.RT_FILTER_PROTOCOL != 0 && r.Protocol != filter.Protocol {
+			continue
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// RouteReplace implements Netlink.
+func (f *FakeNetlink) RouteReplace(r *netlink.Route) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("RouteReplace"); err != nil {
+		return err
+	}
+	f.routes = slices.DeleteFunc(f.routes, func(x netlink.Route) bool { return routeKey(x) == routeKey(*r) })
+	f.routes = append(f.routes, *r)
+	f.wrote("RouteReplace")
+	return nil
+}
+
+// RouteDel implements Netlink.
+func (f *FakeNetlink) RouteDel(r *netlink.Route) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("RouteDel"); err != nil {
+		return err
+	}
+	n := len(f.routes)
+	f.routes = slices.DeleteFunc(f.routes, func(x netlink.Route) bool { return routeKey(x) == routeKey(*r) })
+	if len(f.routes) == n {
+		return unix.ESRCH
+	}
+	f.wrote("RouteDel")
+	return nil
+}
+
+// RuleList implements Netlink.
+func (f *FakeNetlink) RuleList(family int) ([]netlink.Rule, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("RuleList"); err != nil {
+		return nil, err
+	}
+	out := slices.Clone(f.rules)
+	slices.SortStableFunc(out, func(a, b netlink.Rule) int { return a.Priority - b.Priority })
+	return out, nil
+}
+
+// RuleAdd implements Netlink.
+func (f *FakeNetlink) RuleAdd(r *netlink.Rule) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("RuleAdd"); err != nil {
+		return err
+	}
+	for _, x := range f.rules {
+		if ruleString(x) == ruleString(*r) && x.Protocol == r.Protocol {
+			return unix.EEXIST
+		}
+	}
+	f.rules = append(f.rules, *r)
+	f.wrote("RuleAdd")
+	return nil
+}
+
+// RuleDel implements Netlink, matching like the kernel: unset request fields match anything.
+func (f *FakeNetlink) RuleDel(r *netlink.Rule) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("RuleDel"); err != nil {
+		return err
+	}
+	for i, x := range f.rules {
+		if x.Priority != r.Priority || (r.Table > 0 && x.Table != r.Table) || (r.Protocol != 0 && x.Protocol != r.Protocol) {
+			continue
+		}
+		if r.Mask != nil && (x.Mask == nil || *x.Mask != *r.Mask || x.Mark != r.Mark) {
+			continue
+		}
+		f.rules = slices.Delete(f.rules, i, i+1)
+		f.wrote("RuleDel")
+		return nil
+	}
+	return unix.ENOENT
+}
+
+// IpsetList implements Netlink.
+func (f *FakeNetlink) IpsetList(name string) (*netlink.IPSetResult, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("IpsetList"); err != nil {
+		return nil, err
+	}
+	s, ok := f.ipsets[name]
+	if !ok {
+		return nil, unix.ENOENT
+	}
+	c := *s
+	c.Entries = slices.Clone(s.Entries)
+	return &c, nil
+}
+
+// IpsetCreate implements Netlink.
+func (f *FakeNetlink) IpsetCreate(name, typ string, o netlink.IpsetCreateOptions) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("IpsetCreate"); err != nil {
+		return err
+	}
+	if _, ok := f.ipsets[name]; ok {
+		return unix.EEXIST
+	}
+	f.ipsets[name] = &netlink.IPSetResult{SetName: name, TypeName: typ, Family: o.Family}
+	f.wrote("IpsetCreate")
+	return nil
+}
+
+// IpsetAdd implements Netlink.
+func (f *FakeNetlink) IpsetAdd(name string, e *netlink.IPSetEntry) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("IpsetAdd"); err != nil {
+		return err
+	}
+	s, ok := f.ipsets[name]
+	if !ok {
+		return unix.ENOENT
+	}
+	for i, x := range s.Entries {
+		if x.IP.Equal(e.IP) {
+			if !e.Replace {
+				return unix.EEXIST
+			}
+			s.Entries[i] = *e
+			f.wrote("IpsetAdd")
+			return nil
+		}
+	}
+	s.Entries = append(s.Entries, *e)
+	f.wrote("IpsetAdd")
+	return nil
+}
+
+// IpsetDel implements Netlink.
+func (f *FakeNetlink) IpsetDel(name string, e *netlink.IPSetEntry) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.check("IpsetDel"); err != nil {
+		return err
+	}
+	s, ok := f.ipsets[name]
+	if !ok {
+		return unix.ENOENT
+	}
+	s.Entries = slices.DeleteFunc(s.Entries, func(x netlink.IPSetEntry) bool { return x.IP.Equal(e.IP) })
+	f.wrote("IpsetDel")
+	return nil
+}
+
+// IpsetDestroy implements Netlink.
+func (f *FakeNetlink) IpsetDestroy(name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.ipsets[name]; !ok {
+		return unix.ENOENT
+	}
+	delete(f.ipsets, name)
+	f.wrote("IpsetDestroy")
+	return nil
+}
+
+// Dump renders the fake's state canonically (sorted), for golden tests.
+func (f *FakeNetlink) Dump() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var lines []string
+	for _, l := range f.links {
+		a := l.Attrs()
+		info, ok := readTunnel(l)
+		s := fmt.Sprintf("link %s #%d mtu %d up=%v", a.Name, a.Index, a.MTU, a.Flags&net.FlagUp != 0)
+		if ok {
+			s += fmt.Sprintf(" %s vni %d port %d remote %v mac %s", info.Type, info.VNI, info.Port, info.Remote, a.HardwareAddr)
+		}
+		lines = append(lines, s)
+		for _, ad := range f.addrs[a.Index] {
+			lines = append(lines, fmt.Sprintf("addr %s dev %s", ad.IPNet, a.Name))
+		}
+	}
+	for _, n := range f.neighs {
+		kind := "neigh"
+		if n.Family == unix.AF_BRIDGE {
+			kind = "fdb"
+		}
+		lines = append(lines, fmt.Sprintf("%s %s lladdr %s dev#%d", kind, n.IP, n.HardwareAddr, n.LinkIndex))
+	}
+	var rs []string
+	for _, r := range f.rules {
+		rs = append(rs, fmt.Sprintf("rule %s proto %d", ruleString(r), r.Protocol))
+	}
+	slices.Sort(rs)
+	lines = append(lines, rs...)
+	rs = nil
+	for _, r := range f.routes {
+		rs = append(rs, "route "+routeString(r))
+	}
+	slices.Sort(rs)
+	lines = append(lines, rs...)
+	for _, name := range slices.Sorted(func(yield func(string) bool) {
+		for k := range f.ipsets {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		s := f.ipsets[name]
+		var m []string
+		for _, e := range s.Entries {
+			m = append(m, e.IP.String()+" "+e.Comment)
+		}
+		slices.Sort(m)
+		lines = append(lines, fmt.Sprintf("ipset %s %s family %d: %s", name, s.TypeName, s.Family, strings.Join(m, ", ")))
+	}
+	return strings.Join(lines, "\n") + "\n"
+}
+
+// FakeSysctl is an in-memory Sysctl.
+type FakeSysctl struct {
+	mu     sync.Mutex
+	Values map[string]string
+	Writes int
+}
+
+// NewFakeSysctl returns sysctls with ip_forward on and rp_filter strict.
+func NewFakeSysctl() *FakeSysctl {
+	return &FakeSysctl{Values: map[string]string{"net.ipv4.ip_forward": "1"}}
+}
+
+// Get implements Sysctl.
+func (s *FakeSysctl) Get(k string) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.Values[k]
+	if !ok {
+		return "", errors.New("no such sysctl " + k)
+	}
+	return v, nil
+}
+
+// Set implements Sysctl.
+func (s *FakeSysctl) Set(k, v string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.Values[k] = v
+	s.Writes++
+	return nil
+}
+
+// NewFakeKernel bundles fakes into a Kernel; one iptables fake serves every backend.
+func NewFakeKernel(nl *FakeNetlink, sys *FakeSysctl, ipt *iptables.Fake) *Kernel {
+	return &Kernel{
+		NL: nl, Sysctl: sys, InNS: iptables.Here,
+		IPT: func(string) (iptables.Runner, error) { return ipt, nil },
+	}
+}

@@ -1,0 +1,385 @@
+// Package iptables keeps a set of owned chains (and the jumps to them at
+// position 1 of the built-in chains) equal to a desired rule set.
+//
+// Hazards it handles:
+//   - Half-written rule sets: every change to a table is one
+//     `iptables-restore --noflush -w` transaction that re-declares (and so
+//     flushes and refills) only our chains; other chains are never touched.
+//   - Jumps drifting from position 1 (another agent inserted in front of us)
+//     or duplicated: all our jumps are deleted and one is inserted at 1, in the
+//     same transaction.
+//   - Zero writes when nothing changed: desired rules are written in the form
+//     iptables-save prints them, and what the kernel printed back after a write
+//     is learned, so a format difference costs one write, not one per sync.
+//   - Leftover chains with our prefix (an older version, a dropped feature)
+//     are removed.
+package iptables
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// JumpComment marks the jump rules we put in built-in chains.
+const JumpComment = "ambient-redirect"
+
+// Tables we manage, in the order they are synced.
+var Tables = []string{"mangle", "nat", "filter"}
+
+// Builtin lists the built-in chains of each table.
+var Builtin = map[string][]string{
+	"filter": {"INPUT", "FORWARD", "OUTPUT"},
+	"nat":    {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+	"mangle": {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
+	"raw":    {"PREROUTING", "OUTPUT"},
+}
+
+// Runner runs iptables-save / iptables-restore for one backend in one netns.
+type Runner interface {
+	// Backend is "nft" or "legacy".
+	Backend() string
+	// Save returns `iptables-save -t table`.
+	Save(ctx context.Context, table string) (string, error)
+	// Restore feeds input to `iptables-restore --noflush -w`.
+	Restore(ctx context.Context, input string) error
+}
+
+// Chain is one owned chain, jumped to from position 1 of Parent (when set).
+type Chain struct {
+	Table  string
+	Name   string
+	Parent string
+	// Rules are rule specs in iptables-save form, without "-A <chain> ".
+	Rules []string
+}
+
+// Ruleset is the desired content of all our chains.
+type Ruleset []Chain
+
+// Render prints a rule set as iptables-save-like text, for golden tests.
+func (rs Ruleset) Render() string {
+	var b strings.Builder
+	for _, t := range Tables {
+		var chains []Chain
+		for _, c := range rs {
+			if c.Table == t {
+				chains = append(chains, c)
+			}
+		}
+		if len(chains) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "*%s\n", t)
+		for _, c := range chains {
+			if c.Parent != "" {
+				fmt.Fprintf(&b, "-A %s %s\n", c.Parent, jumpSpec(c.Name))
+			}
+		}
+		for _, c := range chains {
+			for _, r := range c.Rules {
+				fmt.Fprintf(&b, "-A %s %s\n", c.Name, r)
+			}
+		}
+	}
+	return b.String()
+}
+
+func jumpSpec(chain string) string {
+	return "-m comment --comment " + JumpComment + " -j " + chain
+}
+
+// Syncer converges the chains with a given prefix to a Ruleset.
+type Syncer struct {
+	run    Runner
+	prefix string
+
+	mu sync.Mutex
+	// learned maps a desired rule line to the form the kernel printed back.
+	learned map[string]string
+}
+
+// NewSyncer returns a syncer owning every chain whose name starts with prefix.
+func NewSyncer(r Runner, prefix string) *Syncer {
+	return &Syncer{run: r, prefix: prefix, learned: map[string]string{}}
+}
+
+// Runner returns the runner in use.
+func (s *Syncer) Runner() Runner { return s.run }
+
+// Change describes one planned or made change, for logs and the debug endpoint.
+type Change struct {
+	Table  string `json:"table"`
+	Chain  string `json:"chain"`
+	Reason string `json:"reason"`
+}
+
+// Result of a sync.
+type Result struct {
+	// Restores is the number of iptables-restore transactions run (one per changed table).
+	Restores int
+	Changes  []Change
+}
+
+// Sync makes the kernel match desired. With dryRun it only reports the changes.
+func (s *Syncer) Sync(ctx context.Context, desired Ruleset, dryRun bool) (Result, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var res Result
+	for _, table := range Tables {
+		want := desiredFor(desired, table)
+		saved, err := s.run.Save(ctx, table)
+		if err != nil {
+			return res, err
+		}
+		cur := ParseSave(saved)
+		input, changes := s.plan(table, want, cur)
+		if len(changes) == 0 {
+			continue
+		}
+		res.Changes = append(res.Changes, changes...)
+		if dryRun {
+			continue
+		}
+		if err := s.run.Restore(ctx, input); err != nil {
+			return res, fmt.Errorf("iptables-restore (%s, table %s): %w", s.run.Backend(), table, err)
+		}
+		res.Restores++
+		s.learn(ctx, table, want)
+	}
+	return res, nil
+}
+
+// Actual returns our chains as the kernel has them, table -> chain -> rules.
+func (s *Syncer) Actual(ctx context.Context) (map[string]map[string][]string, error) {
+	out := map[string]map[string][]string{}
+	for _, table := range Tables {
+		saved, err := s.run.Save(ctx, table)
+		if err != nil {
+			return nil, err
+		}
+		cur := ParseSave(saved)
+		for chain, rules := range cur.Rules {
+			if !s.ours(chain) && !isJumpHolder(table, chain, rules, s.prefix) {
+				continue
+			}
+			if out[table] == nil {
+				out[table] = map[string][]string{}
+			}
+			if s.ours(chain) {
+				out[table][chain] = rules
+			} else {
+				for _, r := range rules {
+					if s.jumpTarget(r) != "" {
+						out[table][chain] = append(out[table][chain], r)
+					}
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+func isJumpHolder(table, chain string, rules []string, prefix string) bool {
+	if !slices.Contains(Builtin[table], chain) {
+		return false
+	}
+	for _, r := range rules {
+		if strings.Contains(r, " -j "+prefix) || strings.HasPrefix(r, "-j "+prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+func desiredFor(rs Ruleset, table string) []Chain {
+	var out []Chain
+	for _, c := range rs {
+		if c.Table == table {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func (s *Syncer) ours(chain string) bool { return strings.HasPrefix(chain, s.prefix) }
+
+// jumpTarget returns the chain of ours a rule jumps to, or "".
+func (s *Syncer) jumpTarget(rule string) string {
+	f := strings.Fields(rule)
+	for i := 0; i+1 < len(f); i++ {
+		if (f[i] == "-j" || f[i] == "-g") && s.ours(f[i+1]) {
+			return f[i+1]
+		}
+	}
+	return ""
+}
+
+func (s *Syncer) canon(line string) string {
+	if l, ok := s.learned[line]; ok {
+		return l
+	}
+	return line
+}
+
+// plan builds the restore input for one table and the list of changes.
+func (s *Syncer) plan(table string, want []Chain, cur Parsed) (string, []Change) {
+	var changes []Change
+	var decl, body, jumpDel, jumpAdd, drop []string
+
+	wantNames := map[string]bool{}
+	for _, c := range want {
+		wantNames[c.Name] = true
+		rules, exists := cur.Rules[c.Name]
+		if !exists && !cur.Chains[c.Name] {
+			changes = append(changes, Change{table, c.Name, "chain missing"})
+		} else if !s.equal(c.Rules, rules) {
+			changes = append(changes, Change{table, c.Name, fmt.Sprintf("rules differ (want %d, have %d)", len(c.Rules), len(rules))})
+		} else {
+			continue
+		}
+		// Declaring a chain in --noflush mode creates or flushes it.
+		decl = append(decl, ":"+c.Name+" - [0:0]")
+		for _, r := range c.Rules {
+			body = append(body, "-A "+c.Name+" "+r)
+		}
+	}
+
+	// Jumps: exactly one per wanted chain, at position 1 of its parent, and
+	// none to chains we do not want.
+	wantJump := map[string]string{} // parent -> chain
+	for _, c := range want {
+		if c.Parent != "" {
+			wantJump[c.Parent] = c.Name
+		}
+	}
+	builtins := slices.Clone(Builtin[table])
+	for _, parent := range builtins {
+		rules := cur.Rules[parent]
+		var ourIdx []int
+		for i, r := range rules {
+			if s.jumpTarget(r) != "" {
+				ourIdx = append(ourIdx, i+1)
+			}
+		}
+		target, wanted := wantJump[parent]
+		ok := false
+		if wanted {
+			ok = len(ourIdx) == 1 && ourIdx[0] == 1 && s.canon(jumpSpec(target)) == rules[0]
+		} else {
+			ok = len(ourIdx) == 0
+		}
+		if ok {
+			continue
+		}
+		changes = append(changes, Change{table, parent, fmt.Sprintf("jumps to our chains at positions %v, want one at 1 to %q", ourIdx, target)})
+		for i := len(ourIdx) - 1; i >= 0; i-- {
+			jumpDel = append(jumpDel, fmt.Sprintf("-D %s %d", parent, ourIdx[i]))
+		}
+		if wanted {
+			jumpAdd = append(jumpAdd, "-I "+parent+" 1 "+jumpSpec(target))
+		}
+	}
+
+	// Leftover chains of ours.
+	var stale []string
+	for name := range cur.Chains {
+		if s.ours(name) && !wantNames[name] {
+			stale = append(stale, name)
+		}
+	}
+	slices.Sort(stale)
+	for _, name := range stale {
+		changes = append(changes, Change{table, name, "chain not wanted"})
+		// Flush first: rules in other stale chains may jump here.
+		decl = append(decl, ":"+name+" - [0:0]")
+		drop = append(drop, "-X "+name)
+	}
+	if len(changes) == 0 {
+		return "", nil
+	}
+	var b strings.Builder
+	b.WriteString("*" + table + "\n")
+	for _, part := range [][]string{decl, jumpDel, body, jumpAdd, drop} {
+		for _, l := range part {
+			b.WriteString(l + "\n")
+		}
+	}
+	b.WriteString("COMMIT\n")
+	return b.String(), changes
+}
+
+func (s *Syncer) equal(want, have []string) bool {
+	if len(want) != len(have) {
+		return false
+	}
+	for i := range want {
+		if s.canon(want[i]) != have[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// learn records how the kernel printed back what we just wrote.
+func (s *Syncer) learn(ctx context.Context, table string, want []Chain) {
+	saved, err := s.run.Save(ctx, table)
+	if err != nil {
+		return // learning is an optimisation only
+	}
+	cur := ParseSave(saved)
+	for _, c := range want {
+		if have := cur.Rules[c.Name]; len(have) == len(c.Rules) {
+			for i, r := range c.Rules {
+				s.learned[r] = have[i]
+			}
+		}
+		if c.Parent != "" {
+			if rules := cur.Rules[c.Parent]; len(rules) > 0 && s.jumpTarget(rules[0]) == c.Name {
+				s.learned[jumpSpec(c.Name)] = rules[0]
+			}
+		}
+	}
+}
+
+// Parsed is one table of iptables-save output.
+type Parsed struct {
+	Chains map[string]bool
+	// Rules maps a chain to its rule specs (without "-A <chain> ").
+	Rules map[string][]string
+}
+
+// ParseSave parses the output of `iptables-save -t <table>` (one table).
+func ParseSave(text string) Parsed {
+	p := Parsed{Chains: map[string]bool{}, Rules: map[string][]string{}}
+	sc := bufio.NewScanner(strings.NewReader(text))
+	sc.Buffer(make([]byte, 0, 64*1024), 1<<20)
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		switch {
+		case strings.HasPrefix(line, ":"):
+			if f := strings.Fields(line[1:]); len(f) > 0 {
+				p.Chains[f[0]] = true
+			}
+		case strings.HasPrefix(line, "-A "):
+			rest := line[3:]
+			chain, spec, _ := strings.Cut(rest, " ")
+			p.Chains[chain] = true
+			p.Rules[chain] = append(p.Rules[chain], spec)
+		}
+	}
+	return p
+}
+
+// atoiOr parses n, or returns def.
+func atoiOr(n string, def int) int {
+	v, err := strconv.Atoi(n)
+	if err != nil {
+		return def
+	}
+	return v
+}

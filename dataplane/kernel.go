@@ -1,0 +1,194 @@
+package dataplane
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+)
+
+// Netlink is the subset of *netlink.Handle the dataplane uses. A handle is
+// bound to one network namespace, so no goroutine ever switches namespace
+// for netlink work.
+type Netlink interface {
+	LinkList() ([]netlink.Link, error)
+	LinkByName(name string) (netlink.Link, error)
+	LinkByIndex(index int) (netlink.Link, error)
+	LinkAdd(link netlink.Link) error
+	LinkModify(link netlink.Link) error
+	LinkDel(link netlink.Link) error
+	LinkSetUp(link netlink.Link) error
+	LinkSetMTU(link netlink.Link, mtu int) error
+	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
+	AddrReplace(link netlink.Link, addr *netlink.Addr) error
+	AddrDel(link netlink.Link, addr *netlink.Addr) error
+	NeighList(linkIndex, family int) ([]netlink.Neigh, error)
+	NeighSet(neigh *netlink.Neigh) error
+	RouteGet(destination net.IP) ([]netlink.Route, error)
+	RouteListFiltered(family int, filter *netlink.Route, filterMask uint64) ([]netlink.Route, error)
+	RouteReplace(route *netlink.Route) error
+	RouteDel(route *netlink.Route) error
+	RuleList(family int) ([]netlink.Rule, error)
+	RuleAdd(rule *netlink.Rule) error
+	RuleDel(rule *netlink.Rule) error
+	IpsetList(name string) (*netlink.IPSetResult, error)
+	IpsetCreate(setname, typename string, options netlink.IpsetCreateOptions) error
+	IpsetAdd(setname string, entry *netlink.IPSetEntry) error
+	IpsetDel(setname string, entry *netlink.IPSetEntry) error
+	IpsetDestroy(setname string) error
+}
+
+var _ Netlink = (*netlink.Handle)(nil)
+
+// Sysctl reads and writes /proc/sys keys (dotted names) in one netns.
+type Sysctl interface {
+	Get(key string) (string, error)
+	Set(key, value string) error
+}
+
+// Kernel bundles the kernel interfaces of one network namespace.
+type Kernel struct {
+	NL     Netlink
+	Sysctl Sysctl
+	// IPT returns the iptables runner for a backend in this netns.
+	IPT func(backend string) (iptables.Runner, error)
+	// InNS runs f on a thread in this netns (for binaries and /proc/sys).
+	InNS  iptables.InNS
+	close func()
+}
+
+// Close releases the handles.
+func (k *Kernel) Close() {
+	if k != nil && k.close != nil {
+		k.close()
+	}
+}
+
+// OpenKernel returns the kernel interfaces of the netns at path ("" = the
+// current one).
+func OpenKernel(path string) (*Kernel, error) {
+	var ns netns.NsHandle = -1
+	if path != "" {
+		h, err := netns.GetFromPath(path)
+		if err != nil {
+			return nil, fmt.Errorf("open netns %s: %w", path, err)
+		}
+		ns = h
+	}
+	var nl *netlink.Handle
+	var err error
+	if ns >= 0 {
+		nl, err = netlink.NewHandleAt(ns)
+	} else {
+		nl, err = netlink.NewHandle()
+	}
+	if err != nil {
+		if ns >= 0 {
+			_ = ns.Close()
+		}
+		return nil, fmt.Errorf("netlink handle for %q: %w", path, err)
+	}
+	inNS := iptables.Here
+	if ns >= 0 {
+		inNS = func(f func() error) error { return doInNS(ns, f) }
+	}
+	k := &Kernel{
+		NL:     nl,
+		Sysctl: procSysctl{inNS: inNS},
+		InNS:   inNS,
+		IPT: func(backend string) (iptables.Runner, error) {
+			return iptables.NewExecRunner(backend, inNS)
+		},
+		close: func() {
+			nl.Close()
+			if ns >= 0 {
+				_ = ns.Close()
+			}
+		},
+	}
+	return k, nil
+}
+
+// doInNS runs f on a locked OS thread switched into ns. If switching back
+// fails the thread stays locked, so the runtime discards it with the goroutine.
+func doInNS(ns netns.NsHandle, f func() error) error {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("get current netns: %w", err)
+	}
+	defer orig.Close()
+	if err := netns.Set(ns); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("enter netns: %w", err)
+	}
+	ferr := f()
+	if err := netns.Set(orig); err != nil {
+		return errors.Join(ferr, fmt.Errorf("restore netns: %w", err))
+	}
+	runtime.UnlockOSThread()
+	return ferr
+}
+
+type procSysctl struct{ inNS iptables.InNS }
+
+func sysctlPath(key string) string {
+	return filepath.Join("/proc/sys", strings.ReplaceAll(key, ".", "/"))
+}
+
+func (p procSysctl) Get(key string) (string, error) {
+	var v []byte
+	err := p.inNS(func() error {
+		var err error
+		v, err = os.ReadFile(sysctlPath(key))
+		return err
+	})
+	return strings.TrimSpace(string(v)), err
+}
+
+func (p procSysctl) Set(key, value string) error {
+	return p.inNS(func() error {
+		return os.WriteFile(sysctlPath(key), []byte(value), 0o644)
+	})
+}
+
+// FindPeerNetNS returns the path under dir of the network namespace holding
+// the peer of the veth hostVeth (in the namespace of nl). It matches the
+// veth's IFLA_LINK_NETNSID against the id each named namespace has in ours.
+func FindPeerNetNS(nl *netlink.Handle, hostVeth, dir string) (string, error) {
+	link, err := nl.LinkByName(hostVeth)
+	if err != nil {
+		return "", fmt.Errorf("veth %s: %w", hostVeth, err)
+	}
+	want := link.Attrs().NetNsID
+	if want < 0 {
+		return "", fmt.Errorf("veth %s has no peer in another netns", hostVeth)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return "", fmt.Errorf("read %s: %w", dir, err)
+	}
+	for _, e := range entries {
+		p := filepath.Join(dir, e.Name())
+		fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			continue
+		}
+		id, err := nl.GetNetNsIdByFd(fd)
+		_ = unix.Close(fd)
+		if err == nil && id == want {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("no netns under %s has id %d (peer of %s)", dir, want, hostVeth)
+}

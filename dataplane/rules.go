@@ -1,0 +1,126 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+)
+
+// NodeParams are the inputs of the node's iptables rules.
+type NodeParams struct {
+	// ZtunnelIP, ZtunnelVeth and HostIP are unset when there is no ztunnel.
+	ZtunnelIP   netip.Addr
+	ZtunnelVeth string
+	HostIP      netip.Addr
+	TunnelPort  int
+	// Capture marks ambient pods' TCP for ztunnel (false = fail open, no ztunnel).
+	Capture bool
+	DNS     bool
+}
+
+// mark renders "0x100/0x100" as iptables-save prints marks.
+func mark(v, mask uint32) string { return fmt.Sprintf("%#x/%#x", v, mask) }
+
+func setMark(v uint32) string { return "-j MARK --set-xmark " + mark(v, v) }
+
+func matchMark(v uint32) string { return "-m mark --mark " + mark(v, v) }
+
+func matchConnmark(v uint32) string { return "-m connmark --mark " + mark(v, v) }
+
+func saveMark(v uint32) string {
+	return fmt.Sprintf("%s -j CONNMARK --save-mark --nfmask %#x --ctmask %#x", matchMark(v), v, v)
+}
+
+// NodeRuleset renders the node's chains, in the reference order and in the
+// form iptables-save prints them.
+func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
+	m := cfg.Marks
+	zt := p.ZtunnelIP.IsValid()
+	set := cfg.IPSetName
+
+	var pre []string
+	for _, dev := range []string{NodeInLink, NodeOutLink} {
+		pre = append(pre, "-i "+dev+" "+setMark(m.Skip), "-i "+dev+" -j RETURN")
+	}
+	// The tunnel copies the inner mark to the outer packet: never re-mark it.
+	pre = append(pre,
+		fmt.Sprintf("-p udp -m udp --dport %d -j RETURN", p.TunnelPort),
+		matchConnmark(m.ConnSkip)+" "+setMark(m.Skip),
+		matchMark(m.Skip)+" -j RETURN",
+	)
+	if zt {
+		// Replies to ztunnel's spoofed-source connections go back to ztunnel.
+		pre = append(pre, "! -i "+p.ZtunnelVeth+" "+matchConnmark(m.Proxy)+" "+setMark(m.ProxyReturn))
+	}
+	pre = append(pre, matchMark(m.ProxyReturn)+" -j RETURN")
+	if zt {
+		pre = append(pre, fmt.Sprintf("! -s %s/32 -i %s %s", p.ZtunnelIP, p.ZtunnelVeth, setMark(m.Proxy)))
+	}
+	pre = append(pre, matchMark(m.Skip)+" -j RETURN")
+	if zt {
+		// ztunnel's own traffic (xDS, HBONE to other nodes).
+		pre = append(pre, "-i "+p.ZtunnelVeth+" "+setMark(m.ConnSkip))
+	}
+	pre = append(pre,
+		"-p udp "+setMark(m.ConnSkip), // UDP is not captured
+		matchMark(m.Skip)+" -j RETURN",
+	)
+	if p.Capture {
+		pre = append(pre, "-p tcp -m set --match-set "+set+" src "+setMark(m.Outbound))
+	}
+
+	save := []string{saveMark(m.ConnSkip), saveMark(m.Proxy)}
+
+	out := []string{
+		// A node process answering a connection that came through ztunnel answers ztunnel.
+		matchConnmark(m.Proxy) + " " + setMark(m.ProxyReturn),
+		matchMark(m.ProxyReturn) + " -j RETURN",
+	}
+	if p.HostIP.IsValid() {
+		// Kubelet probes from HOSTIP are not captured, nor are the pod's replies.
+		out = append(out, fmt.Sprintf("-s %s/32 -p tcp -m owner --socket-exists -m set --match-set %s dst %s", p.HostIP, set, setMark(m.ConnSkip)))
+	}
+	out = append(out, saveMark(m.ConnSkip))
+
+	natPre := []string{matchMark(m.Outbound) + " -j ACCEPT"} // skip kube-proxy DNAT: ztunnel sees the VIP
+	if p.DNS && zt {
+		natPre = append(natPre, fmt.Sprintf("-p udp -m set --match-set %s src -m udp --dport 53 -j DNAT --to-destination %s:%d", set, p.ZtunnelIP, cfg.DNSPort))
+	}
+
+	return iptables.Ruleset{
+		{Table: "mangle", Name: ChainPrefix + "PREROUTING", Parent: "PREROUTING", Rules: pre},
+		{Table: "mangle", Name: ChainPrefix + "INPUT", Parent: "INPUT", Rules: save},
+		{Table: "mangle", Name: ChainPrefix + "FORWARD", Parent: "FORWARD", Rules: save},
+		{Table: "mangle", Name: ChainPrefix + "OUTPUT", Parent: "OUTPUT", Rules: out},
+		{Table: "mangle", Name: ChainPrefix + "POSTROUTING", Parent: "POSTROUTING"},
+		{Table: "nat", Name: ChainPrefix + "PREROUTING", Parent: "PREROUTING", Rules: natPre},
+		{Table: "nat", Name: ChainPrefix + "POSTROUTING", Parent: "POSTROUTING", Rules: []string{matchMark(m.Outbound) + " -j ACCEPT"}},
+		{Table: "filter", Name: ChainPrefix + "FORWARD", Parent: "FORWARD", Rules: []string{matchMark(m.Outbound) + " -j ACCEPT"}},
+	}
+}
+
+// ZtunnelParams are the inputs of the ztunnel netns rules.
+type ZtunnelParams struct {
+	ZtunnelIP netip.Addr
+	// Eth is the pod side of the ztunnel's veth (usually eth0).
+	Eth string
+}
+
+// ZtunnelRuleset renders the TPROXY rules inside the ztunnel netns.
+func ZtunnelRuleset(cfg Config, p ZtunnelParams) iptables.Ruleset {
+	m, pp := cfg.Marks, cfg.ProxyPorts
+	tproxy := func(port int) string {
+		return fmt.Sprintf("-j TPROXY --on-port %d --on-ip %s --tproxy-mark %s", port, cfg.ZtunnelListenIP, mark(m.TProxy, m.ZtunnelMask))
+	}
+	return iptables.Ruleset{{
+		Table: "mangle", Name: ChainPrefix + "PREROUTING", Parent: "PREROUTING",
+		Rules: []string{
+			fmt.Sprintf("-i %s -p tcp -m tcp --dport %d %s", ZtunnelInLink, pp.HBONE, tproxy(pp.HBONE)),
+			fmt.Sprintf("-i %s -p tcp %s", ZtunnelOutLink, tproxy(pp.Outbound)),
+			fmt.Sprintf("-i %s -p tcp %s", ZtunnelInLink, tproxy(pp.Inbound)),
+			// Replies to ztunnel's original-source sockets are delivered locally.
+			fmt.Sprintf("! -d %s/32 -i %s -p tcp -j MARK --set-xmark %s", p.ZtunnelIP, p.Eth, mark(m.OrigSrc, m.ZtunnelMask)),
+		},
+	}}
+}

@@ -1,0 +1,130 @@
+package dataplane
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+)
+
+// Snapshot is the kernel state we own, as read back (for debugging).
+type Snapshot struct {
+	IPTablesBackend string                       `json:"iptablesBackend"`
+	Tunnel          TunnelType                   `json:"tunnel"`
+	IPSets          map[string]map[string]string `json:"ipsets"`
+	NS              NSSnapshot                   `json:"node"`
+	Ztunnel         *NSSnapshot                  `json:"ztunnel,omitempty"`
+	Errors          []string                     `json:"errors,omitempty"`
+}
+
+// NSSnapshot is our state in one netns.
+type NSSnapshot struct {
+	NetNS    string                         `json:"netns,omitempty"`
+	Links    []string                       `json:"links"`
+	Rules    []string                       `json:"rules"`
+	Routes   []string                       `json:"routes"`
+	IPTables map[string]map[string][]string `json:"iptables"`
+}
+
+// Snapshot reads back everything we own on the node and in the last ztunnel netns.
+func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	s := Snapshot{IPTablesBackend: d.backend, Tunnel: d.tunnel, IPSets: map[string]map[string]string{}}
+	for _, f := range []Family{IPv4, IPv6} {
+		m, exists, err := d.ipsetMembers(d.node.NL, f)
+		if err != nil {
+			s.Errors = append(s.Errors, err.Error())
+		}
+		if !exists {
+			continue
+		}
+		out := map[string]string{}
+		for a, c := range m {
+			out[a.String()] = c
+		}
+		s.IPSets[d.setName(f)] = out
+	}
+	var errs []string
+	s.NS, errs = d.nsSnapshot(ctx, d.node, d.nodeIPT, []string{NodeInLink, NodeOutLink})
+	s.Errors = append(s.Errors, errs...)
+	if d.lastZtNS != "" {
+		k, err := d.openNS(d.lastZtNS)
+		if err != nil {
+			s.Errors = append(s.Errors, err.Error())
+		} else {
+			syncer, err := d.ztSyncer(d.lastZtNS, k)
+			if err == nil {
+				zs, errs := d.nsSnapshot(ctx, k, syncer, []string{ZtunnelInLink, ZtunnelOutLink})
+				zs.NetNS = d.lastZtNS
+				s.Ztunnel = &zs
+				s.Errors = append(s.Errors, errs...)
+			}
+			k.Close()
+		}
+	}
+	return s
+}
+
+func (d *Dataplane) nsSnapshot(ctx context.Context, k *Kernel, ipt *iptables.Syncer, links []string) (NSSnapshot, []string) {
+	var errs []string
+	ns := NSSnapshot{}
+	for _, n := range links {
+		l, err := k.NL.LinkByName(n)
+		if err != nil {
+			continue
+		}
+		info, _ := readTunnel(l)
+		ns.Links = append(ns.Links, fmt.Sprintf("%s %s vni %d port %d mtu %d mac %s up=%v", n, info.Type, info.VNI, info.Port,
+			l.Attrs().MTU, l.Attrs().HardwareAddr, l.Attrs().Flags&1 != 0))
+	}
+	if rules, err := k.NL.RuleList(netlink.FAMILY_V4); err != nil {
+		errs = append(errs, err.Error())
+	} else {
+		for _, r := range rules {
+			if int(r.Protocol) == d.cfg.RouteProtocol || isLocalRule(r) {
+				ns.Rules = append(ns.Rules, ruleString(r))
+			}
+		}
+	}
+	if routes, err := ourRoutes(k.NL, d.cfg.RouteProtocol); err != nil {
+		errs = append(errs, err.Error())
+	} else {
+		for _, r := range routes {
+			ns.Routes = append(ns.Routes, routeString(r))
+		}
+		slices.Sort(ns.Routes)
+	}
+	if ipt != nil {
+		t, err := ipt.Actual(ctx)
+		if err != nil {
+			errs = append(errs, err.Error())
+		}
+		ns.IPTables = t
+	}
+	return ns, errs
+}
+
+// listNetNSDir lists the namespace files under dir.
+func listNetNSDir(dir string) []string {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, e := range entries {
+		p := filepath.Join(dir, e.Name())
+		var st unix.Statfs_t
+		// Only nsfs bind mounts are namespaces; skip anything else.
+		if unix.Statfs(p, &st) == nil && st.Type == unix.NSFS_MAGIC {
+			out = append(out, p)
+		}
+	}
+	return out
+}

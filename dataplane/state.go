@@ -1,0 +1,119 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+// Family is an IP family. Every object is kept per family; IPv6 is modelled
+// but not programmed yet.
+type Family int
+
+// IP families.
+const (
+	IPv4 Family = 4
+	IPv6 Family = 6
+)
+
+func (f Family) String() string { return fmt.Sprintf("ipv%d", int(f)) }
+
+// FamilyOf returns the family of an address.
+func FamilyOf(a netip.Addr) Family {
+	if a.Unmap().Is4() {
+		return IPv4
+	}
+	return IPv6
+}
+
+// State is the desired state of one node: plain, comparable data computed by
+// the controller.
+type State struct {
+	// Ztunnel is the active node proxy; nil means none (the fail mode applies).
+	Ztunnel *Ztunnel
+	// Pods are the enrolled (ambient) pods on this node.
+	Pods []Pod
+}
+
+// Ztunnel identifies the node proxy's pod.
+type Ztunnel struct {
+	// Pod is namespace/name, for logs and the debug endpoint.
+	Pod string
+	// IPs are the ztunnel pod's addresses (one per family).
+	IPs []netip.Addr
+	// HostVeth is the node-side veth of the ztunnel pod.
+	HostVeth string
+	// NetNS is the path of the ztunnel pod's network namespace.
+	NetNS string
+}
+
+// IP returns the ztunnel address of family f.
+func (z *Ztunnel) IP(f Family) (netip.Addr, bool) {
+	for _, a := range z.IPs {
+		if FamilyOf(a) == f {
+			return a.Unmap(), true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+// Pod is one enrolled pod.
+type Pod struct {
+	UID string
+	// Name is namespace/name, for logs.
+	Name string
+	IPs  []netip.Addr
+}
+
+// members returns the desired ipset members of family f: IP -> pod UID.
+func (s State) members(f Family) (map[netip.Addr]string, error) {
+	out := map[netip.Addr]string{}
+	for _, p := range s.Pods {
+		for _, a := range p.IPs {
+			a = a.Unmap()
+			if FamilyOf(a) != f {
+				continue
+			}
+			if other, ok := out[a]; ok && other != p.UID {
+				return nil, fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, other, p.UID)
+			}
+			out[a] = p.UID
+		}
+	}
+	return out, nil
+}
+
+// Validate checks the state before anything is written.
+func (s State) Validate() error {
+	var problems []string
+	if z := s.Ztunnel; z != nil {
+		if z.HostVeth == "" || z.NetNS == "" {
+			problems = append(problems, "ztunnel: host veth and netns are required")
+		}
+		if _, ok := z.IP(IPv4); !ok {
+			problems = append(problems, "ztunnel: an IPv4 address is required")
+		}
+	}
+	for _, p := range s.Pods {
+		if p.UID == "" {
+			problems = append(problems, fmt.Sprintf("pod %s: empty UID", p.Name))
+		}
+		for _, a := range p.IPs {
+			if !a.IsValid() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+				problems = append(problems, fmt.Sprintf("pod %s: invalid IP %v", p.Name, a))
+			}
+		}
+	}
+	if _, err := s.members(IPv4); err != nil {
+		problems = append(problems, err.Error())
+	}
+	if _, err := s.members(IPv6); err != nil {
+		problems = append(problems, err.Error())
+	}
+	if len(problems) > 0 {
+		slices.Sort(problems)
+		return fmt.Errorf("invalid desired state: %s", strings.Join(problems, "; "))
+	}
+	return nil
+}

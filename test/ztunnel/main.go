@@ -1,0 +1,175 @@
+// Command test-ztunnel is a test double for Istio's ztunnel L4 proxy in
+// node-level ambient mode. It runs inside the ztunnel pod's network namespace,
+// accepts TPROXY-redirected connections and forwards them to their original
+// destination, spoofing the original client's source IP. Connections to pods
+// in --hbone-cidrs are tunnelled to <dst>:15008 with a one-line plaintext
+// "CONNECT <dst> <client>" header standing in for HBONE.
+//
+// Every accepted connection is appended as one JSON line to --record-file.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+func main() {
+	var (
+		recordFile = flag.String("record-file", "", "append one JSON line per accepted connection to this file (required)")
+		readyFile  = flag.String("ready-file", "", "create this (empty) file once all listeners are bound")
+		hboneCIDRs = flag.String("hbone-cidrs", "", "comma-separated CIDRs whose destinations are reached via <dst>:<hbone port> with a CONNECT header")
+		listenIP   = flag.String("listen-ip", "127.0.0.1", "IP the listeners bind to")
+		ports      = flag.String("ports", "15001,15006,15008", "outbound,inbound,hbone listener ports, in that order")
+		mark       = flag.Int("mark", 0, "SO_MARK to set on upstream sockets (0 = none)")
+	)
+	flag.Parse()
+	logger := log.New(os.Stderr, "test-ztunnel: ", log.LstdFlags|log.Lmicroseconds)
+	if err := run(*recordFile, *readyFile, *hboneCIDRs, *listenIP, *ports, *mark, logger); err != nil {
+		logger.Print(err)
+		os.Exit(1)
+	}
+}
+
+func run(recordFile, readyFile, cidrs, listenIP, portList string, mark int, logger *log.Logger) error {
+	if recordFile == "" {
+		return errors.New("--record-file is required")
+	}
+	ip, err := netip.ParseAddr(listenIP)
+	if err != nil {
+		return fmt.Errorf("--listen-ip: %w", err)
+	}
+	ip = ip.Unmap()
+	portNums, err := parsePorts(portList)
+	if err != nil {
+		return fmt.Errorf("--ports: %w", err)
+	}
+	prefixes, err := parseCIDRs(cidrs)
+	if err != nil {
+		return fmt.Errorf("--hbone-cidrs: %w", err)
+	}
+	// A stale ready file from a previous run would let tests start too early.
+	if readyFile != "" {
+		if err := os.Remove(readyFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+
+	f, err := os.OpenFile(recordFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+
+	s := &server{
+		hboneCIDRs: prefixes,
+		hbonePort:  portNums[roleHBONE],
+		dial:       systemDial(mark),
+		rec:        &recorder{w: f},
+		log:        logger,
+		self:       map[netip.AddrPort]bool{},
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	lc := net.ListenConfig{Control: sockoptControl(true, false, 0)}
+	var lns []net.Listener
+	defer func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}()
+	for _, p := range portNums {
+		addr := netip.AddrPortFrom(ip, p)
+		ln, err := lc.Listen(ctx, "tcp", addr.String())
+		if err != nil {
+			return fmt.Errorf("listen %s: %w", addr, err)
+		}
+		lns = append(lns, ln)
+		s.self[addr] = true
+	}
+	if readyFile != "" {
+		if err := os.WriteFile(readyFile, nil, 0o644); err != nil {
+			return err
+		}
+	}
+	logger.Printf("listening on %s ports %v hbone-cidrs=%v", ip, portNums, prefixes)
+
+	var wg sync.WaitGroup
+	for i, ln := range lns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.serve(ctx, ln, role(i), int(portNums[i]))
+		}()
+	}
+	<-ctx.Done()
+	logger.Print("signal received, shutting down")
+	for _, ln := range lns {
+		ln.Close()
+	}
+	wg.Wait()
+	return nil
+}
+
+// serve accepts until the listener is closed. In-flight connections are not
+// drained: the process exits right after shutdown, like a killed ztunnel.
+func (s *server) serve(ctx context.Context, ln net.Listener, r role, port int) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			// Transient (e.g. EMFILE): back off instead of spinning.
+			s.log.Printf("accept on %d: %v", port, err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		go s.handle(ctx, c, r, port)
+	}
+}
+
+func parsePorts(s string) ([]uint16, error) {
+	parts := strings.Split(s, ",")
+	if len(parts) != 3 {
+		return nil, fmt.Errorf("want 3 ports (outbound,inbound,hbone), got %q", s)
+	}
+	out := make([]uint16, 0, 3)
+	for _, p := range parts {
+		n, err := strconv.ParseUint(strings.TrimSpace(p), 10, 16)
+		if err != nil || n == 0 {
+			return nil, fmt.Errorf("bad port %q", p)
+		}
+		out = append(out, uint16(n))
+	}
+	return out, nil
+}
+
+func parseCIDRs(s string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, c := range strings.Split(s, ",") {
+		c = strings.TrimSpace(c)
+		if c == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
+}
