@@ -1,0 +1,173 @@
+package integration
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
+)
+
+const echoPort = 8080
+
+// TestPacketPaths programs two ptp nodes and proves each packet path of the
+// reference with real sockets through the test ztunnel.
+func TestPacketPaths(t *testing.T) {
+	_, nodes := cluster(t, 2, 2, 2)
+	n1, n2 := nodes[0], nodes[1]
+	zt := map[*node]*ztunnel{}
+	for i, n := range nodes {
+		other := nodes[1-i]
+		zt[n] = startZtunnel(t, n.zt, other.PodCIDR.String())
+		n.dp = newDataplane(t, n, nil)
+		apply(t, n, n.state(true))
+		for _, p := range append(append([]*netnstest.Pod{}, n.ambient...), n.plain...) {
+			netnstest.EchoServer(t, p.NS, ipPort(p.IP, echoPort))
+			netnstest.UDPEcho(t, p.NS, ipPort(p.IP, echoPort))
+		}
+	}
+	netnstest.EchoServer(t, n1.NS, "0.0.0.0:9090") // a hostNetwork service
+
+	a1, a2 := n1.ambient[0], n1.ambient[1]
+	p1, p2 := n1.plain[0], n1.plain[1]
+	remote := n2.ambient[0]
+
+	captured := func(z *ztunnel, listener int, client net.IP, dst string) func(record) bool {
+		return func(r record) bool {
+			return r.Listener == listener && hostOf(r.Client) == client.String() && r.OrigDst == dst && r.DialError == ""
+		}
+	}
+	notSeen := func(t *testing.T, dst net.IP) {
+		t.Helper()
+		for z := range zt {
+			for _, r := range zt[z].all(t) {
+				if hostOf(r.OrigDst) == dst.String() || hostOf(r.Target) == dst.String() {
+					t.Fatalf("connection to %s was captured: %+v", dst, r)
+				}
+			}
+		}
+	}
+
+	t.Run("ambient to ambient same node is captured at 15001", func(t *testing.T) {
+		dst := ipPort(a2.IP, echoPort)
+		roundTrip(t, a1.NS, dst)
+		if _, ok := zt[n1].find(t, captured(zt[n1], 15001, a1.IP, dst)); !ok {
+			t.Fatalf("no 15001 record for %s -> %s: %+v", a1.IP, dst, zt[n1].all(t))
+		}
+	})
+
+	t.Run("ambient to ambient cross node is captured on both nodes", func(t *testing.T) {
+		dst := ipPort(remote.IP, echoPort)
+		roundTrip(t, a1.NS, dst)
+		r, ok := zt[n1].find(t, captured(zt[n1], 15001, a1.IP, dst))
+		if !ok || !r.HBONE {
+			t.Fatalf("node1 ztunnel: want a 15001 HBONE record for %s -> %s: %+v", a1.IP, dst, zt[n1].all(t))
+		}
+		if _, ok := zt[n2].find(t, func(r record) bool {
+			return r.Listener == 15008 && r.Target == dst && hostOf(r.HeaderClient) == a1.IP.String() && r.DialError == ""
+		}); !ok {
+			t.Fatalf("node2 ztunnel: want a 15008 record delivering to %s: %+v", dst, zt[n2].all(t))
+		}
+	})
+
+	t.Run("non-ambient to ambient is captured at 15006", func(t *testing.T) {
+		dst := ipPort(a2.IP, echoPort)
+		roundTrip(t, p1.NS, dst)
+		if _, ok := zt[n1].find(t, captured(zt[n1], 15006, p1.IP, dst)); !ok {
+			t.Fatalf("no 15006 record for %s -> %s: %+v", p1.IP, dst, zt[n1].all(t))
+		}
+	})
+
+	t.Run("dst port 15008 is captured at 15008", func(t *testing.T) {
+		dst := ipPort(a2.IP, 15008)
+		target := ipPort(a2.IP, echoPort)
+		c, err := netnstest.Dial(p2.NS, "tcp", dst, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		msg := "hello through hbone"
+		fmt.Fprintf(c, "CONNECT %s %s\n%s", target, ipPort(p2.IP, 0), msg)
+		_ = c.(*net.TCPConn).CloseWrite()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(bufio.NewReader(c))
+		if err != nil || string(got) != msg {
+			t.Fatalf("15008 round trip: got %q, %v", got, err)
+		}
+		if _, ok := zt[n1].find(t, func(r record) bool {
+			return r.Listener == 15008 && hostOf(r.Client) == p2.IP.String() && r.Target == target
+		}); !ok {
+			t.Fatalf("no 15008 record: %+v", zt[n1].all(t))
+		}
+	})
+
+	t.Run("host to ambient (probe) is not captured", func(t *testing.T) {
+		before := len(zt[n1].all(t))
+		roundTrip(t, n1.NS, ipPort(a2.IP, echoPort))
+		time.Sleep(100 * time.Millisecond)
+		if after := zt[n1].all(t); len(after) != before {
+			t.Fatalf("probe was captured: %+v", after[before:])
+		}
+	})
+
+	t.Run("ambient to hostNetwork listener is captured and completes", func(t *testing.T) {
+		for _, ip := range []net.IP{n1.IP, n1.Gateway} {
+			dst := ipPort(ip, 9090)
+			roundTrip(t, a1.NS, dst)
+			if _, ok := zt[n1].find(t, captured(zt[n1], 15001, a1.IP, dst)); !ok {
+				t.Fatalf("no 15001 record for %s -> %s: %+v", a1.IP, dst, zt[n1].all(t))
+			}
+		}
+	})
+
+	t.Run("UDP is not captured", func(t *testing.T) {
+		before := len(zt[n1].all(t))
+		p := []byte("udp-payload")
+		got, err := netnstest.UDPRoundTrip(a1.NS, ipPort(a2.IP, echoPort), p, 2*time.Second)
+		if err != nil || string(got) != string(p) {
+			t.Fatalf("udp round trip: %q %v", got, err)
+		}
+		if after := zt[n1].all(t); len(after) != before {
+			t.Fatalf("UDP captured: %+v", after[before:])
+		}
+	})
+
+	t.Run("non-ambient to non-ambient is untouched", func(t *testing.T) {
+		roundTrip(t, p1.NS, ipPort(p2.IP, echoPort))
+		roundTrip(t, p1.NS, ipPort(n2.plain[0].IP, echoPort))
+		time.Sleep(100 * time.Millisecond)
+		notSeen(t, p2.IP)
+		notSeen(t, n2.plain[0].IP)
+	})
+
+	t.Run("ambient pods' source address is preserved end to end", func(t *testing.T) {
+		// The echo server is plain; ask it who connected via a listener that reports the peer.
+		l := netnstest.Listen(t, p2.NS, "tcp", ipPort(p2.IP, 7070))
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				fmt.Fprint(c, c.RemoteAddr().String())
+				c.Close()
+			}
+		}()
+		c, err := netnstest.Dial(a1.NS, "tcp", ipPort(p2.IP, 7070), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		got, _ := io.ReadAll(c)
+		if hostOf(string(got)) != a1.IP.String() {
+			t.Fatalf("server saw %q, want the ambient pod's IP %s", got, a1.IP)
+		}
+		if _, ok := zt[n1].find(t, captured(zt[n1], 15001, a1.IP, ipPort(p2.IP, 7070))); !ok {
+			t.Fatal("not captured")
+		}
+	})
+}
