@@ -67,6 +67,13 @@ type Dataplane struct {
 	ztIPT    map[string]*iptables.Syncer
 	lastZtNS string
 	port     int
+	// resync makes the next Apply verify the iptables chains even when the
+	// rendered rules did not change. Reading them back costs a process per
+	// table, so per-pod applies skip it (they only touch ipset members and
+	// routes); the periodic resync repairs iptables drift.
+	resync bool
+	// applied maps a syncer to the rendered rules it last converged to.
+	applied map[*iptables.Syncer]string
 }
 
 // Options are the dependencies of a Dataplane; zero values mean the real kernel.
@@ -102,7 +109,8 @@ func New(ctx context.Context, cfg Config, o Options) (*Dataplane, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, ztIPT: map[string]*iptables.Syncer{}}
+	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, ztIPT: map[string]*iptables.Syncer{},
+		resync: true, applied: map[*iptables.Syncer]string{}}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -228,6 +236,9 @@ func (d *Dataplane) Apply(ctx context.Context, st State) (Result, error) {
 	start := time.Now()
 	w := newWriter(false)
 	err := d.converge(ctx, st, w)
+	if err == nil {
+		d.resync = false
+	}
 	w.res.Elapsed = time.Since(start)
 	if n := w.res.TotalWrites(); n > 0 || err != nil {
 		d.log.Info("dataplane apply", zap.Int("pods", len(st.Pods)), zap.Bool("ztunnel", st.Ztunnel != nil),
@@ -236,7 +247,16 @@ func (d *Dataplane) Apply(ctx context.Context, st State) (Result, error) {
 	return *w.res, err
 }
 
-// Diff returns what Apply(st) would change, writing nothing.
+// QueueResync makes the next Apply read back and repair everything,
+// including the iptables chains.
+func (d *Dataplane) QueueResync() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.resync = true
+}
+
+// Diff returns what Apply(st) would change, writing nothing. It always
+// reads back everything.
 func (d *Dataplane) Diff(ctx context.Context, st State) ([]string, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -494,17 +514,14 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, in, out netlink.Link) []
 	proto := netlink.RouteProtocol(d.cfg.RouteProtocol)
 	defaultDst := ipNet(netip.MustParsePrefix("0.0.0.0/0"))
 	members, _ := st.members(IPv4)
-	var rs []netlink.Route
 	if zt == nil {
-		if d.cfg.FailMode == FailOpen {
-			return nil // capture withdrawn: no routes, lookups fall through to main
-		}
-		// Fail closed: connects fail at once, nothing leaks to the destination.
-		for _, a := range sortedAddrs(members) {
-			rs = append(rs, netlink.Route{Table: t.Inbound, Dst: ipNet(netip.PrefixFrom(a, 32)), Type: unix.RTN_UNREACHABLE, Protocol: proto})
-		}
-		return append(rs, netlink.Route{Table: t.Outbound, Dst: defaultDst, Type: unix.RTN_UNREACHABLE, Protocol: proto})
+		// No ztunnel: lookups fall through to main. Fail open lets traffic
+		// flow; fail closed rejects it with TCP resets in filter FORWARD.
+		// (Not unreachable routes: their ICMP errors are rate-limited per
+		// host, so a busy pod's connects would hang instead of failing.)
+		return nil
 	}
+	var rs []netlink.Route
 	zip := ipNet(netip.PrefixFrom(zt.ip, 32))
 	vethIdx := zt.veth.Attrs().Index
 	_, inPeer := tunnelAddrs(d.cfg.InNet)
@@ -909,6 +926,22 @@ func (d *Dataplane) syncNodeSysctls(zt *ztRuntime, w *writer) error {
 // --- iptables ---
 
 func (d *Dataplane) syncIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w *writer) error {
+	rendered := rs.Render()
+	if !w.dry && !d.resync && d.applied[s] == rendered {
+		return nil
+	}
+	delete(d.applied, s)
+	if err := runIPTables(ctx, s, rs, w); err != nil {
+		return err
+	}
+	if !w.dry {
+		d.applied[s] = rendered
+	}
+	return nil
+}
+
+// runIPTables syncs s to rs (nil removes all our chains) and records the changes.
+func runIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w *writer) error {
 	res, err := s.Sync(ctx, rs, w.dry)
 	for _, c := range res.Changes {
 		w.res.Changes = append(w.res.Changes, fmt.Sprintf("%s: %s/%s %s", KindIPTables, c.Table, c.Chain, c.Reason))
@@ -918,7 +951,8 @@ func (d *Dataplane) syncIPTables(ctx context.Context, s *iptables.Syncer, rs ipt
 }
 
 func (d *Dataplane) nodeParams(st State, zt *ztRuntime) NodeParams {
-	p := NodeParams{TunnelPort: d.port, Capture: zt != nil || d.cfg.FailMode == FailClosed, DNS: d.cfg.DNSCapture}
+	closed := zt == nil && d.cfg.FailMode == FailClosed
+	p := NodeParams{TunnelPort: d.port, Capture: zt != nil || closed, FailClosed: closed, DNS: d.cfg.DNSCapture}
 	if zt != nil {
 		p.ZtunnelIP, p.ZtunnelVeth, p.HostIP = zt.ip, zt.veth.Attrs().Name, zt.hostIP
 	}
@@ -995,7 +1029,10 @@ func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, path string, w *writer
 		return err
 	}
 	defer k.Close()
-	defer delete(d.ztIPT, path)
+	if s, ok := d.ztIPT[path]; ok {
+		delete(d.applied, s)
+		delete(d.ztIPT, path)
+	}
 	return d.cleanupNS(ctx, k, []string{ZtunnelInLink, ZtunnelOutLink}, false, w)
 }
 
@@ -1009,7 +1046,7 @@ func (d *Dataplane) cleanupNS(ctx context.Context, k *Kernel, links []string, re
 			errs = append(errs, err)
 			continue
 		}
-		if err := d.syncIPTables(ctx, iptables.NewSyncer(r, ChainPrefix), nil, w); err != nil && b == d.backend {
+		if err := runIPTables(ctx, iptables.NewSyncer(r, ChainPrefix), nil, w); err != nil && b == d.backend {
 			errs = append(errs, err)
 		}
 	}
@@ -1074,6 +1111,8 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		}
 	}
 	d.lastZtNS = ""
+	d.resync = true
+	clear(d.applied)
 	w.res.Elapsed = time.Since(start)
 	err := errors.Join(errs...)
 	d.log.Info("dataplane cleanup", zap.Any("writes", w.res.Writes), zap.Duration("elapsed", w.res.Elapsed), zap.Error(err))

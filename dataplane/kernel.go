@@ -99,7 +99,16 @@ func OpenKernel(path string) (*Kernel, error) {
 	}
 	inNS := iptables.Here
 	if ns >= 0 {
-		inNS = func(f func() error) error { return doInNS(ns, f) }
+		// Re-open by path on each use: runners outlive this Kernel (they
+		// are cached per netns), its handle does not.
+		inNS = func(f func() error) error {
+			h, err := netns.GetFromPath(path)
+			if err != nil {
+				return fmt.Errorf("open netns %s: %w", path, err)
+			}
+			defer h.Close()
+			return doInNS(h, f)
+		}
 	}
 	k := &Kernel{
 		NL:     nl,

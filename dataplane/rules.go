@@ -16,6 +16,8 @@ type NodeParams struct {
 	TunnelPort  int
 	// Capture marks ambient pods' TCP for ztunnel (false = fail open, no ztunnel).
 	Capture bool
+	// FailClosed rejects ambient pods' TCP, both ways, while there is no ztunnel.
+	FailClosed bool
 	DNS     bool
 }
 
@@ -77,15 +79,30 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		matchConnmark(m.Proxy) + " " + setMark(m.ProxyReturn),
 		matchMark(m.ProxyReturn) + " -j RETURN",
 	}
+	// Kubelet probes from HOSTIP are not captured, nor are the pod's replies.
+	// With no ztunnel there is no HOSTIP and all host-originated TCP to
+	// ambient pods goes directly, so probes keep working in either fail mode.
+	probe := fmt.Sprintf("-p tcp -m owner --socket-exists -m set --match-set %s dst %s", set, setMark(m.ConnSkip))
 	if p.HostIP.IsValid() {
-		// Kubelet probes from HOSTIP are not captured, nor are the pod's replies.
-		out = append(out, fmt.Sprintf("-s %s/32 -p tcp -m owner --socket-exists -m set --match-set %s dst %s", p.HostIP, set, setMark(m.ConnSkip)))
+		probe = fmt.Sprintf("-s %s/32 %s", p.HostIP, probe)
 	}
+	out = append(out, probe)
 	out = append(out, saveMark(m.ConnSkip))
 
 	natPre := []string{matchMark(m.Outbound) + " -j ACCEPT"} // skip kube-proxy DNAT: ztunnel sees the VIP
 	if p.DNS && zt {
 		natPre = append(natPre, fmt.Sprintf("-p udp -m set --match-set %s src -m udp --dport 53 -j DNAT --to-destination %s:%d", set, p.ZtunnelIP, cfg.DNSPort))
+	}
+
+	// Accept captured traffic before kube-proxy's REJECT of endpoint-less VIPs.
+	filterFwd := []string{matchMark(m.Outbound) + " -j ACCEPT"}
+	if p.FailClosed {
+		// With no ztunnel, captured traffic is forwarded by main (our tables
+		// are empty): reset it here, before it leaves, and inbound too.
+		filterFwd = []string{
+			"-p tcp " + matchMark(m.Outbound) + " -j REJECT --reject-with tcp-reset",
+			"-p tcp -m set --match-set " + set + " dst -j REJECT --reject-with tcp-reset",
+		}
 	}
 
 	return iptables.Ruleset{
@@ -96,7 +113,7 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		{Table: "mangle", Name: ChainPrefix + "POSTROUTING", Parent: "POSTROUTING"},
 		{Table: "nat", Name: ChainPrefix + "PREROUTING", Parent: "PREROUTING", Rules: natPre},
 		{Table: "nat", Name: ChainPrefix + "POSTROUTING", Parent: "POSTROUTING", Rules: []string{matchMark(m.Outbound) + " -j ACCEPT"}},
-		{Table: "filter", Name: ChainPrefix + "FORWARD", Parent: "FORWARD", Rules: []string{matchMark(m.Outbound) + " -j ACCEPT"}},
+		{Table: "filter", Name: ChainPrefix + "FORWARD", Parent: "FORWARD", Rules: filterFwd},
 	}
 }
 

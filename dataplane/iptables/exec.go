@@ -46,7 +46,11 @@ func (r *ExecRunner) bin(tool string) string { return "iptables-" + r.backend + 
 
 // Save implements Runner.
 func (r *ExecRunner) Save(ctx context.Context, table string) (string, error) {
-	out, err := r.run(ctx, nil, r.bin("save"), "-t", table)
+	args := []string{}
+	if table != "" {
+		args = append(args, "-t", table)
+	}
+	out, err := r.run(ctx, nil, r.bin("save"), args...)
 	if err != nil {
 		return "", err
 	}
@@ -88,8 +92,9 @@ func Detect(ctx context.Context, runner func(backend string) (Runner, error)) (s
 		if err != nil {
 			return "", "", err
 		}
-		for _, t := range []string{"mangle", "nat", "filter"} {
-			out, err := r.Save(ctx, t)
+		{
+			// All existing tables: -t would instantiate missing legacy tables.
+			out, err := r.Save(ctx, "")
 			if err != nil {
 				errs = append(errs, err.Error())
 				continue
@@ -105,7 +110,7 @@ func Detect(ctx context.Context, runner func(backend string) (Runner, error)) (s
 		}
 	}
 	switch {
-	case len(errs) == 6:
+	case len(errs) == 2:
 		return "", "", fmt.Errorf("no iptables backend works: %s", strings.Join(errs, "; "))
 	case canary[NFT]:
 		return NFT, "kubelet canary chain found in nft", nil

@@ -48,10 +48,21 @@ func (f *Fake) Backend() string { return "fake" }
 func (f *Fake) Save(_ context.Context, table string) (string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	t, ok := f.tables[table]
-	if !ok {
+	if table == "" {
+		var b strings.Builder
+		for _, name := range slices.Sorted(maps.Keys(f.tables)) {
+			b.WriteString(f.save(name))
+		}
+		return b.String(), nil
+	}
+	if _, ok := f.tables[table]; !ok {
 		return "", fmt.Errorf("fake: no table %q", table)
 	}
+	return f.save(table), nil
+}
+
+func (f *Fake) save(table string) string {
+	t := f.tables[table]
 	var b strings.Builder
 	fmt.Fprintf(&b, "*%s\n", table)
 	for _, c := range t.order {
@@ -67,7 +78,7 @@ func (f *Fake) Save(_ context.Context, table string) (string, error) {
 		}
 	}
 	b.WriteString("COMMIT\n")
-	return b.String(), nil
+	return b.String()
 }
 
 // Append adds a rule as another agent would (for tests).

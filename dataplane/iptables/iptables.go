@@ -43,7 +43,8 @@ var Builtin = map[string][]string{
 type Runner interface {
 	// Backend is "nft" or "legacy".
 	Backend() string
-	// Save returns `iptables-save -t table`.
+	// Save returns `iptables-save -t table`, or with table "" all existing
+	// tables (which, unlike -t, does not instantiate a missing legacy table).
 	Save(ctx context.Context, table string) (string, error)
 	// Restore feeds input to `iptables-restore --noflush -w`.
 	Restore(ctx context.Context, input string) error
@@ -130,13 +131,17 @@ func (s *Syncer) Sync(ctx context.Context, desired Ruleset, dryRun bool) (Result
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var res Result
+	saved, err := s.run.Save(ctx, "")
+	if err != nil {
+		return res, err
+	}
+	all := ParseSaveAll(saved)
 	for _, table := range Tables {
 		want := desiredFor(desired, table)
-		saved, err := s.run.Save(ctx, table)
-		if err != nil {
-			return res, err
+		cur, exists := all[table]
+		if !exists && len(want) == 0 {
+			continue // nothing of ours can be in a table that does not exist
 		}
-		cur := ParseSave(saved)
 		input, changes := s.plan(table, want, cur)
 		if len(changes) == 0 {
 			continue
@@ -154,15 +159,34 @@ func (s *Syncer) Sync(ctx context.Context, desired Ruleset, dryRun bool) (Result
 	return res, nil
 }
 
+// ParseSaveAll parses the output of iptables-save for all tables.
+func ParseSaveAll(text string) map[string]Parsed {
+	out := map[string]Parsed{}
+	var table string
+	var b strings.Builder
+	for _, line := range strings.Split(text, "\n") {
+		switch {
+		case strings.HasPrefix(line, "*"):
+			table = strings.TrimSpace(line[1:])
+			b.Reset()
+		case strings.TrimSpace(line) == "COMMIT" && table != "":
+			out[table] = ParseSave(b.String())
+			table = ""
+		case table != "":
+			b.WriteString(line + "\n")
+		}
+	}
+	return out
+}
+
 // Actual returns our chains as the kernel has them, table -> chain -> rules.
 func (s *Syncer) Actual(ctx context.Context) (map[string]map[string][]string, error) {
 	out := map[string]map[string][]string{}
-	for _, table := range Tables {
-		saved, err := s.run.Save(ctx, table)
-		if err != nil {
-			return nil, err
-		}
-		cur := ParseSave(saved)
+	saved, err := s.run.Save(ctx, "")
+	if err != nil {
+		return nil, err
+	}
+	for table, cur := range ParseSaveAll(saved) {
 		for chain, rules := range cur.Rules {
 			if !s.ours(chain) && !isJumpHolder(table, chain, rules, s.prefix) {
 				continue

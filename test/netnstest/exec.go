@@ -276,19 +276,40 @@ func normLinks(s string) string {
 	return strings.Join(out, "\n")
 }
 
+// normIptables drops comments and counters, and tables that hold nothing:
+// only built-in chains with policy ACCEPT and no rules. Such a table is no
+// state (a legacy table, once instantiated in a netns, cannot be removed).
 func normIptables(s string) string {
-	var out []string
+	var out, table []string
+	empty := true
 	for _, l := range nonEmptyLines(s) {
 		if strings.HasPrefix(l, "#") {
 			continue
 		}
-		out = append(out, reCounters.ReplaceAllString(l, "[0:0]"))
+		l = reCounters.ReplaceAllString(l, "[0:0]")
+		switch {
+		case strings.HasPrefix(l, "*"):
+			table, empty = []string{l}, true
+		case l == "COMMIT":
+			if !empty {
+				out = append(out, append(table, l)...)
+			}
+			table = nil
+		default:
+			if !(strings.HasPrefix(l, ":") && strings.HasSuffix(l, " ACCEPT [0:0]")) {
+				empty = false
+			}
+			table = append(table, l)
+		}
 	}
 	return strings.Join(out, "\n")
 }
 
+// normNft drops comments, handles and counters, and tables whose chains are
+// only empty base chains with policy accept (see normIptables).
 func normNft(s string) string {
-	var out []string
+	var out, table []string
+	empty := true
 	for _, l := range nonEmptyLines(s) {
 		if strings.HasPrefix(strings.TrimSpace(l), "#") {
 			continue
@@ -296,7 +317,23 @@ func normNft(s string) string {
 		l = reNftHandle.ReplaceAllString(l, "")
 		l = rePktBytes.ReplaceAllString(l, "packets 0 bytes 0")
 		l = reExpires.ReplaceAllString(l, "expires *")
-		out = append(out, l)
+		tl := strings.TrimSpace(l)
+		switch {
+		case strings.HasPrefix(l, "table "):
+			table, empty = []string{l}, true
+		case l == "}":
+			if !empty {
+				out = append(out, append(table, l)...)
+			}
+			table = nil
+		case table != nil:
+			if !(strings.HasPrefix(tl, "chain ") || tl == "}" || (strings.HasPrefix(tl, "type ") && strings.HasSuffix(tl, "policy accept;"))) {
+				empty = false
+			}
+			table = append(table, l)
+		default:
+			out = append(out, l)
+		}
 	}
 	return strings.Join(out, "\n")
 }
