@@ -18,7 +18,7 @@ type NodeParams struct {
 	Capture bool
 	// FailClosed rejects ambient pods' TCP, both ways, while there is no ztunnel.
 	FailClosed bool
-	DNS     bool
+	DNS        bool
 }
 
 // mark renders "0x100/0x100" as iptables-save prints marks.
