@@ -1,0 +1,491 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+)
+
+// fakeNode is a node and one ztunnel netns made of fakes.
+type fakeNode struct {
+	nl, ztNL   *FakeNetlink
+	sys, ztSys *FakeSysctl
+	ipt, ztIPT *iptables.Fake
+	ztPaths    map[string]*Kernel
+	zt         *Ztunnel
+}
+
+func newFakeNode(t *testing.T) *fakeNode {
+	t.Helper()
+	f := &fakeNode{nl: NewFakeNetlink(), ztNL: NewFakeNetlink(), sys: NewFakeSysctl(), ztSys: NewFakeSysctl(), ipt: iptables.NewFake(), ztIPT: iptables.NewFake()}
+	f.nl.Src = netip.MustParseAddr("10.244.1.1")
+	ztEth := f.ztNL.AddVeth("eth0", 1500, 0)
+	f.nl.AddVeth("vethzt", 1500, ztEth)
+	f.ztPaths = map[string]*Kernel{"/run/netns/zt": NewFakeKernel(f.ztNL, f.ztSys, f.ztIPT)}
+	f.zt = &Ztunnel{Pod: "istio-system/ztunnel-a", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.2")}, HostVeth: "vethzt", NetNS: "/run/netns/zt"}
+	return f
+}
+
+func (f *fakeNode) open(path string) (*Kernel, error) {
+	if k, ok := f.ztPaths[path]; ok {
+		return k, nil
+	}
+	return nil, fmt.Errorf("no netns %s", path)
+}
+
+func (f *fakeNode) dataplane(t *testing.T, mutate func(*Config)) *Dataplane {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.IPTablesMode = IPTablesNFT
+	cfg.NetNSDir = t.TempDir()
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	d, err := New(context.Background(), cfg, Options{Node: NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func pods(n int) []Pod {
+	var out []Pod
+	for i := range n {
+		out = append(out, Pod{UID: fmt.Sprintf("uid-%d", i), Name: fmt.Sprintf("default/p%d", i), IPs: []netip.Addr{netip.AddrFrom4([4]byte{10, 244, 1, byte(10 + i)})}})
+	}
+	return out
+}
+
+func (f *fakeNode) writes() int {
+	return f.nl.TotalWrites() + f.ztNL.TotalWrites() + len(f.ipt.Restores) + len(f.ztIPT.Restores) + f.sys.Writes + f.ztSys.Writes
+}
+
+const wantNodeDump = `link lo #1 mtu 65536 up=true
+link vethzt #2 mtu 1500 up=true
+link istioin #3 mtu 1450 up=true vxlan vni 1000 port 4789 remote invalid IP mac 02:a1:c0:a8:7e:01
+addr 192.168.126.1/30 dev istioin
+link istioout #4 mtu 1450 up=true vxlan vni 1001 port 4789 remote invalid IP mac 02:a1:c0:a8:7f:01
+addr 192.168.127.1/30 dev istioout
+neigh 192.168.126.2 lladdr 02:a1:c0:a8:7e:02 dev#3
+fdb 10.244.1.2 lladdr 02:a1:c0:a8:7e:02 dev#3
+neigh 192.168.127.2 lladdr 02:a1:c0:a8:7f:02 dev#4
+fdb 10.244.1.2 lladdr 02:a1:c0:a8:7f:02 dev#4
+rule 0: fwmark 0x0/0x140 lookup 255 proto 97
+rule 100: fwmark 0x200/0x200 goto 32766 proto 97
+rule 101: fwmark 0x100/0x100 lookup 101 proto 97
+rule 102: fwmark 0x40/0x40 lookup 102 proto 97
+rule 103: lookup 100 proto 97
+rule 32766: lookup 254 proto 2
+rule 32767: lookup 253 proto 2
+route table 100 10.244.1.10/32 via 192.168.126.2 dev#3 src 10.244.1.1
+route table 100 10.244.1.11/32 via 192.168.126.2 dev#3 src 10.244.1.1
+route table 100 10.244.1.2/32 dev#2 scope link
+route table 101 0.0.0.0/0 via 192.168.127.2 dev#4
+route table 101 10.244.1.2/32 dev#2 scope link
+route table 102 0.0.0.0/0 via 10.244.1.2 dev#2 onlink
+route table 102 10.244.1.2/32 dev#2 scope link
+ipset ztunnel-pods-ips hash:ip family 2: 10.244.1.10 uid-0, 10.244.1.11 uid-1
+ipset ztunnel-pods-ips-v6 hash:ip family 10: 
+`
+
+const wantZtunnelDump = `link lo #1 mtu 65536 up=true
+link eth0 #2 mtu 1500 up=true
+link pistioin #3 mtu 1450 up=true vxlan vni 1000 port 4789 remote invalid IP mac 02:a1:c0:a8:7e:02
+addr 192.168.126.2/30 dev pistioin
+link pistioout #4 mtu 1450 up=true vxlan vni 1001 port 4789 remote invalid IP mac 02:a1:c0:a8:7f:02
+addr 192.168.127.2/30 dev pistioout
+neigh 192.168.126.1 lladdr 02:a1:c0:a8:7e:01 dev#3
+fdb 10.244.1.1 lladdr 02:a1:c0:a8:7e:01 dev#3
+neigh 192.168.127.1 lladdr 02:a1:c0:a8:7f:01 dev#4
+fdb 10.244.1.1 lladdr 02:a1:c0:a8:7f:01 dev#4
+rule 0: lookup 255 proto 2
+rule 20000: fwmark 0x400/0xfff lookup 100 proto 97
+rule 20003: fwmark 0x4d3/0xfff lookup 100 proto 97
+rule 32766: lookup 254 proto 2
+rule 32767: lookup 253 proto 2
+route local table 100 0.0.0.0/0 dev#1 scope host
+`
+
+func TestApplyProgramsNodeAndZtunnel(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	res, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := f.nl.Dump(); got != wantNodeDump {
+		t.Fatalf("node state:\n%s", diffLines(wantNodeDump, got))
+	}
+	if got := f.ztNL.Dump(); got != wantZtunnelDump {
+		t.Fatalf("ztunnel state:\n%s", diffLines(wantZtunnelDump, got))
+	}
+	for _, k := range []string{"net.ipv4.conf.istioin.rp_filter", "net.ipv4.conf.vethzt.rp_filter", "net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"} {
+		if f.sys.Values[k] != "0" {
+			t.Errorf("node sysctl %s = %q, want 0", k, f.sys.Values[k])
+		}
+	}
+	for _, k := range []string{"net.ipv4.conf.istioin.accept_local", "net.ipv4.conf.istioout.accept_local", "net.ipv4.conf.vethzt.accept_local"} {
+		if f.sys.Values[k] != "1" {
+			t.Errorf("node sysctl %s = %q, want 1", k, f.sys.Values[k])
+		}
+	}
+	if f.ztSys.Values["net.ipv4.conf.eth0.rp_filter"] != "0" || f.ztSys.Values["net.ipv4.conf.pistioout.accept_local"] != "1" {
+		t.Errorf("ztunnel sysctls: %v", f.ztSys.Values)
+	}
+	wantZtIPT := ZtunnelRuleset(d.cfg, ZtunnelParams{ZtunnelIP: netip.MustParseAddr("10.244.1.2"), Eth: "eth0"})
+	if got, _ := f.ztIPT.Save(context.Background(), "mangle"); !strings.Contains(got, wantZtIPT[0].Rules[1]) {
+		t.Errorf("ztunnel TPROXY rules missing:\n%s", got)
+	}
+	// One restore per table: mangle, nat, filter on the node, mangle in the ztunnel netns.
+	if res.Writes[KindIPTables] != 4 {
+		t.Errorf("iptables restores: %d, want 4 (writes %v)", res.Writes[KindIPTables], res.Writes)
+	}
+}
+
+func TestSecondApplyWritesNothing(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	st := State{Ztunnel: f.zt, Pods: pods(3)}
+	if _, err := d.Apply(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	before := f.writes()
+	d.QueueResync()
+	res, err := d.Apply(context.Background(), st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.TotalWrites() != 0 || f.writes() != before {
+		t.Fatalf("second apply wrote %v: %v", res.Writes, res.Changes)
+	}
+	// A new dataplane over the same kernel adopts it without writing.
+	d2 := f.dataplane(t, nil)
+	if res, err := d2.Apply(context.Background(), st); err != nil || res.TotalWrites() != 0 {
+		t.Fatalf("adoption wrote %v (%v): %v", res.Writes, err, res.Changes)
+	}
+}
+
+func TestPodChurnTouchesOnlyMembersAndRoutes(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	st := State{Ztunnel: f.zt, Pods: pods(5)}
+	if _, err := d.Apply(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	st.Pods = append(st.Pods[:2], st.Pods[3:]...) // one pod gone
+	st.Pods = append(st.Pods, Pod{UID: "new", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.99")}})
+	before := len(f.ipt.Restores)
+	res, err := d.Apply(context.Background(), st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int{KindIPSet: 2, KindRoute: 2}
+	for k, v := range res.Writes {
+		if v != want[k] {
+			t.Fatalf("writes %v, want %v: %v", res.Writes, want, res.Changes)
+		}
+	}
+	if len(f.ipt.Restores) != before {
+		t.Fatal("pod churn ran iptables-restore")
+	}
+}
+
+func TestUIDChangeUpdatesComment(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	st := State{Ztunnel: f.zt, Pods: pods(1)}
+	if _, err := d.Apply(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	st.Pods[0].UID = "reused-ip-new-pod"
+	res, err := d.Apply(context.Background(), st)
+	if err != nil || res.Writes[KindIPSet] != 1 {
+		t.Fatalf("want one ipset write, got %v %v", res.Writes, err)
+	}
+	if !strings.Contains(f.nl.Dump(), "10.244.1.10 reused-ip-new-pod") {
+		t.Fatal(f.nl.Dump())
+	}
+}
+
+func TestFailedWriteIsAnErrorAndLaterConverges(t *testing.T) {
+	injected := errors.New("injected")
+	for _, method := range []string{"IpsetCreate", "IpsetAdd", "LinkAdd", "AddrReplace", "NeighSet", "RouteReplace", "RuleAdd", "RuleDel", "RouteListFiltered", "RuleList", "IpsetList"} {
+		t.Run(method, func(t *testing.T) {
+			f := newFakeNode(t)
+			d := f.dataplane(t, nil)
+			f.nl.FailNext(method, injected)
+			st := State{Ztunnel: f.zt, Pods: pods(2)}
+			if _, err := d.Apply(context.Background(), st); !errors.Is(err, injected) {
+				t.Fatalf("apply with a failing %s: err = %v, want the injected error", method, err)
+			}
+			if diff, err := d.Diff(context.Background(), st); err != nil || len(diff) == 0 {
+				t.Fatalf("after a failed apply the diff must not be empty: %v %v", diff, err)
+			}
+			if _, err := d.Apply(context.Background(), st); err != nil {
+				t.Fatalf("retry: %v", err)
+			}
+			if diff, err := d.Diff(context.Background(), st); err != nil || len(diff) != 0 {
+				t.Fatalf("not converged after retry: %v %v", diff, err)
+			}
+		})
+	}
+	t.Run("iptables-restore", func(t *testing.T) {
+		f := newFakeNode(t)
+		d := f.dataplane(t, nil)
+		f.ipt.FailNextRestore(injected)
+		st := State{Ztunnel: f.zt, Pods: pods(1)}
+		if _, err := d.Apply(context.Background(), st); !errors.Is(err, injected) {
+			t.Fatalf("err = %v", err)
+		}
+		if _, err := d.Apply(context.Background(), st); err != nil {
+			t.Fatal(err)
+		}
+		if diff, _ := d.Diff(context.Background(), st); len(diff) != 0 {
+			t.Fatalf("not converged: %v", diff)
+		}
+	})
+}
+
+func TestIPTablesDriftRepairedOnResync(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	st := State{Ztunnel: f.zt, Pods: pods(1)}
+	if _, err := d.Apply(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	f.ipt.Delete("mangle", "PREROUTING", 1)
+	f.ipt.Append("mangle", "PREROUTING", "-j ACCEPT")
+	if diff, _ := d.Diff(context.Background(), st); len(diff) == 0 {
+		t.Fatal("diff does not see the missing jump")
+	}
+	d.QueueResync()
+	if _, err := d.Apply(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := f.ipt.Save(context.Background(), "mangle")
+	if !strings.Contains(got, "-A PREROUTING -m comment --comment ambient-redirect -j ztunnel-PREROUTING\n-A PREROUTING -j ACCEPT\n") {
+		t.Fatalf("jump not back at position 1 before the foreign rule:\n%s", got)
+	}
+}
+
+func TestRulePriorityConflictRefused(t *testing.T) {
+	f := newFakeNode(t)
+	other := newRule(101, 50, 0, 0, 3)
+	if err := f.nl.RuleAdd(&other); err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.IPTablesMode = IPTablesNFT
+	before := f.nl.TotalWrites()
+	_, err := New(context.Background(), cfg, Options{Node: NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	if err == nil || !strings.Contains(err.Error(), "priority 101") {
+		t.Fatalf("err = %v", err)
+	}
+	if f.nl.TotalWrites() != before {
+		t.Fatal("refusal wrote")
+	}
+}
+
+func TestForeignIPSetIsNotReplaced(t *testing.T) {
+	f := newFakeNode(t)
+	if err := f.nl.IpsetCreate("ztunnel-pods-ips", "hash:net", netlink.IpsetCreateOptions{Family: unix.AF_INET}); err != nil {
+		t.Fatal(err)
+	}
+	d := f.dataplane(t, nil)
+	before := f.nl.TotalWrites()
+	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err == nil || !strings.Contains(err.Error(), "hash:net") {
+		t.Fatalf("err = %v", err)
+	}
+	if f.nl.TotalWrites() != before {
+		t.Fatal("wrote despite a foreign set")
+	}
+	if _, err := d.Cleanup(context.Background()); err == nil {
+		t.Fatal("cleanup must report the foreign set it left alone")
+	}
+	if !strings.Contains(f.nl.Dump(), "ipset ztunnel-pods-ips hash:net") {
+		t.Fatal("cleanup destroyed a foreign set")
+	}
+}
+
+func TestGeneveAutoAndInPlaceSwitch(t *testing.T) {
+	f := newFakeNode(t)
+	f.nl.GeneveSupported, f.ztNL.GeneveSupported = true, true
+	d := f.dataplane(t, nil)
+	if typ, why, _ := d.Tunnel(); typ != TunnelGeneve {
+		t.Fatalf("auto picked %s (%s), want geneve", typ, why)
+	}
+	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(f.nl.Dump(), "istioin #4 mtu 1450 up=true geneve vni 1000 port 6081 remote 10.244.1.2") {
+		t.Fatalf("geneve istioin: \n%s", f.nl.Dump())
+	}
+	// New ztunnel: same veth for simplicity, new IP and netns.
+	zt2NL := NewFakeNetlink()
+	zt2NL.GeneveSupported = true
+	eth := zt2NL.AddVeth("eth0", 1500, 0)
+	f.nl.AddVeth("vethzt2", 1500, eth)
+	f.ztPaths["/run/netns/zt2"] = NewFakeKernel(zt2NL, NewFakeSysctl(), iptables.NewFake())
+	zt2 := &Ztunnel{Pod: "istio-system/ztunnel-b", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.3")}, HostVeth: "vethzt2", NetNS: "/run/netns/zt2"}
+	linkAdds, linkDels := f.nl.Writes["LinkAdd"], f.nl.Writes["LinkDel"]
+	if _, err := d.Apply(context.Background(), State{Ztunnel: zt2, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if f.nl.Writes["LinkAdd"] != linkAdds || f.nl.Writes["LinkDel"] != linkDels || f.nl.Writes["LinkModify"] != 2 {
+		t.Fatalf("switch must modify the remote in place: %v", f.nl.Writes)
+	}
+	if !strings.Contains(f.nl.Dump(), "geneve vni 1000 port 6081 remote 10.244.1.3") {
+		t.Fatal(f.nl.Dump())
+	}
+	if strings.Contains(f.ztNL.Dump(), "pistioin") || strings.Contains(f.ztNL.Dump(), "proto 97") {
+		t.Fatalf("old ztunnel netns not cleaned:\n%s", f.ztNL.Dump())
+	}
+}
+
+func TestGeneveForcedWithoutKernelSupport(t *testing.T) {
+	f := newFakeNode(t)
+	cfg := DefaultConfig()
+	cfg.IPTablesMode, cfg.Tunnel = IPTablesNFT, TunnelGeneve
+	_, err := New(context.Background(), cfg, Options{Node: NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	if err == nil || !strings.Contains(err.Error(), "geneve") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestTunnelPortSkipsForeignDevice(t *testing.T) {
+	f := newFakeNode(t)
+	if err := f.nl.LinkAdd(&netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: "vxlan.calico"}, VxlanId: 4096, Port: 4789}); err != nil {
+		t.Fatal(err)
+	}
+	d := f.dataplane(t, nil)
+	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, port := d.Tunnel(); port != 4790 {
+		t.Fatalf("port %d, want 4790", port)
+	}
+	if !strings.Contains(f.ztNL.Dump(), "pistioin #3 mtu 1450 up=true vxlan vni 1000 port 4790") {
+		t.Fatalf("ztunnel side must use the same port:\n%s", f.ztNL.Dump())
+	}
+	mangle, _ := f.ipt.Save(context.Background(), "mangle")
+	if !strings.Contains(mangle, "--dport 4790 -j RETURN") {
+		t.Fatal(mangle)
+	}
+}
+
+func TestNoZtunnelFailModes(t *testing.T) {
+	for _, mode := range []FailMode{FailClosed, FailOpen} {
+		t.Run(string(mode), func(t *testing.T) {
+			f := newFakeNode(t)
+			d := f.dataplane(t, func(c *Config) { c.FailMode = mode })
+			if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(2)}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := d.Apply(context.Background(), State{Pods: pods(2)}); err != nil {
+				t.Fatal(err)
+			}
+			dump := f.nl.Dump()
+			if strings.Contains(dump, "route ") {
+				t.Fatalf("routes left with no ztunnel:\n%s", dump)
+			}
+			if !strings.Contains(dump, "10.244.1.10 uid-0, 10.244.1.11 uid-1") {
+				t.Fatal("ipset members must survive a ztunnel gap")
+			}
+			filter, _ := f.ipt.Save(context.Background(), "filter")
+			mangle, _ := f.ipt.Save(context.Background(), "mangle")
+			rejects := strings.Contains(filter, "REJECT")
+			captures := strings.Contains(mangle, "--set-xmark 0x100/0x100")
+			if (mode == FailClosed) != rejects || (mode == FailClosed) != captures {
+				t.Fatalf("%s: rejects=%v captures=%v\n%s%s", mode, rejects, captures, filter, mangle)
+			}
+		})
+	}
+}
+
+func TestCleanupRemovesEverythingOwned(t *testing.T) {
+	f := newFakeNode(t)
+	nodeBefore, ztBefore := f.nl.Dump(), f.ztNL.Dump()
+	mangleBefore, _ := f.ipt.Save(context.Background(), "")
+	// Someone else's route and rule survive cleanup.
+	foreign := netlink.Route{Table: 100, Dst: &net.IPNet{IP: net.IPv4(10, 9, 9, 9), Mask: net.CIDRMask(32, 32)}, LinkIndex: 2, Protocol: 4}
+	d := f.dataplane(t, nil)
+	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(3)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.nl.RouteReplace(&foreign); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Cleanup(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.nl.RouteDel(&foreign); err != nil {
+		t.Fatalf("foreign route gone: %v", err)
+	}
+	if got := f.nl.Dump(); got != nodeBefore {
+		t.Fatalf("node residue:\n%s", diffLines(nodeBefore, got))
+	}
+	if got := f.ztNL.Dump(); got != ztBefore {
+		t.Fatalf("ztunnel residue:\n%s", diffLines(ztBefore, got))
+	}
+	if got, _ := f.ipt.Save(context.Background(), ""); got != mangleBefore {
+		t.Fatalf("iptables residue:\n%s", diffLines(mangleBefore, got))
+	}
+}
+
+func TestStateValidation(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	bad := []State{
+		{Pods: []Pod{{UID: "", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}}}},
+		{Pods: []Pod{{UID: "a", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}}, {UID: "b", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}}}},
+		{Pods: []Pod{{UID: "a", IPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}}},
+		{Ztunnel: &Ztunnel{IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}}},
+	}
+	for i, st := range bad {
+		before := f.writes()
+		if _, err := d.Apply(context.Background(), st); err == nil || !strings.Contains(err.Error(), "invalid desired state") {
+			t.Errorf("case %d: err = %v", i, err)
+		}
+		if f.writes() != before {
+			t.Errorf("case %d: invalid state wrote", i)
+		}
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	if err := DefaultConfig().Validate(); err != nil {
+		t.Fatal(err)
+	}
+	cases := map[string]func(*Config){
+		"tunnel":      func(c *Config) { c.Tunnel = "gre" },
+		"fail mode":   func(c *Config) { c.FailMode = "sometimes" },
+		"iptables":    func(c *Config) { c.IPTablesMode = "ebpf" },
+		"mark":        func(c *Config) { c.Marks.Outbound = 0x300 },
+		"skip bit":    func(c *Config) { c.Marks.ConnSkip = 0x020 },
+		"route table": func(c *Config) { c.Tables.Outbound = 254 },
+		"tables":      func(c *Config) { c.Tables.Outbound = c.Tables.Inbound },
+		"priority":    func(c *Config) { c.Priorities.Inbound = 40000 },
+		"order":       func(c *Config) { c.Priorities.Inbound = 99 },
+		"protocol":    func(c *Config) { c.RouteProtocol = 2 },
+		"ipset name":  func(c *Config) { c.IPSetName = strings.Repeat("x", 40) },
+		"tunnel net":  func(c *Config) { c.InNet = netip.MustParsePrefix("192.168.126.0/24") },
+		"vni":         func(c *Config) { c.OutVNI = c.InVNI },
+		"port":        func(c *Config) { c.TunnelPort = 70000 },
+	}
+	for name, mutate := range cases {
+		c := DefaultConfig()
+		mutate(&c)
+		if err := c.Validate(); err == nil {
+			t.Errorf("%s: invalid config accepted", name)
+		}
+	}
+}
