@@ -9,4 +9,13 @@ require (
 	golang.org/x/sys v0.49.0
 )
 
-require go.uber.org/multierr v1.10.0 // indirect
+require (
+	github.com/go-logr/logr v1.4.2 // indirect
+	github.com/go-logr/zapr v1.3.0 // indirect
+	github.com/prometheus/client_golang v1.25.0 // indirect
+	go.uber.org/multierr v1.10.0 // indirect
+	k8s.io/api v0.34.2 // indirect
+	k8s.io/apimachinery v0.34.2 // indirect
+	k8s.io/client-go v0.34.2 // indirect
+	k8s.io/klog/v2 v2.140.0 // indirect
+)

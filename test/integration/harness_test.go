@@ -65,7 +65,7 @@ type ztunnel struct {
 	proc    *netnstest.Proc
 }
 
-func startZtunnel(t *testing.T, pod *netnstest.Pod, hboneCIDRs ...string) *ztunnel {
+func startZtunnel(t testing.TB, pod *netnstest.Pod, hboneCIDRs ...string) *ztunnel {
 	t.Helper()
 	dir := t.TempDir()
 	z := &ztunnel{pod: pod, records: filepath.Join(dir, "records.jsonl")}
@@ -164,7 +164,7 @@ func ztunnelOf(p *netnstest.Pod) *dataplane.Ztunnel {
 
 // nsDirFor makes a directory of symlinks to just this test's namespaces, so
 // the dataplane's netns scans never see another test's.
-func nsDirFor(t *testing.T, c *netnstest.Cluster) string {
+func nsDirFor(t testing.TB, c *netnstest.Cluster) string {
 	dir := t.TempDir()
 	for _, ns := range c.Namespaces() {
 		if err := os.Symlink(netnstest.NsPath(ns), filepath.Join(dir, ns)); err != nil {
@@ -174,7 +174,7 @@ func nsDirFor(t *testing.T, c *netnstest.Cluster) string {
 	return dir
 }
 
-func newDataplane(t *testing.T, n *node, mutate func(*dataplane.Config)) *dataplane.Dataplane {
+func newDataplane(t testing.TB, n *node, mutate func(*dataplane.Config)) *dataplane.Dataplane {
 	t.Helper()
 	cfg := dataplane.DefaultConfig()
 	cfg.NetNSDir = n.nsDir
@@ -193,7 +193,7 @@ func newDataplane(t *testing.T, n *node, mutate func(*dataplane.Config)) *datapl
 	return dp
 }
 
-func apply(t *testing.T, n *node, st dataplane.State) dataplane.Result {
+func apply(t testing.TB, n *node, st dataplane.State) dataplane.Result {
 	t.Helper()
 	res, err := n.dp.Apply(context.Background(), st)
 	if err != nil {
@@ -203,7 +203,7 @@ func apply(t *testing.T, n *node, st dataplane.State) dataplane.Result {
 }
 
 // cluster builds nodes with a ztunnel pod, ambient pods and plain pods.
-func cluster(t *testing.T, nodes, ambient, plain int) (*netnstest.Cluster, []*node) {
+func cluster(t testing.TB, nodes, ambient, plain int) (*netnstest.Cluster, []*node) {
 	t.Helper()
 	netnstest.RequireRoot(t)
 	c := netnstest.NewCluster(t, nodes)
