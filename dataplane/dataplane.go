@@ -85,6 +85,8 @@ type Options struct {
 	Node *Kernel
 	// OpenNS opens a ztunnel netns (fakes); default OpenKernel.
 	OpenNS func(path string) (*Kernel, error)
+	// SkipConflictCheck is for cleanup, which only removes what is ours.
+	SkipConflictCheck bool
 }
 
 // Result reports what one Apply or Cleanup did (or, dry, would do).
@@ -144,8 +146,10 @@ func New(ctx context.Context, cfg Config, o Options) (*Dataplane, error) {
 	if err := d.resolveTunnel(); err != nil {
 		return nil, err
 	}
-	if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
-		return nil, err
+	if !o.SkipConflictCheck {
+		if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
+			return nil, err
+		}
 	}
 	d.log.Info("dataplane ready",
 		zap.String("iptablesBackend", d.backend), zap.String("iptablesReason", d.backendReason),

@@ -517,6 +517,9 @@ func (f *FakeNetlink) IpsetDestroy(name string) error {
 	return nil
 }
 
+// GetNetNsIdByFd implements Netlink (no peers in the fake).
+func (f *FakeNetlink) GetNetNsIdByFd(int) (int, error) { return -1, nil }
+
 // Dump renders the fake's state canonically (sorted), for golden tests.
 func (f *FakeNetlink) Dump() string {
 	f.mu.Lock()

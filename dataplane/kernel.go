@@ -45,6 +45,7 @@ type Netlink interface {
 	IpsetAdd(setname string, entry *netlink.IPSetEntry) error
 	IpsetDel(setname string, entry *netlink.IPSetEntry) error
 	IpsetDestroy(setname string) error
+	GetNetNsIdByFd(fd int) (int, error)
 }
 
 var _ Netlink = (*netlink.Handle)(nil)
@@ -174,7 +175,7 @@ func (p procSysctl) Set(key, value string) error {
 // FindPeerNetNS returns the path under dir of the network namespace holding
 // the peer of the veth hostVeth (in the namespace of nl). It matches the
 // veth's IFLA_LINK_NETNSID against the id each named namespace has in ours.
-func FindPeerNetNS(nl *netlink.Handle, hostVeth, dir string) (string, error) {
+func FindPeerNetNS(nl Netlink, hostVeth, dir string) (string, error) {
 	link, err := nl.LinkByName(hostVeth)
 	if err != nil {
 		return "", fmt.Errorf("veth %s: %w", hostVeth, err)
@@ -183,12 +184,7 @@ func FindPeerNetNS(nl *netlink.Handle, hostVeth, dir string) (string, error) {
 	if want < 0 {
 		return "", fmt.Errorf("veth %s has no peer in another netns", hostVeth)
 	}
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return "", fmt.Errorf("read %s: %w", dir, err)
-	}
-	for _, e := range entries {
-		p := filepath.Join(dir, e.Name())
+	for _, p := range listNetNSDir(dir) {
 		fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			continue
@@ -200,4 +196,26 @@ func FindPeerNetNS(nl *netlink.Handle, hostVeth, dir string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no netns under %s has id %d (peer of %s)", dir, want, hostVeth)
+}
+
+// LocateZtunnel finds the host veth of the pod with address ip (the device
+// of the node's route to it, as ptp CNIs install) and the path of the
+// network namespace at its other end.
+func (d *Dataplane) LocateZtunnel(ip net.IP) (veth, netnsPath string, err error) {
+	routes, err := d.node.NL.RouteGet(ip)
+	if err != nil || len(routes) == 0 {
+		return "", "", fmt.Errorf("no route to ztunnel %s: %v", ip, err)
+	}
+	link, err := d.node.NL.LinkByIndex(routes[0].LinkIndex)
+	if err != nil {
+		return "", "", fmt.Errorf("device of the route to ztunnel %s: %w", ip, err)
+	}
+	if link.Type() != "veth" {
+		return "", "", fmt.Errorf("route to ztunnel %s leaves through %s (%s), not a pod veth: is the CNI ptp-like?", ip, link.Attrs().Name, link.Type())
+	}
+	path, err := FindPeerNetNS(d.node.NL, link.Attrs().Name, d.cfg.NetNSDir)
+	if err != nil {
+		return link.Attrs().Name, "", err
+	}
+	return link.Attrs().Name, path, nil
 }

@@ -1,0 +1,251 @@
+// Command ambient-redirect is the node agent: it steers the TCP traffic of
+// this node's ambient pods through the node's ztunnel.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/go-logr/zapr"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+
+	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+)
+
+const usage = `usage: ambient-redirect <command> [flags]
+
+commands:
+  run       run the node agent (see: ambient-redirect run -h)
+  cleanup   remove everything the agent owns on this node and in the ztunnel netns, then exit
+  status    summarise a running agent's /debug/state (exit 1 when not converged)
+  version   print the version
+`
+
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "run":
+		return cmdRun(args[1:], stdout, stderr)
+	case "cleanup":
+		return cmdCleanup(args[1:], stdout, stderr)
+	case "status":
+		return cmdStatus(args[1:], stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "ambient-redirect", version())
+		return 0
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "ambient-redirect: unknown command %q\n%s", args[0], usage)
+	return 2
+}
+
+// version is the module version and VCS revision from the build info.
+func version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := bi.Main.Version
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" {
+			v += " " + s.Value
+		}
+		if s.Key == "vcs.modified" && s.Value == "true" {
+			v += " (modified)"
+		}
+	}
+	return v
+}
+
+// parse parses flags; a bad flag is one line naming it, exit code 2.
+func parse(fs *flag.FlagSet, args []string, stdout, stderr io.Writer) (int, bool) {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(stdout)
+			fmt.Fprintf(stdout, "usage: ambient-redirect %s [flags]\n", fs.Name())
+			fs.PrintDefaults()
+			return 0, false
+		}
+		fmt.Fprintf(stderr, "ambient-redirect %s: %v\n", fs.Name(), err)
+		return 2, false
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "ambient-redirect %s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+		return 2, false
+	}
+	return 0, true
+}
+
+func newLogger(level string) *zap.Logger {
+	lvl := zapcore.InfoLevel
+	_ = lvl.Set(level)
+	cfg := zap.NewProductionConfig()
+	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	cfg.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
+	cfg.Sampling = nil
+	log, err := cfg.Build()
+	if err != nil {
+		return zap.NewNop()
+	}
+	klog.SetLogger(zapr.NewLogger(log.Named("client-go")))
+	return log
+}
+
+func cmdRun(args []string, stdout, stderr io.Writer) int {
+	o := defaultOptions()
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	o.AddFlags(fs)
+	if code, ok := parse(fs, args, stdout, stderr); !ok {
+		return code
+	}
+	if err := o.Validate(); err != nil {
+		fmt.Fprintf(stderr, "ambient-redirect run: %s\n", oneLine(err))
+		return 2
+	}
+	dpCfg, _ := o.dataplaneConfig()
+	sel, _ := labels.Parse(o.ZtunnelSelector)
+	log := newLogger(o.LogLevel).With(zap.String("node", o.NodeName))
+	defer func() { _ = log.Sync() }()
+	fields := []zap.Field{zap.String("version", version())}
+	fs.VisitAll(func(f *flag.Flag) { fields = append(fields, zap.String(f.Name, f.Value.String())) })
+	log.Info("starting", fields...)
+
+	restCfg, err := restConfig(o.Kubeconfig)
+	if err != nil {
+		log.Error("kubernetes client config", zap.Error(err))
+		return 1
+	}
+	restCfg.UserAgent = "ambient-redirect/" + o.NodeName
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		log.Error("kubernetes client", zap.Error(err))
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	metrics := controller.NewMetrics()
+	var dp *dataplane.Dataplane
+	newDP := func(ctx context.Context) (controller.Dataplane, error) {
+		d, err := dataplane.New(ctx, dpCfg, dataplane.Options{Logger: log.Named("dataplane")})
+		if err != nil {
+			return nil, err
+		}
+		dp = d
+		return d, nil
+	}
+	ctl := controller.New(client, controller.Config{
+		Selection: controller.SelectionOptions{
+			NodeName: o.NodeName, ExcludeNamespaces: o.excluded(),
+			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: sel,
+		},
+		ResyncPeriod: o.ResyncPeriod,
+	}, newDP, log.Named("controller"), metrics.Hooks())
+
+	if o.DebugAddr != "" {
+		srv := controller.NewDebugServer(o.DebugAddr, ctl, func() controller.DataplaneInfo {
+			if dp == nil {
+				return nil
+			}
+			return dp
+		}, metrics, configView(o), log.Named("debug"))
+		if err := srv.Start(ctx); err != nil {
+			log.Error("debug server", zap.Error(err))
+			return 1
+		}
+	}
+	if err := ctl.Run(ctx); err != nil {
+		log.Error("agent stopped", zap.Error(err))
+		return 1
+	}
+	// On SIGTERM the kernel state stays: ambient pods keep flowing through
+	// ztunnel across agent restarts and upgrades; the next agent adopts it
+	// without writes. `ambient-redirect cleanup` removes it.
+	log.Info("stopping: dataplane left in place, traffic keeps flowing through ztunnel")
+	return 0
+}
+
+func configView(o *Options) map[string]any {
+	return map[string]any{
+		"nodeName": o.NodeName, "ztunnelNamespace": o.ZtunnelNamespace, "ztunnelSelector": o.ZtunnelSelector,
+		"excludeNamespaces": o.excluded(), "tunnel": o.Tunnel, "tunnelPort": o.TunnelPort, "failMode": o.FailMode,
+		"iptablesMode": o.IPTablesMode, "netnsDir": o.NetNSDir, "resyncPeriod": o.ResyncPeriod.String(),
+		"debugAddr": o.DebugAddr, "dnsCapture": o.DNSCapture,
+	}
+}
+
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig == "" {
+		return rest.InClusterConfig()
+	}
+	return clientcmd.BuildConfigFromFlags("", kubeconfig)
+}
+
+func cmdCleanup(args []string, stdout, stderr io.Writer) int {
+	o := defaultOptions()
+	fs := flag.NewFlagSet("cleanup", flag.ContinueOnError)
+	o.AddDataplaneFlags(fs)
+	if code, ok := parse(fs, args, stdout, stderr); !ok {
+		return code
+	}
+	cfg, err := o.dataplaneConfig()
+	if err != nil {
+		fmt.Fprintf(stderr, "ambient-redirect cleanup: %s\n", oneLine(err))
+		return 2
+	}
+	// The tunnel type does not matter for removal; vxlan avoids the probe.
+	cfg.Tunnel = dataplane.TunnelVXLAN
+	log := newLogger(o.LogLevel)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dp, err := dataplane.New(ctx, cfg, dataplane.Options{Logger: log.Named("dataplane"), SkipConflictCheck: true})
+	if err != nil {
+		log.Error("cleanup", zap.Error(err))
+		return 1
+	}
+	defer dp.Close()
+	res, err := dp.Cleanup(ctx)
+	if err != nil {
+		log.Error("cleanup incomplete", zap.Error(err), zap.Any("writes", res.Writes))
+		return 1
+	}
+	fmt.Fprintf(stdout, "cleanup done: %d kernel writes\n", res.TotalWrites())
+	return 0
+}
+
+// oneLine joins a multi-error into one line.
+func oneLine(err error) string {
+	s := err.Error()
+	out := []rune{}
+	for _, r := range s {
+		if r == '\n' {
+			out = append(out, ';', ' ')
+			continue
+		}
+		out = append(out, r)
+	}
+	return string(out)
+}

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+)
+
+// choice is a flag limited to fixed values, so a bad value fails at parse
+// time with the flag's name.
+type choice struct {
+	value   *string
+	allowed []string
+}
+
+func (c choice) String() string {
+	if c.value == nil {
+		return ""
+	}
+	return *c.value
+}
+
+func (c choice) Set(v string) error {
+	for _, a := range c.allowed {
+		if v == a {
+			*c.value = v
+			return nil
+		}
+	}
+	return fmt.Errorf("must be one of %s", strings.Join(c.allowed, ", "))
+}
+
+// Options are the flags of run and cleanup.
+type Options struct {
+	NodeName          string
+	Kubeconfig        string
+	ZtunnelNamespace  string
+	ZtunnelSelector   string
+	ExcludeNamespaces string
+	Tunnel            string
+	TunnelPort        int
+	FailMode          string
+	IPTablesMode      string
+	NetNSDir          string
+	ResyncPeriod      time.Duration
+	DebugAddr         string
+	DNSCapture        bool
+	LogLevel          string
+}
+
+func defaultOptions() *Options {
+	return &Options{
+		NodeName:          os.Getenv("NODE_NAME"),
+		ZtunnelNamespace:  "istio-system",
+		ZtunnelSelector:   "app=ztunnel",
+		ExcludeNamespaces: "kube-system",
+		Tunnel:            string(dataplane.TunnelAuto),
+		FailMode:          string(dataplane.FailClosed),
+		IPTablesMode:      string(dataplane.IPTablesAuto),
+		NetNSDir:          "/var/run/netns",
+		ResyncPeriod:      30 * time.Second,
+		DebugAddr:         "127.0.0.1:15099",
+		LogLevel:          "info",
+	}
+}
+
+// AddDataplaneFlags adds the flags that shape kernel state (run and cleanup).
+func (o *Options) AddDataplaneFlags(fs *flag.FlagSet) {
+	fs.Var(choice{&o.IPTablesMode, []string{"auto", "nft", "legacy"}}, "iptables-mode", "iptables backend: auto (detect kubelet's), nft or legacy")
+	fs.StringVar(&o.NetNSDir, "netns-dir", o.NetNSDir, "directory of named network namespaces (where the CRI puts pod netns)")
+	fs.Var(choice{&o.LogLevel, []string{"debug", "info", "warn", "error"}}, "log-level", "log level")
+}
+
+// AddFlags adds the flags of run.
+func (o *Options) AddFlags(fs *flag.FlagSet) {
+	fs.StringVar(&o.NodeName, "node-name", o.NodeName, "name of this node (env NODE_NAME)")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "kubeconfig path; in-cluster config when empty")
+	fs.StringVar(&o.ZtunnelNamespace, "ztunnel-namespace", o.ZtunnelNamespace, "namespace of the ztunnel pods")
+	fs.StringVar(&o.ZtunnelSelector, "ztunnel-selector", o.ZtunnelSelector, "label selector of the ztunnel pods")
+	fs.StringVar(&o.ExcludeNamespaces, "exclude-namespaces", o.ExcludeNamespaces, "comma-separated namespaces never enrolled")
+	fs.Var(choice{&o.Tunnel, []string{"auto", "geneve", "vxlan"}}, "tunnel", "tunnel type: auto (geneve if the kernel has it, else vxlan), geneve or vxlan")
+	fs.IntVar(&o.TunnelPort, "tunnel-port", o.TunnelPort, "tunnel UDP port; 0 = 6081 for geneve, 4789 for vxlan (the next free port is used if a foreign device holds it)")
+	fs.Var(choice{&o.FailMode, []string{"closed", "open"}}, "fail-mode", "with no ztunnel: closed (ambient TCP fails fast) or open (flows directly)")
+	fs.DurationVar(&o.ResyncPeriod, "resync-period", o.ResyncPeriod, "full resync (drift repair) period")
+	fs.StringVar(&o.DebugAddr, "debug-addr", o.DebugAddr, "address of the debug/health/metrics server; empty disables it")
+	fs.BoolVar(&o.DNSCapture, "dns-capture", o.DNSCapture, "DNAT ambient pods' UDP/53 to ztunnel's DNS proxy (port 15053)")
+	o.AddDataplaneFlags(fs)
+}
+
+// Validate checks the run options; every problem is reported.
+func (o *Options) Validate() error {
+	var errs []error
+	if strings.TrimSpace(o.NodeName) == "" {
+		errs = append(errs, errors.New("--node-name (or env NODE_NAME) is required"))
+	}
+	if _, err := labels.Parse(o.ZtunnelSelector); err != nil || strings.TrimSpace(o.ZtunnelSelector) == "" {
+		errs = append(errs, fmt.Errorf("--ztunnel-selector %q is not a non-empty label selector: %v", o.ZtunnelSelector, err))
+	}
+	if o.ZtunnelNamespace == "" {
+		errs = append(errs, errors.New("--ztunnel-namespace must not be empty"))
+	}
+	if o.ResyncPeriod < time.Second {
+		errs = append(errs, fmt.Errorf("--resync-period %s must be at least 1s", o.ResyncPeriod))
+	}
+	if o.TunnelPort < 0 || o.TunnelPort > 65535 {
+		errs = append(errs, fmt.Errorf("--tunnel-port %d out of range", o.TunnelPort))
+	}
+	if o.DebugAddr != "" {
+		if err := validHostPort(o.DebugAddr); err != nil {
+			errs = append(errs, fmt.Errorf("--debug-addr %q: %v", o.DebugAddr, err))
+		}
+	}
+	if o.Kubeconfig != "" {
+		if _, err := os.Stat(o.Kubeconfig); err != nil {
+			errs = append(errs, fmt.Errorf("--kubeconfig: %v", err))
+		}
+	}
+	if st, err := os.Stat(o.NetNSDir); err != nil || !st.IsDir() {
+		errs = append(errs, fmt.Errorf("--netns-dir %q is not a directory", o.NetNSDir))
+	}
+	if _, err := o.dataplaneConfig(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func validHostPort(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	if host != "" && net.ParseIP(host) == nil && host != "localhost" {
+		return fmt.Errorf("host %q is not an IP address", host)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 0 || p > 65535 {
+		return fmt.Errorf("port %q is not a number in 0..65535", port)
+	}
+	return nil
+}
+
+func (o *Options) excluded() []string {
+	var out []string
+	for _, n := range strings.Split(o.ExcludeNamespaces, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+func (o *Options) dataplaneConfig() (dataplane.Config, error) {
+	c := dataplane.DefaultConfig()
+	c.Tunnel = dataplane.TunnelType(o.Tunnel)
+	c.TunnelPort = o.TunnelPort
+	c.FailMode = dataplane.FailMode(o.FailMode)
+	c.IPTablesMode = dataplane.IPTablesMode(o.IPTablesMode)
+	c.NetNSDir = o.NetNSDir
+	c.DNSCapture = o.DNSCapture
+	return c, c.Validate()
+}

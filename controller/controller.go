@@ -1,0 +1,442 @@
+package controller
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+)
+
+// Dataplane is what the controller needs of the dataplane.
+type Dataplane interface {
+	Apply(ctx context.Context, st dataplane.State) (dataplane.Result, error)
+	QueueResync()
+	LocateZtunnel(ip net.IP) (veth, netnsPath string, err error)
+}
+
+// Config of the controller.
+type Config struct {
+	Selection    SelectionOptions
+	ResyncPeriod time.Duration
+	// MaxBackoff bounds the retry delay after a failed sync.
+	MaxBackoff time.Duration
+}
+
+// PodStatus is one pod's selection outcome.
+type PodStatus struct {
+	Namespace  string   `json:"namespace"`
+	Name       string   `json:"name"`
+	UID        string   `json:"uid"`
+	IPs        []string `json:"ips"`
+	Enrolled   bool     `json:"enrolled"`
+	Reason     string   `json:"reason"`
+	Annotation string   `json:"annotation,omitempty"`
+}
+
+// ZtunnelStatus is the active ztunnel.
+type ZtunnelStatus struct {
+	Pod      string `json:"pod"`
+	IP       string `json:"ip"`
+	HostVeth string `json:"hostVeth"`
+	NetNS    string `json:"netns"`
+	Error    string `json:"error,omitempty"`
+}
+
+// SyncStatus describes the last sync.
+type SyncStatus struct {
+	Time     time.Time      `json:"time"`
+	Duration string         `json:"duration"`
+	Writes   map[string]int `json:"writes"`
+	Changes  []string       `json:"changes,omitempty"`
+	Error    string         `json:"error,omitempty"`
+}
+
+// Status is the controller's view, for the debug endpoint.
+type Status struct {
+	Synced        bool           `json:"cachesSynced"`
+	FirstSyncDone bool           `json:"firstSyncDone"`
+	Ztunnel       *ZtunnelStatus `json:"ztunnel"`
+	Pods          []PodStatus    `json:"pods"`
+	LastSync      *SyncStatus    `json:"lastSync,omitempty"`
+	LastSuccess   time.Time      `json:"lastSuccess"`
+	PendingSince  *time.Time     `json:"pendingSince,omitempty"`
+	DriftRepairs  map[string]int `json:"driftRepairs"`
+	Syncs         int            `json:"syncs"`
+	Failures      int            `json:"failures"`
+}
+
+// Hooks let the caller observe syncs (metrics) without the controller
+// depending on them.
+type Hooks struct {
+	// OnSync is called after every sync with its result, whether it was a
+	// resync (writes then count as drift repairs) and its error.
+	OnSync func(res dataplane.Result, resync bool, enrolled int, err error)
+	// OnProgrammed is called once per pod event that led to programmed state,
+	// with the time from the event to programming.
+	OnProgrammed func(d time.Duration)
+}
+
+// Controller keeps this node's dataplane converged from the API.
+type Controller struct {
+	cfg    Config
+	client kubernetes.Interface
+	log    *zap.Logger
+	hooks  Hooks
+	// newDP creates the dataplane once the caches have synced: not even a
+	// probe touches the kernel before then.
+	newDP func(ctx context.Context) (Dataplane, error)
+	dp    Dataplane
+
+	factories []informers.SharedInformerFactory
+	pods      corelisters.PodLister
+	nss       corelisters.NamespaceLister
+	synced    []cache.InformerSynced
+
+	kick     chan struct{}
+	annoKick chan struct{}
+
+	mu           sync.Mutex
+	status       Status
+	lastDesired  *dataplane.State
+	pendingSince time.Time // oldest event not yet programmed
+	programmed   map[types.UID]bool
+}
+
+// New builds a controller. newDP is called after the caches synced.
+func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context) (Dataplane, error), log *zap.Logger, hooks Hooks) *Controller {
+	if cfg.ResyncPeriod <= 0 {
+		cfg.ResyncPeriod = 30 * time.Second
+	}
+	if cfg.MaxBackoff <= 0 {
+		cfg.MaxBackoff = 10 * time.Second
+	}
+	c := &Controller{
+		cfg: cfg, client: client, log: log, hooks: hooks, newDP: newDP,
+		kick: make(chan struct{}, 1), annoKick: make(chan struct{}, 1),
+		programmed: map[types.UID]bool{},
+	}
+	c.status.DriftRepairs = map[string]int{}
+	node := cfg.Selection.NodeName
+	podFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "spec.nodeName=" + node }),
+		informers.WithTransform(stripManagedFields))
+	nsFactory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(stripManagedFields))
+	podInf := podFactory.Core().V1().Pods()
+	nsInf := nsFactory.Core().V1().Namespaces()
+	c.pods, c.nss = podInf.Lister(), nsInf.Lister()
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { c.queue() },
+		UpdateFunc: func(old, cur any) { c.onUpdate(old, cur) },
+		DeleteFunc: func(any) { c.queue() },
+	}
+	_, _ = podInf.Informer().AddEventHandler(handler)
+	_, _ = nsInf.Informer().AddEventHandler(handler)
+	c.synced = []cache.InformerSynced{podInf.Informer().HasSynced, nsInf.Informer().HasSynced}
+	c.factories = []informers.SharedInformerFactory{podFactory, nsFactory}
+	return c
+}
+
+// stripManagedFields drops what we never read, to keep the caches small.
+func stripManagedFields(obj any) (any, error) {
+	if m, ok := obj.(metav1.ObjectMetaAccessor); ok {
+		m.GetObjectMeta().SetManagedFields(nil)
+	}
+	return obj, nil
+}
+
+// onUpdate ignores periodic relists that change nothing.
+func (c *Controller) onUpdate(old, cur any) {
+	o, ok1 := old.(metav1.Object)
+	n, ok2 := cur.(metav1.Object)
+	if ok1 && ok2 && o.GetResourceVersion() == n.GetResourceVersion() {
+		return
+	}
+	c.queue()
+}
+
+// queue marks work; the sync loop coalesces any number of marks.
+func (c *Controller) queue() {
+	c.mu.Lock()
+	if c.pendingSince.IsZero() {
+		c.pendingSince = time.Now()
+	}
+	c.mu.Unlock()
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Status returns a copy of the controller's status.
+func (c *Controller) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.status
+	s.Pods = append([]PodStatus(nil), c.status.Pods...)
+	s.DriftRepairs = map[string]int{}
+	for k, v := range c.status.DriftRepairs {
+		s.DriftRepairs[k] = v
+	}
+	if !c.pendingSince.IsZero() {
+		t := c.pendingSince
+		s.PendingSince = &t
+	}
+	return s
+}
+
+// LastDesired returns the desired state of the last sync (nil before it).
+func (c *Controller) LastDesired() *dataplane.State {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.lastDesired
+}
+
+// Run syncs until ctx ends. It returns after the loop stopped; the kernel
+// state is left in place on purpose (see cmd).
+func (c *Controller) Run(ctx context.Context) error {
+	for _, f := range c.factories {
+		f.Start(ctx.Done())
+	}
+	defer func() {
+		for _, f := range c.factories {
+			f.Shutdown()
+		}
+	}()
+	c.log.Info("waiting for caches to sync")
+	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
+		return errors.New("caches did not sync before shutdown")
+	}
+	c.mu.Lock()
+	c.status.Synced = true
+	c.mu.Unlock()
+	c.log.Info("caches synced")
+	dp, err := c.newDP(ctx)
+	if err != nil {
+		return err
+	}
+	c.dp = dp
+	go c.annotationLoop(ctx)
+
+	resync := time.NewTicker(c.cfg.ResyncPeriod)
+	defer resync.Stop()
+	var retry <-chan time.Time
+	backoff := 100 * time.Millisecond
+	isResync := true // startup is a full resync
+	dp.QueueResync()
+	for {
+		err := c.syncOnce(ctx, isResync)
+		isResync = false
+		if err != nil {
+			c.log.Error("sync failed; will retry", zap.Error(err), zap.Duration("backoff", backoff))
+			retry = time.After(backoff)
+			backoff = min(backoff*2, c.cfg.MaxBackoff)
+		} else {
+			retry, backoff = nil, 100*time.Millisecond
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-c.kick:
+		case <-retry:
+		case <-resync.C:
+			dp.QueueResync()
+			isResync = true
+		}
+	}
+}
+
+// desired builds the desired state from the caches.
+func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, error) {
+	pods, err := c.pods.List(labels.Everything())
+	if err != nil {
+		return dataplane.State{}, nil, nil, err
+	}
+	sort.Slice(pods, func(i, j int) bool {
+		return pods[i].Namespace+"/"+pods[i].Name < pods[j].Namespace+"/"+pods[j].Name
+	})
+	var st dataplane.State
+	var statuses []PodStatus
+	for _, p := range pods {
+		ns, _ := c.nss.Get(p.Namespace)
+		ok, why := Enrolled(p, ns, c.cfg.Selection)
+		ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[RedirectionAnno]}
+		ips := PodIPs(p)
+		for _, a := range ips {
+			ps.IPs = append(ps.IPs, a.String())
+		}
+		statuses = append(statuses, ps)
+		if ok {
+			st.Pods = append(st.Pods, dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips})
+		}
+	}
+	st.Pods = dedupeIPs(st.Pods, c.log)
+	zt := PickZtunnel(pods, c.cfg.Selection)
+	if zt == nil {
+		return st, statuses, nil, nil
+	}
+	zs := &ZtunnelStatus{Pod: zt.Namespace + "/" + zt.Name}
+	var ip netip.Addr
+	for _, a := range PodIPs(zt) {
+		if a.Is4() {
+			ip = a
+			break
+		}
+	}
+	zs.IP = ip.String()
+	veth, nsPath, err := c.dp.LocateZtunnel(net.IP(ip.AsSlice()))
+	zs.HostVeth, zs.NetNS = veth, nsPath
+	if err != nil {
+		// Treat it as absent (the fail mode applies) and retry.
+		zs.Error = err.Error()
+		return st, statuses, zs, fmt.Errorf("ztunnel %s: %w", zs.Pod, err)
+	}
+	st.Ztunnel = &dataplane.Ztunnel{Pod: zs.Pod, IPs: PodIPs(zt), HostVeth: veth, NetNS: nsPath}
+	return st, statuses, zs, nil
+}
+
+// dedupeIPs keeps the first pod claiming an IP (a stale pod object whose IP
+// was reused must not block the new one; both cannot be programmed).
+func dedupeIPs(pods []dataplane.Pod, log *zap.Logger) []dataplane.Pod {
+	seen := map[netip.Addr]string{}
+	out := pods[:0]
+	for _, p := range pods {
+		var ips []netip.Addr
+		for _, a := range p.IPs {
+			if other, ok := seen[a]; ok {
+				log.Warn("pod IP claimed by two enrolled pods; keeping the first", zap.String("ip", a.String()), zap.String("pod", p.Name), zap.String("other", other))
+				continue
+			}
+			seen[a] = p.Name
+			ips = append(ips, a)
+		}
+		if len(ips) > 0 {
+			p.IPs = ips
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
+	c.mu.Lock()
+	pending := c.pendingSince
+	c.pendingSince = time.Time{}
+	c.mu.Unlock()
+
+	st, statuses, zs, zerr := c.desired()
+	if statuses == nil && zerr != nil {
+		return zerr
+	}
+	start := time.Now()
+	res, err := c.dp.Apply(ctx, st)
+	err = errors.Join(zerr, err)
+	ss := &SyncStatus{Time: start, Duration: time.Since(start).String(), Writes: res.Writes, Changes: res.Changes}
+	if err != nil {
+		ss.Error = err.Error()
+	}
+	c.mu.Lock()
+	c.lastDesired = &st
+	c.status.Syncs++
+	c.status.LastSync = ss
+	c.status.Pods = statuses
+	c.status.Ztunnel = zs
+	if err != nil {
+		c.status.Failures++
+		if !pending.IsZero() && c.pendingSince.IsZero() {
+			c.pendingSince = pending // still not programmed
+		}
+	} else {
+		c.status.LastSuccess = time.Now()
+		c.status.FirstSyncDone = true
+		if resync {
+			for k, v := range res.Writes {
+				c.status.DriftRepairs[k] += v
+			}
+		}
+		c.programmed = map[types.UID]bool{}
+		for _, p := range st.Pods {
+			c.programmed[types.UID(p.UID)] = true
+		}
+	}
+	c.mu.Unlock()
+	if c.hooks.OnSync != nil {
+		c.hooks.OnSync(res, resync, len(st.Pods), err)
+	}
+	if err == nil {
+		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
+			c.hooks.OnProgrammed(time.Since(pending))
+		}
+		select {
+		case c.annoKick <- struct{}{}:
+		default:
+		}
+	}
+	return err
+}
+
+// annotationLoop makes the redirection annotation follow what is
+// programmed: set once a pod's redirection is in the kernel, removed when it
+// leaves. It runs apart from the kernel loop so an API outage never delays it.
+func (c *Controller) annotationLoop(ctx context.Context) {
+	var retry <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-c.annoKick:
+		case <-retry:
+		}
+		retry = nil
+		if err := c.syncAnnotations(ctx); err != nil {
+			c.log.Info("annotation sync incomplete; will retry", zap.Error(err))
+			retry = time.After(time.Second)
+		}
+	}
+}
+
+func (c *Controller) syncAnnotations(ctx context.Context) error {
+	pods, err := c.pods.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	programmed := c.programmed
+	c.mu.Unlock()
+	var errs []error
+	for _, p := range pods {
+		cur := p.Annotations[RedirectionAnno]
+		want := programmed[p.UID]
+		var value any
+		switch {
+		case want && cur == "":
+			value = RedirectionEnabled
+		case !want && cur == RedirectionEnabled:
+			value = nil // JSON null removes the key
+		default:
+			continue // in place, or an opt-out ("disabled") we never touch
+		}
+		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{RedirectionAnno: value}}})
+		_, err := c.client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+		if err != nil && !apierrors.IsNotFound(err) {
+			errs = append(errs, fmt.Errorf("annotate %s/%s: %w", p.Namespace, p.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}

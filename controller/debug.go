@@ -1,0 +1,156 @@
+package controller
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+)
+
+// DataplaneInfo is what the debug server reads from the dataplane.
+type DataplaneInfo interface {
+	IPTablesBackend() (backend, reason string)
+	Tunnel() (typ dataplane.TunnelType, reason string, port int)
+	Diff(ctx context.Context, st dataplane.State) ([]string, error)
+}
+
+// DebugState is the body of /debug/state.
+type DebugState struct {
+	Config       map[string]any `json:"config"`
+	IPTables     map[string]any `json:"iptables"`
+	Tunnel       map[string]any `json:"tunnel"`
+	Ztunnel      *ZtunnelStatus `json:"ztunnel"`
+	Pods         []PodStatus    `json:"pods"`
+	Enrolled     int            `json:"enrolled"`
+	LastSync     *SyncStatus    `json:"lastSync"`
+	LastSuccess  time.Time      `json:"lastSuccess"`
+	DriftRepairs map[string]int `json:"driftRepairs"`
+	Ready        bool           `json:"ready"`
+	Converged    bool           `json:"converged"`
+	// Diff lists what differs between the desired and the actual kernel state.
+	Diff      []string `json:"diff"`
+	DiffError string   `json:"diffError,omitempty"`
+}
+
+// DebugServer serves /debug/state, /healthz, /readyz, /metrics and pprof.
+type DebugServer struct {
+	addr   string
+	ctl    *Controller
+	dp     func() DataplaneInfo
+	m      *Metrics
+	config map[string]any
+	log    *zap.Logger
+	// LiveTimeout is how long a queued change may wait before /healthz fails.
+	LiveTimeout time.Duration
+	srv         *http.Server
+}
+
+// NewDebugServer builds the server; dp returns nil until the dataplane exists.
+func NewDebugServer(addr string, ctl *Controller, dp func() DataplaneInfo, m *Metrics, config map[string]any, log *zap.Logger) *DebugServer {
+	s := &DebugServer{addr: addr, ctl: ctl, dp: dp, m: m, config: config, log: log, LiveTimeout: 60 * time.Second}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", s.healthz)
+	mux.HandleFunc("/readyz", s.readyz)
+	mux.HandleFunc("/debug/state", s.state)
+	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	s.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return s
+}
+
+// Start listens (failing at once if the address is taken) and serves until ctx ends.
+func (s *DebugServer) Start(ctx context.Context) error {
+	l, err := net.Listen("tcp", s.addr)
+	if err != nil {
+		return err
+	}
+	s.log.Info("debug server listening", zap.String("addr", l.Addr().String()))
+	go func() {
+		if err := s.srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("debug server", zap.Error(err))
+		}
+	}()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = s.srv.Shutdown(sctx)
+	}()
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+func (s *DebugServer) healthz(w http.ResponseWriter, _ *http.Request) {
+	st := s.ctl.Status()
+	body := map[string]any{"status": "ok", "lastSuccess": st.LastSuccess, "pendingSince": st.PendingSince, "timeout": s.LiveTimeout.String()}
+	if st.PendingSince != nil && time.Since(*st.PendingSince) > s.LiveTimeout {
+		body["status"] = "a queued change has waited longer than the timeout"
+		writeJSON(w, http.StatusServiceUnavailable, body)
+		return
+	}
+	writeJSON(w, http.StatusOK, body)
+}
+
+func (s *DebugServer) readyz(w http.ResponseWriter, _ *http.Request) {
+	st := s.ctl.Status()
+	body := map[string]any{"ready": st.FirstSyncDone, "cachesSynced": st.Synced, "lastSuccess": st.LastSuccess}
+	if !st.FirstSyncDone {
+		writeJSON(w, http.StatusServiceUnavailable, body)
+		return
+	}
+	writeJSON(w, http.StatusOK, body)
+}
+
+func (s *DebugServer) state(w http.ResponseWriter, r *http.Request) {
+	st := s.ctl.Status()
+	out := DebugState{
+		Config: s.config, Ztunnel: st.Ztunnel, Pods: st.Pods, LastSync: st.LastSync, LastSuccess: st.LastSuccess,
+		DriftRepairs: st.DriftRepairs, Ready: st.FirstSyncDone, Diff: []string{},
+	}
+	for _, p := range st.Pods {
+		if p.Enrolled {
+			out.Enrolled++
+		}
+	}
+	dp := s.dp()
+	if dp != nil {
+		b, why := dp.IPTablesBackend()
+		out.IPTables = map[string]any{"backend": b, "reason": why}
+		t, why, port := dp.Tunnel()
+		out.Tunnel = map[string]any{"type": t, "reason": why, "port": port}
+	}
+	desired := s.ctl.LastDesired()
+	switch {
+	case dp == nil || desired == nil:
+		out.DiffError = "no sync yet"
+	default:
+		diff, err := dp.Diff(r.Context(), *desired)
+		if err != nil {
+			out.DiffError = err.Error()
+		}
+		if diff != nil {
+			out.Diff = diff
+		}
+	}
+	out.Converged = out.Ready && out.DiffError == "" && len(out.Diff) == 0 && (st.LastSync == nil || st.LastSync.Error == "")
+	writeJSON(w, http.StatusOK, out)
+}
