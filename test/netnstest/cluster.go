@@ -44,7 +44,6 @@ type Cluster struct {
 
 	mu         sync.Mutex
 	created    []string // namespaces created, in order
-	closers    []func()
 	closeOnce  sync.Once
 	closeErr   error
 	lock       *os.File

@@ -1,0 +1,151 @@
+//go:build linux
+
+package cluster
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// proc is one child process started with `ip netns exec`. It leads its own
+// process group; only that group is ever signalled.
+type proc struct {
+	name    string
+	logPath string
+	cmd     *exec.Cmd
+	done    chan struct{}
+	waitErr error
+}
+
+// spawner starts every child from one goroutine locked to one OS thread that
+// never exits: Pdeathsig fires when the *thread* that forked the child exits,
+// so forking from an arbitrary (possibly short-lived, locked) thread could
+// kill a child early. With a permanent thread the children die exactly when
+// the test binary dies (timeout panic, SIGKILL) instead of leaking.
+var (
+	spawnOnce sync.Once
+	spawnCh   chan spawnReq
+)
+
+type spawnReq struct {
+	cmd *exec.Cmd
+	res chan error
+}
+
+func spawn(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnCh = make(chan spawnReq)
+		go func() {
+			runtime.LockOSThread() // never unlocked: the thread lives as long as the process
+			for r := range spawnCh {
+				r.res <- r.cmd.Start()
+			}
+		}()
+	})
+	r := spawnReq{cmd: cmd, res: make(chan error, 1)}
+	spawnCh <- r
+	return <-r.res
+}
+
+// startProc runs `ip netns exec ns argv...` with output appended to logPath.
+func startProc(name, ns, logPath string, argv []string) (*proc, error) {
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(f, "=== %s: ip netns exec %s %s\n", time.Now().Format(time.RFC3339Nano), ns, strings.Join(argv, " "))
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, argv...)...)
+	cmd.Stdout = f
+	cmd.Stderr = f
+	cmd.Env = childEnv()
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Setpgid:   true,
+		Pdeathsig: syscall.SIGKILL,
+	}
+	if err := spawn(cmd); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &proc{name: name, logPath: logPath, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		p.waitErr = cmd.Wait()
+		fmt.Fprintf(f, "=== %s: exited: %v\n", time.Now().Format(time.RFC3339Nano), p.waitErr)
+		f.Close()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// stop sends SIGTERM to the process group, then SIGKILL after grace, and
+// waits for the process to be reaped.
+func (p *proc) stop(grace time.Duration) error {
+	if p == nil || p.exited() {
+		return nil
+	}
+	pgid := p.cmd.Process.Pid // Setpgid: the group id is the child's pid
+	if err := syscall.Kill(-pgid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("SIGTERM %s (pgid %d): %w", p.name, pgid, err)
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(grace):
+	}
+	if err := syscall.Kill(-pgid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("SIGKILL %s (pgid %d): %w", p.name, pgid, err)
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("%s (pid %d) did not exit after SIGKILL", p.name, pgid)
+	}
+}
+
+// childEnv is the test's environment without proxy settings: the children
+// talk only to loopback and the test netns.
+func childEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		switch strings.ToUpper(k) {
+		case "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY":
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+// logTail returns the last n lines of a file, for failure messages.
+func logTail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(cannot read %s: %v)", path, err)
+	}
+	return tail(string(b), n)
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
