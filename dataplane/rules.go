@@ -79,6 +79,11 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		matchConnmark(m.Proxy) + " " + setMark(m.ProxyReturn),
 		matchMark(m.ProxyReturn) + " -j RETURN",
 	}
+	// TCP resets the node makes itself (REJECT; no socket) for an ambient
+	// pod go straight to it: through table 100 they would vanish into the
+	// tunnel, e.g. while fail-closed REJECTs and new pod routes overlap in a
+	// ztunnel switch, and the pod would wait for a SYN retransmit.
+	out = append(out, fmt.Sprintf("-p tcp -m owner ! --socket-exists -m set --match-set %s dst %s", set, setMark(m.ConnSkip)))
 	// Kubelet probes from HOSTIP are not captured, nor are the pod's replies.
 	// With no ztunnel there is no HOSTIP and all host-originated TCP to
 	// ambient pods goes directly, so probes keep working in either fail mode.

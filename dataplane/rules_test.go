@@ -44,6 +44,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210
 -A ztunnel-OUTPUT -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-OUTPUT -m mark --mark 0x40/0x40 -j RETURN
+-A ztunnel-OUTPUT -p tcp -m owner ! --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -s 10.244.1.1/32 -p tcp -m owner --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
 *nat
@@ -83,6 +84,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210
 -A ztunnel-OUTPUT -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-OUTPUT -m mark --mark 0x40/0x40 -j RETURN
+-A ztunnel-OUTPUT -p tcp -m owner ! --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -p tcp -m owner --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
 *nat

@@ -17,6 +17,8 @@ import (
 // TestAgent runs one agent per node on two nodes and walks the behaviours
 // of the controller in order; each step leaves the cluster as it found it.
 func TestAgent(t *testing.T) {
+	// Agents and ztunnels outlive the subtest that starts them: they take T.
+	T := t
 	e := newEnv(t, 2)
 	n1, n2 := e.nodes[0], e.nodes[1]
 	a1 := e.runPod(t, n1, ambientNS, "a1")
@@ -53,13 +55,22 @@ func TestAgent(t *testing.T) {
 			t.Fatalf("node2 members %v", m2)
 		}
 		dst := hostport(b1.ip, echoPort)
-		before := zt2.count(t, 15008, zt1.pod.ip, dst)
+		hbone := func() int {
+			n := 0
+			for _, r := range zt2.records_(t) {
+				if r.Listener == 15008 && r.Target == dst && strings.HasPrefix(r.HeaderClient, a1.ip+":") && r.DialError == "" {
+					n++
+				}
+			}
+			return n
+		}
+		before := hbone()
 		if err := captured(t, zt1, 15001, a1, b1); err != nil {
 			t.Fatal(err)
 		}
 		eventually(t, time.Second, func() error {
-			if zt2.count(t, 15008, zt1.pod.ip, dst) == before {
-				return fmt.Errorf("node2 ztunnel did not receive the HBONE leg: %+v", zt2.records_(t))
+			if hbone() == before {
+				return fmt.Errorf("node2 ztunnel did not deliver the HBONE leg: %+v", zt2.records_(t))
 			}
 			return nil
 		})
@@ -214,7 +225,7 @@ func TestAgent(t *testing.T) {
 		if err := ping(); err != nil {
 			t.Fatalf("connection broke while the agent was down: %v", err)
 		}
-		e.startAgent(t, n1)
+		e.startAgent(T, n1)
 		if err := ping(); err != nil {
 			t.Fatalf("connection broke across the restart: %v", err)
 		}
@@ -260,11 +271,11 @@ func TestAgent(t *testing.T) {
 				return fmt.Errorf("connected with no ztunnel (fail closed)")
 			}
 			if time.Since(start) > time.Second {
-				return fmt.Errorf("connect took %s to fail", time.Since(start))
+				return fmt.Errorf("connect took %s to fail: %v\n%s", time.Since(start), err, n1.agent.Log())
 			}
 			return nil
 		})
-		nz := e.startZtunnel(t, n1, "ztunnel-"+n1.Name+"-v2")
+		nz := e.startZtunnel(T, n1, "ztunnel-"+n1.Name+"-v2")
 		ready := time.Now()
 		var took time.Duration
 		eventually(t, 3*time.Second, func() error {
@@ -275,7 +286,7 @@ func TestAgent(t *testing.T) {
 			return nil
 		})
 		if took > time.Second {
-			t.Fatalf("new ztunnel captured after %s, want <= 1s", took)
+			t.Fatalf("new ztunnel captured after %s (ready at %s), want <= 1s\n%s", took, ready.Format(time.RFC3339Nano), n1.agent.Log())
 		}
 		t.Logf("switchover: first connection captured by the new ztunnel %s after it was Ready", took)
 		n1.zt, zt1 = nz, nz
@@ -283,7 +294,7 @@ func TestAgent(t *testing.T) {
 
 	t.Run("two Ready ztunnels: the newest wins", func(t *testing.T) {
 		time.Sleep(1100 * time.Millisecond) // creation timestamps have second resolution
-		surge := e.startZtunnel(t, n1, "ztunnel-"+n1.Name+"-surge")
+		surge := e.startZtunnel(T, n1, "ztunnel-"+n1.Name+"-surge")
 		eventually(t, 3*time.Second, func() error { return captured(t, surge, 15001, a1, a2) })
 		if st := e.state(t, n1); st.Ztunnel == nil || !strings.HasSuffix(st.Ztunnel.Pod, "-surge") {
 			t.Fatalf("active ztunnel %+v", st.Ztunnel)
