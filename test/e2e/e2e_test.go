@@ -296,9 +296,13 @@ func TestAgent(t *testing.T) {
 		time.Sleep(1100 * time.Millisecond) // creation timestamps have second resolution
 		surge := e.startZtunnel(T, n1, "ztunnel-"+n1.Name+"-surge")
 		eventually(t, 3*time.Second, func() error { return captured(t, surge, 15001, a1, a2) })
-		if st := e.state(t, n1); st.Ztunnel == nil || !strings.HasSuffix(st.Ztunnel.Pod, "-surge") {
-			t.Fatalf("active ztunnel %+v", st.Ztunnel)
-		}
+		// The status is recorded just after the kernel is programmed.
+		eventually(t, time.Second, func() error {
+			if st := e.state(t, n1); st.Ztunnel == nil || !strings.HasSuffix(st.Ztunnel.Pod, "-surge") {
+				return fmt.Errorf("active ztunnel %+v", st.Ztunnel)
+			}
+			return nil
+		})
 		e.deletePod(t, zt1.pod)
 		zt1.proc.Stop()
 		n1.zt, zt1 = surge, surge
