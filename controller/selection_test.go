@@ -60,7 +60,9 @@ func TestEnrolled(t *testing.T) {
 		{"opt-out label", pod(func(p *corev1.Pod) { p.Labels = map[string]string{DataplaneModeLabel: "none"} }), ambientNS, false, ReasonOptOutLabel},
 		{"opt-out annotation", pod(func(p *corev1.Pod) { p.Annotations = map[string]string{RedirectionAnno: "disabled"} }), ambientNS, false, ReasonOptOutAnnotation},
 		{"our own annotation does not opt out", pod(func(p *corev1.Pod) { p.Annotations = map[string]string{RedirectionAnno: "enabled"} }), ambientNS, true, ReasonEnrolledNamespace},
-		{"sidecar", pod(func(p *corev1.Pod) { p.Annotations = map[string]string{SidecarStatusAnno: `{"containers":["istio-proxy"]}`} }), ambientNS, false, ReasonSidecar},
+		{"sidecar", pod(func(p *corev1.Pod) {
+			p.Annotations = map[string]string{SidecarStatusAnno: `{"containers":["istio-proxy"]}`}
+		}), ambientNS, false, ReasonSidecar},
 	}
 	for _, c := range cases {
 		got, why := Enrolled(c.pod, c.ns, selOpts())
