@@ -104,10 +104,9 @@ type Controller struct {
 	newDP func(ctx context.Context) (Dataplane, error)
 	dp    Dataplane
 
-	factories []informers.SharedInformerFactory
-	pods      corelisters.PodLister
-	nss       corelisters.NamespaceLister
-	synced    []cache.InformerSynced
+	// inf is the current informer set; it is replaced after an API outage.
+	infMu sync.Mutex
+	inf   *informerSet
 
 	kick     chan struct{}
 	annoKick chan struct{}
@@ -133,14 +132,26 @@ func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context
 		programmed: map[types.UID]bool{},
 	}
 	c.status.DriftRepairs = map[string]int{}
-	node := cfg.Selection.NodeName
-	podFactory := informers.NewSharedInformerFactoryWithOptions(client, 0,
+	return c
+}
+
+// informerSet is one generation of informers and their listers.
+type informerSet struct {
+	factories []informers.SharedInformerFactory
+	pods      corelisters.PodLister
+	nss       corelisters.NamespaceLister
+	synced    []cache.InformerSynced
+	cancel    context.CancelFunc
+}
+
+func (c *Controller) newInformers(ctx context.Context) *informerSet {
+	node := c.cfg.Selection.NodeName
+	podFactory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "spec.nodeName=" + node }),
 		informers.WithTransform(stripManagedFields))
-	nsFactory := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithTransform(stripManagedFields))
+	nsFactory := informers.NewSharedInformerFactoryWithOptions(c.client, 0, informers.WithTransform(stripManagedFields))
 	podInf := podFactory.Core().V1().Pods()
 	nsInf := nsFactory.Core().V1().Namespaces()
-	c.pods, c.nss = podInf.Lister(), nsInf.Lister()
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.queue() },
 		UpdateFunc: func(old, cur any) { c.onUpdate(old, cur) },
@@ -148,9 +159,72 @@ func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context
 	}
 	_, _ = podInf.Informer().AddEventHandler(handler)
 	_, _ = nsInf.Informer().AddEventHandler(handler)
-	c.synced = []cache.InformerSynced{podInf.Informer().HasSynced, nsInf.Informer().HasSynced}
-	c.factories = []informers.SharedInformerFactory{podFactory, nsFactory}
-	return c
+	set := &informerSet{
+		factories: []informers.SharedInformerFactory{podFactory, nsFactory},
+		pods:      podInf.Lister(), nss: nsInf.Lister(),
+		synced: []cache.InformerSynced{podInf.Informer().HasSynced, nsInf.Informer().HasSynced},
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	set.cancel = func() {
+		cancel()
+		for _, f := range set.factories {
+			f.Shutdown()
+		}
+	}
+	for _, f := range set.factories {
+		f.Start(sctx.Done())
+	}
+	return set
+}
+
+func (c *Controller) listers() (corelisters.PodLister, corelisters.NamespaceLister) {
+	c.infMu.Lock()
+	defer c.infMu.Unlock()
+	return c.inf.pods, c.inf.nss
+}
+
+// watchAPI restarts the informers when the API server comes back from an
+// outage: client-go's reflectors back off up to 30s between attempts, and
+// the node must converge within seconds of the API's return. While the API
+// is down nothing changes: the caches (and the kernel) keep the last state.
+func (c *Controller) watchAPI(ctx context.Context) {
+	const every = time.Second
+	down := false
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, every)
+		err := c.client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(pctx).Error()
+		cancel()
+		switch {
+		case err != nil && !down:
+			down = true
+			c.log.Warn("API server unreachable; keeping the dataplane as it is", zap.Error(err))
+		case err == nil && down:
+			down = false
+			c.log.Info("API server is back; re-listing")
+			set := c.newInformers(ctx)
+			sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			ok := cache.WaitForCacheSync(sctx.Done(), set.synced...)
+			cancel()
+			if !ok {
+				set.cancel()
+				down = true // try again on the next tick
+				continue
+			}
+			c.infMu.Lock()
+			old := c.inf
+			c.inf = set
+			c.infMu.Unlock()
+			go old.cancel()
+			c.queue()
+		}
+	}
 }
 
 // stripManagedFields drops what we never read, to keep the caches small.
@@ -211,16 +285,14 @@ func (c *Controller) LastDesired() *dataplane.State {
 // Run syncs until ctx ends. It returns after the loop stopped; the kernel
 // state is left in place on purpose (see cmd).
 func (c *Controller) Run(ctx context.Context) error {
-	for _, f := range c.factories {
-		f.Start(ctx.Done())
-	}
+	c.inf = c.newInformers(ctx)
 	defer func() {
-		for _, f := range c.factories {
-			f.Shutdown()
-		}
+		c.infMu.Lock()
+		defer c.infMu.Unlock()
+		c.inf.cancel()
 	}()
 	c.log.Info("waiting for caches to sync")
-	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
+	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
 		return errors.New("caches did not sync before shutdown")
 	}
 	c.mu.Lock()
@@ -233,6 +305,7 @@ func (c *Controller) Run(ctx context.Context) error {
 	}
 	c.dp = dp
 	go c.annotationLoop(ctx)
+	go c.watchAPI(ctx)
 
 	resync := time.NewTicker(c.cfg.ResyncPeriod)
 	defer resync.Stop()
@@ -264,7 +337,8 @@ func (c *Controller) Run(ctx context.Context) error {
 
 // desired builds the desired state from the caches.
 func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, error) {
-	pods, err := c.pods.List(labels.Everything())
+	podLister, nsLister := c.listers()
+	pods, err := podLister.List(labels.Everything())
 	if err != nil {
 		return dataplane.State{}, nil, nil, err
 	}
@@ -274,7 +348,7 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 	var st dataplane.State
 	var statuses []PodStatus
 	for _, p := range pods {
-		ns, _ := c.nss.Get(p.Namespace)
+		ns, _ := nsLister.Get(p.Namespace)
 		ok, why := Enrolled(p, ns, c.cfg.Selection)
 		ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[RedirectionAnno]}
 		ips := PodIPs(p)
@@ -412,7 +486,8 @@ func (c *Controller) annotationLoop(ctx context.Context) {
 }
 
 func (c *Controller) syncAnnotations(ctx context.Context) error {
-	pods, err := c.pods.List(labels.Everything())
+	podLister, _ := c.listers()
+	pods, err := podLister.List(labels.Everything())
 	if err != nil {
 		return err
 	}
