@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 )
 
@@ -20,11 +21,11 @@ import (
 // /metrics, the status command, and the manifests against a real API server.
 func TestOperations(t *testing.T) {
 	T := t // the agent outlives the subtest that starts it
-	e := newEnv(t, 1)
-	n := e.nodes[0]
-	a1 := e.runPod(t, n, ambientNS, "a1")
-	a2 := e.runPod(t, n, ambientNS, "a2")
-	skipped := e.runPod(t, n, ambientNS, "skipped", withLabels(controller.DataplaneModeLabel, controller.DataplaneModeNone))
+	e := harness.New(t, 1, bins)
+	n := e.Nodes[0]
+	a1 := e.RunPod(t, n, harness.AmbientNS, "a1")
+	a2 := e.RunPod(t, n, harness.AmbientNS, "a2")
+	skipped := e.RunPod(t, n, harness.AmbientNS, "skipped", harness.WithLabels(controller.DataplaneModeLabel, controller.DataplaneModeNone))
 
 	t.Run("manifests pass server-side dry run", func(t *testing.T) {
 		dir := t.TempDir()
@@ -44,18 +45,18 @@ func TestOperations(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err := e.cp.ApplyManifestsDryRun(t, dir); err != nil {
+		if err := e.CP.ApplyManifestsDryRun(t, dir); err != nil {
 			t.Fatalf("server-side dry run: %v", err)
 		}
 	})
 
 	t.Run("readyz is 503 until the first sync, then 200", func(t *testing.T) {
-		e.cp.StopAPIServer(t)
-		args := []string{agentBin, "run", "--node-name", n.Name, "--kubeconfig", e.kc, "--netns-dir", e.nsDir,
-			"--resync-period", "1h", "--debug-addr", debugAddr}
-		n.agent = netnstest.Start(T, n.NS, args...)
-		eventually(t, 10*time.Second, func() error {
-			code, body, err := e.get(n, "/readyz")
+		e.CP.StopAPIServer(t)
+		args := []string{bins.Agent, "run", "--node-name", n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir,
+			"--resync-period", "1h", "--debug-addr", harness.DebugAddr}
+		n.Agent = netnstest.Start(T, n.NS, args...)
+		harness.Eventually(t, 10*time.Second, func() error {
+			code, body, err := e.Get(n, "/readyz")
 			if err != nil {
 				return err
 			}
@@ -64,15 +65,15 @@ func TestOperations(t *testing.T) {
 			}
 			return nil
 		})
-		if code, _, _ := e.get(n, "/healthz"); code != 200 {
+		if code, _, _ := e.Get(n, "/healthz"); code != 200 {
 			t.Fatalf("healthz %d while waiting for the API", code)
 		}
-		if members(t, n)[a1.ip] {
+		if harness.Members(t, n)[a1.IP] {
 			t.Fatal("kernel written before caches synced")
 		}
-		e.cp.StartAPIServer(t)
-		eventually(t, 10*time.Second, func() error {
-			if code, body, err := e.get(n, "/readyz"); err != nil || code != 200 {
+		e.CP.StartAPIServer(t)
+		harness.Eventually(t, 10*time.Second, func() error {
+			if code, body, err := e.Get(n, "/readyz"); err != nil || code != 200 {
 				return fmt.Errorf("readyz %d %v %s", code, err, body)
 			}
 			return nil
@@ -80,31 +81,31 @@ func TestOperations(t *testing.T) {
 	})
 
 	t.Run("debug state: converged, with reasons", func(t *testing.T) {
-		eventually(t, 5*time.Second, func() error {
-			if st := e.state(t, n); !st.Converged || st.Enrolled != 2 {
+		harness.Eventually(t, 5*time.Second, func() error {
+			if st := e.State(t, n); !st.Converged || st.Enrolled != 2 {
 				return fmt.Errorf("converged=%v enrolled=%d diff=%v", st.Converged, st.Enrolled, st.Diff)
 			}
 			return nil
 		})
-		st := e.state(t, n)
+		st := e.State(t, n)
 		reasons := map[string]string{}
 		for _, p := range st.Pods {
 			reasons[p.Name] = p.Reason
 		}
-		if reasons[skipped.obj.Name] != controller.ReasonOptOutLabel || reasons[a1.obj.Name] != controller.ReasonEnrolledNamespace {
+		if reasons[skipped.Obj.Name] != controller.ReasonOptOutLabel || reasons[a1.Obj.Name] != controller.ReasonEnrolledNamespace {
 			t.Fatalf("reasons: %v", reasons)
 		}
 		if st.Tunnel["type"] != "vxlan" || st.IPTables["backend"] == "" || st.Ztunnel == nil || st.Ztunnel.NetNS == "" || st.Config["failMode"] != "closed" {
 			t.Fatalf("state: tunnel %v iptables %v ztunnel %+v config %v", st.Tunnel, st.IPTables, st.Ztunnel, st.Config)
 		}
-		out, err := netnstest.ExecErr(n.NS, agentBin, "status", "--debug-addr", debugAddr, "-v")
+		out, err := netnstest.ExecErr(n.NS, bins.Agent, "status", "--debug-addr", harness.DebugAddr, "-v")
 		if err != nil || !strings.Contains(out, "converged") || !strings.Contains(out, controller.ReasonOptOutLabel) {
 			t.Fatalf("status: %v\n%s", err, out)
 		}
 	})
 
 	t.Run("metrics parse; the enrolled gauge equals the enrolled pods", func(t *testing.T) {
-		_, body, err := e.get(n, "/metrics")
+		_, body, err := e.Get(n, "/metrics")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -129,30 +130,30 @@ func TestOperations(t *testing.T) {
 				t.Errorf("metric %s missing", name)
 			}
 		}
-		if code, _, _ := e.get(n, "/debug/pprof/"); code != 200 {
+		if code, _, _ := e.Get(n, "/debug/pprof/"); code != 200 {
 			t.Errorf("pprof %d", code)
 		}
 	})
 
 	t.Run("a route deleted by hand shows as a difference until repaired; status exits non-zero", func(t *testing.T) {
-		netnstest.Exec(t, n.NS, "ip", "route", "del", a2.ip+"/32", "table", "100")
-		st := e.state(t, n)
-		if st.Converged || !strings.Contains(strings.Join(st.Diff, "\n"), a2.ip+"/32") {
+		netnstest.Exec(t, n.NS, "ip", "route", "del", a2.IP+"/32", "table", "100")
+		st := e.State(t, n)
+		if st.Converged || !strings.Contains(strings.Join(st.Diff, "\n"), a2.IP+"/32") {
 			t.Fatalf("deleted route not reported: converged=%v diff=%v", st.Converged, st.Diff)
 		}
-		out, err := netnstest.ExecErr(n.NS, agentBin, "status", "--debug-addr", debugAddr)
-		if err == nil || !strings.Contains(out, "NOT converged") || !strings.Contains(out, a2.ip+"/32") {
+		out, err := netnstest.ExecErr(n.NS, bins.Agent, "status", "--debug-addr", harness.DebugAddr)
+		if err == nil || !strings.Contains(out, "NOT converged") || !strings.Contains(out, a2.IP+"/32") {
 			t.Fatalf("status must fail and name the route: %v\n%s", err, out)
 		}
 		// Any event repairs it (the resync period is 1h here).
-		e.runPod(t, n, plainNS, "nudge")
-		eventually(t, 5*time.Second, func() error {
-			if !hasRoute(t, n, a2.ip) || !e.state(t, n).Converged {
+		e.RunPod(t, n, harness.PlainNS, "nudge")
+		harness.Eventually(t, 5*time.Second, func() error {
+			if !harness.HasRoute(t, n, a2.IP) || !e.State(t, n).Converged {
 				return fmt.Errorf("not repaired")
 			}
 			return nil
 		})
-		if _, err := netnstest.ExecErr(n.NS, agentBin, "status", "--debug-addr", debugAddr); err != nil {
+		if _, err := netnstest.ExecErr(n.NS, bins.Agent, "status", "--debug-addr", harness.DebugAddr); err != nil {
 			t.Fatalf("status after repair: %v", err)
 		}
 	})

@@ -1,0 +1,488 @@
+// Package harness runs the real ambient-redirect binary in ptp-shaped node
+// network namespaces against a real etcd + kube-apiserver, under the RBAC of
+// manifests/. It plays kubelet (pod objects and status) and the CNI (pod
+// network namespaces), and runs the test ztunnel. Used by the e2e tests and
+// the node-scale benchmarks.
+package harness
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/test/cluster"
+	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
+)
+
+// Binaries are the agent and the test ztunnel, built once per test binary.
+type Binaries struct{ Agent, Ztunnel string }
+
+// Build compiles both binaries into dir; repo is the module root.
+func Build(repo, dir string) (Binaries, error) {
+	b := Binaries{Agent: filepath.Join(dir, "ambient-redirect"), Ztunnel: filepath.Join(dir, "test-ztunnel")}
+	for bin, pkg := range map[string]string{b.Agent: "./cmd/ambient-redirect", b.Ztunnel: "./test/ztunnel"} {
+		cmd := exec.Command("go", "build", "-o", bin, pkg)
+		cmd.Dir = repo
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return b, fmt.Errorf("build %s: %v\n%s", pkg, err, out)
+		}
+	}
+	return b, nil
+}
+
+// Addresses and names of the test cluster.
+const (
+	APIIP     = "172.18.0.1" // the API server, on the underlay bridge
+	DebugAddr = "127.0.0.1:15099"
+	EchoPort  = 8080
+	AmbientNS = "apps" // labelled istio.io/dataplane-mode=ambient
+	PlainNS   = "plain"
+	ZtunnelNS = "istio-system"
+)
+
+// Env is a cluster of nodes, a control plane and a ztunnel per node.
+type Env struct {
+	T      testing.TB
+	C      *netnstest.Cluster
+	CP     *cluster.ControlPlane
+	Client kubernetes.Interface
+	// KC is the agent's kubeconfig (its ServiceAccount's token).
+	KC string
+	// NSDir is the agents' --netns-dir: links to this env's namespaces only.
+	NSDir string
+	Nodes []*Node
+	Bins  Binaries
+}
+
+// Node is a node with its agent (when running) and active ztunnel.
+type Node struct {
+	*netnstest.Node
+	Agent *netnstest.Proc
+	ZT    *Ztunnel
+}
+
+// Pod is a pod object and (unless hostNetwork) its network namespace.
+type Pod struct {
+	Node *Node
+	Net  *netnstest.Pod
+	Obj  *corev1.Pod
+	IP   string
+}
+
+func ctx() context.Context { return context.Background() }
+
+// New builds nodes, a control plane on the underlay bridge, the agent's
+// RBAC from manifests/, and a ztunnel per node. Agents are not started.
+func New(t testing.TB, nodes int, bins Binaries) *Env {
+	t.Helper()
+	netnstest.RequireRoot(t)
+	c := netnstest.NewCluster(t, nodes)
+	netnstest.Exec(t, c.UnderlayNS, "ip", "addr", "add", APIIP+"/16", "dev", netnstest.UnderlayBridge)
+	cp := cluster.Start(t, c.UnderlayNS, APIIP)
+	e := &Env{T: t, C: c, CP: cp, Client: cp.AdminClient(), NSDir: t.TempDir(), Bins: bins}
+	for _, ns := range c.Namespaces() {
+		e.Link(ns)
+	}
+	// The agent runs under exactly the RBAC of manifests/.
+	dir := t.TempDir()
+	for _, f := range []string{"serviceaccount.yaml", "rbac.yaml"} {
+		b, err := os.ReadFile(filepath.Join("../../manifests", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cp.ApplyManifests(t, dir); err != nil {
+		t.Fatalf("apply manifests: %v", err)
+	}
+	e.KC = cp.Kubeconfig(t, cp.ServiceAccountToken(t, "kube-system", "ambient-redirect"))
+	for _, name := range []string{AmbientNS, PlainNS, ZtunnelNS, "other"} {
+		if _, err := e.Client.CoreV1().Namespaces().Create(ctx(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			t.Fatal(err)
+		}
+	}
+	e.LabelNamespace(t, AmbientNS, true)
+	for _, n := range c.Nodes {
+		en := &Node{Node: n}
+		e.Nodes = append(e.Nodes, en)
+	}
+	for _, en := range e.Nodes {
+		en.ZT = e.StartZtunnel(t, en, "ztunnel-"+en.Name)
+	}
+	return e
+}
+
+// Link exposes a namespace in the agents' --netns-dir.
+func (e *Env) Link(ns string) {
+	if err := os.Symlink(netnstest.NsPath(ns), filepath.Join(e.NSDir, ns)); err != nil && !os.IsExist(err) {
+		e.T.Fatal(err)
+	}
+}
+
+func (e *Env) LabelNamespace(t testing.TB, name string, ambient bool) {
+	t.Helper()
+	ns, err := e.Client.CoreV1().Namespaces().Get(ctx(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ns.Labels == nil {
+		ns.Labels = map[string]string{}
+	}
+	if ambient {
+		ns.Labels[controller.DataplaneModeLabel] = controller.DataplaneModeAmbient
+	} else {
+		delete(ns.Labels, controller.DataplaneModeLabel)
+	}
+	if _, err := e.Client.CoreV1().Namespaces().Update(ctx(), ns, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (e *Env) StartAgent(t testing.TB, n *Node, extra ...string) {
+	t.Helper()
+	args := append([]string{e.Bins.Agent, "run", "--node-name", n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir,
+		"--resync-period", "2s", "--debug-addr", DebugAddr}, extra...)
+	n.Agent = netnstest.Start(t, n.NS, args...)
+	Eventually(t, 30*time.Second, func() error {
+		code, body, err := e.Get(n, "/readyz")
+		if err != nil || code != 200 {
+			return fmt.Errorf("readyz %d %s %v\n%s", code, body, err, n.Agent.Log())
+		}
+		return nil
+	})
+}
+
+func (e *Env) StopAgent(n *Node) {
+	if n.Agent != nil {
+		n.Agent.Stop()
+		n.Agent = nil
+	}
+}
+
+// Get fetches a debug URL of a node's agent from inside the node netns.
+func (e *Env) Get(n *Node, path string) (int, string, error) {
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: func(_ context.Context, network, addr string) (net.Conn, error) {
+			return netnstest.Dial(n.NS, network, addr, 2*time.Second)
+		},
+	}}
+	resp, err := c.Get("http://" + DebugAddr + path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+func (e *Env) State(t testing.TB, n *Node) controller.DebugState {
+	t.Helper()
+	code, body, err := e.Get(n, "/debug/state")
+	if err != nil || code != 200 {
+		t.Fatalf("/debug/state: %d %v %s", code, err, body)
+	}
+	var st controller.DebugState
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		t.Fatalf("/debug/state: %v\n%s", err, body)
+	}
+	return st
+}
+
+// KernelWrites sums ambient_redirect_kernel_writes_total from /metrics.
+func (e *Env) KernelWrites(t testing.TB, n *Node) int {
+	t.Helper()
+	code, body, err := e.Get(n, "/metrics")
+	if err != nil || code != 200 {
+		t.Fatalf("/metrics: %d %v", code, err)
+	}
+	total := 0.0
+	for _, l := range strings.Split(body, "\n") {
+		if strings.HasPrefix(l, "ambient_redirect_kernel_writes_total{") {
+			var v float64
+			fmt.Sscanf(l[strings.LastIndex(l, " ")+1:], "%g", &v)
+			total += v
+		}
+	}
+	return int(total)
+}
+
+type PodOpt func(*corev1.Pod)
+
+func WithLabels(kv ...string) PodOpt {
+	return func(p *corev1.Pod) {
+		if p.Labels == nil {
+			p.Labels = map[string]string{}
+		}
+		for i := 0; i+1 < len(kv); i += 2 {
+			p.Labels[kv[i]] = kv[i+1]
+		}
+	}
+}
+
+func WithAnnotations(kv ...string) PodOpt {
+	return func(p *corev1.Pod) {
+		if p.Annotations == nil {
+			p.Annotations = map[string]string{}
+		}
+		for i := 0; i+1 < len(kv); i += 2 {
+			p.Annotations[kv[i]] = kv[i+1]
+		}
+	}
+}
+
+func HostNetwork(p *corev1.Pod) { p.Spec.HostNetwork = true }
+
+// RunPod plays CNI and kubelet: a pod netns (unless HostNetwork), the pod
+// object bound to the node, then its status with IP, Running and Ready.
+func (e *Env) RunPod(t testing.TB, n *Node, namespace, name string, opts ...PodOpt) *Pod {
+	t.Helper()
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
+		Spec:       corev1.PodSpec{NodeName: n.Name, Containers: []corev1.Container{{Name: "c", Image: "x"}}},
+	}
+	for _, o := range opts {
+		o(p)
+	}
+	kp := &Pod{Node: n}
+	if p.Spec.HostNetwork {
+		kp.IP = n.IP.String()
+	} else {
+		kp.Net = n.AddPod(t, strings.ReplaceAll(namespace+"-"+name, "istio-system", "is"))
+		kp.IP = kp.Net.IP.String()
+		e.Link(kp.Net.NS)
+	}
+	created, err := e.Client.CoreV1().Pods(namespace).Create(ctx(), p, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := metav1.Now()
+	created.Status = corev1.PodStatus{
+		Phase: corev1.PodRunning, PodIP: kp.IP, PodIPs: []corev1.PodIP{{IP: kp.IP}}, StartTime: &now,
+		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now}},
+	}
+	kp.Obj, err = e.Client.CoreV1().Pods(namespace).UpdateStatus(ctx(), created, metav1.UpdateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kp.Net != nil {
+		netnstest.EchoServer(t, kp.Net.NS, net.JoinHostPort(kp.IP, fmt.Sprint(EchoPort)))
+	}
+	return kp
+}
+
+func (e *Env) DeletePod(t testing.TB, p *Pod) {
+	t.Helper()
+	zero := int64(0)
+	if err := e.Client.CoreV1().Pods(p.Obj.Namespace).Delete(ctx(), p.Obj.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil && !apierrors.IsNotFound(err) {
+		t.Fatal(err)
+	}
+	if p.Net != nil {
+		p.Net.Delete(t)
+	}
+}
+
+func (e *Env) Annotation(t testing.TB, p *Pod) string {
+	t.Helper()
+	obj, err := e.Client.CoreV1().Pods(p.Obj.Namespace).Get(ctx(), p.Obj.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return obj.Annotations[controller.RedirectionAnno]
+}
+
+// Members lists the node's ipset members.
+func Members(t testing.TB, n *Node) map[string]bool {
+	t.Helper()
+	out, err := netnstest.ExecErr(n.NS, "ipset", "list", "ztunnel-pods-ips")
+	if err != nil {
+		return map[string]bool{}
+	}
+	m := map[string]bool{}
+	inMembers := false
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "Members:") {
+			inMembers = true
+			continue
+		}
+		if inMembers && strings.TrimSpace(l) != "" {
+			m[strings.Fields(l)[0]] = true
+		}
+	}
+	return m
+}
+
+func HasRoute(t testing.TB, n *Node, ip string) bool {
+	t.Helper()
+	out, _ := netnstest.ExecErr(n.NS, "ip", "route", "show", "table", "100", ip+"/32")
+	return strings.TrimSpace(out) != ""
+}
+
+func Eventually(t testing.TB, timeout time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %v", timeout, err)
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+}
+
+// ztunnel is a running test ztunnel and its pod.
+type Ztunnel struct {
+	Pod         *Pod
+	Proc        *netnstest.Proc
+	RecordsPath string
+}
+
+func (e *Env) StartZtunnel(t testing.TB, n *Node, name string) *Ztunnel {
+	t.Helper()
+	var cidrs []string
+	for _, o := range e.C.Nodes {
+		if o.Name != n.Name {
+			cidrs = append(cidrs, o.PodCIDR.String())
+		}
+	}
+	z := &Ztunnel{}
+	z.Pod = e.RunPod(t, n, ZtunnelNS, name, WithLabels("app", "ztunnel"))
+	dir := t.TempDir()
+	z.RecordsPath = filepath.Join(dir, "records.jsonl")
+	ready := filepath.Join(dir, "ready")
+	z.Proc = netnstest.Start(t, z.Pod.Net.NS, e.Bins.Ztunnel, "--record-file", z.RecordsPath, "--ready-file", ready, "--hbone-cidrs", strings.Join(cidrs, ","))
+	Eventually(t, 10*time.Second, func() error {
+		_, err := os.Stat(ready)
+		return err
+	})
+	return z
+}
+
+type Record struct {
+	Listener     int    `json:"listener"`
+	Client       string `json:"client"`
+	OrigDst      string `json:"orig_dst"`
+	Target       string `json:"target"`
+	HeaderClient string `json:"header_client"`
+	DialError    string `json:"dial_error"`
+}
+
+func (z *Ztunnel) Records(t testing.TB) []Record {
+	f, err := os.Open(z.RecordsPath)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var out []Record
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var r Record
+		if json.Unmarshal(sc.Bytes(), &r) == nil {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// Count is how many connections from client IP to dst z recorded at listener.
+func (z *Ztunnel) Count(t testing.TB, listener int, client, dst string) int {
+	n := 0
+	for _, r := range z.Records(t) {
+		if r.Listener == listener && strings.HasPrefix(r.Client, client+":") && r.OrigDst == dst {
+			n++
+		}
+	}
+	return n
+}
+
+func Hostport(ip string, port int) string { return net.JoinHostPort(ip, fmt.Sprint(port)) }
+
+// RoundTrip sends bytes from a pod to dst and wants them echoed back.
+func RoundTrip(from *Pod, dst string) error {
+	p := []byte(strings.Repeat("ambient-redirect e2e ", 500))
+	got, err := netnstest.RoundTrip(from.Net.NS, dst, p, 3*time.Second)
+	if err != nil {
+		return err
+	}
+	if string(got) != string(p) {
+		return fmt.Errorf("echo mismatch: %d bytes back, want %d", len(got), len(p))
+	}
+	return nil
+}
+
+// Captured proves from -> to:echo round-trips and is seen by z at listener.
+func Captured(t testing.TB, z *Ztunnel, listener int, from, to *Pod) error {
+	dst := Hostport(to.IP, EchoPort)
+	before := z.Count(t, listener, from.IP, dst)
+	if err := RoundTrip(from, dst); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Second)
+	for z.Count(t, listener, from.IP, dst) == before {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s -> %s not recorded at %d", from.IP, dst, listener)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
+}
+
+// Direct proves from -> to:echo round-trips and no ztunnel of zs saw it.
+func Direct(t testing.TB, from, to *Pod, zs ...*Ztunnel) error {
+	dst := Hostport(to.IP, EchoPort)
+	total := func() int {
+		n := 0
+		for _, z := range zs {
+			for _, l := range []int{15001, 15006, 15008} {
+				n += z.Count(t, l, from.IP, dst)
+			}
+		}
+		return n
+	}
+	before := total()
+	if err := RoundTrip(from, dst); err != nil {
+		return err
+	}
+	time.Sleep(50 * time.Millisecond)
+	if total() != before {
+		return fmt.Errorf("%s -> %s was captured", from.IP, dst)
+	}
+	return nil
+}
+
+// RunPodObject creates a pod object for an existing netns pod.
+func (e *Env) RunPodObject(t testing.TB, n *Node, namespace, name, ip string) *corev1.Pod {
+	t.Helper()
+	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
+		Spec: corev1.PodSpec{NodeName: n.Name, Containers: []corev1.Container{{Name: "c", Image: "x"}}}}
+	created, err := e.Client.CoreV1().Pods(namespace).Create(ctx(), p, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	created.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}}
+	out, err := e.Client.CoreV1().Pods(namespace).UpdateStatus(ctx(), created, metav1.UpdateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
