@@ -1123,14 +1123,27 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 	return *w.res, err
 }
 
-// ztunnelNamespaces lists the namespaces under NetNSDir that hold one of our
-// ztunnel-side links, plus the last one applied.
+// ztunnelNamespaces lists the namespaces under NetNSDir that are pods of
+// this node (a veth here has its peer there) and hold one of our
+// ztunnel-side links, plus the last one applied. Pods of other nodes sharing
+// the directory (several nodes on one host) are never touched.
 func (d *Dataplane) ztunnelNamespaces() []string {
 	set := map[string]bool{}
 	if d.lastZtNS != "" {
 		set[d.lastZtNS] = true
 	}
+	peers := map[int]bool{}
+	if links, err := d.node.NL.LinkList(); err == nil {
+		for _, l := range links {
+			if l.Type() == "veth" && l.Attrs().NetNsID >= 0 {
+				peers[l.Attrs().NetNsID] = true
+			}
+		}
+	}
 	for _, p := range listNetNSDir(d.cfg.NetNSDir) {
+		if id := nsID(d.node.NL, p); id < 0 || !peers[id] {
+			continue
+		}
 		k, err := d.openNS(p)
 		if err != nil {
 			continue

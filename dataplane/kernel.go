@@ -185,17 +185,25 @@ func FindPeerNetNS(nl Netlink, hostVeth, dir string) (string, error) {
 		return "", fmt.Errorf("veth %s has no peer in another netns", hostVeth)
 	}
 	for _, p := range listNetNSDir(dir) {
-		fd, err := unix.Open(p, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			continue
-		}
-		id, err := nl.GetNetNsIdByFd(fd)
-		_ = unix.Close(fd)
-		if err == nil && id == want {
+		if nsID(nl, p) == want {
 			return p, nil
 		}
 	}
 	return "", fmt.Errorf("no netns under %s has id %d (peer of %s)", dir, want, hostVeth)
+}
+
+// nsID is the id the namespace at path has in nl's namespace, or -1.
+func nsID(nl Netlink, path string) int {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1
+	}
+	defer unix.Close(fd)
+	id, err := nl.GetNetNsIdByFd(fd)
+	if err != nil {
+		return -1
+	}
+	return id
 }
 
 // LocateZtunnel finds the host veth of the pod with address ip (the device

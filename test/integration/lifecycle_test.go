@@ -312,3 +312,27 @@ func TestIPForwardOffIsAnError(t *testing.T) {
 		t.Fatalf("apply with ip_forward=0 wrote:\n%s", lineDiff(before, after))
 	}
 }
+
+// Several nodes on one host share /var/run/netns: cleanup of one node must
+// leave the other node's ztunnel netns alone.
+func TestCleanupTouchesOnlyItsNode(t *testing.T) {
+	_, nodes := cluster(t, 2, 2, 0)
+	zs := map[*node]*ztunnel{}
+	for _, n := range nodes {
+		zs[n] = startZtunnel(t, n.zt)
+		n.dp = newDataplane(t, n, nil)
+		for _, p := range n.ambient {
+			netnstest.EchoServer(t, p.NS, ipPort(p.IP, echoPort))
+		}
+		apply(t, n, n.state(true))
+	}
+	if _, err := nodes[0].dp.Cleanup(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	requireCaptured(t, nodes[1], zs[nodes[1]])
+	n2 := nodes[1]
+	n2.dp.QueueResync()
+	if res := apply(t, n2, n2.state(true)); res.TotalWrites() != 0 {
+		t.Fatalf("node1's cleanup changed node2: %v", res.Changes)
+	}
+}
