@@ -52,9 +52,7 @@ func TestOperations(t *testing.T) {
 
 	t.Run("readyz is 503 until the first sync, then 200", func(t *testing.T) {
 		e.CP.StopAPIServer(t)
-		args := []string{bins.Agent, "run", "--node-name", n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir,
-			"--resync-period", "1h", "--debug-addr", harness.DebugAddr}
-		n.Agent = netnstest.Start(T, n.NS, args...)
+		e.LaunchAgent(T, n, "--resync-period", "1h")
 		harness.Eventually(t, 10*time.Second, func() error {
 			code, body, err := e.Get(n, "/readyz")
 			if err != nil {

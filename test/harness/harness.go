@@ -68,6 +68,8 @@ type Env struct {
 	NSDir string
 	Nodes []*Node
 	Bins  Binaries
+	// AgentEnv are extra VAR=value settings for agents started after it is set.
+	AgentEnv []string
 }
 
 // Node is a node with its agent (when running) and active ztunnel.
@@ -158,9 +160,7 @@ func (e *Env) LabelNamespace(t testing.TB, name string, ambient bool) {
 
 func (e *Env) StartAgent(t testing.TB, n *Node, extra ...string) {
 	t.Helper()
-	args := append([]string{e.Bins.Agent, "run", "--node-name", n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir,
-		"--resync-period", "2s", "--debug-addr", DebugAddr}, extra...)
-	n.Agent = netnstest.Start(t, n.NS, args...)
+	e.LaunchAgent(t, n, extra...)
 	Eventually(t, 30*time.Second, func() error {
 		code, body, err := e.Get(n, "/readyz")
 		if err != nil || code != 200 {
@@ -168,6 +168,18 @@ func (e *Env) StartAgent(t testing.TB, n *Node, extra ...string) {
 		}
 		return nil
 	})
+}
+
+// LaunchAgent starts the agent on n (resync 2s unless extra overrides it)
+// without waiting for it.
+func (e *Env) LaunchAgent(t testing.TB, n *Node, extra ...string) {
+	t.Helper()
+	args := append([]string{e.Bins.Agent, "run", "--node-name", n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir,
+		"--resync-period", "2s", "--debug-addr", DebugAddr}, extra...)
+	if len(e.AgentEnv) > 0 {
+		args = append(append([]string{"env"}, e.AgentEnv...), args...)
+	}
+	n.Agent = netnstest.Start(t, n.NS, args...)
 }
 
 func (e *Env) StopAgent(n *Node) {
