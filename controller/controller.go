@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -148,7 +149,7 @@ func (c *Controller) newInformers(ctx context.Context) *informerSet {
 	node := c.cfg.Selection.NodeName
 	podFactory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "spec.nodeName=" + node }),
-		informers.WithTransform(stripManagedFields))
+		informers.WithTransform(minimalPod))
 	nsFactory := informers.NewSharedInformerFactoryWithOptions(c.client, 0, informers.WithTransform(stripManagedFields))
 	podInf := podFactory.Core().V1().Pods()
 	nsInf := nsFactory.Core().V1().Namespaces()
@@ -235,12 +236,51 @@ func stripManagedFields(obj any) (any, error) {
 	return obj, nil
 }
 
+// minimalPod keeps only the fields selection, ztunnel choice and
+// annotations read: a node's pod cache then costs a few hundred bytes a pod
+// instead of the whole spec and status.
+func minimalPod(obj any) (any, error) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return stripManagedFields(obj)
+	}
+	keep := map[string]string{}
+	for _, k := range []string{RedirectionAnno, SidecarStatusAnno} {
+		if v, ok := p.Annotations[k]; ok {
+			if k == SidecarStatusAnno && v != "" {
+				v = "present" // only its presence matters; the value can be large
+			}
+			keep[k] = v
+		}
+	}
+	var conds []corev1.PodCondition
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			conds = append(conds, corev1.PodCondition{Type: c.Type, Status: c.Status})
+		}
+	}
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: p.Name, Namespace: p.Namespace, UID: p.UID, ResourceVersion: p.ResourceVersion,
+			Labels: p.Labels, Annotations: keep, CreationTimestamp: p.CreationTimestamp, DeletionTimestamp: p.DeletionTimestamp,
+		},
+		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork},
+		Status: corev1.PodStatus{
+			Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs,
+			Conditions: conds, StartTime: p.Status.StartTime,
+		},
+	}, nil
+}
+
 // onUpdate ignores periodic relists that change nothing.
 func (c *Controller) onUpdate(old, cur any) {
 	o, ok1 := old.(metav1.Object)
 	n, ok2 := cur.(metav1.Object)
 	if ok1 && ok2 && o.GetResourceVersion() == n.GetResourceVersion() {
 		return
+	}
+	if ok2 && c.log.Core().Enabled(zap.DebugLevel) {
+		c.log.Debug("update event", zap.String("namespace", n.GetNamespace()), zap.String("name", n.GetName()), zap.String("resourceVersion", n.GetResourceVersion()))
 	}
 	c.queue()
 }
