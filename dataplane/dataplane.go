@@ -66,7 +66,9 @@ type Dataplane struct {
 	nodeIPT  *iptables.Syncer
 	ztIPT    map[string]*iptables.Syncer
 	lastZtNS string
-	port     int
+	// lastZt is the ztunnel of the last successful apply (nil: none).
+	lastZt *ZtunnelRef
+	port   int
 	// resync makes the next Apply verify the iptables chains even when the
 	// rendered rules did not change. Reading them back costs a process per
 	// table, so per-pod applies skip it (they only touch ipset members and
@@ -351,6 +353,9 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		if err := d.syncZtunnelNS(ctx, zt, w); err != nil {
 			return err
 		}
+		if err := d.prepareSwitch(ctx, st, zt, w); err != nil {
+			return err
+		}
 		in, out := d.nodeTunnels(zt)
 		if inLink, err = syncTunnel(d.node.NL, in, w); err != nil {
 			return err
@@ -384,8 +389,33 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	}
 	if !w.dry {
 		d.lastZtNS = newNS
+		d.lastZt = nil
+		if zt != nil {
+			d.lastZt = &ZtunnelRef{IP: zt.ip, Veth: zt.veth.Attrs().Name}
+		}
 	}
 	return nil
+}
+
+// prepareSwitch readies the node for a different ztunnel before the tunnels
+// point at it: the tables route its IP to its veth (encapsulated packets
+// carry the inner mark and would otherwise loop into the tunnel), and the
+// mangle rules classify its traffic — and, while it still runs, the previous
+// ztunnel's — so no packet of either is captured by mistake mid-switch.
+func (d *Dataplane) prepareSwitch(ctx context.Context, st State, zt *ztRuntime, w *writer) error {
+	cur := ZtunnelRef{IP: zt.ip, Veth: zt.veth.Attrs().Name}
+	if d.lastZt == nil || *d.lastZt == cur {
+		return nil
+	}
+	if err := addRoutes(d.node.NL, d.ztunnelRoutes(zt), w); err != nil {
+		return err
+	}
+	p := d.nodeParams(st, zt)
+	if _, err := d.node.NL.LinkByName(d.lastZt.Veth); err == nil && d.lastZt.Veth != cur.Veth {
+		prev := *d.lastZt
+		p.Previous = &prev
+	}
+	return d.syncIPTables(ctx, d.nodeIPT, NodeRuleset(d.cfg, p), w)
 }
 
 func (d *Dataplane) startPort() int {
@@ -525,16 +555,10 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, in, out netlink.Link) []
 		// host, so a busy pod's connects would hang instead of failing.)
 		return nil
 	}
-	var rs []netlink.Route
-	zip := ipNet(netip.PrefixFrom(zt.ip, 32))
+	rs := d.ztunnelRoutes(zt)
 	vethIdx := zt.veth.Attrs().Index
 	_, inPeer := tunnelAddrs(d.cfg.InNet)
 	_, outPeer := tunnelAddrs(d.cfg.OutNet)
-	// Each table keeps ZIP on the veth: the encapsulated packets inherit the
-	// inner mark and must not loop back into the tunnel.
-	for _, table := range []int{t.Inbound, t.Outbound, t.ProxyReturn} {
-		rs = append(rs, netlink.Route{Table: table, Dst: zip, LinkIndex: vethIdx, Scope: netlink.SCOPE_LINK, Type: unix.RTN_UNICAST, Protocol: proto})
-	}
 	for _, a := range sortedAddrs(members) {
 		rs = append(rs, netlink.Route{Table: t.Inbound, Dst: ipNet(netip.PrefixFrom(a, 32)), Gw: ipOf(inPeer), LinkIndex: linkIndex(in), Src: ipOf(zt.hostIP), Type: unix.RTN_UNICAST, Protocol: proto})
 	}
@@ -542,6 +566,19 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, in, out netlink.Link) []
 		netlink.Route{Table: t.Outbound, Dst: defaultDst, Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto},
 		netlink.Route{Table: t.ProxyReturn, Dst: defaultDst, Gw: ipOf(zt.ip), LinkIndex: vethIdx, Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: proto},
 	)
+	return rs
+}
+
+// ztunnelRoutes keep ZIP on its veth in each of our tables: the
+// encapsulated packets inherit the inner mark and must not loop back into
+// the tunnel.
+func (d *Dataplane) ztunnelRoutes(zt *ztRuntime) []netlink.Route {
+	t := d.cfg.Tables
+	var rs []netlink.Route
+	for _, table := range []int{t.Inbound, t.Outbound, t.ProxyReturn} {
+		rs = append(rs, netlink.Route{Table: table, Dst: ipNet(netip.PrefixFrom(zt.ip, 32)), LinkIndex: zt.veth.Attrs().Index,
+			Scope: netlink.SCOPE_LINK, Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)})
+	}
 	return rs
 }
 
@@ -599,30 +636,52 @@ func ourRoutes(nl Netlink, proto int) ([]netlink.Route, error) {
 	return rs, nil
 }
 
+// syncRoutes makes our routes (by protocol, all tables) exactly want.
 func syncRoutes(nl Netlink, proto int, want []netlink.Route, w *writer) error {
 	have, err := ourRoutes(nl, proto)
 	if err != nil {
 		return err
 	}
-	haveBy := map[string]netlink.Route{}
-	for _, r := range have {
-		haveBy[routeKey(r)] = r
+	if err := replaceRoutes(nl, have, want, w); err != nil {
+		return err
 	}
 	wantKeys := map[string]bool{}
 	for _, r := range want {
 		wantKeys[routeKey(r)] = true
-		if cur, ok := haveBy[routeKey(r)]; ok && routeEqual(r, cur) {
-			continue
-		}
-		if err := w.do(KindRoute, "replace "+routeString(r), func() error { return nl.RouteReplace(&r) }); err != nil {
-			return err
-		}
 	}
 	for _, r := range have {
 		if wantKeys[routeKey(r)] {
 			continue
 		}
 		if err := w.do(KindRoute, "del "+routeString(r), func() error { return ignoreNotExist(nl.RouteDel(&r)) }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// addRoutes adds or corrects want, deleting nothing.
+func addRoutes(nl Netlink, want []netlink.Route, w *writer) error {
+	if len(want) == 0 {
+		return nil
+	}
+	have, err := ourRoutes(nl, int(want[0].Protocol))
+	if err != nil {
+		return err
+	}
+	return replaceRoutes(nl, have, want, w)
+}
+
+func replaceRoutes(nl Netlink, have, want []netlink.Route, w *writer) error {
+	haveBy := map[string]netlink.Route{}
+	for _, r := range have {
+		haveBy[routeKey(r)] = r
+	}
+	for _, r := range want {
+		if cur, ok := haveBy[routeKey(r)]; ok && routeEqual(r, cur) {
+			continue
+		}
+		if err := w.do(KindRoute, "replace "+routeString(r), func() error { return nl.RouteReplace(&r) }); err != nil {
 			return err
 		}
 	}
@@ -1115,6 +1174,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		}
 	}
 	d.lastZtNS = ""
+	d.lastZt = nil
 	d.resync = true
 	clear(d.applied)
 	w.res.Elapsed = time.Since(start)

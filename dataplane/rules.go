@@ -18,6 +18,9 @@ type NodeParams struct {
 	Capture bool
 	// FailClosed rejects ambient pods' TCP, both ways, while there is no ztunnel.
 	FailClosed bool
+	// Previous is a ztunnel still running while traffic moves to the new one
+	// (surge rollout). Its pod traffic keeps its own marks during the switch.
+	Previous *ZtunnelRef
 	DNS        bool
 }
 
@@ -51,18 +54,21 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		matchConnmark(m.ConnSkip)+" "+setMark(m.Skip),
 		matchMark(m.Skip)+" -j RETURN",
 	)
-	if zt {
+	switch {
+	case zt && p.Previous != nil:
+		pre = append(pre, switchRules(m, append([]ZtunnelRef{*p.Previous}, ZtunnelRef{p.ZtunnelIP, p.ZtunnelVeth}))...)
+	case zt:
 		// Replies to ztunnel's spoofed-source connections go back to ztunnel.
-		pre = append(pre, "! -i "+p.ZtunnelVeth+" "+matchConnmark(m.Proxy)+" "+setMark(m.ProxyReturn))
-	}
-	pre = append(pre, matchMark(m.ProxyReturn)+" -j RETURN")
-	if zt {
-		pre = append(pre, fmt.Sprintf("! -s %s/32 -i %s %s", p.ZtunnelIP, p.ZtunnelVeth, setMark(m.Proxy)))
-	}
-	pre = append(pre, matchMark(m.Skip)+" -j RETURN")
-	if zt {
-		// ztunnel's own traffic (xDS, HBONE to other nodes).
-		pre = append(pre, "-i "+p.ZtunnelVeth+" "+setMark(m.ConnSkip))
+		pre = append(pre,
+			"! -i "+p.ZtunnelVeth+" "+matchConnmark(m.Proxy)+" "+setMark(m.ProxyReturn),
+			matchMark(m.ProxyReturn)+" -j RETURN",
+			fmt.Sprintf("! -s %s/32 -i %s %s", p.ZtunnelIP, p.ZtunnelVeth, setMark(m.Proxy)),
+			matchMark(m.Skip)+" -j RETURN",
+			// ztunnel's own traffic (xDS, HBONE to other nodes).
+			"-i "+p.ZtunnelVeth+" "+setMark(m.ConnSkip),
+		)
+	default:
+		pre = append(pre, matchMark(m.ProxyReturn)+" -j RETURN", matchMark(m.Skip)+" -j RETURN")
 	}
 	pre = append(pre,
 		"-p udp "+setMark(m.ConnSkip), // UDP is not captured
@@ -120,6 +126,33 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		{Table: "nat", Name: ChainPrefix + "POSTROUTING", Parent: "POSTROUTING", Rules: []string{matchMark(m.Outbound) + " -j ACCEPT"}},
 		{Table: "filter", Name: ChainPrefix + "FORWARD", Parent: "FORWARD", Rules: filterFwd},
 	}
+}
+
+// ZtunnelRef names one ztunnel's address and host veth.
+type ZtunnelRef struct {
+	IP   netip.Addr
+	Veth string
+}
+
+// switchRules are rules 6-10 of the reference for several ztunnels at once,
+// used only while traffic moves from one to the next. "! -i ZVETH" cannot
+// name two devices, so every ztunnel's own packets are classified (and
+// returned) first; what is left is not from any ztunnel, which is what
+// rule 6 asks. For one ztunnel this order is equivalent to the reference's.
+func switchRules(m Marks, zs []ZtunnelRef) []string {
+	var out []string
+	for _, z := range zs {
+		out = append(out, fmt.Sprintf("! -s %s/32 -i %s %s", z.IP, z.Veth, setMark(m.Proxy)))
+	}
+	out = append(out, matchMark(m.Skip)+" -j RETURN")
+	for _, z := range zs {
+		out = append(out, "-i "+z.Veth+" "+setMark(m.ConnSkip))
+	}
+	return append(out,
+		matchMark(m.Skip)+" -j RETURN",
+		matchConnmark(m.Proxy)+" "+setMark(m.ProxyReturn),
+		matchMark(m.ProxyReturn)+" -j RETURN",
+	)
 }
 
 // ZtunnelParams are the inputs of the ztunnel netns rules.

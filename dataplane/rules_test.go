@@ -158,3 +158,31 @@ func diffLines(want, got string) string {
 	}
 	return ""
 }
+
+func TestNodeRulesetDuringSwitch(t *testing.T) {
+	p := NodeParams{ZtunnelIP: netip.MustParseAddr("10.244.1.9"), ZtunnelVeth: "vethnew", HostIP: netip.MustParseAddr("10.244.1.1"), TunnelPort: 4789, Capture: true,
+		Previous: &ZtunnelRef{IP: netip.MustParseAddr("10.244.1.2"), Veth: "vethold"}}
+	rs := NodeRuleset(DefaultConfig(), p)
+	got := strings.Join(rs[0].Rules, "\n")
+	want := `-i istioin -j MARK --set-xmark 0x200/0x200
+-i istioin -j RETURN
+-i istioout -j MARK --set-xmark 0x200/0x200
+-i istioout -j RETURN
+-p udp -m udp --dport 4789 -j RETURN
+-m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200
+-m mark --mark 0x200/0x200 -j RETURN
+! -s 10.244.1.2/32 -i vethold -j MARK --set-xmark 0x210/0x210
+! -s 10.244.1.9/32 -i vethnew -j MARK --set-xmark 0x210/0x210
+-m mark --mark 0x200/0x200 -j RETURN
+-i vethold -j MARK --set-xmark 0x220/0x220
+-i vethnew -j MARK --set-xmark 0x220/0x220
+-m mark --mark 0x200/0x200 -j RETURN
+-m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
+-m mark --mark 0x40/0x40 -j RETURN
+-p udp -j MARK --set-xmark 0x220/0x220
+-m mark --mark 0x200/0x200 -j RETURN
+-p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100`
+	if got != want {
+		t.Fatalf("switch rules:\n%s", diffLines(want, got))
+	}
+}

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-
 	"github.com/ambient-redirect/ambient-redirect/controller"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"

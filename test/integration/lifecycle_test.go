@@ -2,9 +2,11 @@ package integration
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -205,7 +207,36 @@ func TestZtunnelSwitchKeepsPodState(t *testing.T) {
 	z2 := startZtunnel(t, zt2)
 	old := n.zt
 	n.zt = zt2
+	// Connections made while the switch is applied must neither fail nor
+	// hang (a dropped SYN costs a 1s retransmit).
+	stop := make(chan struct{})
+	slow := make(chan string, 100)
+	var clients sync.WaitGroup
+	clients.Add(1)
+	go func() {
+		defer clients.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			start := time.Now()
+			got, err := netnstest.RoundTrip(n.ambient[0].NS, ipPort(n.ambient[1].IP, echoPort), []byte("x"), 3*time.Second)
+			if err != nil || string(got) != "x" || time.Since(start) > 500*time.Millisecond {
+				slow <- fmt.Sprintf("%v after %s (%q)", err, time.Since(start), got)
+			}
+		}
+	}()
+	time.Sleep(50 * time.Millisecond)
 	res := apply(t, n, n.state(true))
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	clients.Wait()
+	close(slow)
+	for s := range slow {
+		t.Errorf("connection during the switch: %s", s)
+	}
 	if res.Writes[dataplane.KindIPSet] != 0 {
 		t.Fatalf("switch touched ipset members: %v", res.Changes)
 	}
