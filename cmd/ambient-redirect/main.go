@@ -139,6 +139,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	restCfg.UserAgent = "ambient-redirect/" + o.NodeName
+	restCfg.QPS, restCfg.Burst = float32(o.KubeAPIQPS), o.KubeAPIBurst
 	client, err := kubernetes.NewForConfig(restCfg)
 	if err != nil {
 		log.Error("kubernetes client", zap.Error(err))

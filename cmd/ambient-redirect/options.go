@@ -55,6 +55,8 @@ type Options struct {
 	DebugAddr         string
 	DNSCapture        bool
 	LogLevel          string
+	KubeAPIQPS        float64
+	KubeAPIBurst      int
 }
 
 func defaultOptions() *Options {
@@ -70,6 +72,8 @@ func defaultOptions() *Options {
 		ResyncPeriod:      30 * time.Second,
 		DebugAddr:         "127.0.0.1:15099",
 		LogLevel:          "info",
+		KubeAPIQPS:        20,
+		KubeAPIBurst:      50,
 	}
 }
 
@@ -93,6 +97,8 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&o.ResyncPeriod, "resync-period", o.ResyncPeriod, "full resync (drift repair) period")
 	fs.StringVar(&o.DebugAddr, "debug-addr", o.DebugAddr, "address of the debug/health/metrics server; empty disables it")
 	fs.BoolVar(&o.DNSCapture, "dns-capture", o.DNSCapture, "DNAT ambient pods' UDP/53 to ztunnel's DNS proxy (port 15053)")
+	fs.Float64Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "client-side QPS limit towards the API server (annotation patches)")
+	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "client-side burst towards the API server")
 	o.AddDataplaneFlags(fs)
 }
 
@@ -110,6 +116,9 @@ func (o *Options) Validate() error {
 	}
 	if o.ResyncPeriod < time.Second {
 		errs = append(errs, fmt.Errorf("--resync-period %s must be at least 1s", o.ResyncPeriod))
+	}
+	if o.KubeAPIQPS <= 0 || o.KubeAPIBurst <= 0 {
+		errs = append(errs, fmt.Errorf("--kube-api-qps %g and --kube-api-burst %d must be positive", o.KubeAPIQPS, o.KubeAPIBurst))
 	}
 	if o.TunnelPort < 0 || o.TunnelPort > 65535 {
 		errs = append(errs, fmt.Errorf("--tunnel-port %d out of range", o.TunnelPort))
