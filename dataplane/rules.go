@@ -21,7 +21,7 @@ type NodeParams struct {
 	// Previous is a ztunnel still running while traffic moves to the new one
 	// (surge rollout). Its pod traffic keeps its own marks during the switch.
 	Previous *ZtunnelRef
-	DNS        bool
+	DNS      bool
 }
 
 // mark renders "0x100/0x100" as iptables-save prints marks.
