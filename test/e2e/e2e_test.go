@@ -323,35 +323,12 @@ func TestCleanupCommand(t *testing.T) {
 		t.Fatalf("cleanup output: %s", out)
 	}
 	if after := netnstest.Dump(t, n.NS); after != nodeBefore {
-		t.Fatalf("node residue:\n%s", lineDiff(nodeBefore, after))
+		t.Fatalf("node residue:\n%s", netnstest.LineDiff(nodeBefore, after))
 	}
 	if after := netnstest.Dump(t, n.ZT.Pod.Net.NS); after != ztBefore {
-		t.Fatalf("ztunnel netns residue:\n%s", lineDiff(ztBefore, after))
+		t.Fatalf("ztunnel netns residue:\n%s", netnstest.LineDiff(ztBefore, after))
 	}
 	if err := harness.Direct(t, a1, a2, n.ZT); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func lineDiff(a, b string) string {
-	in := func(s string) map[string]bool {
-		m := map[string]bool{}
-		for _, l := range strings.Split(s, "\n") {
-			m[l] = true
-		}
-		return m
-	}
-	ma, mb := in(a), in(b)
-	var out []string
-	for _, l := range strings.Split(a, "\n") {
-		if !mb[l] {
-			out = append(out, "- "+l)
-		}
-	}
-	for _, l := range strings.Split(b, "\n") {
-		if !ma[l] {
-			out = append(out, "+ "+l)
-		}
-	}
-	return strings.Join(out, "\n")
 }

@@ -275,10 +275,10 @@ func TestCleanupLeavesNoResidue(t *testing.T) {
 				t.Fatalf("cleanup: %v", err)
 			}
 			if after := netnstest.Dump(t, n.NS); after != nodeBefore {
-				t.Fatalf("node residue:\n%s", lineDiff(nodeBefore, after))
+				t.Fatalf("node residue:\n%s", netnstest.LineDiff(nodeBefore, after))
 			}
 			if after := netnstest.Dump(t, n.zt.NS); after != ztBefore {
-				t.Fatalf("ztunnel netns residue:\n%s", lineDiff(ztBefore, after))
+				t.Fatalf("ztunnel netns residue:\n%s", netnstest.LineDiff(ztBefore, after))
 			}
 			// Traffic flows directly again.
 			roundTrip(t, n.ambient[0].NS, ipPort(n.ambient[1].IP, echoPort))
@@ -289,29 +289,6 @@ func TestCleanupLeavesNoResidue(t *testing.T) {
 			}
 		})
 	}
-}
-
-func lineDiff(a, b string) string {
-	in := func(s string) map[string]bool {
-		m := map[string]bool{}
-		for _, l := range strings.Split(s, "\n") {
-			m[l] = true
-		}
-		return m
-	}
-	ma, mb := in(a), in(b)
-	var out []string
-	for _, l := range strings.Split(a, "\n") {
-		if !mb[l] {
-			out = append(out, "- "+l)
-		}
-	}
-	for _, l := range strings.Split(b, "\n") {
-		if !ma[l] {
-			out = append(out, "+ "+l)
-		}
-	}
-	return strings.Join(out, "\n")
 }
 
 func TestRulePriorityConflictIsRefused(t *testing.T) {
@@ -325,7 +302,7 @@ func TestRulePriorityConflictIsRefused(t *testing.T) {
 		t.Fatalf("want a priority-101 conflict error, got %v", err)
 	}
 	if after := netnstest.Dump(t, nn.NS); after != before {
-		t.Fatalf("refusing touched the kernel:\n%s", lineDiff(before, after))
+		t.Fatalf("refusing touched the kernel:\n%s", netnstest.LineDiff(before, after))
 	}
 }
 
@@ -340,7 +317,7 @@ func TestIPForwardOffIsAnError(t *testing.T) {
 		t.Fatalf("want an ip_forward error, got %v", err)
 	}
 	if after := netnstest.Dump(t, n.NS); after != before {
-		t.Fatalf("apply with ip_forward=0 wrote:\n%s", lineDiff(before, after))
+		t.Fatalf("apply with ip_forward=0 wrote:\n%s", netnstest.LineDiff(before, after))
 	}
 }
 

@@ -376,3 +376,28 @@ func normIpset(s string) string {
 	flush()
 	return strings.Join(out, "\n")
 }
+
+// LineDiff lists the lines of a missing from b ("- ") and of b missing from
+// a ("+ "), for showing how two Dumps differ.
+func LineDiff(a, b string) string {
+	in := func(s string) map[string]bool {
+		m := map[string]bool{}
+		for _, l := range strings.Split(s, "\n") {
+			m[l] = true
+		}
+		return m
+	}
+	ma, mb := in(a), in(b)
+	var out []string
+	for _, l := range strings.Split(a, "\n") {
+		if !mb[l] {
+			out = append(out, "- "+l)
+		}
+	}
+	for _, l := range strings.Split(b, "\n") {
+		if !ma[l] {
+			out = append(out, "+ "+l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
