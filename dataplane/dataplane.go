@@ -76,6 +76,21 @@ type Dataplane struct {
 	resync bool
 	// applied maps a syncer to the rendered rules it last converged to.
 	applied map[*iptables.Syncer]string
+	// fast holds what a pod-only apply needs from the last full one; nil
+	// forces a full apply.
+	fast *fastPath
+
+	locMu   sync.Mutex
+	located *located
+}
+
+// fastPath is the ztunnel-dependent input of per-pod routes, as of the last
+// successful full apply.
+type fastPath struct {
+	spec *Ztunnel
+	zt   *ztRuntime // k is closed: only addresses and links are used
+	in   netlink.Link
+	out  netlink.Link
 }
 
 // Options are the dependencies of a Dataplane; zero values mean the real kernel.
@@ -242,9 +257,8 @@ func (d *Dataplane) Apply(ctx context.Context, st State) (Result, error) {
 	start := time.Now()
 	w := newWriter(false)
 	err := d.converge(ctx, st, w)
-	if err == nil {
-		d.resync = false
-	}
+	// A failure may leave anything half-done: verify everything next time.
+	d.resync = err != nil
 	w.res.Elapsed = time.Since(start)
 	if n := w.res.TotalWrites(); n > 0 || err != nil {
 		d.log.Info("dataplane apply", zap.Int("pods", len(st.Pods)), zap.Bool("ztunnel", st.Ztunnel != nil),
@@ -324,6 +338,15 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := st.Validate(); err != nil {
 		return err
 	}
+	if f := d.fast; f != nil && !w.dry && !d.resync && sameZtunnel(f.spec, st.Ztunnel) {
+		// Pod churn with the same ztunnel: only ipset members and table-100
+		// routes can differ. Everything else is verified by the resync.
+		if err := d.syncIPSets(st, w); err != nil {
+			return err
+		}
+		return syncRoutes(d.node.NL, d.cfg.RouteProtocol, d.nodeRoutes(st, f.zt, f.in, f.out), w)
+	}
+	d.fast = nil
 	if v, err := d.node.Sysctl.Get("net.ipv4.ip_forward"); err != nil || v != "1" {
 		return fmt.Errorf("net.ipv4.ip_forward must be 1 on the node (is %q, %v): pods' traffic cannot be forwarded", v, err)
 	}
@@ -393,8 +416,25 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		if zt != nil {
 			d.lastZt = &ZtunnelRef{IP: zt.ip, Veth: zt.veth.Attrs().Name}
 		}
+		d.fast = &fastPath{spec: cloneZtunnel(st.Ztunnel), zt: zt, in: inLink, out: outLink}
 	}
 	return nil
+}
+
+func cloneZtunnel(z *Ztunnel) *Ztunnel {
+	if z == nil {
+		return nil
+	}
+	c := *z
+	c.IPs = slices.Clone(z.IPs)
+	return &c
+}
+
+func sameZtunnel(a, b *Ztunnel) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return a.Pod == b.Pod && a.HostVeth == b.HostVeth && a.NetNS == b.NetNS && slices.Equal(a.IPs, b.IPs)
 }
 
 // prepareSwitch readies the node for a different ztunnel before the tunnels
@@ -1175,6 +1215,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 	}
 	d.lastZtNS = ""
 	d.lastZt = nil
+	d.fast = nil
 	d.resync = true
 	clear(d.applied)
 	w.res.Elapsed = time.Since(start)

@@ -210,6 +210,37 @@ func nsID(nl Netlink, path string) int {
 // of the node's route to it, as ptp CNIs install) and the path of the
 // network namespace at its other end.
 func (d *Dataplane) LocateZtunnel(ip net.IP) (veth, netnsPath string, err error) {
+	// Scanning the netns directory costs a syscall per pod of the node:
+	// reuse the last answer while that veth still leads to the same netns.
+	d.locMu.Lock()
+	c := d.located
+	d.locMu.Unlock()
+	if c != nil && c.ip.Equal(ip) {
+		if l, err := d.node.NL.LinkByName(c.veth); err == nil && l.Attrs().Index == c.index && l.Attrs().NetNsID == c.nsid {
+			if _, err := os.Stat(c.path); err == nil {
+				return c.veth, c.path, nil
+			}
+		}
+	}
+	veth, netnsPath, err = d.locateZtunnel(ip)
+	if err == nil {
+		if l, lerr := d.node.NL.LinkByName(veth); lerr == nil {
+			d.locMu.Lock()
+			d.located = &located{ip: ip, veth: veth, path: netnsPath, index: l.Attrs().Index, nsid: l.Attrs().NetNsID}
+			d.locMu.Unlock()
+		}
+	}
+	return veth, netnsPath, err
+}
+
+// located is the last ztunnel LocateZtunnel found.
+type located struct {
+	ip          net.IP
+	veth, path  string
+	index, nsid int
+}
+
+func (d *Dataplane) locateZtunnel(ip net.IP) (veth, netnsPath string, err error) {
 	routes, err := d.node.NL.RouteGet(ip)
 	if err != nil || len(routes) == 0 {
 		return "", "", fmt.Errorf("no route to ztunnel %s: %v", ip, err)

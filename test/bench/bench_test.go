@@ -199,6 +199,7 @@ func TestNodeScale(t *testing.T) {
 		fill(t, e, node, &pods, size-2) // plus a1, a2
 		var p50s, p99s, maxs []time.Duration
 		var all []time.Duration
+		sum0, n0 := metric(t, e, node, "ambient_redirect_event_to_programmed_seconds_sum"), metric(t, e, node, "ambient_redirect_event_to_programmed_seconds_count")
 		for r := range *runs {
 			ls := latencies(t, e, node, fmt.Sprintf("%d-%d", size, r), *samples)
 			all = append(all, ls...)
@@ -208,6 +209,11 @@ func TestNodeScale(t *testing.T) {
 		res.add(fmt.Sprintf("pod IP written → programmed, %d pods: p50", size), fmt.Sprintf("%s (runs %s)", ms(pct(all, .5)), spread(p50s)), "", true)
 		res.add(fmt.Sprintf("pod IP written → programmed, %d pods: p99", size), fmt.Sprintf("%s (runs %s)", ms(pct(all, .99)), spread(p99s)), "≤ "+ms(target), pct(all, .99) <= target)
 		res.add(fmt.Sprintf("pod IP written → programmed, %d pods: max", size), fmt.Sprintf("%s (runs %s)", ms(slices.Max(all)), spread(maxs)), "", true)
+		sum1, n1 := metric(t, e, node, "ambient_redirect_event_to_programmed_seconds_sum"), metric(t, e, node, "ambient_redirect_event_to_programmed_seconds_count")
+		if n1 > n0 {
+			mean := time.Duration((sum1 - sum0) / (n1 - n0) * float64(time.Second))
+			res.add(fmt.Sprintf("  of which inside the agent (event → kernel), %d pods: mean", size), ms(mean), "", true)
+		}
 	}
 
 	// Process launches per pod event, counted by wrappers around every
