@@ -391,8 +391,7 @@ func syncedAt(t *testing.T, log string, start time.Time) time.Duration {
 		if i < 0 {
 			continue
 		}
-		ts := l[i+6:]
-		ts = ts[:strings.Index(ts, `"`)]
+		ts, _, _ := strings.Cut(l[i+6:], `"`)
 		if at, err := time.Parse("2006-01-02T15:04:05.000Z0700", ts); err == nil {
 			return at.Sub(start)
 		}
