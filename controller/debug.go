@@ -20,6 +20,7 @@ type DataplaneInfo interface {
 	IPTablesBackend() (backend, reason string)
 	Tunnel() (typ dataplane.TunnelType, reason string, port int)
 	Diff(ctx context.Context, st dataplane.State) ([]string, error)
+	Snapshot(ctx context.Context) dataplane.Snapshot
 }
 
 // DebugState is the body of /debug/state.
@@ -38,6 +39,8 @@ type DebugState struct {
 	// Diff lists what differs between the desired and the actual kernel state.
 	Diff      []string `json:"diff"`
 	DiffError string   `json:"diffError,omitempty"`
+	// Kernel is our kernel state as read back (node and ztunnel netns).
+	Kernel *dataplane.Snapshot `json:"kernel,omitempty"`
 }
 
 // DebugServer serves /debug/state, /healthz, /readyz, /metrics and pprof.
@@ -137,6 +140,8 @@ func (s *DebugServer) state(w http.ResponseWriter, r *http.Request) {
 		out.IPTables = map[string]any{"backend": b, "reason": why}
 		t, why, port := dp.Tunnel()
 		out.Tunnel = map[string]any{"type": t, "reason": why, "port": port}
+		snap := dp.Snapshot(r.Context())
+		out.Kernel = &snap
 	}
 	desired := s.ctl.LastDesired()
 	switch {

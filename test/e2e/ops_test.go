@@ -96,6 +96,9 @@ func TestOperations(t *testing.T) {
 		if st.Tunnel["type"] != "vxlan" || st.IPTables["backend"] == "" || st.Ztunnel == nil || st.Ztunnel.NetNS == "" || st.Config["failMode"] != "closed" {
 			t.Fatalf("state: tunnel %v iptables %v ztunnel %+v config %v", st.Tunnel, st.IPTables, st.Ztunnel, st.Config)
 		}
+		if k := st.Kernel; k == nil || k.IPSets["ztunnel-pods-ips"][a1.IP] != string(a1.Obj.UID) || len(k.NS.Rules) == 0 || k.Ztunnel == nil {
+			t.Fatalf("kernel read-back missing or wrong: %+v", st.Kernel)
+		}
 		out, err := netnstest.ExecErr(n.NS, bins.Agent, "status", "--debug-addr", harness.DebugAddr, "-v")
 		if err != nil || !strings.Contains(out, "converged") || !strings.Contains(out, controller.ReasonOptOutLabel) {
 			t.Fatalf("status: %v\n%s", err, out)
