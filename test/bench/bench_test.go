@@ -190,6 +190,9 @@ func TestNodeScale(t *testing.T) {
 	a2 := e.RunPod(t, node, harness.AmbientNS, "a2")
 	wrap := wrapBinaries(t)
 	e.AgentEnv = []string{"PATH=" + wrap.dir + ":" + os.Getenv("PATH")}
+	if g := os.Getenv("AR_BENCH_GOGC"); g != "" {
+		e.AgentEnv = append(e.AgentEnv, "GOGC="+g)
+	}
 	e.StartAgent(t, node, "--resync-period", "1h")
 	res := &results{}
 	fmt.Printf("%-58s %-48s %-14s %s\n", "measurement", "value", "target", "")
