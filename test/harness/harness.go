@@ -6,7 +6,6 @@
 package harness
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -28,6 +27,7 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/controller"
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
+	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
 
 // Binaries are the agent and the test ztunnel, built once per test binary.
@@ -390,28 +390,11 @@ func (e *Env) StartZtunnel(t testing.TB, n *Node, name string) *Ztunnel {
 	return z
 }
 
-type Record struct {
-	Listener     int    `json:"listener"`
-	Client       string `json:"client"`
-	OrigDst      string `json:"orig_dst"`
-	Target       string `json:"target"`
-	HeaderClient string `json:"header_client"`
-	DialError    string `json:"dial_error"`
-}
-
-func (z *Ztunnel) Records(t testing.TB) []Record {
-	f, err := os.Open(z.RecordsPath)
+// Records are the connections z accepted so far.
+func (z *Ztunnel) Records(t testing.TB) []record.Record {
+	out, err := record.Read(z.RecordsPath)
 	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	var out []Record
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var r Record
-		if json.Unmarshal(sc.Bytes(), &r) == nil {
-			out = append(out, r)
-		}
+		t.Fatal(err)
 	}
 	return out
 }

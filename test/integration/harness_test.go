@@ -4,9 +4,7 @@
 package integration
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -22,6 +20,7 @@ import (
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
+	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
 
 var ztunnelBin string
@@ -45,17 +44,6 @@ func TestMain(m *testing.M) {
 		}
 		return m.Run()
 	}())
-}
-
-// record is one line of the test ztunnel's record file.
-type record struct {
-	Listener     int    `json:"listener"`
-	Client       string `json:"client"`
-	OrigDst      string `json:"orig_dst"`
-	Target       string `json:"target"`
-	HBONE        bool   `json:"hbone"`
-	HeaderClient string `json:"header_client"`
-	DialError    string `json:"dial_error"`
 }
 
 // ztunnel is a running test ztunnel in a pod netns.
@@ -83,31 +71,18 @@ func startZtunnel(t testing.TB, pod *netnstest.Pod, hboneCIDRs ...string) *ztunn
 	}
 }
 
-func (z *ztunnel) all(t *testing.T) []record {
+func (z *ztunnel) all(t *testing.T) []record.Record {
 	t.Helper()
-	f, err := os.Open(z.records)
-	if os.IsNotExist(err) {
-		return nil
-	}
+	out, err := record.Read(z.records)
 	if err != nil {
 		t.Fatal(err)
-	}
-	defer f.Close()
-	var out []record
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var r record
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatalf("bad record %q: %v", sc.Text(), err)
-		}
-		out = append(out, r)
 	}
 	return out
 }
 
 // find waits briefly for a record matching f (records are written after the
 // upstream dial, so they can trail the client by a little).
-func (z *ztunnel) find(t *testing.T, f func(record) bool) (record, bool) {
+func (z *ztunnel) find(t *testing.T, f func(record.Record) bool) (record.Record, bool) {
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Second)
 	for {
@@ -117,7 +92,7 @@ func (z *ztunnel) find(t *testing.T, f func(record) bool) (record, bool) {
 			}
 		}
 		if time.Now().After(deadline) {
-			return record{}, false
+			return record.Record{}, false
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

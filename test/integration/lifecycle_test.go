@@ -13,6 +13,7 @@ import (
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
+	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
 
 // oneNode builds one programmed node with a running test ztunnel and echo
@@ -36,7 +37,7 @@ func requireCaptured(t *testing.T, n *node, z *ztunnel) {
 	dst := ipPort(a2.IP, echoPort)
 	before := len(z.all(t))
 	roundTrip(t, a1.NS, dst)
-	if _, ok := z.find(t, func(r record) bool {
+	if _, ok := z.find(t, func(r record.Record) bool {
 		return r.Listener == 15001 && hostOf(r.Client) == a1.IP.String() && r.OrigDst == dst
 	}); !ok || len(z.all(t)) == before {
 		t.Fatalf("%s -> %s not captured at 15001: %+v", a1.IP, dst, z.all(t))

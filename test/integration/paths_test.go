@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
+	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
 
 const echoPort = 8080
@@ -35,8 +36,8 @@ func TestPacketPaths(t *testing.T) {
 	p1, p2 := n1.plain[0], n1.plain[1]
 	remote := n2.ambient[0]
 
-	captured := func(z *ztunnel, listener int, client net.IP, dst string) func(record) bool {
-		return func(r record) bool {
+	captured := func(z *ztunnel, listener int, client net.IP, dst string) func(record.Record) bool {
+		return func(r record.Record) bool {
 			return r.Listener == listener && hostOf(r.Client) == client.String() && r.OrigDst == dst && r.DialError == ""
 		}
 	}
@@ -66,7 +67,7 @@ func TestPacketPaths(t *testing.T) {
 		if !ok || !r.HBONE {
 			t.Fatalf("node1 ztunnel: want a 15001 HBONE record for %s -> %s: %+v", a1.IP, dst, zt[n1].all(t))
 		}
-		if _, ok := zt[n2].find(t, func(r record) bool {
+		if _, ok := zt[n2].find(t, func(r record.Record) bool {
 			return r.Listener == 15008 && r.Target == dst && hostOf(r.HeaderClient) == a1.IP.String() && r.DialError == ""
 		}); !ok {
 			t.Fatalf("node2 ztunnel: want a 15008 record delivering to %s: %+v", dst, zt[n2].all(t))
@@ -97,7 +98,7 @@ func TestPacketPaths(t *testing.T) {
 		if err != nil || string(got) != msg {
 			t.Fatalf("15008 round trip: got %q, %v", got, err)
 		}
-		if _, ok := zt[n1].find(t, func(r record) bool {
+		if _, ok := zt[n1].find(t, func(r record.Record) bool {
 			return r.Listener == 15008 && hostOf(r.Client) == p2.IP.String() && r.Target == target
 		}); !ok {
 			t.Fatalf("no 15008 record: %+v", zt[n1].all(t))

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
 
 const (
@@ -47,20 +49,6 @@ func (r role) String() string {
 	return fmt.Sprintf("role(%d)", int(r))
 }
 
-// record is one line of the record file, written once per accepted connection.
-type record struct {
-	Listener int    `json:"listener"`
-	Client   string `json:"client"`
-	OrigDst  string `json:"orig_dst"`
-	Target   string `json:"target"`
-	HBONE    bool   `json:"hbone"`
-	// HeaderClient is the client announced in a CONNECT header (15008 only);
-	// Client is then the peer ztunnel.
-	HeaderClient string `json:"header_client,omitempty"`
-	DialError    string `json:"dial_error"`
-	Time         string `json:"time"`
-}
-
 // recorder appends JSON lines; one Write per line under a mutex so that
 // concurrent connections never interleave and readers only see whole lines.
 type recorder struct {
@@ -68,7 +56,7 @@ type recorder struct {
 	w  io.Writer
 }
 
-func (r *recorder) write(rec record) error {
+func (r *recorder) write(rec record.Record) error {
 	// No HTML escaping so dial errors stay greppable ("->", not "\u003e").
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
@@ -103,7 +91,7 @@ func (s *server) handle(ctx context.Context, c net.Conn, r role, listenerPort in
 	defer c.Close()
 	client := addrPort(c.RemoteAddr())
 	origDst := addrPort(c.LocalAddr())
-	rec := record{
+	rec := record.Record{
 		Listener: listenerPort,
 		Client:   client.String(),
 		OrigDst:  origDst.String(),

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
 
 func TestParseHeader(t *testing.T) {
@@ -74,7 +76,7 @@ func TestRecordFormat(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rec := record{Listener: 15001, Client: "10.0.0.1:1234", OrigDst: "10.0.0.2:80",
+			rec := record.Record{Listener: 15001, Client: "10.0.0.1:1234", OrigDst: "10.0.0.2:80",
 				Target: "10.0.0.2:80", Time: time.Now().UTC().Format(time.RFC3339Nano)}
 			if i%2 == 1 {
 				rec.DialError = "dial tcp 1.2.3.4:0->5.6.7.8:80: connect: connection refused"
@@ -223,7 +225,7 @@ func TestHandleChain(t *testing.T) {
 	if out.Listener != int(lnPort(outLn)) {
 		out, hb = hb, out
 	}
-	wantOut := record{Listener: int(lnPort(outLn)), Client: clientAddr, OrigDst: outLn.Addr().String(),
+	wantOut := record.Record{Listener: int(lnPort(outLn)), Client: clientAddr, OrigDst: outLn.Addr().String(),
 		Target: hboneLn.Addr().String(), HBONE: true, Time: out.Time}
 	if out != wantOut {
 		t.Errorf("outbound record\n got %+v\nwant %+v", out, wantOut)
@@ -286,7 +288,7 @@ func TestHandleDialError(t *testing.T) {
 	if n, err := client.Read(make([]byte, 1)); err == nil {
 		t.Fatalf("client read %d bytes, want closed", n)
 	}
-	var r record
+	var r record.Record
 	if err := json.Unmarshal(rec.Bytes(), &r); err != nil {
 		t.Fatal(err)
 	}
@@ -335,14 +337,14 @@ func (b *lockedBuffer) Write(p []byte) (int, error) {
 	return b.buf.Write(p)
 }
 
-func (b *lockedBuffer) records(t *testing.T) []record {
+func (b *lockedBuffer) records(t *testing.T) []record.Record {
 	t.Helper()
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	var out []record
+	var out []record.Record
 	sc := bufio.NewScanner(bytes.NewReader(b.buf.Bytes()))
 	for sc.Scan() {
-		var r record
+		var r record.Record
 		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
 			t.Fatalf("bad record %q: %v", sc.Text(), err)
 		}
