@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"reflect"
 	"sort"
 	"sync"
 	"time"
@@ -112,9 +113,11 @@ type Controller struct {
 	kick     chan struct{}
 	annoKick chan struct{}
 
-	mu           sync.Mutex
-	status       Status
-	lastDesired  *dataplane.State
+	mu          sync.Mutex
+	status      Status
+	lastDesired *dataplane.State
+	// applied is the state of the last successful apply (nil after a failure).
+	applied      *dataplane.State
 	pendingSince time.Time // oldest event not yet programmed
 	programmed   map[types.UID]bool
 }
@@ -458,6 +461,19 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	if statuses == nil && zerr != nil {
 		return zerr
 	}
+	if !resync && zerr == nil && c.applied != nil && reflect.DeepEqual(st, *c.applied) {
+		// The event changed nothing the kernel carries (a plain pod, a
+		// status or annotation update): no kernel work. Drift is the
+		// resync's job.
+		c.mu.Lock()
+		c.status.Pods, c.status.Ztunnel = statuses, zs
+		c.mu.Unlock()
+		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
+			c.hooks.OnProgrammed(time.Since(pending))
+		}
+		c.kickAnnotations()
+		return nil
+	}
 	start := time.Now()
 	res, err := c.dp.Apply(ctx, st)
 	err = errors.Join(zerr, err)
@@ -488,6 +504,8 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 		for _, p := range st.Pods {
 			c.programmed[types.UID(p.UID)] = true
 		}
+		applied := st
+		c.applied = &applied
 	}
 	c.mu.Unlock()
 	if c.hooks.OnSync != nil {
@@ -497,12 +515,20 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
 			c.hooks.OnProgrammed(time.Since(pending))
 		}
-		select {
-		case c.annoKick <- struct{}{}:
-		default:
-		}
+		c.kickAnnotations()
+	} else {
+		c.mu.Lock()
+		c.applied = nil
+		c.mu.Unlock()
 	}
 	return err
+}
+
+func (c *Controller) kickAnnotations() {
+	select {
+	case c.annoKick <- struct{}{}:
+	default:
+	}
 }
 
 // annotationLoop makes the redirection annotation follow what is
