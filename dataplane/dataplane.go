@@ -91,6 +91,11 @@ type fastPath struct {
 	zt   *ztRuntime // k is closed: only addresses and links are used
 	in   netlink.Link
 	out  netlink.Link
+	// members and routes are what the kernel holds as of the last full
+	// apply plus every write since: pod churn diffs against them instead of
+	// dumping the set and the route tables on each event.
+	members map[Family]map[netip.Addr]string
+	routes  map[string]netlink.Route
 }
 
 // Options are the dependencies of a Dataplane; zero values mean the real kernel.
@@ -341,10 +346,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if f := d.fast; f != nil && !w.dry && !d.resync && sameZtunnel(f.spec, st.Ztunnel) {
 		// Pod churn with the same ztunnel: only ipset members and table-100
 		// routes can differ. Everything else is verified by the resync.
-		if err := d.syncIPSets(st, w); err != nil {
-			return err
-		}
-		return syncRoutes(d.node.NL, d.cfg.RouteProtocol, d.nodeRoutes(st, f.zt, f.in, f.out), w)
+		return d.applyPods(st, f, w)
 	}
 	d.fast = nil
 	if v, err := d.node.Sysctl.Get("net.ipv4.ip_forward"); err != nil || v != "1" {
@@ -416,9 +418,33 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		if zt != nil {
 			d.lastZt = &ZtunnelRef{IP: zt.ip, Veth: zt.veth.Attrs().Name}
 		}
-		d.fast = &fastPath{spec: cloneZtunnel(st.Ztunnel), zt: zt, in: inLink, out: outLink}
+		f := &fastPath{spec: cloneZtunnel(st.Ztunnel), zt: zt, in: inLink, out: outLink,
+			members: map[Family]map[netip.Addr]string{}, routes: map[string]netlink.Route{}}
+		for _, fam := range []Family{IPv4, IPv6} {
+			f.members[fam], _ = st.members(fam)
+		}
+		for _, r := range d.nodeRoutes(st, zt, inLink, outLink) {
+			f.routes[routeKey(r)] = r
+		}
+		d.fast = f
 	}
 	return nil
+}
+
+// applyPods writes the member and route differences between st and what
+// the last full apply left (kept current by every write since). A failed
+// write fails the apply, which makes the next one a full read-back.
+func (d *Dataplane) applyPods(st State, f *fastPath, w *writer) error {
+	for _, fam := range []Family{IPv4, IPv6} {
+		want, err := st.members(fam)
+		if err != nil {
+			return err
+		}
+		if err := d.writeMembers(d.setName(fam), want, f.members[fam], w); err != nil {
+			return err
+		}
+	}
+	return writeRoutes(d.node.NL, f.routes, d.nodeRoutes(st, f.zt, f.in, f.out), true, w)
 }
 
 func cloneZtunnel(z *Ztunnel) *Ztunnel {
@@ -524,25 +550,39 @@ func (d *Dataplane) syncIPSets(st State, w *writer) error {
 				return err
 			}
 		}
-		for _, a := range sortedAddrs(want) {
-			uid := want[a]
-			if cur, ok := have[a]; ok && cur == uid {
-				continue
-			}
-			e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice()), Comment: uid, Replace: true}
-			if err := w.do(KindIPSet, fmt.Sprintf("add %s %s (%s)", name, a, uid), func() error { return d.node.NL.IpsetAdd(name, e) }); err != nil {
-				return err
-			}
+		if have == nil {
+			have = map[netip.Addr]string{}
 		}
-		for _, a := range sortedAddrs(have) {
-			if _, ok := want[a]; ok {
-				continue
-			}
-			e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice())}
-			if err := w.do(KindIPSet, fmt.Sprintf("del %s %s", name, a), func() error { return ignoreNotExist(d.node.NL.IpsetDel(name, e)) }); err != nil {
-				return err
-			}
+		if err := d.writeMembers(name, want, have, w); err != nil {
+			return err
 		}
+	}
+	return nil
+}
+
+// writeMembers makes the set's members want, given that it holds have
+// (updated in place as writes succeed).
+func (d *Dataplane) writeMembers(name string, want, have map[netip.Addr]string, w *writer) error {
+	for _, a := range sortedAddrs(want) {
+		uid := want[a]
+		if cur, ok := have[a]; ok && cur == uid {
+			continue
+		}
+		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice()), Comment: uid, Replace: true}
+		if err := w.do(KindIPSet, fmt.Sprintf("add %s %s (%s)", name, a, uid), func() error { return d.node.NL.IpsetAdd(name, e) }); err != nil {
+			return err
+		}
+		have[a] = uid
+	}
+	for _, a := range sortedAddrs(have) {
+		if _, ok := want[a]; ok {
+			continue
+		}
+		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice())}
+		if err := w.do(KindIPSet, fmt.Sprintf("del %s %s", name, a), func() error { return ignoreNotExist(d.node.NL.IpsetDel(name, e)) }); err != nil {
+			return err
+		}
+		delete(have, a)
 	}
 	return nil
 }
@@ -678,26 +718,11 @@ func ourRoutes(nl Netlink, proto int) ([]netlink.Route, error) {
 
 // syncRoutes makes our routes (by protocol, all tables) exactly want.
 func syncRoutes(nl Netlink, proto int, want []netlink.Route, w *writer) error {
-	have, err := ourRoutes(nl, proto)
+	have, err := ourRoutesByKey(nl, proto)
 	if err != nil {
 		return err
 	}
-	if err := replaceRoutes(nl, have, want, w); err != nil {
-		return err
-	}
-	wantKeys := map[string]bool{}
-	for _, r := range want {
-		wantKeys[routeKey(r)] = true
-	}
-	for _, r := range have {
-		if wantKeys[routeKey(r)] {
-			continue
-		}
-		if err := w.do(KindRoute, "del "+routeString(r), func() error { return ignoreNotExist(nl.RouteDel(&r)) }); err != nil {
-			return err
-		}
-	}
-	return nil
+	return writeRoutes(nl, have, want, true, w)
 }
 
 // addRoutes adds or corrects want, deleting nothing.
@@ -705,25 +730,52 @@ func addRoutes(nl Netlink, want []netlink.Route, w *writer) error {
 	if len(want) == 0 {
 		return nil
 	}
-	have, err := ourRoutes(nl, int(want[0].Protocol))
+	have, err := ourRoutesByKey(nl, int(want[0].Protocol))
 	if err != nil {
 		return err
 	}
-	return replaceRoutes(nl, have, want, w)
+	return writeRoutes(nl, have, want, false, w)
 }
 
-func replaceRoutes(nl Netlink, have, want []netlink.Route, w *writer) error {
-	haveBy := map[string]netlink.Route{}
-	for _, r := range have {
-		haveBy[routeKey(r)] = r
+func ourRoutesByKey(nl Netlink, proto int) (map[string]netlink.Route, error) {
+	rs, err := ourRoutes(nl, proto)
+	if err != nil {
+		return nil, err
 	}
+	have := make(map[string]netlink.Route, len(rs))
+	for _, r := range rs {
+		have[routeKey(r)] = r
+	}
+	return have, nil
+}
+
+// writeRoutes replaces what differs from want and, with prune, deletes the
+// rest, given that the kernel holds have (updated in place as writes succeed).
+func writeRoutes(nl Netlink, have map[string]netlink.Route, want []netlink.Route, prune bool, w *writer) error {
+	wantKeys := make(map[string]bool, len(want))
 	for _, r := range want {
-		if cur, ok := haveBy[routeKey(r)]; ok && routeEqual(r, cur) {
+		k := routeKey(r)
+		wantKeys[k] = true
+		if cur, ok := have[k]; ok && routeEqual(r, cur) {
 			continue
 		}
 		if err := w.do(KindRoute, "replace "+routeString(r), func() error { return nl.RouteReplace(&r) }); err != nil {
 			return err
 		}
+		have[k] = r
+	}
+	if !prune {
+		return nil
+	}
+	for _, k := range slices.Sorted(maps.Keys(have)) {
+		if wantKeys[k] {
+			continue
+		}
+		r := have[k]
+		if err := w.do(KindRoute, "del "+routeString(r), func() error { return ignoreNotExist(nl.RouteDel(&r)) }); err != nil {
+			return err
+		}
+		delete(have, k)
 	}
 	return nil
 }

@@ -489,3 +489,38 @@ func TestConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+func TestPodChurnReadsNothingBetweenResyncs(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	st := State{Ztunnel: f.zt, Pods: pods(3)}
+	if _, err := d.Apply(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	injected := errors.New("read while pod churn should not read")
+	f.nl.FailNext("IpsetList", injected)
+	f.nl.FailNext("RouteListFiltered", injected)
+	f.nl.FailNext("RuleList", injected)
+	f.nl.FailNext("LinkList", injected)
+	st.Pods = pods(5)[1:] // one gone, two new
+	res, err := d.Apply(context.Background(), st)
+	if err != nil {
+		t.Fatalf("pod churn read the kernel: %v", err)
+	}
+	if res.Writes[KindIPSet] != 3 || res.Writes[KindRoute] != 3 || res.TotalWrites() != 6 {
+		t.Fatalf("writes %v: %v", res.Writes, res.Changes)
+	}
+	// The resync reads everything again (and meets the pending failures).
+	d.QueueResync()
+	if _, err := d.Apply(context.Background(), st); !errors.Is(err, injected) {
+		t.Fatalf("resync did not read back: %v", err)
+	}
+	for range 4 {
+		if _, err := d.Apply(context.Background(), st); err == nil {
+			break
+		}
+	}
+	if diff, err := d.Diff(context.Background(), st); err != nil || len(diff) != 0 {
+		t.Fatalf("not converged: %v %v", diff, err)
+	}
+}
