@@ -43,8 +43,11 @@ const (
 //     place, vxlan swaps a static FDB entry); the new ztunnel netns is set up
 //     before the node is pointed at it; routes are replaced, not deleted and
 //     re-added.
-//   - Zero writes when nothing changed: every object is read back and
-//     compared; only differences are written.
+//   - Zero writes when nothing changed: a full apply (the first, after a
+//     failure, on QueueResync, on a ztunnel change) reads every object back
+//     and writes only differences; in between, pod churn diffs ipset members
+//     and table-100 routes against what the last full apply left, reading
+//     nothing and starting no process.
 //   - Ownership: routes and rules carry our protocol number, chains our
 //     prefix, links and sets fixed names; nothing else is ever deleted.
 //   - The node is never without a local-table rule: ours is added before the
