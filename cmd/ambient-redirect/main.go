@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -155,13 +156,14 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 
 	metrics := controller.NewMetrics()
-	var dp *dataplane.Dataplane
+	// Set by the sync loop once the caches synced, read by the debug server.
+	var dp atomic.Pointer[dataplane.Dataplane]
 	newDP := func(ctx context.Context) (controller.Dataplane, error) {
 		d, err := dataplane.New(ctx, dpCfg, dataplane.Options{Logger: log.Named("dataplane")})
 		if err != nil {
 			return nil, err
 		}
-		dp = d
+		dp.Store(d)
 		return d, nil
 	}
 	ctl := controller.New(client, controller.Config{
@@ -174,10 +176,10 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 
 	if o.DebugAddr != "" {
 		srv := controller.NewDebugServer(o.DebugAddr, ctl, func() controller.DataplaneInfo {
-			if dp == nil {
-				return nil
+			if d := dp.Load(); d != nil {
+				return d
 			}
-			return dp
+			return nil
 		}, metrics, configView(o), log.Named("debug"))
 		if err := srv.Start(ctx); err != nil {
 			log.Error("debug server", zap.Error(err))
