@@ -37,7 +37,11 @@ type Binaries struct{ Agent, Ztunnel string }
 func Build(repo, dir string) (Binaries, error) {
 	b := Binaries{Agent: filepath.Join(dir, "ambient-redirect"), Ztunnel: filepath.Join(dir, "test-ztunnel")}
 	for bin, pkg := range map[string]string{b.Agent: "./cmd/ambient-redirect", b.Ztunnel: "./test/ztunnel"} {
-		cmd := exec.Command("go", "build", "-o", bin, pkg)
+		args := []string{"build", "-o", bin}
+		if os.Getenv("AR_RACE") == "1" {
+			args = append(args, "-race") // agents then stop at the first data race
+		}
+		cmd := exec.Command("go", append(args, pkg)...)
 		cmd.Dir = repo
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return b, fmt.Errorf("build %s: %v\n%s", pkg, err, out)
@@ -176,8 +180,12 @@ func (e *Env) LaunchAgent(t testing.TB, n *Node, extra ...string) {
 	t.Helper()
 	args := append([]string{e.Bins.Agent, "run", "--node-name", n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir,
 		"--resync-period", "2s", "--debug-addr", DebugAddr}, extra...)
-	if len(e.AgentEnv) > 0 {
-		args = append(append([]string{"env"}, e.AgentEnv...), args...)
+	env := e.AgentEnv
+	if os.Getenv("AR_RACE") == "1" {
+		env = append(env, "GORACE=halt_on_error=1 exitcode=66")
+	}
+	if len(env) > 0 {
+		args = append(append([]string{"env"}, env...), args...)
 	}
 	n.Agent = netnstest.Start(t, n.NS, args...)
 }
