@@ -461,6 +461,12 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	if statuses == nil && zerr != nil {
 		return zerr
 	}
+	if zerr != nil && c.applied != nil && c.applied.Ztunnel != nil && zs != nil && c.applied.Ztunnel.Pod == zs.Pod {
+		// The running ztunnel could not be re-located (a transient netlink
+		// or netns-scan failure): keep it rather than tear capture down;
+		// the error still shows and the sync is retried.
+		st.Ztunnel = c.applied.Ztunnel
+	}
 	if !resync && zerr == nil && c.applied != nil && reflect.DeepEqual(st, *c.applied) {
 		// The event changed nothing the kernel carries (a plain pod, a
 		// status or annotation update): no kernel work. Drift is the
@@ -475,8 +481,8 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 		return nil
 	}
 	start := time.Now()
-	res, err := c.dp.Apply(ctx, st)
-	err = errors.Join(zerr, err)
+	res, applyErr := c.dp.Apply(ctx, st)
+	err := errors.Join(zerr, applyErr)
 	ss := &SyncStatus{Time: start, Duration: time.Since(start).String(), Writes: res.Writes, Changes: res.Changes}
 	if err != nil {
 		ss.Error = err.Error()
@@ -504,6 +510,11 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 		for _, p := range st.Pods {
 			c.programmed[types.UID(p.UID)] = true
 		}
+	}
+	// What the kernel holds: st when the apply worked (even if the ztunnel
+	// lookup failed and the previous one was kept), unknown otherwise.
+	c.applied = nil
+	if applyErr == nil {
 		applied := st
 		c.applied = &applied
 	}
@@ -516,10 +527,6 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 			c.hooks.OnProgrammed(time.Since(pending))
 		}
 		c.kickAnnotations()
-	} else {
-		c.mu.Lock()
-		c.applied = nil
-		c.mu.Unlock()
 	}
 	return err
 }

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net"
 	"net/netip"
+	"os/exec"
 	"slices"
 	"sort"
 	"sync"
@@ -132,7 +133,7 @@ func (r Result) TotalWrites() int {
 
 // New validates cfg, opens the node's kernel and resolves the iptables
 // backend and tunnel type.
-func New(ctx context.Context, cfg Config, o Options) (*Dataplane, error) {
+func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -150,6 +151,11 @@ func New(ctx context.Context, cfg Config, o Options) (*Dataplane, error) {
 			return nil, err
 		}
 		d.node = k
+		defer func() {
+			if err != nil {
+				k.Close()
+			}
+		}()
 	}
 	switch cfg.IPTablesMode {
 	case IPTablesNFT:
@@ -226,6 +232,9 @@ func (d *Dataplane) resolveTunnel() error {
 func (d *Dataplane) probeGeneve() error {
 	name := "ar-probe-gnv"
 	l := &netlink.Geneve{LinkAttrs: netlink.LinkAttrs{Name: name}, ID: 1, Remote: net.IPv4(127, 0, 0, 2), Dport: 1}
+	if old, err := d.node.NL.LinkByName(name); err == nil {
+		_ = d.node.NL.LinkDel(old) // left by an agent that died mid-probe; ours by name
+	}
 	if err := d.node.NL.LinkAdd(l); err != nil {
 		return err
 	}
@@ -288,6 +297,8 @@ func (d *Dataplane) QueueResync() {
 func (d *Dataplane) Diff(ctx context.Context, st State) ([]string, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	port := d.port
+	defer func() { d.port = port }()
 	w := newWriter(true)
 	err := d.converge(ctx, st, w)
 	return w.res.Changes, err
@@ -351,7 +362,9 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		// routes can differ. Everything else is verified by the resync.
 		return d.applyPods(st, f, w)
 	}
-	d.fast = nil
+	if !w.dry {
+		d.fast = nil
+	}
 	if v, err := d.node.Sysctl.Get("net.ipv4.ip_forward"); err != nil || v != "1" {
 		return fmt.Errorf("net.ipv4.ip_forward must be 1 on the node (is %q, %v): pods' traffic cannot be forwarded", v, err)
 	}
@@ -888,9 +901,18 @@ func (d *Dataplane) syncRules(nl Netlink, want []netlink.Rule, swapLocal bool, w
 			return err
 		}
 	}
+	restored := false
 	for _, r := range ours {
 		if wantKeys[ruleString(r)] {
 			continue
+		}
+		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL && !restored {
+			restored = true
+			// Ours replaced the kernel's local rule: put that back first,
+			// so the node is never without one.
+			if err := restoreLocalRule(nl, all, d.cfg.RouteProtocol, w); err != nil {
+				return err
+			}
 		}
 		if err := w.do(KindRule, "del "+ruleString(r), func() error { return ignoreNotExist(nl.RuleDel(&r)) }); err != nil {
 			return err
@@ -914,6 +936,16 @@ func (d *Dataplane) syncRules(nl Netlink, want []netlink.Rule, swapLocal bool, w
 		}
 	}
 	return nil
+}
+
+// restoreLocalRule adds `0: from all lookup local` unless a rule that is not
+// ours already does that.
+func restoreLocalRule(nl Netlink, all []netlink.Rule, proto int, w *writer) error {
+	if slices.ContainsFunc(all, func(r netlink.Rule) bool { return isLocalRule(r) && int(r.Protocol) != proto }) {
+		return nil
+	}
+	local := newRule(0, unix.RT_TABLE_LOCAL, 0, 0, unix.RTPROT_KERNEL)
+	return w.do(KindRule, "add 0: from all lookup local (restore)", func() error { return nl.RuleAdd(&local) })
 }
 
 // --- tunnels ---
@@ -1088,7 +1120,9 @@ func (d *Dataplane) syncIPTables(ctx context.Context, s *iptables.Syncer, rs ipt
 	if !w.dry && !d.resync && d.applied[s] == rendered {
 		return nil
 	}
-	delete(d.applied, s)
+	if !w.dry {
+		delete(d.applied, s)
+	}
 	if err := runIPTables(ctx, s, rs, w); err != nil {
 		return err
 	}
@@ -1182,21 +1216,21 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer)
 
 // cleanupZtunnelNS removes everything we own from a ztunnel netns.
 func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, path string, w *writer) error {
+	if s, ok := d.ztIPT[path]; ok && !w.dry {
+		delete(d.applied, s)
+		delete(d.ztIPT, path)
+	}
 	k, err := d.openNS(path)
 	if err != nil {
 		return err
 	}
 	defer k.Close()
-	if s, ok := d.ztIPT[path]; ok {
-		delete(d.applied, s)
-		delete(d.ztIPT, path)
-	}
-	return d.cleanupNS(ctx, k, []string{ZtunnelInLink, ZtunnelOutLink}, false, w)
+	return d.cleanupNS(ctx, k, []string{ZtunnelInLink, ZtunnelOutLink}, w)
 }
 
 // cleanupNS removes our chains (both backends), rules, routes and tunnel
 // links from one netns.
-func (d *Dataplane) cleanupNS(ctx context.Context, k *Kernel, links []string, restoreLocal bool, w *writer) error {
+func (d *Dataplane) cleanupNS(ctx context.Context, k *Kernel, links []string, w *writer) error {
 	var errs []error
 	for _, b := range []string{d.backend, otherBackend(d.backend)} {
 		r, err := k.IPT(b)
@@ -1204,19 +1238,12 @@ func (d *Dataplane) cleanupNS(ctx context.Context, k *Kernel, links []string, re
 			errs = append(errs, err)
 			continue
 		}
-		if err := runIPTables(ctx, iptables.NewSyncer(r, ChainPrefix), nil, w); err != nil && b == d.backend {
+		// The other backend's tools may be absent; anything else is an error.
+		if err := runIPTables(ctx, iptables.NewSyncer(r, ChainPrefix), nil, w); err != nil && (b == d.backend || !errors.Is(err, exec.ErrNotFound)) {
 			errs = append(errs, err)
 		}
 	}
-	if restoreLocal {
-		rules, err := k.NL.RuleList(netlink.FAMILY_V4)
-		if err != nil {
-			errs = append(errs, err)
-		} else if !slices.ContainsFunc(rules, func(r netlink.Rule) bool { return isLocalRule(r) && int(r.Protocol) != d.cfg.RouteProtocol }) {
-			local := newRule(0, unix.RT_TABLE_LOCAL, 0, 0, unix.RTPROT_KERNEL)
-			errs = append(errs, w.do(KindRule, "add 0: from all lookup local (restore)", func() error { return k.NL.RuleAdd(&local) }))
-		}
-	}
+	// syncRules puts the kernel's local rule back before removing ours.
 	if err := d.syncRules(k.NL, nil, false, w); err != nil {
 		errs = append(errs, err)
 	}
@@ -1226,6 +1253,9 @@ func (d *Dataplane) cleanupNS(ctx context.Context, k *Kernel, links []string, re
 	for _, name := range links {
 		l, err := k.NL.LinkByName(name)
 		if err != nil {
+			if !isLinkNotFound(err) {
+				errs = append(errs, fmt.Errorf("link %s: %w", name, err))
+			}
 			continue
 		}
 		if _, ok := readTunnel(l); !ok {
@@ -1251,7 +1281,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 	start := time.Now()
 	w := newWriter(false)
 	// Node first: stop marking before the routes and tunnels go.
-	errs := []error{d.cleanupNS(ctx, d.node, []string{NodeInLink, NodeOutLink}, d.cfg.CaptureNodeLocal, w)}
+	errs := []error{d.cleanupNS(ctx, d.node, []string{NodeInLink, NodeOutLink}, w)}
 	for _, f := range []Family{IPv4, IPv6} {
 		name := d.setName(f)
 		_, exists, err := d.ipsetMembers(d.node.NL, f)

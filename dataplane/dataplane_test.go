@@ -524,3 +524,37 @@ func TestPodChurnReadsNothingBetweenResyncs(t *testing.T) {
 		t.Fatalf("not converged: %v %v", diff, err)
 	}
 }
+
+func TestNodeNeverLosesItsLocalRule(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(f.nl.Dump(), "rule 0: lookup 255 proto 2") {
+		t.Fatal("the kernel's unconditional local rule must be replaced by ours")
+	}
+	// Turning node-local capture off restores the kernel's rule before ours goes.
+	off := f.dataplane(t, func(c *Config) { c.CaptureNodeLocal = false })
+	f.nl.FailNext("RuleDel", errors.New("injected"))
+	if _, err := off.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err == nil {
+		t.Fatal("injected failure not reported")
+	}
+	dump := f.nl.Dump()
+	if !strings.Contains(dump, "rule 0: lookup 255 proto 2") {
+		t.Fatalf("no local rule after a failed delete:\n%s", dump)
+	}
+	if _, err := off.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if dump := f.nl.Dump(); !strings.Contains(dump, "rule 0: lookup 255 proto 2") || strings.Contains(dump, "rule 0: fwmark") {
+		t.Fatalf("want exactly the kernel's local rule:\n%s", dump)
+	}
+}
+
+func TestMappedUnspecifiedPodIPIsRejected(t *testing.T) {
+	st := State{Pods: []Pod{{UID: "a", IPs: []netip.Addr{netip.MustParseAddr("::ffff:0.0.0.0")}}}}
+	if err := st.Validate(); err == nil {
+		t.Fatal("::ffff:0.0.0.0 accepted")
+	}
+}

@@ -128,26 +128,34 @@ func OpenKernel(path string) (*Kernel, error) {
 	return k, nil
 }
 
-// doInNS runs f on a locked OS thread switched into ns. If switching back
-// fails the thread stays locked, so the runtime discards it with the goroutine.
+// doInNS runs f on a fresh, locked OS thread switched into ns. The
+// caller's thread never changes namespace; if switching back fails, the
+// helper goroutine exits still locked and the runtime destroys its thread.
 func doInNS(ns netns.NsHandle, f func() error) error {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("get current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter netns: %w", err)
+			return
+		}
+		ferr := f()
+		if err := netns.Set(orig); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("restore netns: %w", err))
+			return // still locked: the thread dies with this goroutine
+		}
 		runtime.UnlockOSThread()
-		return fmt.Errorf("get current netns: %w", err)
-	}
-	defer orig.Close()
-	if err := netns.Set(ns); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("enter netns: %w", err)
-	}
-	ferr := f()
-	if err := netns.Set(orig); err != nil {
-		return errors.Join(ferr, fmt.Errorf("restore netns: %w", err))
-	}
-	runtime.UnlockOSThread()
-	return ferr
+		errc <- ferr
+	}()
+	return <-errc
 }
 
 type procSysctl struct{ inNS iptables.InNS }

@@ -100,6 +100,7 @@ func (s State) Validate() error {
 			problems = append(problems, fmt.Sprintf("pod %s: empty UID", p.Name))
 		}
 		for _, a := range p.IPs {
+			a = a.Unmap() // ::ffff:0.0.0.0 must be judged as 0.0.0.0
 			if !a.IsValid() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
 				problems = append(problems, fmt.Sprintf("pod %s: invalid IP %v", p.Name, a))
 			}

@@ -221,6 +221,9 @@ func cmdCleanup(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	cfg, err := o.dataplaneConfig()
+	if err == nil {
+		err = o.checkNetNSDir()
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "ambient-redirect cleanup: %s\n", oneLine(err))
 		return 2

@@ -25,6 +25,13 @@ func TestBadFlagsAreOneLineExit2(t *testing.T) {
 		{[]string{"run", "--no-such-flag"}, "no-such-flag"},
 		{[]string{"cleanup", "--iptables-mode", "x"}, "iptables-mode"},
 		{[]string{"status", "--debug-addr", "x"}, "debug-addr"},
+		{[]string{"run", "--node-name", "Bad_Name"}, "node-name"},
+		{[]string{"run", "--node-name", "n", "--ztunnel-namespace", "a b"}, "a b"},
+		{[]string{"run", "--node-name", "n", "--exclude-namespaces", "ok,Not_OK"}, "Not_OK"},
+		{[]string{"run", "--node-name", "n", "--kube-api-qps", "NaN"}, "kube-api-qps"},
+		{[]string{"run", "--node-name", "n", "--kube-api-burst", "0"}, "kube-api-burst"},
+		{[]string{"cleanup", "--netns-dir", "/does/not/exist"}, "netns-dir"},
+		{[]string{"status", "--timeout", "0s"}, "timeout"},
 		{[]string{"frobnicate"}, "frobnicate"},
 	}
 	for _, c := range cases {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
@@ -105,8 +107,16 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 // Validate checks the run options; every problem is reported.
 func (o *Options) Validate() error {
 	var errs []error
-	if strings.TrimSpace(o.NodeName) == "" {
+	o.NodeName = strings.TrimSpace(o.NodeName)
+	if o.NodeName == "" {
 		errs = append(errs, errors.New("--node-name (or env NODE_NAME) is required"))
+	} else if msgs := validation.IsDNS1123Subdomain(o.NodeName); len(msgs) > 0 {
+		errs = append(errs, fmt.Errorf("--node-name %q is not a valid node name: %s", o.NodeName, strings.Join(msgs, "; ")))
+	}
+	for _, ns := range append([]string{o.ZtunnelNamespace}, o.excluded()...) {
+		if msgs := validation.IsDNS1123Label(ns); ns != "" && len(msgs) > 0 {
+			errs = append(errs, fmt.Errorf("namespace %q (--ztunnel-namespace/--exclude-namespaces) is not valid: %s", ns, strings.Join(msgs, "; ")))
+		}
 	}
 	if _, err := labels.Parse(o.ZtunnelSelector); err != nil || strings.TrimSpace(o.ZtunnelSelector) == "" {
 		errs = append(errs, fmt.Errorf("--ztunnel-selector %q is not a non-empty label selector: %v", o.ZtunnelSelector, err))
@@ -117,7 +127,7 @@ func (o *Options) Validate() error {
 	if o.ResyncPeriod < time.Second {
 		errs = append(errs, fmt.Errorf("--resync-period %s must be at least 1s", o.ResyncPeriod))
 	}
-	if o.KubeAPIQPS <= 0 || o.KubeAPIBurst <= 0 {
+	if !(o.KubeAPIQPS > 0) || math.IsInf(o.KubeAPIQPS, 0) || o.KubeAPIBurst <= 0 {
 		errs = append(errs, fmt.Errorf("--kube-api-qps %g and --kube-api-burst %d must be positive", o.KubeAPIQPS, o.KubeAPIBurst))
 	}
 	if o.TunnelPort < 0 || o.TunnelPort > 65535 {
@@ -133,13 +143,20 @@ func (o *Options) Validate() error {
 			errs = append(errs, fmt.Errorf("--kubeconfig: %v", err))
 		}
 	}
-	if st, err := os.Stat(o.NetNSDir); err != nil || !st.IsDir() {
-		errs = append(errs, fmt.Errorf("--netns-dir %q is not a directory", o.NetNSDir))
+	if err := o.checkNetNSDir(); err != nil {
+		errs = append(errs, err)
 	}
 	if _, err := o.dataplaneConfig(); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+func (o *Options) checkNetNSDir() error {
+	if st, err := os.Stat(o.NetNSDir); err != nil || !st.IsDir() {
+		return fmt.Errorf("--netns-dir %q is not a directory", o.NetNSDir)
+	}
+	return nil
 }
 
 func validHostPort(addr string) error {

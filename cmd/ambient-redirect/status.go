@@ -28,6 +28,10 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "ambient-redirect status: --debug-addr %q: %v\n", *addr, err)
 		return 2
 	}
+	if *timeout <= 0 {
+		fmt.Fprintf(stderr, "ambient-redirect status: --timeout %s must be positive\n", *timeout)
+		return 2
+	}
 	c := &http.Client{Timeout: *timeout}
 	resp, err := c.Get("http://" + *addr + "/debug/state")
 	if err != nil {

@@ -142,7 +142,7 @@ func (s *Syncer) Sync(ctx context.Context, desired Ruleset, dryRun bool) (Result
 		if !exists && len(want) == 0 {
 			continue // nothing of ours can be in a table that does not exist
 		}
-		input, changes := s.plan(table, want, cur)
+		input, drop, changes := s.plan(table, want, cur)
 		if len(changes) == 0 {
 			continue
 		}
@@ -155,6 +155,16 @@ func (s *Syncer) Sync(ctx context.Context, desired Ruleset, dryRun bool) (Result
 		}
 		res.Restores++
 		s.learn(ctx, table, want)
+		if drop != "" {
+			// Deleting a stale chain fails while something we do not
+			// manage still jumps to it: keep that out of the transaction
+			// that updates our live chains. It is emptied already.
+			if err := s.run.Restore(ctx, drop); err != nil {
+				res.Changes = append(res.Changes, Change{table, "", "stale chains not deleted (still referenced?): " + err.Error()})
+			} else {
+				res.Restores++
+			}
+		}
 	}
 	return res, nil
 }
@@ -251,9 +261,8 @@ func (s *Syncer) canon(line string) string {
 }
 
 // plan builds the restore input for one table and the list of changes.
-func (s *Syncer) plan(table string, want []Chain, cur Parsed) (string, []Change) {
-	var changes []Change
-	var decl, body, jumpDel, jumpAdd, drop []string
+func (s *Syncer) plan(table string, want []Chain, cur Parsed) (input, drop string, changes []Change) {
+	var decl, body, jumpDel, jumpAdd, stale []string
 
 	wantNames := map[string]bool{}
 	for _, c := range want {
@@ -309,32 +318,37 @@ func (s *Syncer) plan(table string, want []Chain, cur Parsed) (string, []Change)
 		}
 	}
 
-	// Leftover chains of ours.
-	var stale []string
+	// Leftover chains of ours: emptied here, deleted in a second step.
 	for name := range cur.Chains {
 		if s.ours(name) && !wantNames[name] {
 			stale = append(stale, name)
 		}
 	}
 	slices.Sort(stale)
+	var dropLines []string
 	for _, name := range stale {
 		changes = append(changes, Change{table, name, "chain not wanted"})
-		// Flush first: rules in other stale chains may jump here.
 		decl = append(decl, ":"+name+" - [0:0]")
-		drop = append(drop, "-X "+name)
+		dropLines = append(dropLines, "-X "+name)
 	}
 	if len(changes) == 0 {
-		return "", nil
+		return "", "", nil
 	}
+	return restoreInput(table, decl, jumpDel, body, jumpAdd), restoreInput(table, dropLines), changes
+}
+
+// restoreInput renders one table's transaction; "" when there is nothing.
+func restoreInput(table string, parts ...[]string) string {
 	var b strings.Builder
-	b.WriteString("*" + table + "\n")
-	for _, part := range [][]string{decl, jumpDel, body, jumpAdd, drop} {
+	for _, part := range parts {
 		for _, l := range part {
 			b.WriteString(l + "\n")
 		}
 	}
-	b.WriteString("COMMIT\n")
-	return b.String(), changes
+	if b.Len() == 0 {
+		return ""
+	}
+	return "*" + table + "\n" + b.String() + "COMMIT\n"
 }
 
 func (s *Syncer) equal(want, have []string) bool {
