@@ -977,7 +977,10 @@ func syncTunnel(nl Netlink, t tunnelEnd, w *writer) (netlink.Link, error) {
 	}
 	if l != nil {
 		info, ok := readTunnel(l)
-		if !ok || info.Type != t.Type || info.VNI != t.VNI || info.Port != t.Port || info.Learning {
+		if !ok {
+			return nil, fmt.Errorf("link %s exists and is a %s device, not a tunnel of ours: refusing to replace it", t.Name, l.Type())
+		}
+		if info.Type != t.Type || info.VNI != t.VNI || info.Port != t.Port || info.Learning {
 			// Not something we can change in place: re-create.
 			if err := w.do(KindLink, fmt.Sprintf("del %s (have %+v, want %s vni %d port %d)", t.Name, info, t.Type, t.VNI, t.Port), func() error { return nl.LinkDel(l) }); err != nil {
 				return nil, err

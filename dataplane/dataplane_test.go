@@ -558,3 +558,15 @@ func TestMappedUnspecifiedPodIPIsRejected(t *testing.T) {
 		t.Fatal("::ffff:0.0.0.0 accepted")
 	}
 }
+
+func TestForeignDeviceNamedLikeOurTunnelIsNotReplaced(t *testing.T) {
+	f := newFakeNode(t)
+	f.nl.AddVeth(NodeOutLink, 1500, 0)
+	d := f.dataplane(t, nil)
+	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt}); err == nil || !strings.Contains(err.Error(), "refusing") {
+		t.Fatalf("err = %v", err)
+	}
+	if l, err := f.nl.LinkByName(NodeOutLink); err != nil || l.Type() != "veth" {
+		t.Fatalf("foreign %s replaced: %v %v", NodeOutLink, l, err)
+	}
+}
