@@ -397,7 +397,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		if err := d.prepareSwitch(ctx, st, zt, w); err != nil {
 			return err
 		}
-		in, out := d.nodeTunnels(zt)
+		in, out := d.tunnelEnds(zt, true)
 		if inLink, err = syncTunnel(d.node.NL, in, w); err != nil {
 			return err
 		}
@@ -964,8 +964,6 @@ func (d *Dataplane) tunnelEnds(zt *ztRuntime, node bool) (in, out tunnelEnd) {
 	mtu := zt.eth.Attrs().MTU
 	return mk(ZtunnelInLink, d.cfg.InVNI, inZt, inNode, zt.hostIP, mtu), mk(ZtunnelOutLink, d.cfg.OutVNI, outZt, outNode, zt.hostIP, mtu)
 }
-
-func (d *Dataplane) nodeTunnels(zt *ztRuntime) (tunnelEnd, tunnelEnd) { return d.tunnelEnds(zt, true) }
 
 // syncTunnel converges one tunnel device, its address, its static neighbour
 // and (vxlan) its FDB entry. It returns the link (nil in a dry run when the

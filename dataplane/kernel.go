@@ -180,24 +180,20 @@ func (p procSysctl) Set(key, value string) error {
 	})
 }
 
-// FindPeerNetNS returns the path under dir of the network namespace holding
-// the peer of the veth hostVeth (in the namespace of nl). It matches the
-// veth's IFLA_LINK_NETNSID against the id each named namespace has in ours.
-func FindPeerNetNS(nl Netlink, hostVeth, dir string) (string, error) {
-	link, err := nl.LinkByName(hostVeth)
-	if err != nil {
-		return "", fmt.Errorf("veth %s: %w", hostVeth, err)
-	}
-	want := link.Attrs().NetNsID
+// peerNetNS returns the path under dir of the network namespace holding the
+// peer of veth (in the namespace of nl). It matches the veth's
+// IFLA_LINK_NETNSID against the id each named namespace has in ours.
+func peerNetNS(nl Netlink, veth netlink.Link, dir string) (string, error) {
+	want := veth.Attrs().NetNsID
 	if want < 0 {
-		return "", fmt.Errorf("veth %s has no peer in another netns", hostVeth)
+		return "", fmt.Errorf("veth %s has no peer in another netns", veth.Attrs().Name)
 	}
 	for _, p := range listNetNSDir(dir) {
 		if nsID(nl, p) == want {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("no netns under %s has id %d (peer of %s)", dir, want, hostVeth)
+	return "", fmt.Errorf("no netns under %s has id %d (peer of %s)", dir, want, veth.Attrs().Name)
 }
 
 // nsID is the id the namespace at path has in nl's namespace, or -1.
@@ -230,15 +226,17 @@ func (d *Dataplane) LocateZtunnel(ip net.IP) (veth, netnsPath string, err error)
 			}
 		}
 	}
-	veth, netnsPath, err = d.locateZtunnel(ip)
-	if err == nil {
-		if l, lerr := d.node.NL.LinkByName(veth); lerr == nil {
-			d.locMu.Lock()
-			d.located = &located{ip: ip, veth: veth, path: netnsPath, index: l.Attrs().Index, nsid: l.Attrs().NetNsID}
-			d.locMu.Unlock()
-		}
+	c, err = d.locateZtunnel(ip)
+	if c == nil {
+		return "", "", err
 	}
-	return veth, netnsPath, err
+	if err != nil {
+		return c.veth, "", err
+	}
+	d.locMu.Lock()
+	d.located = c
+	d.locMu.Unlock()
+	return c.veth, c.path, nil
 }
 
 // located is the last ztunnel LocateZtunnel found.
@@ -248,21 +246,21 @@ type located struct {
 	index, nsid int
 }
 
-func (d *Dataplane) locateZtunnel(ip net.IP) (veth, netnsPath string, err error) {
+// locateZtunnel does the lookup; on a netns miss it still names the veth.
+func (d *Dataplane) locateZtunnel(ip net.IP) (*located, error) {
 	routes, err := d.node.NL.RouteGet(ip)
 	if err != nil || len(routes) == 0 {
-		return "", "", fmt.Errorf("no route to ztunnel %s: %v", ip, err)
+		return nil, fmt.Errorf("no route to ztunnel %s: %v", ip, err)
 	}
 	link, err := d.node.NL.LinkByIndex(routes[0].LinkIndex)
 	if err != nil {
-		return "", "", fmt.Errorf("device of the route to ztunnel %s: %w", ip, err)
+		return nil, fmt.Errorf("device of the route to ztunnel %s: %w", ip, err)
 	}
+	a := link.Attrs()
 	if link.Type() != "veth" {
-		return "", "", fmt.Errorf("route to ztunnel %s leaves through %s (%s), not a pod veth: is the CNI ptp-like?", ip, link.Attrs().Name, link.Type())
+		return nil, fmt.Errorf("route to ztunnel %s leaves through %s (%s), not a pod veth: is the CNI ptp-like?", ip, a.Name, link.Type())
 	}
-	path, err := FindPeerNetNS(d.node.NL, link.Attrs().Name, d.cfg.NetNSDir)
-	if err != nil {
-		return link.Attrs().Name, "", err
-	}
-	return link.Attrs().Name, path, nil
+	c := &located{ip: ip, veth: a.Name, index: a.Index, nsid: a.NetNsID}
+	c.path, err = peerNetNS(d.node.NL, link, d.cfg.NetNSDir)
+	return c, err
 }

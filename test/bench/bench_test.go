@@ -202,7 +202,7 @@ func TestNodeScale(t *testing.T) {
 		fill(t, e, node, &pods, size-2) // plus a1, a2
 		var p50s, p99s, maxs []time.Duration
 		var all []time.Duration
-		sum0, n0 := metric(t, e, node, "ambient_redirect_event_to_programmed_seconds_sum"), metric(t, e, node, "ambient_redirect_event_to_programmed_seconds_count")
+		sum0, n0 := e.Metric(t, node, "ambient_redirect_event_to_programmed_seconds_sum"), e.Metric(t, node, "ambient_redirect_event_to_programmed_seconds_count")
 		for r := range *runs {
 			ls := latencies(t, e, node, fmt.Sprintf("%d-%d", size, r), *samples)
 			all = append(all, ls...)
@@ -212,7 +212,7 @@ func TestNodeScale(t *testing.T) {
 		res.add(fmt.Sprintf("pod IP written → programmed, %d pods: p50", size), fmt.Sprintf("%s (runs %s)", ms(pct(all, .5)), spread(p50s)), "", true)
 		res.add(fmt.Sprintf("pod IP written → programmed, %d pods: p99", size), fmt.Sprintf("%s (runs %s)", ms(pct(all, .99)), spread(p99s)), "≤ "+ms(target), pct(all, .99) <= target)
 		res.add(fmt.Sprintf("pod IP written → programmed, %d pods: max", size), fmt.Sprintf("%s (runs %s)", ms(slices.Max(all)), spread(maxs)), "", true)
-		sum1, n1 := metric(t, e, node, "ambient_redirect_event_to_programmed_seconds_sum"), metric(t, e, node, "ambient_redirect_event_to_programmed_seconds_count")
+		sum1, n1 := e.Metric(t, node, "ambient_redirect_event_to_programmed_seconds_sum"), e.Metric(t, node, "ambient_redirect_event_to_programmed_seconds_count")
 		if n1 > n0 {
 			mean := time.Duration((sum1 - sum0) / (n1 - n0) * float64(time.Second))
 			res.add(fmt.Sprintf("  of which inside the agent (event → kernel), %d pods: mean", size), ms(mean), "", true)
@@ -230,7 +230,7 @@ func TestNodeScale(t *testing.T) {
 	pid := node.Agent.Cmd.Process.Pid
 	// Idle means no sync for 2s (annotation patches of the last events done).
 	for last, stable, deadline := -1.0, 0, time.Now().Add(60*time.Second); stable < 4 && time.Now().Before(deadline); {
-		cur := metric(t, e, node, "ambient_redirect_syncs_total")
+		cur := e.Metric(t, node, "ambient_redirect_syncs_total")
 		if cur == last {
 			stable++
 		} else {
@@ -240,10 +240,10 @@ func TestNodeScale(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	cpu0, rss0 := procStat(t, pid)
-	syncs0 := metric(t, e, node, "ambient_redirect_syncs_total")
+	syncs0 := e.Metric(t, node, "ambient_redirect_syncs_total")
 	time.Sleep(10 * time.Second)
 	cpu1, rss1 := procStat(t, pid)
-	syncs := metric(t, e, node, "ambient_redirect_syncs_total") - syncs0
+	syncs := e.Metric(t, node, "ambient_redirect_syncs_total") - syncs0
 	res.add("agent RSS at idle, 250 pods", fmt.Sprintf("%.1f MiB (%.1f..%.1f)", float64(max(rss0, rss1))/1024, float64(rss0)/1024, float64(rss1)/1024), "≤ 40 MiB", max(rss0, rss1) <= 40*1024)
 	res.add("agent CPU at idle, 250 pods (10s)", fmt.Sprintf("%.2f%% of a core (%.0f syncs)", 100*(cpu1-cpu0)/10, syncs), "", true)
 
@@ -400,21 +400,6 @@ func syncedAt(t *testing.T, log string, start time.Time) time.Duration {
 		}
 	}
 	t.Fatalf("no caches-synced line in:\n%s", log)
-	return 0
-}
-
-// metric reads one unlabelled sample from the agent's /metrics.
-func metric(t *testing.T, e *harness.Env, n *harness.Node, name string) float64 {
-	_, body, err := e.Get(n, "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range strings.Split(body, "\n") {
-		if strings.HasPrefix(l, name+" ") {
-			v, _ := strconv.ParseFloat(strings.Fields(l)[1], 64)
-			return v
-		}
-	}
 	return 0
 }
 

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -228,6 +229,12 @@ func (e *Env) State(t testing.TB, n *Node) controller.DebugState {
 
 // KernelWrites sums ambient_redirect_kernel_writes_total from /metrics.
 func (e *Env) KernelWrites(t testing.TB, n *Node) int {
+	return int(e.Metric(t, n, "ambient_redirect_kernel_writes_total"))
+}
+
+// Metric sums every series of the named metric in the agent's /metrics
+// (one sample for an unlabelled metric).
+func (e *Env) Metric(t testing.TB, n *Node, name string) float64 {
 	t.Helper()
 	code, body, err := e.Get(n, "/metrics")
 	if err != nil || code != 200 {
@@ -235,13 +242,13 @@ func (e *Env) KernelWrites(t testing.TB, n *Node) int {
 	}
 	total := 0.0
 	for _, l := range strings.Split(body, "\n") {
-		if strings.HasPrefix(l, "ambient_redirect_kernel_writes_total{") {
-			var v float64
-			fmt.Sscanf(l[strings.LastIndex(l, " ")+1:], "%g", &v)
-			total += v
+		if strings.HasPrefix(l, name+" ") || strings.HasPrefix(l, name+"{") {
+			if v, err := strconv.ParseFloat(l[strings.LastIndex(l, " ")+1:], 64); err == nil {
+				total += v
+			}
 		}
 	}
-	return int(total)
+	return total
 }
 
 type PodOpt func(*corev1.Pod)
