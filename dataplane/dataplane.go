@@ -70,9 +70,10 @@ type Dataplane struct {
 	nodeIPT  *iptables.Syncer
 	ztIPT    map[string]*iptables.Syncer
 	lastZtNS string
-	// lastZt is the ztunnel of the last successful apply (nil: none).
-	lastZt *ZtunnelRef
-	port   int
+	// last is what the node's iptables rules were last written from (nil:
+	// not known to this process); transitions start from it.
+	last *NodeParams
+	port int
 	// resync makes the next Apply verify the iptables chains even when the
 	// rendered rules did not change. Reading them back costs a process per
 	// table, so per-pod applies skip it (they only touch ipset members and
@@ -378,7 +379,18 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if zt != nil {
 		defer zt.k.Close()
 	}
-	if err := d.syncIPSets(st, w); err != nil {
+	want := map[Family]map[netip.Addr]string{}
+	for _, f := range []Family{IPv4, IPv6} {
+		if want[f], err = st.members(f); err != nil {
+			return err
+		}
+	}
+	members, err := d.readSets(w)
+	if err != nil {
+		return err
+	}
+	routes, err := ourRoutesByKey(d.node.NL, d.cfg.RouteProtocol)
+	if err != nil {
 		return err
 	}
 	links, err := d.node.NL.LinkList()
@@ -386,17 +398,48 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		return fmt.Errorf("list links: %w", err)
 	}
 	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
+	next := d.nodeParams(st, zt)
+	prev, prevVeth := next, false
+	if !w.dry {
+		if d.last == nil {
+			actual, err := d.nodeIPT.Actual(ctx)
+			if err != nil {
+				return err
+			}
+			adopted := adoptedParams(d.cfg, next, actual)
+			d.last = &adopted
+		}
+		prev = *d.last
+		_, err := d.node.NL.LinkByName(prev.ZtunnelVeth)
+		prevVeth = prev.ZtunnelVeth != "" && err == nil
+	}
+	rules := &nodeRules{d: d, ctx: ctx, w: w}
 
+	// Make: the order is explained in transition.go.
+	for _, f := range []Family{IPv4, IPv6} {
+		if err := d.addMembers(d.setName(f), want[f], members[f], w); err != nil {
+			return err
+		}
+	}
 	var inLink, outLink netlink.Link
 	if zt != nil {
 		// The new ztunnel's netns first: the node must never point at a
-		// ztunnel that cannot answer yet.
+		// ztunnel that cannot answer yet. Its IP stays on its veth in our
+		// tables: encapsulated packets carry the inner mark and must not
+		// loop into the tunnel.
 		if err := d.syncZtunnelNS(ctx, zt, w); err != nil {
 			return err
 		}
-		if err := d.prepareSwitch(ctx, st, zt, w); err != nil {
+		if err := addRoutes(d.node.NL, routes, d.ztunnelRoutes(zt), w); err != nil {
 			return err
 		}
+	}
+	if !w.dry {
+		if err := rules.write(unionParams(prev, next, prevVeth, false)); err != nil {
+			return err
+		}
+	}
+	if zt != nil {
 		in, out := d.tunnelEnds(zt, true)
 		if inLink, err = syncTunnel(d.node.NL, in, w); err != nil {
 			return err
@@ -408,13 +451,36 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := d.syncNodeSysctls(zt, w); err != nil {
 		return err
 	}
-	if err := syncRoutes(d.node.NL, d.cfg.RouteProtocol, d.nodeRoutes(st, zt, inLink, outLink), w); err != nil {
+	wantRoutes := d.nodeRoutes(st, zt, inLink, outLink)
+	reach, inbound := d.splitInbound(wantRoutes)
+	if err := addRoutes(d.node.NL, routes, reach, w); err != nil {
 		return err
 	}
 	if err := d.syncRules(d.node.NL, d.nodeRules(), d.cfg.CaptureNodeLocal, w); err != nil {
 		return err
 	}
-	if err := d.syncIPTables(ctx, d.nodeIPT, NodeRuleset(d.cfg, d.nodeParams(st, zt)), w); err != nil {
+	if !w.dry {
+		if err := rules.write(unionParams(prev, next, prevVeth, true)); err != nil {
+			return err
+		}
+	}
+	if err := addRoutes(d.node.NL, routes, inbound, w); err != nil {
+		return err
+	}
+
+	// Break.
+	if err := pruneRoutes(d.node.NL, routes, wantRoutes, d.isInbound, w); err != nil {
+		return err
+	}
+	if err := rules.write(next); err != nil {
+		return err
+	}
+	for _, f := range []Family{IPv4, IPv6} {
+		if err := d.delMembers(d.setName(f), want[f], members[f], w); err != nil {
+			return err
+		}
+	}
+	if err := pruneRoutes(d.node.NL, routes, wantRoutes, nil, w); err != nil {
 		return err
 	}
 	newNS := ""
@@ -430,37 +496,66 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	}
 	if !w.dry {
 		d.lastZtNS = newNS
-		d.lastZt = nil
-		if zt != nil {
-			d.lastZt = &ZtunnelRef{IP: zt.ip, Veth: zt.veth.Attrs().Name}
-		}
-		f := &fastPath{spec: cloneZtunnel(st.Ztunnel), zt: zt, in: inLink, out: outLink,
-			members: map[Family]map[netip.Addr]string{}, routes: map[string]netlink.Route{}}
-		for _, fam := range []Family{IPv4, IPv6} {
-			f.members[fam], _ = st.members(fam)
-		}
-		for _, r := range d.nodeRoutes(st, zt, inLink, outLink) {
-			f.routes[routeKey(r)] = r
-		}
+		f := &fastPath{spec: cloneZtunnel(st.Ztunnel), zt: zt, in: inLink, out: outLink, members: members, routes: routes}
 		d.fast = f
 	}
 	return nil
 }
 
+// nodeRules writes the node's iptables rules for one step of a
+// transition, skipping a step whose rules equal the previous one's.
+type nodeRules struct {
+	d       *Dataplane
+	ctx     context.Context
+	w       *writer
+	written string
+}
+
+func (r *nodeRules) write(p NodeParams) error {
+	rs := NodeRuleset(r.d.cfg, p)
+	rendered := rs.Render()
+	if rendered == r.written {
+		return nil
+	}
+	if err := r.d.syncIPTables(r.ctx, r.d.nodeIPT, rs, r.w); err != nil {
+		return err
+	}
+	r.written = rendered
+	if !r.w.dry {
+		r.d.last = &p // what the kernel holds now
+	}
+	return nil
+}
+
 // applyPods writes the member and route differences between st and what
-// the last full apply left (kept current by every write since). A failed
-// write fails the apply, which makes the next one a full read-back.
+// the last full apply left (kept current by every write since), in the
+// make-before-break order: members, routes in, routes out, members out.
+// A failed write fails the apply, which makes the next one a full read-back.
 func (d *Dataplane) applyPods(st State, f *fastPath, w *writer) error {
+	want := map[Family]map[netip.Addr]string{}
 	for _, fam := range []Family{IPv4, IPv6} {
-		want, err := st.members(fam)
+		m, err := st.members(fam)
 		if err != nil {
 			return err
 		}
-		if err := d.writeMembers(d.setName(fam), want, f.members[fam], w); err != nil {
+		want[fam] = m
+		if err := d.addMembers(d.setName(fam), m, f.members[fam], w); err != nil {
 			return err
 		}
 	}
-	return writeRoutes(d.node.NL, f.routes, d.nodeRoutes(st, f.zt, f.in, f.out), true, w)
+	rs := d.nodeRoutes(st, f.zt, f.in, f.out)
+	if err := addRoutes(d.node.NL, f.routes, rs, w); err != nil {
+		return err
+	}
+	if err := pruneRoutes(d.node.NL, f.routes, rs, nil, w); err != nil {
+		return err
+	}
+	for _, fam := range []Family{IPv4, IPv6} {
+		if err := d.delMembers(d.setName(fam), want[fam], f.members[fam], w); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func cloneZtunnel(z *Ztunnel) *Ztunnel {
@@ -477,27 +572,6 @@ func sameZtunnel(a, b *Ztunnel) bool {
 		return a == b
 	}
 	return a.Pod == b.Pod && a.HostVeth == b.HostVeth && a.NetNS == b.NetNS && slices.Equal(a.IPs, b.IPs)
-}
-
-// prepareSwitch readies the node for a different ztunnel before the tunnels
-// point at it: the tables route its IP to its veth (encapsulated packets
-// carry the inner mark and would otherwise loop into the tunnel), and the
-// mangle rules classify its traffic — and, while it still runs, the previous
-// ztunnel's — so no packet of either is captured by mistake mid-switch.
-func (d *Dataplane) prepareSwitch(ctx context.Context, st State, zt *ztRuntime, w *writer) error {
-	cur := ZtunnelRef{IP: zt.ip, Veth: zt.veth.Attrs().Name}
-	if d.lastZt == nil || *d.lastZt == cur {
-		return nil
-	}
-	if err := addRoutes(d.node.NL, d.ztunnelRoutes(zt), w); err != nil {
-		return err
-	}
-	p := d.nodeParams(st, zt)
-	if _, err := d.node.NL.LinkByName(d.lastZt.Veth); err == nil && d.lastZt.Veth != cur.Veth {
-		prev := *d.lastZt
-		p.Previous = &prev
-	}
-	return d.syncIPTables(ctx, d.nodeIPT, NodeRuleset(d.cfg, p), w)
 }
 
 func (d *Dataplane) startPort() int {
@@ -549,36 +623,32 @@ func (d *Dataplane) ipsetMembers(nl Netlink, f Family) (map[netip.Addr]string, b
 	return out, true, nil
 }
 
-func (d *Dataplane) syncIPSets(st State, w *writer) error {
+// readSets returns the members of our sets, creating a set that is missing.
+func (d *Dataplane) readSets(w *writer) (map[Family]map[netip.Addr]string, error) {
+	out := map[Family]map[netip.Addr]string{}
 	for _, f := range []Family{IPv4, IPv6} {
 		name := d.setName(f)
-		want, err := st.members(f)
-		if err != nil {
-			return err
-		}
 		have, exists, err := d.ipsetMembers(d.node.NL, f)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if !exists {
 			opts := netlink.IpsetCreateOptions{Family: familyNum(f), Comments: true}
 			if err := w.do(KindIPSet, "create "+name, func() error { return d.node.NL.IpsetCreate(name, "hash:ip", opts) }); err != nil {
-				return err
+				return nil, err
 			}
 		}
 		if have == nil {
 			have = map[netip.Addr]string{}
 		}
-		if err := d.writeMembers(name, want, have, w); err != nil {
-			return err
-		}
+		out[f] = have
 	}
-	return nil
+	return out, nil
 }
 
-// writeMembers makes the set's members want, given that it holds have
-// (updated in place as writes succeed).
-func (d *Dataplane) writeMembers(name string, want, have map[netip.Addr]string, w *writer) error {
+// addMembers adds (or re-labels) the members of want the set lacks, given
+// that it holds have (updated in place as writes succeed).
+func (d *Dataplane) addMembers(name string, want, have map[netip.Addr]string, w *writer) error {
 	for _, a := range sortedAddrs(want) {
 		uid := want[a]
 		if cur, ok := have[a]; ok && cur == uid {
@@ -590,6 +660,11 @@ func (d *Dataplane) writeMembers(name string, want, have map[netip.Addr]string, 
 		}
 		have[a] = uid
 	}
+	return nil
+}
+
+// delMembers deletes the members of have that want lacks.
+func (d *Dataplane) delMembers(name string, want, have map[netip.Addr]string, w *writer) error {
 	for _, a := range sortedAddrs(have) {
 		if _, ok := want[a]; ok {
 			continue
@@ -738,19 +813,10 @@ func syncRoutes(nl Netlink, proto int, want []netlink.Route, w *writer) error {
 	if err != nil {
 		return err
 	}
-	return writeRoutes(nl, have, want, true, w)
-}
-
-// addRoutes adds or corrects want, deleting nothing.
-func addRoutes(nl Netlink, want []netlink.Route, w *writer) error {
-	if len(want) == 0 {
-		return nil
-	}
-	have, err := ourRoutesByKey(nl, int(want[0].Protocol))
-	if err != nil {
+	if err := addRoutes(nl, have, want, w); err != nil {
 		return err
 	}
-	return writeRoutes(nl, have, want, false, w)
+	return pruneRoutes(nl, have, want, nil, w)
 }
 
 func ourRoutesByKey(nl Netlink, proto int) (map[string]netlink.Route, error) {
@@ -765,13 +831,11 @@ func ourRoutesByKey(nl Netlink, proto int) (map[string]netlink.Route, error) {
 	return have, nil
 }
 
-// writeRoutes replaces what differs from want and, with prune, deletes the
-// rest, given that the kernel holds have (updated in place as writes succeed).
-func writeRoutes(nl Netlink, have map[string]netlink.Route, want []netlink.Route, prune bool, w *writer) error {
-	wantKeys := make(map[string]bool, len(want))
+// addRoutes replaces every route of want that the kernel lacks or holds
+// differently, given that it holds have (updated in place as writes succeed).
+func addRoutes(nl Netlink, have map[string]netlink.Route, want []netlink.Route, w *writer) error {
 	for _, r := range want {
 		k := routeKey(r)
-		wantKeys[k] = true
 		if cur, ok := have[k]; ok && routeEqual(r, cur) {
 			continue
 		}
@@ -780,20 +844,45 @@ func writeRoutes(nl Netlink, have map[string]netlink.Route, want []netlink.Route
 		}
 		have[k] = r
 	}
-	if !prune {
-		return nil
+	return nil
+}
+
+// pruneRoutes deletes the routes of have that want lacks and sel (nil: all)
+// selects.
+func pruneRoutes(nl Netlink, have map[string]netlink.Route, want []netlink.Route, sel func(netlink.Route) bool, w *writer) error {
+	keep := make(map[string]bool, len(want))
+	for _, r := range want {
+		keep[routeKey(r)] = true
 	}
 	for _, k := range slices.Sorted(maps.Keys(have)) {
-		if wantKeys[k] {
+		r := have[k]
+		if keep[k] || (sel != nil && !sel(r)) {
 			continue
 		}
-		r := have[k]
 		if err := w.do(KindRoute, "del "+routeString(r), func() error { return ignoreNotExist(nl.RouteDel(&r)) }); err != nil {
 			return err
 		}
 		delete(have, k)
 	}
 	return nil
+}
+
+// isInbound reports a per-pod table-100 route: the inbound capture layer
+// (the ztunnel's own route in that table has no gateway).
+func (d *Dataplane) isInbound(r netlink.Route) bool {
+	return r.Table == d.cfg.Tables.Inbound && r.Gw != nil
+}
+
+// splitInbound separates the per-pod inbound routes from the rest.
+func (d *Dataplane) splitInbound(rs []netlink.Route) (reach, inbound []netlink.Route) {
+	for _, r := range rs {
+		if d.isInbound(r) {
+			inbound = append(inbound, r)
+		} else {
+			reach = append(reach, r)
+		}
+	}
+	return reach, inbound
 }
 
 // --- rules ---
@@ -1281,8 +1370,16 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 	defer d.mu.Unlock()
 	start := time.Now()
 	w := newWriter(false)
-	// Node first: stop marking before the routes and tunnels go.
-	errs := []error{d.cleanupNS(ctx, d.node, []string{NodeInLink, NodeOutLink}, w)}
+	// Node first, in the make-before-break order (transition.go): inbound
+	// capture goes before the marks that keep a pod's replies out of it,
+	// the marks before the routes and tunnels they lead to.
+	var errs []error
+	if routes, err := ourRoutesByKey(d.node.NL, d.cfg.RouteProtocol); err != nil {
+		errs = append(errs, err)
+	} else {
+		errs = append(errs, pruneRoutes(d.node.NL, routes, nil, d.isInbound, w))
+	}
+	errs = append(errs, d.cleanupNS(ctx, d.node, []string{NodeInLink, NodeOutLink}, w))
 	for _, f := range []Family{IPv4, IPv6} {
 		name := d.setName(f)
 		_, exists, err := d.ipsetMembers(d.node.NL, f)
@@ -1300,7 +1397,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		}
 	}
 	d.lastZtNS = ""
-	d.lastZt = nil
+	d.last = nil
 	d.fast = nil
 	d.resync = true
 	clear(d.applied)

@@ -71,11 +71,18 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		pre = append(pre, matchMark(m.ProxyReturn)+" -j RETURN", matchMark(m.Skip)+" -j RETURN")
 	}
 	pre = append(pre,
+		// A reply never starts a capture: what is left here is a
+		// connection that was not captured at its first packet (begun
+		// before its pod was enrolled, or mid-transition); it stays direct
+		// instead of being sent to a ztunnel that has no socket for it.
+		"-m conntrack --ctdir REPLY "+setMark(m.Skip),
 		"-p udp "+setMark(m.ConnSkip), // UDP is not captured
 		matchMark(m.Skip)+" -j RETURN",
 	)
 	if p.Capture {
-		pre = append(pre, "-p tcp -m set --match-set "+set+" src "+setMark(m.Outbound))
+		// Capture is decided on a connection's first packet; later ones
+		// follow the connmark its ztunnel set (0x210 -> 0x040).
+		pre = append(pre, "-p tcp -m set --match-set "+set+" src -m conntrack --ctstate NEW "+setMark(m.Outbound))
 	}
 
 	save := []string{saveMark(m.ConnSkip), saveMark(m.Proxy)}
@@ -112,7 +119,9 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		// are empty): reset it here, before it leaves, and inbound too.
 		filterFwd = []string{
 			"-p tcp " + matchMark(m.Outbound) + " -j REJECT --reject-with tcp-reset",
-			"-p tcp -m set --match-set " + set + " dst -j REJECT --reject-with tcp-reset",
+			// New connections only: a direct one begun while capture was
+			// off (fail open) keeps flowing, replies included.
+			"-p tcp -m set --match-set " + set + " dst -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset",
 		}
 	}
 

@@ -35,9 +35,10 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING ! -s 10.244.1.2/32 -i vethzt -j MARK --set-xmark 0x210/0x210
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -i vethzt -j MARK --set-xmark 0x220/0x220
+-A ztunnel-PREROUTING -m conntrack --ctdir REPLY -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -p udp -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
--A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100
+-A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
 -A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
 -A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210
 -A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
@@ -75,9 +76,10 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -m mark --mark 0x40/0x40 -j RETURN
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
+-A ztunnel-PREROUTING -m conntrack --ctdir REPLY -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -p udp -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
--A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100
+-A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
 -A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
 -A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210
 -A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
@@ -95,7 +97,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 *filter
 -A FORWARD -m comment --comment ambient-redirect -j ztunnel-FORWARD
 -A ztunnel-FORWARD -p tcp -m mark --mark 0x100/0x100 -j REJECT --reject-with tcp-reset
--A ztunnel-FORWARD -p tcp -m set --match-set ztunnel-pods-ips dst -j REJECT --reject-with tcp-reset
+-A ztunnel-FORWARD -p tcp -m set --match-set ztunnel-pods-ips dst -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset
 `,
 	}}
 	for _, c := range cases {
@@ -136,7 +138,7 @@ func TestCustomMarksAreRendered(t *testing.T) {
 	cfg.Marks.Outbound = 0x1000
 	cfg.IPSetName = "my-set"
 	got := NodeRuleset(cfg, NodeParams{TunnelPort: 4789, Capture: true}).Render()
-	if !strings.Contains(got, "--match-set my-set src -j MARK --set-xmark 0x1000/0x1000") || strings.Contains(got, "0x100/0x100") {
+	if !strings.Contains(got, "--match-set my-set src -m conntrack --ctstate NEW -j MARK --set-xmark 0x1000/0x1000") || strings.Contains(got, "0x100/0x100") {
 		t.Fatalf("custom outbound mark or set name not used:\n%s", got)
 	}
 }
@@ -179,9 +181,10 @@ func TestNodeRulesetDuringSwitch(t *testing.T) {
 -m mark --mark 0x200/0x200 -j RETURN
 -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -m mark --mark 0x40/0x40 -j RETURN
+-m conntrack --ctdir REPLY -j MARK --set-xmark 0x200/0x200
 -p udp -j MARK --set-xmark 0x220/0x220
 -m mark --mark 0x200/0x200 -j RETURN
--p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100`
+-p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100`
 	if got != want {
 		t.Fatalf("switch rules:\n%s", diffLines(want, got))
 	}

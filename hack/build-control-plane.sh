@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Builds a real etcd and kube-apiserver from the Go module proxy for the e2e
-# test harness (test/cluster) and caches them outside the repository.
+# Builds a real etcd, kube-apiserver and kube-proxy from the Go module proxy
+# for the e2e test harness (test/cluster) and caches them outside the
+# repository.
 #
 #   hack/build-control-plane.sh        # prints the directory holding the binaries
 #
 # Cache directory (override with AR_CONTROL_PLANE_DIR):
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/ambient-redirect/control-plane/k8s-<ver>-etcd-<ver>
 #
-# Idempotent: when both binaries exist and answer --version, it exits at once.
+# Idempotent: when all binaries exist and answer --version, it exits at once.
 # Concurrent callers serialise on a flock in the cache directory; the loser
 # finds the binaries built and exits. A cold build takes ~10 min on 2 cores.
 set -euo pipefail
@@ -34,10 +35,12 @@ log() {
 	printf '%s build-control-plane: %s\n' "$(date +%H:%M:%S)" "$*" >&2
 }
 
+have() {
+	[[ -x "$DIR/$1" ]] && "$DIR/$1" --version >/dev/null 2>&1
+}
+
 have_binaries() {
-	[[ -x "$DIR/etcd" && -x "$DIR/kube-apiserver" ]] &&
-		"$DIR/etcd" --version >/dev/null 2>&1 &&
-		"$DIR/kube-apiserver" --version >/dev/null 2>&1
+	have etcd && have kube-apiserver && have kube-proxy
 }
 
 if have_binaries; then
@@ -99,37 +102,48 @@ build_etcd() {
 	install_binary "$WORK/bin/etcd" etcd
 }
 
-build_kube_apiserver() {
-	local mod="$WORK/kubernetes" m
-	mkdir -p "$mod"
+# build_kubernetes NAME: build k8s.io/kubernetes/cmd/NAME (kube-apiserver,
+# kube-proxy) in one scratch module, so the second shares the build cache.
+build_kubernetes() {
+	local name="$1" mod="$WORK/kubernetes" m
+	if [[ ! -f "$mod/go.mod" ]]; then
+		mkdir -p "$mod"
+		(
+			cd "$mod"
+			go mod init ambient-redirect.local/kubernetes-build
+			for m in "${STAGING_MODULES[@]}"; do
+				go mod edit -replace "k8s.io/${m}=k8s.io/${m}@${STAGING_VERSION}"
+			done
+		)
+	fi
 	(
 		cd "$mod"
-		go mod init ambient-redirect.local/kube-apiserver-build
-		for m in "${STAGING_MODULES[@]}"; do
-			go mod edit -replace "k8s.io/${m}=k8s.io/${m}@${STAGING_VERSION}"
-		done
-		go get "k8s.io/kubernetes/cmd/kube-apiserver@${K8S_VERSION}"
+		go get "k8s.io/kubernetes/cmd/${name}@${K8S_VERSION}"
 		local v=k8s.io/component-base/version minor
 		minor="${K8S_VERSION#v1.}"
 		minor="${minor%%.*}"
 		go build -trimpath \
 			-ldflags="-s -w -X ${v}.gitVersion=${K8S_VERSION} -X ${v}.gitMajor=1 -X ${v}.gitMinor=${minor} -X ${v}.gitTreeState=clean" \
-			-o "$WORK/bin/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+			-o "$WORK/bin/${name}" "k8s.io/kubernetes/cmd/${name}"
 	)
-	"$WORK/bin/kube-apiserver" --version >/dev/null
-	install_binary "$WORK/bin/kube-apiserver" kube-apiserver
+	"$WORK/bin/${name}" --version >/dev/null
+	install_binary "$WORK/bin/${name}" "${name}"
 }
 
 mkdir -p "$WORK/bin"
 start=$SECONDS
-if ! { [[ -x "$DIR/etcd" ]] && "$DIR/etcd" --version >/dev/null 2>&1; }; then
+if ! have etcd; then
 	log "building etcd ${ETCD_VERSION}"
 	build_etcd
 fi
-if ! { [[ -x "$DIR/kube-apiserver" ]] && "$DIR/kube-apiserver" --version >/dev/null 2>&1; }; then
+if ! have kube-apiserver; then
 	log "building kube-apiserver ${K8S_VERSION} (takes ~10 min cold)"
-	build_kube_apiserver
+	build_kubernetes kube-apiserver
 fi
-log "done in $((SECONDS - start))s: $("$DIR/etcd" --version | head -n1); $("$DIR/kube-apiserver" --version)"
+if ! have kube-proxy; then
+	log "building kube-proxy ${K8S_VERSION} (~1 min after kube-apiserver)"
+	build_kubernetes kube-proxy
+fi
+log "done in $((SECONDS - start))s: $("$DIR/etcd" --version | head -n1); $("$DIR/kube-apiserver" --version); $("$DIR/kube-proxy" --version)"
 
 printf '%s\n' "$DIR"

@@ -81,7 +81,7 @@ func TestDriftIsRepaired(t *testing.T) {
 		ns   string
 		cmd  string
 	}{
-		{"mangle capture rule", n.NS, "iptables -t mangle -D ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100"},
+		{"mangle capture rule", n.NS, "iptables -t mangle -D ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100"},
 		{"jump from PREROUTING", n.NS, "iptables -t mangle -D PREROUTING -m comment --comment ambient-redirect -j ztunnel-PREROUTING"},
 		{"jump pushed from position 1", n.NS, "iptables -t mangle -I PREROUTING 1 -j ACCEPT"},
 		{"nat chain flushed", n.NS, "iptables -t nat -F ztunnel-PREROUTING"},

@@ -1,0 +1,98 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// Make before break.
+//
+// A change of capture state is a sequence of kernel writes, and a
+// connection can start between any two of them. Every Apply and Cleanup
+// therefore writes in one fixed order, decided here and in converge only:
+// everything that captures or blocks is in place before anything that
+// allowed capture is removed, and inbound capture never exists without the
+// outbound capture that keeps a pod's replies out of the inbound tunnel.
+//
+// Capture is layered, and each layer only works on top of the one below:
+//
+//	block     fail-closed REJECTs (filter FORWARD)
+//	reach     the ztunnel netns rules, its IP routed to its veth in our
+//	          tables, the tunnels, the table-101/102 defaults, ip rules
+//	classify  mangle rules that tell a ztunnel's own packets from a pod's
+//	outbound  the capture mark (mangle) for the set's members
+//	inbound   per-pod table-100 routes (rule 103 sends anything to them
+//	          into istioin, replies to a pod's direct connections included)
+//
+// Make (nothing is removed): set members added; the new ztunnel's netns;
+// routes to its IP; classify every live ztunnel (old and new) and keep
+// existing REJECTs and marks; point the tunnels at it; the other reach
+// routes and rules; add outbound capture; add inbound routes.
+//
+// Break (nothing is added): inbound routes that go; the final iptables
+// rules (REJECTs, marks and old ztunnels' classification leave); set
+// members that go; the remaining routes; the old ztunnel's netns.
+//
+// Cleanup is all break, in the same order: inbound routes, chains, sets,
+// rules, routes, tunnels, then ztunnel netns.
+//
+// The iptables steps of a transition are unions of the rules before and
+// after it (unionParams); between transitions they equal the final rules,
+// so a steady state writes each table at most once.
+
+// unionParams renders the node's rules for the middle of a transition from
+// prev to next: every ztunnel either side knows is classified, REJECTs stay
+// while either side has them, and capture stays if prev had it (and is
+// added when withCapture says the reach layer is ready).
+func unionParams(prev, next NodeParams, prevVethExists, withCapture bool) NodeParams {
+	u := next
+	u.FailClosed = prev.FailClosed || next.FailClosed
+	u.Capture = prev.Capture || (withCapture && next.Capture)
+	switch {
+	case !next.ZtunnelIP.IsValid() && prev.ZtunnelIP.IsValid():
+		// The ztunnel is going: its packets stay classified until the
+		// final rules, so nothing of it is ever captured by mistake.
+		u.ZtunnelIP, u.ZtunnelVeth, u.HostIP = prev.ZtunnelIP, prev.ZtunnelVeth, prev.HostIP
+	case next.ZtunnelIP.IsValid() && prev.ZtunnelIP.IsValid() && prev.ZtunnelVeth != next.ZtunnelVeth && prevVethExists:
+		old := ZtunnelRef{IP: prev.ZtunnelIP, Veth: prev.ZtunnelVeth}
+		u.Previous = &old
+	}
+	return u
+}
+
+// adoptedParams reads back what the node's rules were written from, for a
+// transition that starts in a process that did not write them (a restart,
+// perhaps with other flags): the capture mark, the REJECTs and the
+// classified ztunnels are all a transition's order depends on.
+func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]string) NodeParams {
+	p := NodeParams{TunnelPort: next.TunnelPort, DNS: next.DNS}
+	m := cfg.Marks
+	capture := "--match-set " + cfg.IPSetName + " src"
+	var zts []ZtunnelRef
+	for _, r := range actual["mangle"][ChainPrefix+"PREROUTING"] {
+		if strings.Contains(r, capture) && strings.HasSuffix(r, setMark(m.Outbound)) {
+			p.Capture = true
+		}
+		// "! -s ZIP/32 -i ZVETH -j MARK --set-xmark <proxy>"
+		var ip, veth string
+		if n, _ := fmt.Sscanf(r, "! -s %s -i %s", &ip, &veth); n == 2 && strings.HasSuffix(r, setMark(m.Proxy)) {
+			if a, err := netip.ParsePrefix(ip); err == nil {
+				zts = append(zts, ZtunnelRef{IP: a.Addr(), Veth: veth})
+			}
+		}
+	}
+	for _, r := range actual["filter"][ChainPrefix+"FORWARD"] {
+		if strings.Contains(r, "REJECT") {
+			p.FailClosed = true
+		}
+	}
+	if n := len(zts); n > 0 {
+		p.ZtunnelIP, p.ZtunnelVeth = zts[n-1].IP, zts[n-1].Veth
+		p.HostIP = next.HostIP
+		if n > 1 {
+			p.Previous = &zts[0]
+		}
+	}
+	return p
+}
