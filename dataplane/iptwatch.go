@@ -1,0 +1,277 @@
+package dataplane
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+)
+
+// How soon the node's chains are checked after a change to the built-in
+// chains they hang from, and how often the legacy tables are looked at.
+const (
+	iptSettle     = 50 * time.Millisecond
+	iptLegacyPoll = time.Second
+)
+
+// WatchIPTables keeps our jumps first in the node's built-in chains between
+// resyncs: another agent inserting its own jump in front of ours (kube-proxy
+// on every start puts KUBE-SERVICES at position 1 of nat PREROUTING, and
+// would DNAT captured connections before they are captured) is undone
+// within a second, not at the next resync.
+//
+// Cost while nothing changes: with the nft backend nothing runs at all (a
+// netlink subscription to nf_tables events, woken only by rule changes in a
+// built-in chain of mangle/nat/filter); the legacy tables have no events, so
+// one getsockopt per table per second compares their size and hook offsets.
+// A change costs one iptables-save (and a restore only if ours moved).
+//
+// repaired is called with every repair that wrote something. It returns
+// when ctx is done, or at once with an error if it cannot watch.
+func (d *Dataplane) WatchIPTables(ctx context.Context, repaired func(Result)) error {
+	var changed <-chan struct{}
+	var err error
+	if d.backend == iptables.NFT {
+		changed, err = watchNFT(ctx, d.node.InNS, d.log)
+	} else {
+		changed, err = pollLegacy(ctx, d.node.InNS)
+	}
+	if err != nil {
+		return fmt.Errorf("watch %s iptables: %w", d.backend, err)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case _, ok := <-changed:
+			if !ok {
+				return nil
+			}
+		}
+		// One check for a burst of changes (an iptables-restore is many).
+		settle := time.NewTimer(iptSettle)
+	drain:
+		for {
+			select {
+			case <-changed:
+			case <-settle.C:
+				break drain
+			case <-ctx.Done():
+				settle.Stop()
+				return nil
+			}
+		}
+		res, err := d.repairNodeIPTables(ctx)
+		if err != nil {
+			d.log.Info("iptables repair failed; the resync will retry", zap.Error(err))
+			continue
+		}
+		if res.TotalWrites() > 0 {
+			d.log.Info("iptables repaired after a foreign change", zap.Strings("changes", res.Changes))
+			if repaired != nil {
+				repaired(res)
+			}
+		}
+	}
+}
+
+// repairNodeIPTables re-syncs the node's chains to what this process last
+// wrote, reading them back.
+func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	w := newWriter(false)
+	if d.last == nil {
+		return *w.res, nil // nothing converged yet: the next Apply writes
+	}
+	rs := NodeRuleset(d.cfg, *d.last)
+	delete(d.applied, d.nodeIPT)
+	if err := runIPTables(ctx, d.nodeIPT, rs, w); err != nil {
+		return *w.res, err
+	}
+	d.applied[d.nodeIPT] = rs.Render()
+	return *w.res, nil
+}
+
+// watchNFT signals every nf_tables change to a rule or chain of a built-in
+// chain of the ip mangle, nat or filter table (where our jumps live), and
+// every lost event (a full socket buffer).
+func watchNFT(ctx context.Context, inNS iptables.InNS, log *zap.Logger) (<-chan struct{}, error) {
+	var fd int
+	err := inNS(func() error {
+		var err error
+		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_NETFILTER)
+		if err != nil {
+			return err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+			return err
+		}
+		return unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_ADD_MEMBERSHIP, unix.NFNLGRP_NFTABLES)
+	})
+	if err != nil {
+		if fd > 0 {
+			_ = unix.Close(fd)
+		}
+		return nil, fmt.Errorf("subscribe to nf_tables events: %w", err)
+	}
+	// Non-blocking and owned by an *os.File: reads park in the runtime's
+	// poller, and Close wakes them.
+	f := os.NewFile(uintptr(fd), "nftables-events")
+	out := make(chan struct{}, 1)
+	signal := func() {
+		select {
+		case out <- struct{}{}:
+		default:
+		}
+	}
+	go func() {
+		<-ctx.Done()
+		_ = f.Close()
+	}()
+	go func() {
+		defer close(out)
+		buf := make([]byte, 1<<16)
+		for {
+			n, err := f.Read(buf)
+			if errors.Is(err, unix.ENOBUFS) {
+				signal() // events were lost: look anyway
+				continue
+			}
+			if err != nil {
+				if ctx.Err() == nil {
+					log.Info("nf_tables event socket closed", zap.Error(err))
+				}
+				return
+			}
+			msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+			if err != nil {
+				signal()
+				continue
+			}
+			if slices.ContainsFunc(msgs, touchesBuiltinChain) {
+				signal()
+			}
+		}
+	}()
+	return out, nil
+}
+
+// touchesBuiltinChain reports an nf_tables event that can move or remove
+// one of our jumps: a rule added to or deleted from a built-in chain of an
+// iptables table, or such a chain or table deleted.
+func touchesBuiltinChain(m syscall.NetlinkMessage) bool {
+	if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 || m.Data[0] != unix.NFPROTO_IPV4 {
+		return false
+	}
+	var tableAttr, chainAttr uint16
+	switch m.Header.Type & 0xff {
+	case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
+		tableAttr, chainAttr = unix.NFTA_RULE_TABLE, unix.NFTA_RULE_CHAIN
+	case unix.NFT_MSG_DELCHAIN:
+		tableAttr, chainAttr = unix.NFTA_CHAIN_TABLE, unix.NFTA_CHAIN_NAME
+	case unix.NFT_MSG_DELTABLE:
+		tableAttr = unix.NFTA_TABLE_NAME
+	default:
+		return false
+	}
+	table, chain := "", ""
+	for b := m.Data[4:]; len(b) >= 4; {
+		l := int(binary.NativeEndian.Uint16(b[0:2]))
+		typ := binary.NativeEndian.Uint16(b[2:4]) & 0x3fff // without NLA_F_NESTED/NET_BYTEORDER
+		if l < 4 || l > len(b) {
+			break
+		}
+		v := string(trimNUL(b[4:l]))
+		switch typ {
+		case tableAttr:
+			table = v
+		case chainAttr:
+			chain = v
+		}
+		b = b[min(len(b), (l+3)&^3):]
+	}
+	if !slices.Contains([]string{"mangle", "nat", "filter"}, table) {
+		return false
+	}
+	return chainAttr == 0 || slices.Contains(iptables.Builtin[table], chain)
+}
+
+func trimNUL(b []byte) []byte {
+	if i := slices.Index(b, 0); i >= 0 {
+		return b[:i]
+	}
+	return b
+}
+
+// ipt_getinfo from linux/netfilter_ipv4/ip_tables.h: the table's name in,
+// its hook offsets, entry count and size out.
+type iptGetinfo struct {
+	Name       [32]byte
+	ValidHooks uint32
+	HookEntry  [5]uint32
+	Underflow  [5]uint32
+	NumEntries uint32
+	Size       uint32
+}
+
+const iptSoGetInfo = 64 // IPT_SO_GET_INFO
+
+// pollLegacy signals when a legacy table's layout changes: any rule
+// inserted or deleted anywhere changes its size or the hook offsets.
+func pollLegacy(ctx context.Context, inNS iptables.InNS) (<-chan struct{}, error) {
+	var fd int
+	err := inNS(func() error {
+		var err error
+		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("raw socket for IPT_SO_GET_INFO: %w", err)
+	}
+	tables := []string{"mangle", "nat", "filter"}
+	read := func() [3]iptGetinfo {
+		var out [3]iptGetinfo
+		for i, t := range tables {
+			copy(out[i].Name[:], t)
+			l := uint32(unsafe.Sizeof(out[i]))
+			// A missing table reads as zeros; it changes when created.
+			_, _, _ = unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.IPPROTO_IP, iptSoGetInfo,
+				uintptr(unsafe.Pointer(&out[i])), uintptr(unsafe.Pointer(&l)), 0)
+		}
+		return out
+	}
+	out := make(chan struct{}, 1)
+	go func() {
+		defer close(out)
+		defer unix.Close(fd)
+		last := read()
+		tick := time.NewTicker(iptLegacyPoll)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			if cur := read(); cur != last {
+				last = cur
+				select {
+				case out <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+	return out, nil
+}

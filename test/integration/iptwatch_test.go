@@ -1,0 +1,58 @@
+package integration
+
+import (
+	"context"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
+)
+
+// TestForeignJumpInFrontIsUndone: another agent inserting its jump ahead of
+// ours (kube-proxy on every start) is undone within 2 s, not at the resync.
+func TestForeignJumpInFrontIsUndone(t *testing.T) {
+	for _, backend := range []dataplane.IPTablesMode{dataplane.IPTablesNFT, dataplane.IPTablesLegacy} {
+		t.Run(string(backend), func(t *testing.T) {
+			n, z := oneNode(t, func(c *dataplane.Config) { c.IPTablesMode = backend })
+			apply(t, n, n.state(true))
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			var repairs atomic.Int64
+			go func() {
+				done <- n.dp.WatchIPTables(ctx, func(r dataplane.Result) { repairs.Add(int64(r.TotalWrites())) })
+			}()
+			t.Cleanup(func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Errorf("watch: %v", err)
+				}
+			})
+			time.Sleep(100 * time.Millisecond) // subscribed
+			bin := "iptables-" + string(backend)
+			for _, table := range []string{"nat", "mangle"} {
+				chain := "KUBE-TEST-" + strings.ToUpper(table)
+				netnstest.Exec(t, n.NS, bin, "-t", table, "-N", chain)
+				start := time.Now()
+				netnstest.Exec(t, n.NS, bin, "-t", table, "-I", "PREROUTING", "1", "-j", chain)
+				for {
+					rules := strings.Split(strings.TrimSpace(netnstest.Exec(t, n.NS, bin, "-t", table, "-S", "PREROUTING")), "\n")
+					if len(rules) > 2 && strings.Contains(rules[1], "ztunnel-PREROUTING") && strings.Contains(rules[2], chain) {
+						t.Logf("%s %s: our jump first again after %v", backend, table, time.Since(start).Round(time.Millisecond))
+						break
+					}
+					if time.Since(start) > 2*time.Second {
+						t.Fatalf("%s PREROUTING 2s after a foreign jump was put first:\n%s", table, strings.Join(rules, "\n"))
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
+			if repairs.Load() == 0 {
+				t.Fatal("repairs were not reported")
+			}
+			requireCaptured(t, n, z)
+		})
+	}
+}
