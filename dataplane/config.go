@@ -3,6 +3,15 @@
 // a plain desired State. It never imports client-go: the controller computes
 // the State, this package diffs it against what it reads back from the kernel
 // and changes only what differs.
+//
+// Make before break: a change of capture state is a sequence of writes, and
+// a connection can start between any two of them. Every transition (ztunnel
+// gone, new, replaced, two at once; fail mode; pods in and out; cleanup)
+// writes everything that captures or blocks before it removes anything that
+// allowed capture, in one order decided in one place (transition.go, and
+// converge, which follows it). Capture itself is decided on a connection's
+// first packet: replies never start one, so a connection keeps the path it
+// began with while the rules around it change.
 package dataplane
 
 import (
@@ -25,8 +34,9 @@ const (
 type FailMode string
 
 const (
-	// FailClosed keeps capture but makes it fail fast (unreachable routes):
-	// nothing of an ambient pod escapes to its destination unproxied.
+	// FailClosed keeps capture but makes it fail fast (TCP resets for new
+	// connections): nothing of an ambient pod escapes to its destination
+	// unproxied.
 	FailClosed FailMode = "closed"
 	// FailOpen withdraws capture so traffic flows directly.
 	FailOpen FailMode = "open"

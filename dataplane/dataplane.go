@@ -39,6 +39,8 @@ const (
 // desired State.
 //
 // Hazards it handles:
+//   - Leaks and stalls mid-transition: writes follow the make-before-break
+//     order of transition.go, in converge and Cleanup alike.
 //   - Capture gaps: the ipset is updated in place and never re-created;
 //     tunnels are kept across ztunnel changes (geneve changes its remote in
 //     place, vxlan swaps a static FDB entry); the new ztunnel netns is set up
