@@ -31,6 +31,9 @@ type Dataplane interface {
 	Apply(ctx context.Context, st dataplane.State) (dataplane.Result, error)
 	QueueResync()
 	LocateZtunnel(ip net.IP) (veth, netnsPath string, err error)
+	// WatchIPTables repairs our jumps as soon as another agent moves them
+	// (kube-proxy on start), reporting each repair; it runs until ctx ends.
+	WatchIPTables(ctx context.Context, repaired func(dataplane.Result)) error
 }
 
 // Config of the controller.
@@ -87,9 +90,12 @@ type Status struct {
 // Hooks let the caller observe syncs (metrics) without the controller
 // depending on them.
 type Hooks struct {
-	// OnSync is called after every sync with its result, whether it was a
-	// resync (writes then count as drift repairs) and its error.
-	OnSync func(res dataplane.Result, resync bool, enrolled int, err error)
+	// OnSync is called after every sync with its result, whether its writes
+	// were drift repairs (see syncOnce) and its error.
+	OnSync func(res dataplane.Result, drift bool, enrolled int, err error)
+	// OnRepair is called with every repair made between syncs (our
+	// iptables jumps put first again): drift repairs all.
+	OnRepair func(res dataplane.Result)
 	// OnProgrammed is called once per pod event that led to programmed state,
 	// with the time from the event to programming.
 	OnProgrammed func(d time.Duration)
@@ -347,6 +353,11 @@ func (c *Controller) Run(ctx context.Context) error {
 		return err
 	}
 	c.dp = dp
+	go func() {
+		if err := dp.WatchIPTables(ctx, c.repaired); err != nil {
+			c.log.Warn("not watching iptables; jumps moved by other agents are repaired by the resync only", zap.Error(err))
+		}
+	}()
 	go c.annotationLoop(ctx)
 	go c.watchAPI(ctx)
 
@@ -480,6 +491,10 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 		c.kickAnnotations()
 		return nil
 	}
+	// Only a resync towards the state the kernel already held after the last
+	// successful apply repairs drift; the first sync on a fresh node, or one
+	// that also carries a change, creates rather than restores.
+	drift := resync && c.applied != nil && reflect.DeepEqual(st, *c.applied)
 	start := time.Now()
 	res, applyErr := c.dp.Apply(ctx, st)
 	err := errors.Join(zerr, applyErr)
@@ -501,7 +516,7 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	} else {
 		c.status.LastSuccess = time.Now()
 		c.status.FirstSyncDone = true
-		if resync {
+		if drift {
 			for k, v := range res.Writes {
 				c.status.DriftRepairs[k] += v
 			}
@@ -520,7 +535,7 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	}
 	c.mu.Unlock()
 	if c.hooks.OnSync != nil {
-		c.hooks.OnSync(res, resync, len(st.Pods), err)
+		c.hooks.OnSync(res, drift && err == nil, len(st.Pods), err)
 	}
 	if err == nil {
 		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
@@ -529,6 +544,18 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 		c.kickAnnotations()
 	}
 	return err
+}
+
+// repaired records a repair the dataplane made between syncs.
+func (c *Controller) repaired(res dataplane.Result) {
+	c.mu.Lock()
+	for k, v := range res.Writes {
+		c.status.DriftRepairs[k] += v
+	}
+	c.mu.Unlock()
+	if c.hooks.OnRepair != nil {
+		c.hooks.OnRepair(res)
+	}
 }
 
 func (c *Controller) kickAnnotations() {

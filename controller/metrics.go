@@ -35,7 +35,7 @@ func NewMetrics() *Metrics {
 		}),
 		enrolled: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ambient_redirect_enrolled_pods", Help: "Ambient pods programmed on this node."}),
 		writes:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambient_redirect_kernel_writes_total", Help: "Kernel writes by kind."}, []string{"kind"}),
-		drift:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambient_redirect_drift_repairs_total", Help: "Kernel writes made by periodic resyncs (drift repairs) by kind."}, []string{"kind"}),
+		drift:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambient_redirect_drift_repairs_total", Help: "Kernel writes by resyncs that restored state the agent had already converged to (drift repairs), by kind."}, []string{"kind"}),
 		errors:   prometheus.NewCounter(prometheus.CounterOpts{Name: "ambient_redirect_sync_errors_total", Help: "Failed syncs."}),
 		syncs:    prometheus.NewCounter(prometheus.CounterOpts{Name: "ambient_redirect_syncs_total", Help: "Syncs run."}),
 	}
@@ -51,12 +51,12 @@ func NewMetrics() *Metrics {
 // Hooks returns the controller hooks feeding these metrics.
 func (m *Metrics) Hooks() Hooks {
 	return Hooks{
-		OnSync: func(res dataplane.Result, resync bool, enrolled int, err error) {
+		OnSync: func(res dataplane.Result, drift bool, enrolled int, err error) {
 			m.syncs.Inc()
 			m.syncDuration.Observe(res.Elapsed.Seconds())
 			for k, v := range res.Writes {
 				m.writes.WithLabelValues(k).Add(float64(v))
-				if resync {
+				if drift {
 					m.drift.WithLabelValues(k).Add(float64(v))
 				}
 			}
@@ -65,6 +65,12 @@ func (m *Metrics) Hooks() Hooks {
 				return
 			}
 			m.enrolled.Set(float64(enrolled))
+		},
+		OnRepair: func(res dataplane.Result) {
+			for k, v := range res.Writes {
+				m.writes.WithLabelValues(k).Add(float64(v))
+				m.drift.WithLabelValues(k).Add(float64(v))
+			}
 		},
 		OnProgrammed: func(d time.Duration) { m.programmed.Observe(d.Seconds()) },
 	}

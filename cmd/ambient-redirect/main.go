@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -32,7 +33,8 @@ const usage = `usage: ambient-redirect <command> [flags]
 
 commands:
   run       run the node agent (see: ambient-redirect run -h)
-  cleanup   remove everything the agent owns on this node and in the ztunnel netns, then exit
+  cleanup   remove everything the agent owns on this node and in the ztunnel netns, then the
+            redirection annotation of this node's pods (takes run's flags), then exit
   status    summarise a running agent's /debug/state (exit 1 when not converged)
   version   print the version
 `
@@ -68,14 +70,27 @@ func version() string {
 	if !ok {
 		return "unknown"
 	}
-	v := bi.Main.Version
+	return versionOf(bi)
+}
+
+func versionOf(bi *debug.BuildInfo) string {
+	var rev, dirty string
 	for _, s := range bi.Settings {
-		if s.Key == "vcs.revision" {
-			v += " " + s.Value
+		switch {
+		case s.Key == "vcs.revision":
+			rev = s.Value
+		case s.Key == "vcs.modified" && s.Value == "true":
+			dirty = "+dirty"
 		}
-		if s.Key == "vcs.modified" && s.Value == "true" {
-			v += " (modified)"
-		}
+	}
+	if rev == "" {
+		return bi.Main.Version // built without VCS stamping (-buildvcs=false)
+	}
+	v := rev + dirty
+	// A tagged release says so too; "(devel)" and the pseudo-version Go
+	// derives from the revision itself would only repeat it.
+	if m := bi.Main.Version; m != "" && m != "(devel)" && !strings.Contains(m, rev[:min(12, len(rev))]) {
+		v = m + " " + v
 	}
 	return v
 }
@@ -100,6 +115,22 @@ func parse(fs *flag.FlagSet, args []string, stdout, stderr io.Writer) (int, bool
 	return 0, true
 }
 
+// parseOptions parses and validates the flags of run or cleanup (cmd); a bad
+// one is one line naming it, exit code 2.
+func parseOptions(cmd string, args []string, stdout, stderr io.Writer) (*Options, *flag.FlagSet, int, bool) {
+	o := defaultOptions()
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	o.AddFlags(fs)
+	if code, ok := parse(fs, args, stdout, stderr); !ok {
+		return nil, nil, code, false
+	}
+	if err := o.Validate(cmd == "run"); err != nil {
+		fmt.Fprintf(stderr, "ambient-redirect %s: %s\n", cmd, oneLine(err))
+		return nil, nil, 2, false
+	}
+	return o, fs, 0, true
+}
+
 func newLogger(level string) *zap.Logger {
 	lvl := zapcore.InfoLevel
 	_ = lvl.Set(level)
@@ -122,15 +153,9 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		// 250 pods). GOGC in the environment still wins.
 		debug.SetGCPercent(50)
 	}
-	o := defaultOptions()
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	o.AddFlags(fs)
-	if code, ok := parse(fs, args, stdout, stderr); !ok {
+	o, fs, code, ok := parseOptions("run", args, stdout, stderr)
+	if !ok {
 		return code
-	}
-	if err := o.Validate(); err != nil {
-		fmt.Fprintf(stderr, "ambient-redirect run: %s\n", oneLine(err))
-		return 2
 	}
 	dpCfg, _ := o.dataplaneConfig()
 	sel, _ := labels.Parse(o.ZtunnelSelector)
@@ -214,23 +239,16 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 }
 
 func cmdCleanup(args []string, stdout, stderr io.Writer) int {
-	o := defaultOptions()
-	fs := flag.NewFlagSet("cleanup", flag.ContinueOnError)
-	o.AddDataplaneFlags(fs)
-	if code, ok := parse(fs, args, stdout, stderr); !ok {
+	// run's flags, so one argument list serves both; most are ignored here.
+	o, _, code, ok := parseOptions("cleanup", args, stdout, stderr)
+	if !ok {
 		return code
 	}
-	cfg, err := o.dataplaneConfig()
-	if err == nil {
-		err = o.checkNetNSDir()
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "ambient-redirect cleanup: %s\n", oneLine(err))
-		return 2
-	}
+	cfg, _ := o.dataplaneConfig()
 	// The tunnel type does not matter for removal; vxlan avoids the probe.
 	cfg.Tunnel = dataplane.TunnelVXLAN
 	log := newLogger(o.LogLevel)
+	defer func() { _ = log.Sync() }()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	dp, err := dataplane.New(ctx, cfg, dataplane.Options{Logger: log.Named("dataplane"), SkipConflictCheck: true})
@@ -241,11 +259,51 @@ func cmdCleanup(args []string, stdout, stderr io.Writer) int {
 	defer dp.Close()
 	res, err := dp.Cleanup(ctx)
 	if err != nil {
+		// Pods keep the annotation while the kernel may still redirect them.
 		log.Error("cleanup incomplete", zap.Error(err), zap.Any("writes", res.Writes))
 		return 1
 	}
-	fmt.Fprintf(stdout, "cleanup done: %d kernel writes\n", res.TotalWrites())
+	// Annotations go only after the kernel no longer redirects, and their
+	// failure does not fail the cleanup: the node is what must be clean.
+	removed, err := removeAnnotations(o)
+	if err != nil {
+		fmt.Fprintf(stderr, "ambient-redirect cleanup: warning: the %s=%s annotations were left on this node's pods: %s\n",
+			controller.RedirectionAnno, controller.RedirectionEnabled, oneLine(err))
+		fmt.Fprintf(stdout, "cleanup done: %d kernel writes\n", res.TotalWrites())
+		return 0
+	}
+	fmt.Fprintf(stdout, "cleanup done: %d kernel writes; removed the redirection annotation from %d pods\n", res.TotalWrites(), removed)
 	return 0
+}
+
+// removeAnnotations removes the redirection annotation from this node's
+// pods, bounded in time so an unreachable API server cannot hold up an
+// uninstall.
+func removeAnnotations(o *Options) (int, error) {
+	if o.NodeName == "" {
+		return 0, errors.New("no --node-name (or env NODE_NAME)")
+	}
+	restCfg, err := restConfig(o.Kubeconfig)
+	if errors.Is(err, rest.ErrNotInCluster) {
+		return 0, errors.New("no API access (no --kubeconfig and not in a cluster)")
+	}
+	if err != nil {
+		return 0, fmt.Errorf("kubernetes client config: %w", err)
+	}
+	restCfg.UserAgent = "ambient-redirect-cleanup/" + o.NodeName
+	restCfg.QPS, restCfg.Burst = float32(o.KubeAPIQPS), o.KubeAPIBurst
+	restCfg.Timeout = 5 * time.Second // per request
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return 0, fmt.Errorf("kubernetes client: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	n, err := controller.RemoveAnnotations(ctx, client, o.NodeName)
+	if err != nil && n > 0 {
+		err = fmt.Errorf("removed from %d pods only: %w", n, err)
+	}
+	return n, err
 }
 
 // oneLine joins a multi-error into one line.

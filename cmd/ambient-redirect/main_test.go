@@ -2,8 +2,12 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestBadFlagsAreOneLineExit2(t *testing.T) {
@@ -66,5 +70,127 @@ func TestVersionAndHelp(t *testing.T) {
 	out.Reset()
 	if code := run([]string{"run", "-h"}, &out, &errb); code != 0 || !strings.Contains(out.String(), "--fail-mode") && !strings.Contains(out.String(), "-fail-mode") {
 		t.Fatalf("run -h: %d %q", code, out.String())
+	}
+}
+
+// runArgs is an argument list for run with every flag set, as a DaemonSet
+// would pass it.
+func runArgs(t *testing.T) []string {
+	kc := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(kc, []byte("apiVersion: v1\nkind: Config\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return []string{"--node-name", "node-1", "--kubeconfig", kc, "--netns-dir", t.TempDir(),
+		"--resync-period", "2s", "--debug-addr", "127.0.0.1:15099", "--fail-mode", "closed",
+		"--ztunnel-namespace", "istio-system", "--ztunnel-selector", "app=ztunnel", "--exclude-namespaces", "kube-system,other",
+		"--tunnel", "vxlan", "--tunnel-port", "4789", "--iptables-mode", "auto", "--dns-capture",
+		"--kube-api-qps", "5", "--kube-api-burst", "10", "--log-level", "debug"}
+}
+
+func TestCleanupTakesRunArgs(t *testing.T) {
+	t.Setenv("NODE_NAME", "")
+	args := runArgs(t)
+	var out, errb bytes.Buffer
+	if _, _, code, ok := parseOptions("run", args, &out, &errb); !ok {
+		t.Fatalf("run: exit %d: %s", code, errb.String())
+	}
+	o, _, code, ok := parseOptions("cleanup", args, &out, &errb)
+	if !ok {
+		t.Fatalf("cleanup: exit %d: %s", code, errb.String())
+	}
+	if o.NodeName != "node-1" || o.Kubeconfig != args[3] || o.NetNSDir != args[5] || o.LogLevel != "debug" {
+		t.Fatalf("cleanup options %+v", o)
+	}
+	// Without a node name cleanup still runs (the annotations are then left).
+	if o, _, code, ok := parseOptions("cleanup", args[2:], &out, &errb); !ok || o.NodeName != "" {
+		t.Fatalf("cleanup without --node-name: exit %d: %s", code, errb.String())
+	}
+}
+
+func TestCleanupNodeNameFromEnv(t *testing.T) {
+	t.Setenv("NODE_NAME", "from-env")
+	var out, errb bytes.Buffer
+	o, _, code, ok := parseOptions("cleanup", []string{"--netns-dir", t.TempDir()}, &out, &errb)
+	if !ok || o.NodeName != "from-env" {
+		t.Fatalf("exit %d, options %+v: %s", code, o, errb.String())
+	}
+	// A bad one is refused before anything is touched.
+	t.Setenv("NODE_NAME", "Bad_Name")
+	errb.Reset()
+	if code := run([]string{"cleanup", "--netns-dir", t.TempDir()}, &out, &errb); code != 2 || !strings.Contains(errb.String(), "node-name") {
+		t.Fatalf("exit %d: %q", code, errb.String())
+	}
+}
+
+// TestCleanupBadValues: cleanup given run's whole argument list with one bad
+// value exits 2 with one line naming the flag, before touching the kernel
+// (the full list also proves no flag of run is "not defined" for cleanup).
+func TestCleanupBadValues(t *testing.T) {
+	t.Setenv("NODE_NAME", "")
+	for flagName, bad := range map[string]string{
+		"node-name": "Bad_Name", "kubeconfig": "/does/not/exist", "netns-dir": "/does/not/exist",
+		"resync-period": "10ms", "debug-addr": "nowhere", "fail-mode": "maybe", "tunnel": "gre",
+		"tunnel-port": "70000", "ztunnel-selector": "a in ((", "kube-api-qps": "NaN", "iptables-mode": "ebpf",
+	} {
+		args := append([]string{"cleanup"}, runArgs(t)...)
+		for i := range args {
+			if args[i] == "--"+flagName {
+				args[i+1] = bad
+			}
+		}
+		var out, errb bytes.Buffer
+		code := run(args, &out, &errb)
+		msg := strings.TrimSpace(errb.String())
+		if code != 2 || !strings.Contains(msg, flagName) || strings.Contains(msg, "\n") || out.Len() != 0 {
+			t.Errorf("--%s %s: exit %d, stderr %q, stdout %q", flagName, bad, code, msg, out.String())
+		}
+	}
+}
+
+// TestRemoveAnnotationsWithoutAPI: each way of lacking API access is an
+// error saying why (cleanup turns it into a warning), and an unreachable
+// server does not hold cleanup up.
+func TestRemoveAnnotationsWithoutAPI(t *testing.T) {
+	t.Setenv("KUBERNETES_SERVICE_HOST", "")
+	t.Setenv("KUBERNETES_SERVICE_PORT", "")
+	unreachable := filepath.Join(t.TempDir(), "kubeconfig")
+	kc := "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:1', insecure-skip-tls-verify: true}}]\n" +
+		"users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n"
+	if err := os.WriteFile(unreachable, []byte(kc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		node, kubeconfig, want string
+	}{
+		{"", unreachable, "node-name"},
+		{"n1", "", "no API access"},
+		{"n1", unreachable, "127.0.0.1:1"},
+	} {
+		o := defaultOptions()
+		o.NodeName, o.Kubeconfig = c.node, c.kubeconfig
+		start := time.Now()
+		n, err := removeAnnotations(o)
+		if err == nil || n != 0 || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: %d, %v", c, n, err)
+		}
+		if d := time.Since(start); d > 10*time.Second {
+			t.Errorf("%+v: took %s", c, d)
+		}
+	}
+}
+
+func TestVersionShowsRevision(t *testing.T) {
+	const rev = "96aa559c781e4501591ce0b4a3b8cbb144a963c3"
+	for _, c := range []struct{ main, modified, want string }{
+		{"(devel)", "true", rev + "+dirty"},
+		{"(devel)", "false", rev},
+		{"v0.0.0-20261122140942-96aa559c781e+dirty", "true", rev + "+dirty"},
+		{"v1.2.0", "false", "v1.2.0 " + rev},
+	} {
+		bi := &debug.BuildInfo{Main: debug.Module{Version: c.main}, Settings: []debug.BuildSetting{
+			{Key: "vcs.revision", Value: rev}, {Key: "vcs.modified", Value: c.modified}}}
+		if v := versionOf(bi); v != c.want {
+			t.Errorf("version of %s (modified %s): %q, want %q", c.main, c.modified, v, c.want)
+		}
 	}
 }

@@ -41,7 +41,7 @@ func (c choice) Set(v string) error {
 	return fmt.Errorf("must be one of %s", strings.Join(c.allowed, ", "))
 }
 
-// Options are the flags of run and cleanup.
+// Options are the flags of run and cleanup (cleanup ignores most).
 type Options struct {
 	NodeName          string
 	Kubeconfig        string
@@ -79,14 +79,8 @@ func defaultOptions() *Options {
 	}
 }
 
-// AddDataplaneFlags adds the flags that shape kernel state (run and cleanup).
-func (o *Options) AddDataplaneFlags(fs *flag.FlagSet) {
-	fs.Var(choice{&o.IPTablesMode, []string{"auto", "nft", "legacy"}}, "iptables-mode", "iptables backend: auto (detect kubelet's), nft or legacy")
-	fs.StringVar(&o.NetNSDir, "netns-dir", o.NetNSDir, "directory of named network namespaces (where the CRI puts pod netns)")
-	fs.Var(choice{&o.LogLevel, []string{"debug", "info", "warn", "error"}}, "log-level", "log level")
-}
-
-// AddFlags adds the flags of run.
+// AddFlags adds the flags of run and cleanup: one argument list serves the
+// DaemonSet and an uninstall Job.
 func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.NodeName, "node-name", o.NodeName, "name of this node (env NODE_NAME)")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "kubeconfig path; in-cluster config when empty")
@@ -101,15 +95,21 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&o.DNSCapture, "dns-capture", o.DNSCapture, "DNAT ambient pods' UDP/53 to ztunnel's DNS proxy (port 15053)")
 	fs.Float64Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "client-side QPS limit towards the API server (annotation patches)")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "client-side burst towards the API server")
-	o.AddDataplaneFlags(fs)
+	fs.Var(choice{&o.IPTablesMode, []string{"auto", "nft", "legacy"}}, "iptables-mode", "iptables backend: auto (detect kubelet's), nft or legacy")
+	fs.StringVar(&o.NetNSDir, "netns-dir", o.NetNSDir, "directory of named network namespaces (where the CRI puts pod netns)")
+	fs.Var(choice{&o.LogLevel, []string{"debug", "info", "warn", "error"}}, "log-level", "log level")
 }
 
-// Validate checks the run options; every problem is reported.
-func (o *Options) Validate() error {
+// Validate checks the options; every problem is reported. The node name is
+// required by run only (cleanup needs it for the annotations alone), but a
+// given one must be valid either way.
+func (o *Options) Validate(requireNode bool) error {
 	var errs []error
 	o.NodeName = strings.TrimSpace(o.NodeName)
 	if o.NodeName == "" {
-		errs = append(errs, errors.New("--node-name (or env NODE_NAME) is required"))
+		if requireNode {
+			errs = append(errs, errors.New("--node-name (or env NODE_NAME) is required"))
+		}
 	} else if msgs := validation.IsDNS1123Subdomain(o.NodeName); len(msgs) > 0 {
 		errs = append(errs, fmt.Errorf("--node-name %q is not a valid node name: %s", o.NodeName, strings.Join(msgs, "; ")))
 	}

@@ -1,11 +1,17 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"io"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
@@ -308,27 +314,109 @@ func TestAgent(t *testing.T) {
 	})
 }
 
-// TestCleanupCommand proves `ambient-redirect cleanup` leaves no residue.
+// TestCleanupCommand proves `ambient-redirect cleanup`, given the agent's own
+// argument list, leaves no residue in the kernel and removes the redirection
+// annotation; without a reachable API server it still cleans the kernel.
 func TestCleanupCommand(t *testing.T) {
 	e := harness.New(t, 1, bins)
 	n := e.Nodes[0]
 	a1 := e.RunPod(t, n, harness.AmbientNS, "a1")
 	a2 := e.RunPod(t, n, harness.AmbientNS, "a2")
+	optout := e.RunPod(t, n, harness.AmbientNS, "optout", harness.WithAnnotations(controller.RedirectionAnno, controller.RedirectionDisabled))
 	nodeBefore, ztBefore := netnstest.Dump(t, n.NS), netnstest.Dump(t, n.ZT.Pod.Net.NS)
-	e.StartAgent(t, n)
-	harness.Eventually(t, 5*time.Second, func() error { return harness.Captured(t, n.ZT, 15001, a1, a2) })
-	e.StopAgent(n)
-	out := netnstest.Exec(t, n.NS, bins.Agent, "cleanup", "--netns-dir", e.NSDir)
-	if !strings.Contains(out, "cleanup done") {
-		t.Fatalf("cleanup output: %s", out)
+	// LaunchAgent's arguments, as a DaemonSet and an uninstall Job would share them.
+	args := func(kubeconfig string) []string {
+		return []string{"--node-name", n.Name, "--kubeconfig", kubeconfig, "--netns-dir", e.NSDir,
+			"--resync-period", "2s", "--debug-addr", harness.DebugAddr, "--fail-mode", "closed", "--tunnel", "auto",
+			"--iptables-mode", "auto", "--ztunnel-namespace", harness.ZtunnelNS, "--kube-api-qps", "20", "--log-level", "info"}
 	}
-	if after := netnstest.Dump(t, n.NS); after != nodeBefore {
-		t.Fatalf("node residue:\n%s", netnstest.LineDiff(nodeBefore, after))
+	runAgent := func(t *testing.T) {
+		e.StartAgent(t, n)
+		harness.Eventually(t, 5*time.Second, func() error {
+			for _, p := range []*harness.Pod{a1, a2} {
+				if a := e.Annotation(t, p); a != controller.RedirectionEnabled {
+					return fmt.Errorf("%s annotation %q", p.Obj.Name, a)
+				}
+			}
+			return harness.Captured(t, n.ZT, 15001, a1, a2)
+		})
+		e.StopAgent(n)
 	}
-	if after := netnstest.Dump(t, n.ZT.Pod.Net.NS); after != ztBefore {
-		t.Fatalf("ztunnel netns residue:\n%s", netnstest.LineDiff(ztBefore, after))
+	noResidue := func(t *testing.T) {
+		if after := netnstest.Dump(t, n.NS); after != nodeBefore {
+			t.Fatalf("node residue:\n%s", netnstest.LineDiff(nodeBefore, after))
+		}
+		if after := netnstest.Dump(t, n.ZT.Pod.Net.NS); after != ztBefore {
+			t.Fatalf("ztunnel netns residue:\n%s", netnstest.LineDiff(ztBefore, after))
+		}
+		if err := harness.Direct(t, a1, a2, n.ZT); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := harness.Direct(t, a1, a2, n.ZT); err != nil {
-		t.Fatal(err)
+	annotations := func(t *testing.T) map[string]string {
+		pods, err := e.Client.CoreV1().Pods("").List(context.Background(), metav1.ListOptions{FieldSelector: "spec.nodeName=" + n.Name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]string{}
+		for _, p := range pods.Items {
+			if v, ok := p.Annotations[controller.RedirectionAnno]; ok {
+				out[p.Name] = v
+			}
+		}
+		return out
 	}
+
+	t.Run("with run's arguments: kernel clean, annotations removed, opt-out kept", func(t *testing.T) {
+		runAgent(t)
+		stdout, stderr := cleanup(t, n, args(e.KC)...)
+		if !strings.Contains(stdout, "cleanup done") || !strings.Contains(stdout, "removed the redirection annotation from 2 pods") || strings.Contains(stderr, "warning") {
+			t.Fatalf("cleanup stdout: %s\nstderr: %s", stdout, stderr)
+		}
+		noResidue(t)
+		if got := annotations(t); len(got) != 1 || got[optout.Obj.Name] != controller.RedirectionDisabled {
+			t.Fatalf("annotations left on the node's pods: %v", got)
+		}
+	})
+
+	t.Run("unreachable API server: kernel clean, annotations left with a warning", func(t *testing.T) {
+		runAgent(t)
+		cfg, err := clientcmd.LoadFromFile(e.KC)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range cfg.Clusters {
+			c.Server = "https://127.0.0.1:1" // nothing listens there
+		}
+		kc := filepath.Join(t.TempDir(), "kubeconfig")
+		if err := clientcmd.WriteToFile(*cfg, kc); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		stdout, stderr := cleanup(t, n, args(kc)...)
+		if !strings.Contains(stdout, "cleanup done") || !strings.Contains(stderr, "warning") || !strings.Contains(stderr, "annotations were left") {
+			t.Fatalf("cleanup stdout: %s\nstderr: %s", stdout, stderr)
+		}
+		if d := time.Since(start); d > 40*time.Second {
+			t.Errorf("cleanup took %s", d)
+		}
+		noResidue(t)
+		if got := annotations(t); got[a1.Obj.Name] != controller.RedirectionEnabled || got[a2.Obj.Name] != controller.RedirectionEnabled {
+			t.Fatalf("annotations: %v", got)
+		}
+	})
+}
+
+// cleanup runs `ambient-redirect cleanup args...` in n's netns, wants exit
+// code 0 and returns its stdout and stderr.
+func cleanup(t *testing.T, n *harness.Node, args ...string) (stdout, stderr string) {
+	t.Helper()
+	var out, errb strings.Builder
+	cmd := exec.Command("ip", append([]string{"netns", "exec", n.NS, bins.Agent, "cleanup"}, args...)...)
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("cleanup: %v\nstdout: %s\nstderr: %s", err, out.String(), errb.String())
+	}
+	t.Logf("cleanup stdout: %s\nstderr: %s", out.String(), errb.String())
+	return out.String(), errb.String()
 }

@@ -1,0 +1,62 @@
+package controller
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+)
+
+// RemoveAnnotations removes RedirectionAnno=enabled from node's pods (for
+// `cleanup`, once the kernel no longer redirects them) and returns how many
+// pods lost it. An opt-out ("disabled") is never touched.
+func RemoveAnnotations(ctx context.Context, client kubernetes.Interface, node string) (int, error) {
+	if node == "" {
+		return 0, errors.New("no node name")
+	}
+	removed := 0
+	for attempt := 1; ; attempt++ {
+		list, err := client.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
+		if err != nil {
+			return removed, fmt.Errorf("list pods of node %s: %w", node, err)
+		}
+		var errs []error
+		conflicts := 0
+		for _, p := range list.Items {
+			if p.Spec.NodeName != node || p.Annotations[RedirectionAnno] != RedirectionEnabled {
+				continue
+			}
+			if ctx.Err() != nil {
+				return removed, errors.Join(append(errs, ctx.Err())...)
+			}
+			// The resourceVersion makes the patch conditional: a pod changed
+			// since the list (perhaps opted out) is listed again, not patched.
+			patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{
+				"resourceVersion": p.ResourceVersion,
+				"annotations":     map[string]any{RedirectionAnno: nil}, // JSON null removes the key
+			}})
+			_, err := client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+			switch {
+			case err == nil:
+				removed++
+			case apierrors.IsNotFound(err):
+			case apierrors.IsConflict(err):
+				conflicts++
+			default:
+				errs = append(errs, fmt.Errorf("pod %s/%s: %w", p.Namespace, p.Name, err))
+			}
+		}
+		if conflicts > 0 && attempt < 3 {
+			continue
+		}
+		if conflicts > 0 {
+			errs = append(errs, fmt.Errorf("%d pods kept changing while being patched", conflicts))
+		}
+		return removed, errors.Join(errs...)
+	}
+}
