@@ -71,11 +71,12 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		pre = append(pre, matchMark(m.ProxyReturn)+" -j RETURN", matchMark(m.Skip)+" -j RETURN")
 	}
 	pre = append(pre,
-		// A reply never starts a capture: what is left here is a
-		// connection that was not captured at its first packet (begun
-		// before its pod was enrolled, or mid-transition); it stays direct
-		// instead of being sent to a ztunnel that has no socket for it.
-		"-m conntrack --ctdir REPLY "+setMark(m.Skip),
+		// Only a connection's first packet can start a capture: what is
+		// left here of a later one was not captured at its start (begun
+		// before its pod was enrolled, or mid-transition), so it stays
+		// direct, both ways, instead of going to a ztunnel that has no
+		// socket for it.
+		"-m conntrack ! --ctstate NEW "+setMark(m.Skip),
 		"-p udp "+setMark(m.ConnSkip), // UDP is not captured
 		matchMark(m.Skip)+" -j RETURN",
 	)

@@ -35,7 +35,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING ! -s 10.244.1.2/32 -i vethzt -j MARK --set-xmark 0x210/0x210
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -i vethzt -j MARK --set-xmark 0x220/0x220
--A ztunnel-PREROUTING -m conntrack --ctdir REPLY -j MARK --set-xmark 0x200/0x200
+-A ztunnel-PREROUTING -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -p udp -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
@@ -76,7 +76,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -m mark --mark 0x40/0x40 -j RETURN
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
--A ztunnel-PREROUTING -m conntrack --ctdir REPLY -j MARK --set-xmark 0x200/0x200
+-A ztunnel-PREROUTING -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -p udp -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
@@ -181,7 +181,7 @@ func TestNodeRulesetDuringSwitch(t *testing.T) {
 -m mark --mark 0x200/0x200 -j RETURN
 -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -m mark --mark 0x40/0x40 -j RETURN
--m conntrack --ctdir REPLY -j MARK --set-xmark 0x200/0x200
+-m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -p udp -j MARK --set-xmark 0x220/0x220
 -m mark --mark 0x200/0x200 -j RETURN
 -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100`
