@@ -416,6 +416,11 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 	}
 	st.Pods = dedupeIPs(st.Pods, c.log)
 	zt := PickZtunnel(pods, c.cfg.Selection)
+	for _, p := range DrainingZtunnels(pods, c.cfg.Selection, zt) {
+		if z, err := c.locate(p); err == nil {
+			st.Draining = append(st.Draining, z)
+		} // else gone (no veth or netns): so are its connections
+	}
 	if zt == nil {
 		return st, statuses, nil, nil
 	}
@@ -437,6 +442,20 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 	}
 	st.Ztunnel = &dataplane.Ztunnel{Pod: zs.Pod, IPs: PodIPs(zt), HostVeth: veth, NetNS: nsPath}
 	return st, statuses, zs, nil
+}
+
+// locate finds a ztunnel pod's host veth and netns.
+func (c *Controller) locate(p *corev1.Pod) (*dataplane.Ztunnel, error) {
+	for _, a := range PodIPs(p) {
+		if a.Is4() {
+			veth, nsPath, err := c.dp.LocateZtunnel(net.IP(a.AsSlice()))
+			if err != nil {
+				return nil, err
+			}
+			return &dataplane.Ztunnel{Pod: p.Namespace + "/" + p.Name, IPs: PodIPs(p), HostVeth: veth, NetNS: nsPath}, nil
+		}
+	}
+	return nil, fmt.Errorf("ztunnel %s/%s has no IPv4 address", p.Namespace, p.Name)
 }
 
 // dedupeIPs keeps the first pod claiming an IP (a stale pod object whose IP

@@ -6,6 +6,7 @@ package controller
 import (
 	"net/netip"
 	"slices"
+	"sort"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -132,14 +133,44 @@ func PickZtunnel(pods []*corev1.Pod, o SelectionOptions) *corev1.Pod {
 		if !hasV4 {
 			continue
 		}
-		t := p.CreationTimestamp.Time
-		if p.Status.StartTime != nil && p.Status.StartTime.After(t) {
-			t = p.Status.StartTime.Time
-		}
+		t := startTime(p)
 		// Newest wins; ties broken by name so the choice is stable.
 		if best == nil || t.After(bestTime) || t.Equal(bestTime) && p.Name > best.Name {
 			best, bestTime = p, t
 		}
 	}
 	return best
+}
+
+// DrainingZtunnels returns the other ztunnel pods of this node that still
+// run (Ready or not, terminating or not) and are not newer than active,
+// newest first: a surge rollout's old ztunnel keeps its connections while
+// it runs. With no active one, every running ztunnel pod is listed.
+func DrainingZtunnels(pods []*corev1.Pod, o SelectionOptions, active *corev1.Pod) []*corev1.Pod {
+	var out []*corev1.Pod
+	for _, p := range pods {
+		if p == active || !o.IsZtunnel(p) || p.Spec.NodeName != o.NodeName || p.Status.Phase != corev1.PodRunning || p.Spec.HostNetwork {
+			continue
+		}
+		if active != nil && startTime(p).After(startTime(active)) {
+			continue // a newer one not Ready yet: it holds nothing
+		}
+		hasV4 := false
+		for _, a := range PodIPs(p) {
+			hasV4 = hasV4 || a.Is4()
+		}
+		if hasV4 {
+			out = append(out, p)
+		}
+	}
+	sort.SliceStable(out, func(i, j int) bool { return startTime(out[i]).After(startTime(out[j])) })
+	return out
+}
+
+func startTime(p *corev1.Pod) time.Time {
+	t := p.CreationTimestamp.Time
+	if p.Status.StartTime != nil && p.Status.StartTime.After(t) {
+		t = p.Status.StartTime.Time
+	}
+	return t
 }

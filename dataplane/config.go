@@ -65,6 +65,10 @@ type Marks struct {
 	ConnSkip    uint32 // 0x220: skip, saved to connmark (contains Skip)
 	Proxy       uint32 // 0x210: from ztunnel with a spoofed source (contains Skip)
 	ProxyReturn uint32 // 0x040: replies to ztunnel's spoofed connections, back to ztunnel
+	// Slot (0x080), in the connection mark next to Proxy, pins a connection
+	// to the ztunnel in slot 1 (a surge rollout's second ztunnel); slot 0
+	// has no bit.
+	Slot        uint32
 	TProxy      uint32 // 0x400 inside the ztunnel netns
 	OrigSrc     uint32 // 0x4d3 inside the ztunnel netns: reply to an original-source socket
 	ZtunnelMask uint32 // 0xfff: mask for TProxy and OrigSrc
@@ -75,6 +79,8 @@ type Tables struct {
 	Inbound     int // 100
 	Outbound    int // 101
 	ProxyReturn int // 102
+	// ProxyReturn2 (103) is the proxy-return table of slot 1.
+	ProxyReturn2 int
 	// ZtunnelLocal is the table inside the ztunnel netns holding `local 0.0.0.0/0 dev lo`.
 	ZtunnelLocal int // 100
 }
@@ -85,6 +91,10 @@ type Priorities struct {
 	Outbound    int // 101
 	ProxyReturn int // 102
 	Inbound     int // 103
+	// ProxyReturn2 (99) sends slot 1's proxy-return packets to its table;
+	// it must come before Inbound, whose table would send them to the
+	// active ztunnel's tunnel instead.
+	ProxyReturn2 int
 	// ZtunnelTProxy and ZtunnelOrigSrc live inside the ztunnel netns.
 	ZtunnelTProxy  int // 20000
 	ZtunnelOrigSrc int // 20003
@@ -136,11 +146,11 @@ func DefaultConfig() Config {
 		DNSPort:          15053,
 		CaptureNodeLocal: true,
 		Marks: Marks{
-			Outbound: 0x100, Skip: 0x200, ConnSkip: 0x220, Proxy: 0x210, ProxyReturn: 0x040,
+			Outbound: 0x100, Skip: 0x200, ConnSkip: 0x220, Proxy: 0x210, ProxyReturn: 0x040, Slot: 0x080,
 			TProxy: 0x400, OrigSrc: 0x4d3, ZtunnelMask: 0xfff,
 		},
-		Tables:          Tables{Inbound: 100, Outbound: 101, ProxyReturn: 102, ZtunnelLocal: 100},
-		Priorities:      Priorities{Skip: 100, Outbound: 101, ProxyReturn: 102, Inbound: 103, ZtunnelTProxy: 20000, ZtunnelOrigSrc: 20003},
+		Tables:          Tables{Inbound: 100, Outbound: 101, ProxyReturn: 102, ProxyReturn2: 103, ZtunnelLocal: 100},
+		Priorities:      Priorities{ProxyReturn2: 99, Skip: 100, Outbound: 101, ProxyReturn: 102, Inbound: 103, ZtunnelTProxy: 20000, ZtunnelOrigSrc: 20003},
 		RouteProtocol:   0x61, // 97: unassigned in /etc/iproute2/rt_protos
 		IPSetName:       "ztunnel-pods-ips",
 		IPSetNameV6:     "ztunnel-pods-ips-v6",
@@ -179,7 +189,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("dns port: %d out of range", c.DNSPort))
 	}
 	m := c.Marks
-	for name, v := range map[string]uint32{"outbound": m.Outbound, "skip": m.Skip, "proxy-return": m.ProxyReturn} {
+	for name, v := range map[string]uint32{"outbound": m.Outbound, "skip": m.Skip, "proxy-return": m.ProxyReturn, "slot": m.Slot} {
 		if v == 0 || v&(v-1) != 0 {
 			errs = append(errs, fmt.Errorf("mark %s: %#x must be a single bit", name, v))
 		}
@@ -190,6 +200,9 @@ func (c Config) Validate() error {
 	if m.Outbound&(m.ConnSkip|m.Proxy|m.ProxyReturn) != 0 || m.ProxyReturn&(m.ConnSkip|m.Proxy) != 0 {
 		errs = append(errs, errors.New("marks: outbound and proxy-return must not overlap the skip marks"))
 	}
+	if m.Slot&(m.Outbound|m.ConnSkip|m.Proxy|m.ProxyReturn) != 0 {
+		errs = append(errs, errors.New("marks: the slot bit must not overlap any other mark"))
+	}
 	if m.ConnSkip == m.Proxy {
 		errs = append(errs, errors.New("marks: conn-skip and proxy must differ"))
 	}
@@ -197,7 +210,7 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("marks: ztunnel tproxy/orig-src marks must differ and fit the ztunnel mask"))
 	}
 	t := c.Tables
-	tables := []int{t.Inbound, t.Outbound, t.ProxyReturn}
+	tables := []int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2}
 	for _, v := range append(tables, t.ZtunnelLocal) {
 		if v <= 0 || v >= 253 && v <= 255 || v > 0xfffffff0 {
 			errs = append(errs, fmt.Errorf("route table %d is reserved or out of range", v))
@@ -207,7 +220,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("route tables %v must differ", tables))
 	}
 	p := c.Priorities
-	prios := []int{p.Skip, p.Outbound, p.ProxyReturn, p.Inbound}
+	prios := []int{p.ProxyReturn2, p.Skip, p.Outbound, p.ProxyReturn, p.Inbound}
 	for _, v := range append(prios, p.ZtunnelTProxy, p.ZtunnelOrigSrc) {
 		if v <= 0 || v >= 32766 {
 			errs = append(errs, fmt.Errorf("rule priority %d must be in 1..32765", v))
@@ -216,8 +229,8 @@ func (c Config) Validate() error {
 	if dup(prios) || p.ZtunnelTProxy == p.ZtunnelOrigSrc {
 		errs = append(errs, fmt.Errorf("rule priorities %v must differ", prios))
 	}
-	if !(p.Skip < p.Outbound && p.Outbound < p.Inbound && p.ProxyReturn < p.Inbound) {
-		errs = append(errs, errors.New("rule priorities: skip < outbound, proxy-return < inbound is required"))
+	if !(p.Skip < p.Outbound && p.Outbound < p.Inbound && p.ProxyReturn < p.Inbound && p.ProxyReturn2 < p.Inbound) {
+		errs = append(errs, errors.New("rule priorities: skip < outbound, proxy-return (both slots) < inbound is required"))
 	}
 	if c.RouteProtocol <= 4 || c.RouteProtocol > 255 {
 		errs = append(errs, fmt.Errorf("route protocol %d must be in 5..255 (0-4 belong to the kernel)", c.RouteProtocol))

@@ -72,6 +72,9 @@ type Dataplane struct {
 	nodeIPT  *iptables.Syncer
 	ztIPT    map[string]*iptables.Syncer
 	lastZtNS string
+	// liveNS are the netns of every ztunnel programmed by the last apply
+	// (the active one and a draining one).
+	liveNS []string
 	// last is what the node's iptables rules were last written from (nil:
 	// not known to this process); transitions start from it.
 	last *NodeParams
@@ -94,10 +97,12 @@ type Dataplane struct {
 // fastPath is the ztunnel-dependent input of per-pod routes, as of the last
 // successful full apply.
 type fastPath struct {
-	spec *Ztunnel
-	zt   *ztRuntime // k is closed: only addresses and links are used
-	in   netlink.Link
-	out  netlink.Link
+	spec     *Ztunnel
+	draining []*Ztunnel
+	zt       *ztRuntime   // k is closed: only addresses and links are used
+	live     []*ztRuntime // likewise
+	in       netlink.Link
+	out      netlink.Link
 	// members and routes are what the kernel holds as of the last full
 	// apply plus every write since: pod churn diffs against them instead of
 	// dumping the set and the route tables on each event.
@@ -309,7 +314,7 @@ func (d *Dataplane) Diff(ctx context.Context, st State) ([]string, error) {
 
 func (d *Dataplane) nodePriorities() []int {
 	p := d.cfg.Priorities
-	return []int{p.Skip, p.Outbound, p.ProxyReturn, p.Inbound}
+	return []int{p.ProxyReturn2, p.Skip, p.Outbound, p.ProxyReturn, p.Inbound}
 }
 
 func (d *Dataplane) ztunnelPriorities() []int {
@@ -319,6 +324,7 @@ func (d *Dataplane) ztunnelPriorities() []int {
 // ztRuntime is the ztunnel as found in the kernel.
 type ztRuntime struct {
 	spec   *Ztunnel
+	slot   int
 	ip     netip.Addr
 	veth   netlink.Link
 	hostIP netip.Addr
@@ -360,7 +366,8 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := st.Validate(); err != nil {
 		return err
 	}
-	if f := d.fast; f != nil && !w.dry && !d.resync && sameZtunnel(f.spec, st.Ztunnel) {
+	if f := d.fast; f != nil && !w.dry && !d.resync && sameZtunnel(f.spec, st.Ztunnel) &&
+		slices.EqualFunc(f.draining, st.Draining, sameZtunnel) {
 		// Pod churn with the same ztunnel: only ipset members and table-100
 		// routes can differ. Everything else is verified by the resync.
 		return d.applyPods(st, f, w)
@@ -381,6 +388,17 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if zt != nil {
 		defer zt.k.Close()
 	}
+	var draining []*ztRuntime
+	for _, z := range st.Draining {
+		r, err := d.resolveZtunnel(z)
+		if err != nil {
+			// Gone (its netns or veth): so are its connections.
+			d.log.Debug("draining ztunnel not found", zap.String("pod", z.Pod), zap.Error(err))
+			continue
+		}
+		defer r.k.Close()
+		draining = append(draining, r)
+	}
 	want := map[Family]map[netip.Addr]string{}
 	for _, f := range []Family{IPv4, IPv6} {
 		if want[f], err = st.members(f); err != nil {
@@ -400,8 +418,9 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		return fmt.Errorf("list links: %w", err)
 	}
 	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
-	next := d.nodeParams(st, zt)
-	prev, prevVeth := next, false
+	live := d.assignSlots(zt, draining, routes)
+	next := d.nodeParams(zt, live)
+	prev := next
 	if !w.dry {
 		if d.last == nil {
 			actual, err := d.nodeIPT.Actual(ctx)
@@ -412,8 +431,10 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 			d.last = &adopted
 		}
 		prev = *d.last
-		_, err := d.node.NL.LinkByName(prev.ZtunnelVeth)
-		prevVeth = prev.ZtunnelVeth != "" && err == nil
+	}
+	vethExists := func(name string) bool {
+		_, err := d.node.NL.LinkByName(name)
+		return err == nil
 	}
 	rules := &nodeRules{d: d, ctx: ctx, w: w}
 
@@ -424,20 +445,20 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		}
 	}
 	var inLink, outLink netlink.Link
-	if zt != nil {
+	for _, z := range live {
 		// The new ztunnel's netns first: the node must never point at a
-		// ztunnel that cannot answer yet. Its IP stays on its veth in our
-		// tables: encapsulated packets carry the inner mark and must not
-		// loop into the tunnel.
-		if err := d.syncZtunnelNS(ctx, zt, w); err != nil {
+		// ztunnel that cannot answer yet. Each one's IP stays on its veth
+		// in our tables: encapsulated packets carry the inner mark and
+		// must not loop into the tunnel.
+		if err := d.syncZtunnelNS(ctx, z, w); err != nil {
 			return err
 		}
-		if err := addRoutes(d.node.NL, routes, d.ztunnelRoutes(zt), w); err != nil {
+		if err := addRoutes(d.node.NL, routes, d.ztunnelRoutes(z), w); err != nil {
 			return err
 		}
 	}
 	if !w.dry {
-		if err := rules.write(unionParams(prev, next, prevVeth, false)); err != nil {
+		if err := rules.write(unionParams(prev, next, vethExists, false)); err != nil {
 			return err
 		}
 	}
@@ -450,10 +471,10 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 			return err
 		}
 	}
-	if err := d.syncNodeSysctls(zt, w); err != nil {
+	if err := d.syncNodeSysctls(zt, live, w); err != nil {
 		return err
 	}
-	wantRoutes := d.nodeRoutes(st, zt, inLink, outLink)
+	wantRoutes := d.nodeRoutes(st, zt, live, inLink, outLink)
 	reach, inbound := d.splitInbound(wantRoutes)
 	if err := addRoutes(d.node.NL, routes, reach, w); err != nil {
 		return err
@@ -462,7 +483,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		return err
 	}
 	if !w.dry {
-		if err := rules.write(unionParams(prev, next, prevVeth, true)); err != nil {
+		if err := rules.write(unionParams(prev, next, vethExists, true)); err != nil {
 			return err
 		}
 	}
@@ -485,23 +506,85 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := pruneRoutes(d.node.NL, routes, wantRoutes, nil, w); err != nil {
 		return err
 	}
-	newNS := ""
+	newNS, liveNS := "", []string{}
 	if zt != nil {
 		newNS = zt.spec.NetNS
 	}
-	if !w.dry && d.lastZtNS != "" && d.lastZtNS != newNS {
-		// The old ztunnel may still run (surge rollout): take our state out
-		// of its netns so it stops intercepting. Best effort: it may be gone.
-		if err := d.cleanupZtunnelNS(ctx, d.lastZtNS, w); err != nil {
-			d.log.Info("old ztunnel netns not cleaned (likely gone)", zap.String("netns", d.lastZtNS), zap.Error(err))
-		}
+	for _, z := range live {
+		liveNS = append(liveNS, z.spec.NetNS)
 	}
 	if !w.dry {
-		d.lastZtNS = newNS
-		f := &fastPath{spec: cloneZtunnel(st.Ztunnel), zt: zt, in: inLink, out: outLink, members: members, routes: routes}
-		d.fast = f
+		for _, old := range append([]string{d.lastZtNS}, d.liveNS...) {
+			if old == "" || slices.Contains(liveNS, old) {
+				continue
+			}
+			// A ztunnel that holds no connections any more may still run:
+			// take our state out of its netns so it stops intercepting.
+			// Best effort: it may be gone.
+			if err := d.cleanupZtunnelNS(ctx, old, w); err != nil {
+				d.log.Info("old ztunnel netns not cleaned (likely gone)", zap.String("netns", old), zap.Error(err))
+			}
+		}
+		d.lastZtNS, d.liveNS = newNS, liveNS
+		drain := make([]*Ztunnel, len(st.Draining))
+		for i, z := range st.Draining {
+			drain[i] = cloneZtunnel(z)
+		}
+		d.fast = &fastPath{spec: cloneZtunnel(st.Ztunnel), draining: drain, zt: zt, live: live, in: inLink, out: outLink, members: members, routes: routes}
 	}
 	return nil
+}
+
+// assignSlots gives every ztunnel that holds connections its slot: the
+// slots the kernel's proxy-return tables already give them (pins survive
+// an agent restart), and the active one a free slot, or, with three
+// ztunnels at once, the oldest draining one's (whose connections then
+// fail). A draining ztunnel without a slot holds none of our connections.
+// The active one comes first.
+func (d *Dataplane) assignSlots(zt *ztRuntime, draining []*ztRuntime, routes map[string]netlink.Route) []*ztRuntime {
+	var owner [Slots]netip.Addr
+	for s := range Slots {
+		if r, ok := routes[routeKey(netlink.Route{Table: d.slotTable(s)})]; ok && r.Gw != nil {
+			owner[s], _ = netip.AddrFromSlice(r.Gw.To4())
+		}
+	}
+	var live []*ztRuntime
+	var taken [Slots]bool
+	for _, z := range append([]*ztRuntime{zt}, draining...) {
+		if z == nil {
+			continue
+		}
+		for s := range Slots {
+			if !taken[s] && owner[s] == z.ip {
+				z.slot, taken[s] = s, true
+				live = append(live, z)
+				break
+			}
+		}
+	}
+	if zt == nil {
+		return live
+	}
+	if len(live) == 0 || live[0] != zt {
+		free := slices.Index(taken[:], false)
+		if free < 0 {
+			// Three at once: the oldest draining one gives up its slot.
+			oldest := live[len(live)-1]
+			d.log.Info("a third ztunnel: the oldest draining one loses its connections", zap.String("pod", oldest.spec.Pod))
+			live, free = live[:len(live)-1], oldest.slot
+		}
+		zt.slot = free
+		live = append([]*ztRuntime{zt}, live...)
+	}
+	return live
+}
+
+// slotTable is the proxy-return table of a slot.
+func (d *Dataplane) slotTable(slot int) int {
+	if slot == 1 {
+		return d.cfg.Tables.ProxyReturn2
+	}
+	return d.cfg.Tables.ProxyReturn
 }
 
 // nodeRules writes the node's iptables rules for one step of a
@@ -545,7 +628,7 @@ func (d *Dataplane) applyPods(st State, f *fastPath, w *writer) error {
 			return err
 		}
 	}
-	rs := d.nodeRoutes(st, f.zt, f.in, f.out)
+	rs := d.nodeRoutes(st, f.zt, f.live, f.in, f.out)
 	if err := addRoutes(d.node.NL, f.routes, rs, w); err != nil {
 		return err
 	}
@@ -716,30 +799,33 @@ func linkIndex(l netlink.Link) int {
 	return l.Attrs().Index
 }
 
-func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, in, out netlink.Link) []netlink.Route {
+func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, out netlink.Link) []netlink.Route {
 	t := d.cfg.Tables
 	proto := netlink.RouteProtocol(d.cfg.RouteProtocol)
 	defaultDst := ipNet(netip.MustParsePrefix("0.0.0.0/0"))
-	members, _ := st.members(IPv4)
-	if zt == nil {
-		// No ztunnel: lookups fall through to main. Fail open lets traffic
-		// flow; fail closed rejects it with TCP resets in filter FORWARD.
-		// (Not unreachable routes: their ICMP errors are rate-limited per
-		// host, so a busy pod's connects would hang instead of failing.)
-		return nil
+	var rs []netlink.Route
+	for _, z := range live {
+		// Every ztunnel that holds connections gets their packets back
+		// through its slot's table.
+		rs = append(rs, d.ztunnelRoutes(z)...)
+		rs = append(rs, netlink.Route{Table: d.slotTable(z.slot), Dst: defaultDst, Gw: ipOf(z.ip), LinkIndex: z.veth.Attrs().Index,
+			Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: proto})
 	}
-	rs := d.ztunnelRoutes(zt)
-	vethIdx := zt.veth.Attrs().Index
+	if zt == nil {
+		// No ztunnel for new connections: lookups fall through to main.
+		// Fail open lets traffic flow; fail closed rejects it with TCP
+		// resets in filter FORWARD. (Not unreachable routes: their ICMP
+		// errors are rate-limited per host, so a busy pod's connects would
+		// hang instead of failing.)
+		return rs
+	}
+	members, _ := st.members(IPv4)
 	_, inPeer := tunnelAddrs(d.cfg.InNet)
 	_, outPeer := tunnelAddrs(d.cfg.OutNet)
 	for _, a := range sortedAddrs(members) {
 		rs = append(rs, netlink.Route{Table: t.Inbound, Dst: ipNet(netip.PrefixFrom(a, 32)), Gw: ipOf(inPeer), LinkIndex: linkIndex(in), Src: ipOf(zt.hostIP), Type: unix.RTN_UNICAST, Protocol: proto})
 	}
-	rs = append(rs,
-		netlink.Route{Table: t.Outbound, Dst: defaultDst, Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto},
-		netlink.Route{Table: t.ProxyReturn, Dst: defaultDst, Gw: ipOf(zt.ip), LinkIndex: vethIdx, Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: proto},
-	)
-	return rs
+	return append(rs, netlink.Route{Table: t.Outbound, Dst: defaultDst, Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto})
 }
 
 // ztunnelRoutes keep ZIP on its veth in each of our tables: the
@@ -748,7 +834,7 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, in, out netlink.Link) []
 func (d *Dataplane) ztunnelRoutes(zt *ztRuntime) []netlink.Route {
 	t := d.cfg.Tables
 	var rs []netlink.Route
-	for _, table := range []int{t.Inbound, t.Outbound, t.ProxyReturn} {
+	for _, table := range []int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2} {
 		rs = append(rs, netlink.Route{Table: table, Dst: ipNet(netip.PrefixFrom(zt.ip, 32)), LinkIndex: zt.veth.Attrs().Index,
 			Scope: netlink.SCOPE_LINK, Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)})
 	}
@@ -907,6 +993,7 @@ func (d *Dataplane) nodeRules() []netlink.Rule {
 	skip := newRule(p.Skip, -1, m.Skip, m.Skip, proto)
 	skip.Goto = 32766 // the main table's rule
 	rules := []netlink.Rule{
+		newRule(p.ProxyReturn2, t.ProxyReturn2, m.ProxyReturn|m.Slot, m.ProxyReturn|m.Slot, proto),
 		skip,
 		newRule(p.Outbound, t.Outbound, m.Outbound, m.Outbound, proto),
 		newRule(p.ProxyReturn, t.ProxyReturn, m.ProxyReturn, m.ProxyReturn, proto),
@@ -1193,10 +1280,12 @@ func ifSysctls(dev string, acceptLocal bool) [][2]string {
 	return kv
 }
 
-func (d *Dataplane) syncNodeSysctls(zt *ztRuntime, w *writer) error {
+func (d *Dataplane) syncNodeSysctls(zt *ztRuntime, live []*ztRuntime, w *writer) error {
 	want := [][2]string{{"net.ipv4.conf.all.rp_filter", "0"}, {"net.ipv4.conf.default.rp_filter", "0"}}
+	for _, z := range live {
+		want = append(want, ifSysctls(z.veth.Attrs().Name, true)...)
+	}
 	if zt != nil {
-		want = append(want, ifSysctls(zt.veth.Attrs().Name, true)...)
 		if !w.dry {
 			want = append(want, ifSysctls(NodeInLink, true)...)
 			want = append(want, ifSysctls(NodeOutLink, true)...)
@@ -1234,11 +1323,14 @@ func runIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w
 	return err
 }
 
-func (d *Dataplane) nodeParams(st State, zt *ztRuntime) NodeParams {
+func (d *Dataplane) nodeParams(zt *ztRuntime, live []*ztRuntime) NodeParams {
 	closed := zt == nil && d.cfg.FailMode == FailClosed
-	p := NodeParams{TunnelPort: d.port, Capture: zt != nil || closed, FailClosed: closed, DNS: d.cfg.DNSCapture}
+	p := NodeParams{TunnelPort: d.port, Capture: zt != nil || closed, FailClosed: closed, DNS: d.cfg.DNSCapture, Active: zt != nil}
+	for _, z := range live {
+		p.Ztunnels = append(p.Ztunnels, ZtunnelRef{IP: z.ip, Veth: z.veth.Attrs().Name, Slot: z.slot})
+	}
 	if zt != nil {
-		p.ZtunnelIP, p.ZtunnelVeth, p.HostIP = zt.ip, zt.veth.Attrs().Name, zt.hostIP
+		p.HostIP = zt.hostIP
 	}
 	return p
 }
@@ -1398,7 +1490,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 			errs = append(errs, fmt.Errorf("ztunnel netns %s: %w", path, err))
 		}
 	}
-	d.lastZtNS = ""
+	d.lastZtNS, d.liveNS = "", nil
 	d.last = nil
 	d.fast = nil
 	d.resync = true
@@ -1415,8 +1507,10 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 // the directory (several nodes on one host) are never touched.
 func (d *Dataplane) ztunnelNamespaces() []string {
 	set := map[string]bool{}
-	if d.lastZtNS != "" {
-		set[d.lastZtNS] = true
+	for _, p := range append([]string{d.lastZtNS}, d.liveNS...) {
+		if p != "" {
+			set[p] = true
+		}
 	}
 	peers := map[int]bool{}
 	if links, err := d.node.NL.LinkList(); err == nil {

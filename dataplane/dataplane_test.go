@@ -86,6 +86,7 @@ rule 102: fwmark 0x40/0x40 lookup 102 proto 97
 rule 103: lookup 100 proto 97
 rule 32766: lookup 254 proto 2
 rule 32767: lookup 253 proto 2
+rule 99: fwmark 0xc0/0xc0 lookup 103 proto 97
 route table 100 10.244.1.10/32 via 192.168.126.2 dev#3 src 10.244.1.1
 route table 100 10.244.1.11/32 via 192.168.126.2 dev#3 src 10.244.1.1
 route table 100 10.244.1.2/32 dev#2 scope link
@@ -93,6 +94,7 @@ route table 101 0.0.0.0/0 via 192.168.127.2 dev#4
 route table 101 10.244.1.2/32 dev#2 scope link
 route table 102 0.0.0.0/0 via 10.244.1.2 dev#2 onlink
 route table 102 10.244.1.2/32 dev#2 scope link
+route table 103 10.244.1.2/32 dev#2 scope link
 ipset ztunnel-pods-ips hash:ip family 2: 10.244.1.10 uid-0, 10.244.1.11 uid-1
 ipset ztunnel-pods-ips-v6 hash:ip family 10: 
 `

@@ -9,19 +9,26 @@ import (
 
 // NodeParams are the inputs of the node's iptables rules.
 type NodeParams struct {
-	// ZtunnelIP, ZtunnelVeth and HostIP are unset when there is no ztunnel.
-	ZtunnelIP   netip.Addr
-	ZtunnelVeth string
-	HostIP      netip.Addr
-	TunnelPort  int
+	// Ztunnels are the ztunnels whose connections the node carries, each
+	// with its slot; the active one (new connections) first when Active.
+	Ztunnels []ZtunnelRef
+	Active   bool
+	// HostIP is the node's address towards the active ztunnel.
+	HostIP     netip.Addr
+	TunnelPort int
 	// Capture marks ambient pods' TCP for ztunnel (false = fail open, no ztunnel).
 	Capture bool
-	// FailClosed rejects ambient pods' TCP, both ways, while there is no ztunnel.
+	// FailClosed rejects ambient pods' new TCP, both ways, while there is no ztunnel.
 	FailClosed bool
-	// Previous is a ztunnel still running while traffic moves to the new one
-	// (surge rollout). Its pod traffic keeps its own marks during the switch.
-	Previous *ZtunnelRef
-	DNS      bool
+	DNS        bool
+}
+
+// active returns the ztunnel new connections go to.
+func (p NodeParams) active() (ZtunnelRef, bool) {
+	if !p.Active || len(p.Ztunnels) == 0 {
+		return ZtunnelRef{}, false
+	}
+	return p.Ztunnels[0], true
 }
 
 // mark renders "0x100/0x100" as iptables-save prints marks.
@@ -41,7 +48,7 @@ func saveMark(v uint32) string {
 // form iptables-save prints them.
 func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 	m := cfg.Marks
-	zt := p.ZtunnelIP.IsValid()
+	act, zt := p.active()
 	set := cfg.IPSetName
 
 	var pre []string
@@ -54,21 +61,24 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		matchConnmark(m.ConnSkip)+" "+setMark(m.Skip),
 		matchMark(m.Skip)+" -j RETURN",
 	)
-	switch {
-	case zt && p.Previous != nil:
-		pre = append(pre, switchRules(m, append([]ZtunnelRef{*p.Previous}, ZtunnelRef{p.ZtunnelIP, p.ZtunnelVeth}))...)
-	case zt:
-		// Replies to ztunnel's spoofed-source connections go back to ztunnel.
+	switch len(p.Ztunnels) {
+	case 0:
+		pre = append(pre, matchMark(m.ProxyReturn)+" -j RETURN", matchMark(m.Skip)+" -j RETURN")
+	case 1:
+		z := p.Ztunnels[0]
+		// Replies to ztunnel's spoofed-source connections go back to the
+		// ztunnel (its slot) that made them.
 		pre = append(pre,
-			"! -i "+p.ZtunnelVeth+" "+matchConnmark(m.Proxy)+" "+setMark(m.ProxyReturn),
+			"! -i "+z.Veth+" "+matchConnmark(m.Proxy|m.Slot)+" "+setMark(m.Slot),
+			"! -i "+z.Veth+" "+matchConnmark(m.Proxy)+" "+setMark(m.ProxyReturn),
 			matchMark(m.ProxyReturn)+" -j RETURN",
-			fmt.Sprintf("! -s %s/32 -i %s %s", p.ZtunnelIP, p.ZtunnelVeth, setMark(m.Proxy)),
+			fmt.Sprintf("! -s %s/32 -i %s %s", z.IP, z.Veth, proxyMark(m, z.Slot)),
 			matchMark(m.Skip)+" -j RETURN",
 			// ztunnel's own traffic (xDS, HBONE to other nodes).
-			"-i "+p.ZtunnelVeth+" "+setMark(m.ConnSkip),
+			"-i "+z.Veth+" "+setMark(m.ConnSkip),
 		)
 	default:
-		pre = append(pre, matchMark(m.ProxyReturn)+" -j RETURN", matchMark(m.Skip)+" -j RETURN")
+		pre = append(pre, multiRules(m, p.Ztunnels)...)
 	}
 	pre = append(pre,
 		// Only a connection's first packet can start a capture: what is
@@ -86,10 +96,11 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		pre = append(pre, "-p tcp -m set --match-set "+set+" src -m conntrack --ctstate NEW "+setMark(m.Outbound))
 	}
 
-	save := []string{saveMark(m.ConnSkip), saveMark(m.Proxy)}
+	save := []string{saveMark(m.ConnSkip), saveProxy(m)}
 
 	out := []string{
 		// A node process answering a connection that came through ztunnel answers ztunnel.
+		matchConnmark(m.Proxy|m.Slot) + " " + setMark(m.Slot),
 		matchConnmark(m.Proxy) + " " + setMark(m.ProxyReturn),
 		matchMark(m.ProxyReturn) + " -j RETURN",
 	}
@@ -110,7 +121,7 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 
 	natPre := []string{matchMark(m.Outbound) + " -j ACCEPT"} // skip kube-proxy DNAT: ztunnel sees the VIP
 	if p.DNS && zt {
-		natPre = append(natPre, fmt.Sprintf("-p udp -m set --match-set %s src -m udp --dport 53 -j DNAT --to-destination %s:%d", set, p.ZtunnelIP, cfg.DNSPort))
+		natPre = append(natPre, fmt.Sprintf("-p udp -m set --match-set %s src -m udp --dport 53 -j DNAT --to-destination %s:%d", set, act.IP, cfg.DNSPort))
 	}
 
 	// Accept captured traffic before kube-proxy's REJECT of endpoint-less VIPs.
@@ -138,21 +149,46 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 	}
 }
 
-// ZtunnelRef names one ztunnel's address and host veth.
+// ZtunnelRef names one ztunnel's address, host veth and slot: the
+// connection-mark bit and proxy-return table that pin its connections to it.
 type ZtunnelRef struct {
 	IP   netip.Addr
 	Veth string
+	Slot int
 }
 
-// switchRules are rules 6-10 of the reference for several ztunnels at once,
-// used only while traffic moves from one to the next. "! -i ZVETH" cannot
-// name two devices, so every ztunnel's own packets are classified (and
-// returned) first; what is left is not from any ztunnel, which is what
-// rule 6 asks. For one ztunnel this order is equivalent to the reference's.
-func switchRules(m Marks, zs []ZtunnelRef) []string {
+// Slots is how many ztunnels can hold connections at once: the active one
+// and one draining (a surge rollout's old ztunnel).
+const Slots = 2
+
+// slotBit is the mark bit of a slot (slot 0 has none).
+func slotBit(m Marks, slot int) uint32 {
+	if slot == 1 {
+		return m.Slot
+	}
+	return 0
+}
+
+// proxyMark marks a ztunnel's spoofed-source packets with the proxy mark
+// and its slot bit (clearing the other slot's).
+func proxyMark(m Marks, slot int) string {
+	return "-j MARK --set-xmark " + mark(m.Proxy|slotBit(m, slot), m.Proxy|m.Slot)
+}
+
+// saveProxy saves the proxy mark and the slot bit to the connection.
+func saveProxy(m Marks) string {
+	return fmt.Sprintf("%s -j CONNMARK --save-mark --nfmask %#x --ctmask %#x", matchMark(m.Proxy), m.Proxy|m.Slot, m.Proxy|m.Slot)
+}
+
+// multiRules are rules 6-10 of the reference for several ztunnels at once
+// (a surge rollout). "! -i ZVETH" cannot name two devices, so every
+// ztunnel's own packets are classified (and returned) first; what is left
+// is not from any ztunnel, which is what rule 6 asks. For one ztunnel this
+// order is equivalent to the reference's.
+func multiRules(m Marks, zs []ZtunnelRef) []string {
 	var out []string
 	for _, z := range zs {
-		out = append(out, fmt.Sprintf("! -s %s/32 -i %s %s", z.IP, z.Veth, setMark(m.Proxy)))
+		out = append(out, fmt.Sprintf("! -s %s/32 -i %s %s", z.IP, z.Veth, proxyMark(m, z.Slot)))
 	}
 	out = append(out, matchMark(m.Skip)+" -j RETURN")
 	for _, z := range zs {
@@ -160,6 +196,7 @@ func switchRules(m Marks, zs []ZtunnelRef) []string {
 	}
 	return append(out,
 		matchMark(m.Skip)+" -j RETURN",
+		matchConnmark(m.Proxy|m.Slot)+" "+setMark(m.Slot),
 		matchConnmark(m.Proxy)+" "+setMark(m.ProxyReturn),
 		matchMark(m.ProxyReturn)+" -j RETURN",
 	)

@@ -15,7 +15,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 		want string
 	}{{
 		name: "ztunnel present, DNS capture",
-		p: NodeParams{ZtunnelIP: netip.MustParseAddr("10.244.1.2"), ZtunnelVeth: "vethzt", HostIP: netip.MustParseAddr("10.244.1.1"),
+		p: NodeParams{Ztunnels: []ZtunnelRef{{IP: netip.MustParseAddr("10.244.1.2"), Veth: "vethzt"}}, Active: true, HostIP: netip.MustParseAddr("10.244.1.1"),
 			TunnelPort: 4789, Capture: true, DNS: true},
 		want: `*mangle
 -A PREROUTING -m comment --comment ambient-redirect -j ztunnel-PREROUTING
@@ -30,9 +30,10 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -p udp -m udp --dport 4789 -j RETURN
 -A ztunnel-PREROUTING -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
+-A ztunnel-PREROUTING ! -i vethzt -m connmark --mark 0x290/0x290 -j MARK --set-xmark 0x80/0x80
 -A ztunnel-PREROUTING ! -i vethzt -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-PREROUTING -m mark --mark 0x40/0x40 -j RETURN
--A ztunnel-PREROUTING ! -s 10.244.1.2/32 -i vethzt -j MARK --set-xmark 0x210/0x210
+-A ztunnel-PREROUTING ! -s 10.244.1.2/32 -i vethzt -j MARK --set-xmark 0x210/0x290
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -i vethzt -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
@@ -40,9 +41,10 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
 -A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
--A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210
+-A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x290 --ctmask 0x290
 -A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
--A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210
+-A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x290 --ctmask 0x290
+-A ztunnel-OUTPUT -m connmark --mark 0x290/0x290 -j MARK --set-xmark 0x80/0x80
 -A ztunnel-OUTPUT -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-OUTPUT -m mark --mark 0x40/0x40 -j RETURN
 -A ztunnel-OUTPUT -p tcp -m owner ! --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
@@ -81,9 +83,10 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
 -A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
--A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210
+-A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x290 --ctmask 0x290
 -A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
--A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x210 --ctmask 0x210
+-A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x290 --ctmask 0x290
+-A ztunnel-OUTPUT -m connmark --mark 0x290/0x290 -j MARK --set-xmark 0x80/0x80
 -A ztunnel-OUTPUT -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-OUTPUT -m mark --mark 0x40/0x40 -j RETURN
 -A ztunnel-OUTPUT -p tcp -m owner ! --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
@@ -162,8 +165,8 @@ func diffLines(want, got string) string {
 }
 
 func TestNodeRulesetDuringSwitch(t *testing.T) {
-	p := NodeParams{ZtunnelIP: netip.MustParseAddr("10.244.1.9"), ZtunnelVeth: "vethnew", HostIP: netip.MustParseAddr("10.244.1.1"), TunnelPort: 4789, Capture: true,
-		Previous: &ZtunnelRef{IP: netip.MustParseAddr("10.244.1.2"), Veth: "vethold"}}
+	p := NodeParams{Ztunnels: []ZtunnelRef{{IP: netip.MustParseAddr("10.244.1.9"), Veth: "vethnew", Slot: 1}, {IP: netip.MustParseAddr("10.244.1.2"), Veth: "vethold"}},
+		Active: true, HostIP: netip.MustParseAddr("10.244.1.1"), TunnelPort: 4789, Capture: true}
 	rs := NodeRuleset(DefaultConfig(), p)
 	got := strings.Join(rs[0].Rules, "\n")
 	want := `-i istioin -j MARK --set-xmark 0x200/0x200
@@ -173,12 +176,13 @@ func TestNodeRulesetDuringSwitch(t *testing.T) {
 -p udp -m udp --dport 4789 -j RETURN
 -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200
 -m mark --mark 0x200/0x200 -j RETURN
-! -s 10.244.1.2/32 -i vethold -j MARK --set-xmark 0x210/0x210
-! -s 10.244.1.9/32 -i vethnew -j MARK --set-xmark 0x210/0x210
+! -s 10.244.1.9/32 -i vethnew -j MARK --set-xmark 0x290/0x290
+! -s 10.244.1.2/32 -i vethold -j MARK --set-xmark 0x210/0x290
 -m mark --mark 0x200/0x200 -j RETURN
--i vethold -j MARK --set-xmark 0x220/0x220
 -i vethnew -j MARK --set-xmark 0x220/0x220
+-i vethold -j MARK --set-xmark 0x220/0x220
 -m mark --mark 0x200/0x200 -j RETURN
+-m connmark --mark 0x290/0x290 -j MARK --set-xmark 0x80/0x80
 -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -m mark --mark 0x40/0x40 -j RETURN
 -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200

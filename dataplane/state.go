@@ -32,6 +32,11 @@ func FamilyOf(a netip.Addr) Family {
 type State struct {
 	// Ztunnel is the active node proxy; nil means none (the fail mode applies).
 	Ztunnel *Ztunnel
+	// Draining are other ztunnels of this node that still run (a surge
+	// rollout's old one, Ready or terminating), newest first. One that
+	// holds connections (a slot, read back from the kernel) keeps them
+	// while it is listed; new connections go to Ztunnel only.
+	Draining []*Ztunnel
 	// Pods are the enrolled (ambient) pods on this node.
 	Pods []Pod
 }
@@ -87,12 +92,15 @@ func (s State) members(f Family) (map[netip.Addr]string, error) {
 // Validate checks the state before anything is written.
 func (s State) Validate() error {
 	var problems []string
-	if z := s.Ztunnel; z != nil {
+	for _, z := range append([]*Ztunnel{s.Ztunnel}, s.Draining...) {
+		if z == nil {
+			continue
+		}
 		if z.HostVeth == "" || z.NetNS == "" {
-			problems = append(problems, "ztunnel: host veth and netns are required")
+			problems = append(problems, fmt.Sprintf("ztunnel %s: host veth and netns are required", z.Pod))
 		}
 		if _, ok := z.IP(IPv4); !ok {
-			problems = append(problems, "ztunnel: an IPv4 address is required")
+			problems = append(problems, fmt.Sprintf("ztunnel %s: an IPv4 address is required", z.Pod))
 		}
 	}
 	for _, p := range s.Pods {

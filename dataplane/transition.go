@@ -3,6 +3,7 @@ package dataplane
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -42,21 +43,19 @@ import (
 // so a steady state writes each table at most once.
 
 // unionParams renders the node's rules for the middle of a transition from
-// prev to next: every ztunnel either side knows is classified, REJECTs stay
-// while either side has them, and capture stays if prev had it (and is
-// added when withCapture says the reach layer is ready).
-func unionParams(prev, next NodeParams, prevVethExists, withCapture bool) NodeParams {
+// prev to next: every ztunnel either side knows (and whose veth is still
+// there) is classified, REJECTs stay while either side has them, and capture
+// stays if prev had it (and is added when withCapture says the reach layer
+// is ready).
+func unionParams(prev, next NodeParams, vethExists func(string) bool, withCapture bool) NodeParams {
 	u := next
 	u.FailClosed = prev.FailClosed || next.FailClosed
 	u.Capture = prev.Capture || (withCapture && next.Capture)
-	switch {
-	case !next.ZtunnelIP.IsValid() && prev.ZtunnelIP.IsValid():
-		// The ztunnel is going: its packets stay classified until the
-		// final rules, so nothing of it is ever captured by mistake.
-		u.ZtunnelIP, u.ZtunnelVeth, u.HostIP = prev.ZtunnelIP, prev.ZtunnelVeth, prev.HostIP
-	case next.ZtunnelIP.IsValid() && prev.ZtunnelIP.IsValid() && prev.ZtunnelVeth != next.ZtunnelVeth && prevVethExists:
-		old := ZtunnelRef{IP: prev.ZtunnelIP, Veth: prev.ZtunnelVeth}
-		u.Previous = &old
+	u.Ztunnels = slices.Clone(next.Ztunnels)
+	for _, z := range prev.Ztunnels {
+		if !slices.ContainsFunc(u.Ztunnels, func(o ZtunnelRef) bool { return o.Veth == z.Veth }) && vethExists(z.Veth) {
+			u.Ztunnels = append(u.Ztunnels, z)
+		}
 	}
 	return u
 }
@@ -74,11 +73,16 @@ func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]s
 		if strings.Contains(r, capture) && strings.HasSuffix(r, setMark(m.Outbound)) {
 			p.Capture = true
 		}
-		// "! -s ZIP/32 -i ZVETH -j MARK --set-xmark <proxy>"
+		// "! -s ZIP/32 -i ZVETH -j MARK --set-xmark <proxy|slot>/<mask>"
 		var ip, veth string
-		if n, _ := fmt.Sscanf(r, "! -s %s -i %s", &ip, &veth); n == 2 && strings.HasSuffix(r, setMark(m.Proxy)) {
+		var v, mask uint32
+		if n, _ := fmt.Sscanf(r, "! -s %s -i %s -j MARK --set-xmark %v/%v", &ip, &veth, &v, &mask); n == 4 && v&m.Proxy == m.Proxy {
 			if a, err := netip.ParsePrefix(ip); err == nil {
-				zts = append(zts, ZtunnelRef{IP: a.Addr(), Veth: veth})
+				z := ZtunnelRef{IP: a.Addr(), Veth: veth}
+				if v&m.Slot != 0 {
+					z.Slot = 1
+				}
+				zts = append(zts, z)
 			}
 		}
 	}
@@ -87,12 +91,6 @@ func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]s
 			p.FailClosed = true
 		}
 	}
-	if n := len(zts); n > 0 {
-		p.ZtunnelIP, p.ZtunnelVeth = zts[n-1].IP, zts[n-1].Veth
-		p.HostIP = next.HostIP
-		if n > 1 {
-			p.Previous = &zts[0]
-		}
-	}
+	p.Ztunnels = zts
 	return p
 }

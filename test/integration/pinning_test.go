@@ -4,10 +4,14 @@ import (
 	"bufio"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
@@ -65,6 +69,13 @@ func (s *lineStream) fail(err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.err = err
+}
+
+// failed returns the stream's error, nil while it is healthy.
+func (s *lineStream) failed() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
 }
 
 func (s *lineStream) close() {
@@ -131,4 +142,60 @@ func TestEnrolmentKeepsOpenConnections(t *testing.T) {
 	captured.check(t, "5s after release")
 	out.check(t, "5s after release")
 	in.check(t, "5s after release")
+}
+
+// TestSurgeRolloutKeepsOldConnections: during a surge rollout the old
+// ztunnel keeps the connections it accepted while it runs (and across an
+// agent restart), new ones go to the new ztunnel at once, and once the old
+// one is gone its leftovers fail fast.
+func TestSurgeRolloutKeepsOldConnections(t *testing.T) {
+	n, zA := oneNode(t, nil)
+	a1, p1 := n.ambient[0], n.plain[0]
+	apply(t, n, n.state(true))
+	requireCaptured(t, n, zA)
+	out := startLineStream(t, a1.NS, ipPort(p1.IP, echoPort)) // outbound, through A
+	in := startLineStream(t, p1.NS, ipPort(a1.IP, echoPort))  // inbound, through A
+	time.Sleep(300 * time.Millisecond)
+
+	podB := n.AddPod(t, "ztunnel-b")
+	if err := os.Symlink(netnstest.NsPath(podB.NS), filepath.Join(n.nsDir, podB.NS)); err != nil {
+		t.Fatal(err)
+	}
+	zB := startZtunnel(t, podB)
+	podA := n.zt
+	st := n.state(true)
+	st.Ztunnel, st.Draining = ztunnelOf(podB), []*dataplane.Ztunnel{ztunnelOf(podA)}
+	apply(t, n, st)
+	n.zt = podB
+	requireCaptured(t, n, zB) // new connections: the new ztunnel, at once
+	time.Sleep(2 * time.Second)
+	out.check(t, "2s into the rollout")
+	in.check(t, "2s into the rollout")
+
+	// An agent restart in the middle changes nothing.
+	n.dp = newDataplane(t, n, nil)
+	if res := apply(t, n, st); res.TotalWrites() != 0 {
+		t.Fatalf("a restarted agent wrote %v mid-rollout:\n%s", res.Writes, strings.Join(res.Changes, "\n"))
+	}
+	time.Sleep(3 * time.Second)
+	out.check(t, "5s into the rollout, after an agent restart")
+	in.check(t, "5s into the rollout, after an agent restart")
+	requireCaptured(t, n, zB)
+
+	// The old ztunnel goes: its leftovers fail fast, new ones keep working.
+	gone := time.Now()
+	zA.proc.Stop()
+	podA.Delete(t)
+	st.Draining = nil
+	apply(t, n, st)
+	for _, s := range []*lineStream{out, in} {
+		for s.failed() == nil {
+			if time.Since(gone) > time.Second {
+				t.Fatal("a connection of the deleted ztunnel still runs 1s after it went")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	t.Logf("leftover connections failed %v after the old ztunnel went", time.Since(gone).Round(time.Millisecond))
+	requireCaptured(t, n, zB)
 }
