@@ -42,6 +42,19 @@ const (
 	FailOpen FailMode = "open"
 )
 
+// OnEnroll says what happens to the connections a pod has open when it is
+// enrolled (or that began while capture was off, e.g. failing open).
+type OnEnroll string
+
+const (
+	// OnEnrollKeep lets them flow directly until they close: capture is
+	// decided on a connection's first packet.
+	OnEnrollKeep OnEnroll = "keep"
+	// OnEnrollReset resets them (TCP RST to both ends at their next packet)
+	// so that nothing unmeshed remains.
+	OnEnrollReset OnEnroll = "reset"
+)
+
 // IPTablesMode selects the iptables backend.
 type IPTablesMode string
 
@@ -107,6 +120,7 @@ type Config struct {
 	// When a device we do not own already uses it, the next free port is taken.
 	TunnelPort   int
 	FailMode     FailMode
+	OnEnroll     OnEnroll
 	IPTablesMode IPTablesMode
 	// DNSCapture DNATs ambient pods' UDP/53 to ztunnel's DNS proxy on DNSPort.
 	DNSCapture bool
@@ -142,6 +156,7 @@ func DefaultConfig() Config {
 	return Config{
 		Tunnel:           TunnelAuto,
 		FailMode:         FailClosed,
+		OnEnroll:         OnEnrollKeep,
 		IPTablesMode:     IPTablesAuto,
 		DNSPort:          15053,
 		CaptureNodeLocal: true,
@@ -176,6 +191,11 @@ func (c Config) Validate() error {
 	case FailClosed, FailOpen:
 	default:
 		errs = append(errs, fmt.Errorf("fail mode: %q is not one of closed, open", c.FailMode))
+	}
+	switch c.OnEnroll {
+	case OnEnrollKeep, OnEnrollReset:
+	default:
+		errs = append(errs, fmt.Errorf("on-enroll: %q is not one of keep, reset", c.OnEnroll))
 	}
 	switch c.IPTablesMode {
 	case IPTablesAuto, IPTablesNFT, IPTablesLegacy:

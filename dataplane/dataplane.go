@@ -1325,7 +1325,8 @@ func runIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w
 
 func (d *Dataplane) nodeParams(zt *ztRuntime, live []*ztRuntime) NodeParams {
 	closed := zt == nil && d.cfg.FailMode == FailClosed
-	p := NodeParams{TunnelPort: d.port, Capture: zt != nil || closed, FailClosed: closed, DNS: d.cfg.DNSCapture, Active: zt != nil}
+	p := NodeParams{TunnelPort: d.port, Capture: zt != nil || closed, FailClosed: closed, DNS: d.cfg.DNSCapture, Active: zt != nil,
+		ResetUncaptured: zt != nil && d.cfg.OnEnroll == OnEnrollReset}
 	for _, z := range live {
 		p.Ztunnels = append(p.Ztunnels, ZtunnelRef{IP: z.ip, Veth: z.veth.Attrs().Name, Slot: z.slot})
 	}

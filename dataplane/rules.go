@@ -20,6 +20,9 @@ type NodeParams struct {
 	Capture bool
 	// FailClosed rejects ambient pods' new TCP, both ways, while there is no ztunnel.
 	FailClosed bool
+	// ResetUncaptured resets ambient pods' TCP connections that no ztunnel
+	// carries (opened before enrolment), both ways (--on-enroll=reset).
+	ResetUncaptured bool
 	DNS        bool
 }
 
@@ -126,6 +129,13 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 
 	// Accept captured traffic before kube-proxy's REJECT of endpoint-less VIPs.
 	filterFwd := []string{matchMark(m.Outbound) + " -j ACCEPT"}
+	if p.ResetUncaptured {
+		// A later packet of a connection no ztunnel carries (no proxy
+		// connmark): it began before its pod was enrolled.
+		for _, dir := range []string{"src", "dst"} {
+			filterFwd = append(filterFwd, fmt.Sprintf("-p tcp -m set --match-set %s %s -m conntrack ! --ctstate NEW -m connmark ! --mark %s -j REJECT --reject-with tcp-reset", set, dir, mark(m.Proxy, m.Proxy)))
+		}
+	}
 	if p.FailClosed {
 		// With no ztunnel, captured traffic is forwarded by main (our tables
 		// are empty): reset it here, before it leaves, and inbound too.

@@ -193,3 +193,14 @@ func TestNodeRulesetDuringSwitch(t *testing.T) {
 		t.Fatalf("switch rules:\n%s", diffLines(want, got))
 	}
 }
+
+func TestResetUncapturedRules(t *testing.T) {
+	p := NodeParams{Ztunnels: []ZtunnelRef{{IP: netip.MustParseAddr("10.244.1.2"), Veth: "vethzt"}}, Active: true, TunnelPort: 4789, Capture: true, ResetUncaptured: true}
+	got := strings.Join(NodeRuleset(DefaultConfig(), p)[7].Rules, "\n")
+	want := `-m mark --mark 0x100/0x100 -j ACCEPT
+-p tcp -m set --match-set ztunnel-pods-ips src -m conntrack ! --ctstate NEW -m connmark ! --mark 0x210/0x210 -j REJECT --reject-with tcp-reset
+-p tcp -m set --match-set ztunnel-pods-ips dst -m conntrack ! --ctstate NEW -m connmark ! --mark 0x210/0x210 -j REJECT --reject-with tcp-reset`
+	if got != want {
+		t.Fatalf("filter FORWARD:\n%s", diffLines(want, got))
+	}
+}

@@ -51,6 +51,7 @@ func unionParams(prev, next NodeParams, vethExists func(string) bool, withCaptur
 	u := next
 	u.FailClosed = prev.FailClosed || next.FailClosed
 	u.Capture = prev.Capture || (withCapture && next.Capture)
+	u.ResetUncaptured = prev.ResetUncaptured || (withCapture && next.ResetUncaptured)
 	u.Ztunnels = slices.Clone(next.Ztunnels)
 	for _, z := range prev.Ztunnels {
 		if !slices.ContainsFunc(u.Ztunnels, func(o ZtunnelRef) bool { return o.Veth == z.Veth }) && vethExists(z.Veth) {
@@ -87,7 +88,10 @@ func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]s
 		}
 	}
 	for _, r := range actual["filter"][ChainPrefix+"FORWARD"] {
-		if strings.Contains(r, "REJECT") {
+		switch {
+		case strings.Contains(r, "REJECT") && strings.Contains(r, "! --ctstate NEW"):
+			p.ResetUncaptured = true
+		case strings.Contains(r, "REJECT"):
 			p.FailClosed = true
 		}
 	}

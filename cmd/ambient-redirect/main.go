@@ -227,7 +227,7 @@ func configView(o *Options) map[string]any {
 		"nodeName": o.NodeName, "ztunnelNamespace": o.ZtunnelNamespace, "ztunnelSelector": o.ZtunnelSelector,
 		"excludeNamespaces": o.excluded(), "tunnel": o.Tunnel, "tunnelPort": o.TunnelPort, "failMode": o.FailMode,
 		"iptablesMode": o.IPTablesMode, "netnsDir": o.NetNSDir, "resyncPeriod": o.ResyncPeriod.String(),
-		"debugAddr": o.DebugAddr, "dnsCapture": o.DNSCapture,
+		"debugAddr": o.DebugAddr, "dnsCapture": o.DNSCapture, "onEnroll": o.OnEnroll,
 	}
 }
 

@@ -51,6 +51,7 @@ type Options struct {
 	Tunnel            string
 	TunnelPort        int
 	FailMode          string
+	OnEnroll          string
 	IPTablesMode      string
 	NetNSDir          string
 	ResyncPeriod      time.Duration
@@ -69,6 +70,7 @@ func defaultOptions() *Options {
 		ExcludeNamespaces: "kube-system",
 		Tunnel:            string(dataplane.TunnelAuto),
 		FailMode:          string(dataplane.FailClosed),
+		OnEnroll:          string(dataplane.OnEnrollKeep),
 		IPTablesMode:      string(dataplane.IPTablesAuto),
 		NetNSDir:          "/var/run/netns",
 		ResyncPeriod:      30 * time.Second,
@@ -90,6 +92,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.Var(choice{&o.Tunnel, []string{"auto", "geneve", "vxlan"}}, "tunnel", "tunnel type: auto (geneve if the kernel has it, else vxlan), geneve or vxlan")
 	fs.IntVar(&o.TunnelPort, "tunnel-port", o.TunnelPort, "tunnel UDP port; 0 = 6081 for geneve, 4789 for vxlan (the next free port is used if a foreign device holds it)")
 	fs.Var(choice{&o.FailMode, []string{"closed", "open"}}, "fail-mode", "with no ztunnel: closed (ambient TCP fails fast) or open (flows directly)")
+	fs.Var(choice{&o.OnEnroll, []string{"keep", "reset"}}, "on-enroll", "connections a pod opened before it was captured: keep (they flow directly until they close) or reset (TCP reset at once, so nothing unmeshed remains)")
 	fs.DurationVar(&o.ResyncPeriod, "resync-period", o.ResyncPeriod, "full resync (drift repair) period")
 	fs.StringVar(&o.DebugAddr, "debug-addr", o.DebugAddr, "address of the debug/health/metrics server; empty disables it")
 	fs.BoolVar(&o.DNSCapture, "dns-capture", o.DNSCapture, "DNAT ambient pods' UDP/53 to ztunnel's DNS proxy (port 15053)")
@@ -189,6 +192,7 @@ func (o *Options) dataplaneConfig() (dataplane.Config, error) {
 	c.Tunnel = dataplane.TunnelType(o.Tunnel)
 	c.TunnelPort = o.TunnelPort
 	c.FailMode = dataplane.FailMode(o.FailMode)
+	c.OnEnroll = dataplane.OnEnroll(o.OnEnroll)
 	c.IPTablesMode = dataplane.IPTablesMode(o.IPTablesMode)
 	c.NetNSDir = o.NetNSDir
 	c.DNSCapture = o.DNSCapture

@@ -2,12 +2,14 @@ package integration
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -53,7 +55,7 @@ func startLineStream(t *testing.T, ns, dst string) *lineStream {
 			}
 			got, err := r.ReadString('\n')
 			if err != nil || got != line {
-				s.fail(fmt.Errorf("echo of line %d: %q, %v", i, got, err))
+				s.fail(fmt.Errorf("echo of line %d: %q: %w", i, got, err))
 				return
 			}
 			s.mu.Lock()
@@ -198,4 +200,39 @@ func TestSurgeRolloutKeepsOldConnections(t *testing.T) {
 	}
 	t.Logf("leftover connections failed %v after the old ztunnel went", time.Since(gone).Round(time.Millisecond))
 	requireCaptured(t, n, zB)
+}
+
+// TestEnrolmentResetsOpenConnections: with --on-enroll=reset a pod's
+// connections from before its enrolment are reset at their next packet,
+// both ways, and its new connections are captured.
+func TestEnrolmentResetsOpenConnections(t *testing.T) {
+	n, z := oneNode(t, func(c *dataplane.Config) { c.OnEnroll = dataplane.OnEnrollReset })
+	a1, a2, p1 := n.ambient[0], n.ambient[1], n.plain[0]
+	n.ambient = []*netnstest.Pod{a2}
+	apply(t, n, n.state(true))
+	out := startLineStream(t, a1.NS, ipPort(p1.IP, echoPort))
+	in := startLineStream(t, p1.NS, ipPort(a1.IP, echoPort))
+	time.Sleep(300 * time.Millisecond)
+	out.check(t, "before enrolment")
+	in.check(t, "before enrolment")
+
+	n.ambient = []*netnstest.Pod{a1, a2}
+	enrolled := time.Now()
+	apply(t, n, n.state(true))
+	for _, s := range []*lineStream{out, in} {
+		for s.failed() == nil {
+			if time.Since(enrolled) > time.Second {
+				t.Fatal("a connection from before enrolment still runs 1s after it")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if err := s.failed(); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("want a TCP reset, got %v", err)
+		}
+	}
+	t.Logf("connections from before enrolment reset %v after it", time.Since(enrolled).Round(time.Millisecond))
+	requireCaptured(t, n, z)
+	captured := startLineStream(t, a1.NS, ipPort(p1.IP, echoPort))
+	time.Sleep(time.Second)
+	captured.check(t, "a captured connection with --on-enroll=reset")
 }
