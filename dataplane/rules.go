@@ -23,7 +23,7 @@ type NodeParams struct {
 	// ResetUncaptured resets ambient pods' TCP connections that no ztunnel
 	// carries (opened before enrolment), both ways (--on-enroll=reset).
 	ResetUncaptured bool
-	DNS        bool
+	DNS             bool
 }
 
 // active returns the ztunnel new connections go to.
