@@ -1,14 +1,10 @@
 package integration
 
 import (
-	"bufio"
 	"errors"
-	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -17,89 +13,6 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
-
-// lineStream is one long-lived connection that sends a line every 100 ms
-// and expects each echoed within 2 s.
-type lineStream struct {
-	conn  net.Conn
-	stop  chan struct{}
-	done  chan struct{}
-	mu    sync.Mutex
-	err   error
-	lines int
-}
-
-func startLineStream(t *testing.T, ns, dst string) *lineStream {
-	t.Helper()
-	c, err := netnstest.Dial(ns, "tcp", dst, 2*time.Second)
-	if err != nil {
-		t.Fatalf("stream %s -> %s: %v", ns, dst, err)
-	}
-	s := &lineStream{conn: c, stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(s.done)
-		r := bufio.NewReader(c)
-		tick := time.NewTicker(100 * time.Millisecond)
-		defer tick.Stop()
-		for i := 0; ; i++ {
-			select {
-			case <-s.stop:
-				return
-			case <-tick.C:
-			}
-			line := fmt.Sprintf("line %d\n", i)
-			_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-			if _, err := c.Write([]byte(line)); err != nil {
-				s.fail(fmt.Errorf("write %d: %w", i, err))
-				return
-			}
-			got, err := r.ReadString('\n')
-			if err != nil || got != line {
-				s.fail(fmt.Errorf("echo of line %d: %q: %w", i, got, err))
-				return
-			}
-			s.mu.Lock()
-			s.lines++
-			s.mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() { s.close() })
-	return s
-}
-
-func (s *lineStream) fail(err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.err = err
-}
-
-// failed returns the stream's error, nil while it is healthy.
-func (s *lineStream) failed() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.err
-}
-
-func (s *lineStream) close() {
-	select {
-	case <-s.stop:
-	default:
-		close(s.stop)
-	}
-	<-s.done
-	_ = s.conn.Close()
-}
-
-// check requires the stream to be healthy and to have moved since last.
-func (s *lineStream) check(t *testing.T, what string) {
-	t.Helper()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.err != nil {
-		t.Fatalf("%s: stream broke: %v", what, s.err)
-	}
-	t.Logf("%s: stream healthy, %d lines echoed", what, s.lines)
-}
 
 // TestEnrolmentKeepsOpenConnections: connections open before a pod is
 // enrolled keep flowing directly, both ways, while its new connections are
@@ -110,11 +23,11 @@ func TestEnrolmentKeepsOpenConnections(t *testing.T) {
 	n.ambient = []*netnstest.Pod{a2} // a1 is not enrolled yet
 	apply(t, n, n.state(true))
 
-	out := startLineStream(t, a1.NS, ipPort(p1.IP, echoPort)) // a1 the client
-	in := startLineStream(t, p1.NS, ipPort(a1.IP, echoPort))  // a1 the server
+	out := netnstest.StartLineStream(t, a1.NS, ipPort(p1.IP, echoPort)) // a1 the client
+	in := netnstest.StartLineStream(t, p1.NS, ipPort(a1.IP, echoPort))  // a1 the server
 	time.Sleep(300 * time.Millisecond)
-	out.check(t, "before enrolment")
-	in.check(t, "before enrolment")
+	out.Check(t, "before enrolment")
+	in.Check(t, "before enrolment")
 
 	n.ambient = []*netnstest.Pod{a1, a2}
 	apply(t, n, n.state(true))
@@ -127,11 +40,11 @@ func TestEnrolmentKeepsOpenConnections(t *testing.T) {
 		t.Fatal("a new connection of the enrolled pod was not captured")
 	}
 	time.Sleep(5 * time.Second)
-	out.check(t, "5s after enrolment")
-	in.check(t, "5s after enrolment")
+	out.Check(t, "5s after enrolment")
+	in.Check(t, "5s after enrolment")
 
 	// Captured before release, kept through its ztunnel after it.
-	captured := startLineStream(t, a1.NS, ipPort(p1.IP, echoPort))
+	captured := netnstest.StartLineStream(t, a1.NS, ipPort(p1.IP, echoPort))
 	time.Sleep(300 * time.Millisecond)
 	n.ambient = []*netnstest.Pod{a2}
 	apply(t, n, n.state(true))
@@ -141,9 +54,9 @@ func TestEnrolmentKeepsOpenConnections(t *testing.T) {
 		t.Fatalf("a released pod's new connection was captured: %+v", got[before:])
 	}
 	time.Sleep(5 * time.Second)
-	captured.check(t, "5s after release")
-	out.check(t, "5s after release")
-	in.check(t, "5s after release")
+	captured.Check(t, "5s after release")
+	out.Check(t, "5s after release")
+	in.Check(t, "5s after release")
 }
 
 // TestSurgeRolloutKeepsOldConnections: during a surge rollout the old
@@ -155,8 +68,8 @@ func TestSurgeRolloutKeepsOldConnections(t *testing.T) {
 	a1, p1 := n.ambient[0], n.plain[0]
 	apply(t, n, n.state(true))
 	requireCaptured(t, n, zA)
-	out := startLineStream(t, a1.NS, ipPort(p1.IP, echoPort)) // outbound, through A
-	in := startLineStream(t, p1.NS, ipPort(a1.IP, echoPort))  // inbound, through A
+	out := netnstest.StartLineStream(t, a1.NS, ipPort(p1.IP, echoPort)) // outbound, through A
+	in := netnstest.StartLineStream(t, p1.NS, ipPort(a1.IP, echoPort))  // inbound, through A
 	time.Sleep(300 * time.Millisecond)
 
 	podB := n.AddPod(t, "ztunnel-b")
@@ -171,8 +84,8 @@ func TestSurgeRolloutKeepsOldConnections(t *testing.T) {
 	n.zt = podB
 	requireCaptured(t, n, zB) // new connections: the new ztunnel, at once
 	time.Sleep(2 * time.Second)
-	out.check(t, "2s into the rollout")
-	in.check(t, "2s into the rollout")
+	out.Check(t, "2s into the rollout")
+	in.Check(t, "2s into the rollout")
 
 	// An agent restart in the middle changes nothing.
 	n.dp = newDataplane(t, n, nil)
@@ -180,8 +93,8 @@ func TestSurgeRolloutKeepsOldConnections(t *testing.T) {
 		t.Fatalf("a restarted agent wrote %v mid-rollout:\n%s", res.Writes, strings.Join(res.Changes, "\n"))
 	}
 	time.Sleep(3 * time.Second)
-	out.check(t, "5s into the rollout, after an agent restart")
-	in.check(t, "5s into the rollout, after an agent restart")
+	out.Check(t, "5s into the rollout, after an agent restart")
+	in.Check(t, "5s into the rollout, after an agent restart")
 	requireCaptured(t, n, zB)
 
 	// The old ztunnel goes: its leftovers fail fast, new ones keep working.
@@ -190,8 +103,8 @@ func TestSurgeRolloutKeepsOldConnections(t *testing.T) {
 	podA.Delete(t)
 	st.Draining = nil
 	apply(t, n, st)
-	for _, s := range []*lineStream{out, in} {
-		for s.failed() == nil {
+	for _, s := range []*netnstest.LineStream{out, in} {
+		for s.Failed() == nil {
 			if time.Since(gone) > time.Second {
 				t.Fatal("a connection of the deleted ztunnel still runs 1s after it went")
 			}
@@ -210,29 +123,29 @@ func TestEnrolmentResetsOpenConnections(t *testing.T) {
 	a1, a2, p1 := n.ambient[0], n.ambient[1], n.plain[0]
 	n.ambient = []*netnstest.Pod{a2}
 	apply(t, n, n.state(true))
-	out := startLineStream(t, a1.NS, ipPort(p1.IP, echoPort))
-	in := startLineStream(t, p1.NS, ipPort(a1.IP, echoPort))
+	out := netnstest.StartLineStream(t, a1.NS, ipPort(p1.IP, echoPort))
+	in := netnstest.StartLineStream(t, p1.NS, ipPort(a1.IP, echoPort))
 	time.Sleep(300 * time.Millisecond)
-	out.check(t, "before enrolment")
-	in.check(t, "before enrolment")
+	out.Check(t, "before enrolment")
+	in.Check(t, "before enrolment")
 
 	n.ambient = []*netnstest.Pod{a1, a2}
 	enrolled := time.Now()
 	apply(t, n, n.state(true))
-	for _, s := range []*lineStream{out, in} {
-		for s.failed() == nil {
+	for _, s := range []*netnstest.LineStream{out, in} {
+		for s.Failed() == nil {
 			if time.Since(enrolled) > time.Second {
 				t.Fatal("a connection from before enrolment still runs 1s after it")
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
-		if err := s.failed(); !errors.Is(err, syscall.ECONNRESET) {
+		if err := s.Failed(); !errors.Is(err, syscall.ECONNRESET) {
 			t.Fatalf("want a TCP reset, got %v", err)
 		}
 	}
 	t.Logf("connections from before enrolment reset %v after it", time.Since(enrolled).Round(time.Millisecond))
 	requireCaptured(t, n, z)
-	captured := startLineStream(t, a1.NS, ipPort(p1.IP, echoPort))
+	captured := netnstest.StartLineStream(t, a1.NS, ipPort(p1.IP, echoPort))
 	time.Sleep(time.Second)
-	captured.check(t, "a captured connection with --on-enroll=reset")
+	captured.Check(t, "a captured connection with --on-enroll=reset")
 }
