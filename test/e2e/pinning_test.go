@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
+	"syscall"
 	"testing"
 	"time"
 
@@ -118,4 +120,33 @@ func TestNoConnectionBrokenByRedirectionChanges(t *testing.T) {
 		n.ZT = nz
 		firstCaptured(t, nz, time.Now())
 	})
+}
+
+// TestOnEnrollReset: with --on-enroll=reset a pod's connections from
+// before its enrolment get a TCP reset within a second of it, both ways,
+// and its new connections are captured.
+func TestOnEnrollReset(t *testing.T) {
+	e := harness.New(t, 1, bins)
+	n := e.Nodes[0]
+	const ns = "other" // not ambient yet
+	c1 := e.RunPod(t, n, ns, "c1")
+	p1 := e.RunPod(t, n, harness.PlainNS, "p1")
+	e.StartAgent(t, n, "--on-enroll", "reset")
+	out := netnstest.StartLineStream(t, c1.Net.NS, harness.Hostport(p1.IP, harness.EchoPort))
+	in := netnstest.StartLineStream(t, p1.Net.NS, harness.Hostport(c1.IP, harness.EchoPort))
+	time.Sleep(300 * time.Millisecond)
+	out.Check(t, "before enrolment (outbound)")
+	in.Check(t, "before enrolment (inbound)")
+	labelled := time.Now()
+	e.LabelNamespace(t, ns, true)
+	for _, s := range []*netnstest.LineStream{out, in} {
+		harness.Eventually(t, time.Second, func() error {
+			if err := s.Failed(); !errors.Is(err, syscall.ECONNRESET) {
+				return fmt.Errorf("want a TCP reset, have %v", err)
+			}
+			return nil
+		})
+	}
+	t.Logf("connections from before enrolment reset %v after the label", time.Since(labelled).Round(time.Millisecond))
+	harness.Eventually(t, 3*time.Second, func() error { return harness.Captured(t, n.ZT, 15001, c1, p1) })
 }

@@ -266,16 +266,28 @@ func TestZtunnelSwitchKeepsPodState(t *testing.T) {
 func TestCleanupLeavesNoResidue(t *testing.T) {
 	for _, backend := range []dataplane.IPTablesMode{dataplane.IPTablesNFT, dataplane.IPTablesLegacy} {
 		t.Run(string(backend), func(t *testing.T) {
-			_, nodes := cluster(t, 1, 2, 1)
+			c, nodes := cluster(t, 1, 2, 1)
 			n := nodes[0]
+			// Two slots in use: a surge rollout's old ztunnel next to the new.
+			old := n.zt
+			n.zt = n.AddPod(t, "ztunnel-new")
+			n.nsDir = nsDirFor(t, c)
 			nodeBefore := netnstest.Dump(t, n.NS)
-			ztBefore := netnstest.Dump(t, n.zt.NS)
+			ztBefore := map[string]string{old.NS: netnstest.Dump(t, old.NS), n.zt.NS: netnstest.Dump(t, n.zt.NS)}
+			startZtunnel(t, old)
 			z := startZtunnel(t, n.zt)
 			n.dp = newDataplane(t, n, func(c *dataplane.Config) { c.IPTablesMode = backend; c.DNSCapture = true })
 			for _, p := range n.ambient {
 				netnstest.EchoServer(t, p.NS, ipPort(p.IP, echoPort))
 			}
-			apply(t, n, n.state(true))
+			st := n.state(true)
+			st.Ztunnel = ztunnelOf(old)
+			apply(t, n, st)
+			st.Ztunnel, st.Draining = ztunnelOf(n.zt), []*dataplane.Ztunnel{ztunnelOf(old)}
+			apply(t, n, st)
+			if rules := netnstest.Exec(t, n.NS, "ip", "rule"); !strings.Contains(rules, "lookup 103") || !strings.Contains(netnstest.Exec(t, n.NS, "ip", "route", "show", "table", "103"), "default") {
+				t.Fatalf("slot 1 not in use:\n%s", rules)
+			}
 			requireCaptured(t, n, z)
 			if _, err := n.dp.Cleanup(context.Background()); err != nil {
 				t.Fatalf("cleanup: %v", err)
@@ -283,8 +295,10 @@ func TestCleanupLeavesNoResidue(t *testing.T) {
 			if after := netnstest.Dump(t, n.NS); after != nodeBefore {
 				t.Fatalf("node residue:\n%s", netnstest.LineDiff(nodeBefore, after))
 			}
-			if after := netnstest.Dump(t, n.zt.NS); after != ztBefore {
-				t.Fatalf("ztunnel netns residue:\n%s", netnstest.LineDiff(ztBefore, after))
+			for ns, before := range ztBefore {
+				if after := netnstest.Dump(t, ns); after != before {
+					t.Fatalf("ztunnel netns %s residue:\n%s", ns, netnstest.LineDiff(before, after))
+				}
 			}
 			// Traffic flows directly again.
 			roundTrip(t, n.ambient[0].NS, ipPort(n.ambient[1].IP, echoPort))
