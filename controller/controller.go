@@ -78,6 +78,7 @@ type Status struct {
 	Synced        bool           `json:"cachesSynced"`
 	FirstSyncDone bool           `json:"firstSyncDone"`
 	Ztunnel       *ZtunnelStatus `json:"ztunnel"`
+	Draining      []string       `json:"draining,omitempty"`
 	Pods          []PodStatus    `json:"pods"`
 	LastSync      *SyncStatus    `json:"lastSync,omitempty"`
 	LastSuccess   time.Time      `json:"lastSuccess"`
@@ -523,6 +524,10 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	}
 	c.mu.Lock()
 	c.lastDesired = &st
+	c.status.Draining = nil
+	for _, z := range st.Draining {
+		c.status.Draining = append(c.status.Draining, z.Pod)
+	}
 	c.status.Syncs++
 	c.status.LastSync = ss
 	c.status.Pods = statuses

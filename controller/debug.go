@@ -25,10 +25,12 @@ type DataplaneInfo interface {
 
 // DebugState is the body of /debug/state.
 type DebugState struct {
-	Config       map[string]any `json:"config"`
-	IPTables     map[string]any `json:"iptables"`
-	Tunnel       map[string]any `json:"tunnel"`
-	Ztunnel      *ZtunnelStatus `json:"ztunnel"`
+	Config   map[string]any `json:"config"`
+	IPTables map[string]any `json:"iptables"`
+	Tunnel   map[string]any `json:"tunnel"`
+	Ztunnel  *ZtunnelStatus `json:"ztunnel"`
+	// Draining are older ztunnels that still run and keep their connections.
+	Draining     []string       `json:"draining,omitempty"`
 	Pods         []PodStatus    `json:"pods"`
 	Enrolled     int            `json:"enrolled"`
 	LastSync     *SyncStatus    `json:"lastSync"`
@@ -126,7 +128,7 @@ func (s *DebugServer) readyz(w http.ResponseWriter, _ *http.Request) {
 func (s *DebugServer) state(w http.ResponseWriter, r *http.Request) {
 	st := s.ctl.Status()
 	out := DebugState{
-		Config: s.config, Ztunnel: st.Ztunnel, Pods: st.Pods, LastSync: st.LastSync, LastSuccess: st.LastSuccess,
+		Config: s.config, Ztunnel: st.Ztunnel, Draining: st.Draining, Pods: st.Pods, LastSync: st.LastSync, LastSuccess: st.LastSuccess,
 		DriftRepairs: st.DriftRepairs, Ready: st.FirstSyncDone, Diff: []string{},
 	}
 	for _, p := range st.Pods {

@@ -66,6 +66,9 @@ func printStatus(w io.Writer, st controller.DebugState, verbose bool) {
 	} else {
 		fmt.Fprintf(w, "ztunnel:   none (fail mode %v applies)\n", st.Config["failMode"])
 	}
+	for _, z := range st.Draining {
+		fmt.Fprintf(w, "draining:  %s (keeps its connections while it runs)\n", z)
+	}
 	if st.Tunnel != nil {
 		fmt.Fprintf(w, "tunnel:    %v port %v (%v)\n", st.Tunnel["type"], st.Tunnel["port"], st.Tunnel["reason"])
 	}
