@@ -34,6 +34,9 @@ type Dataplane interface {
 	// WatchIPTables repairs our jumps as soon as another agent moves them
 	// (kube-proxy on start), reporting each repair; it runs until ctx ends.
 	WatchIPTables(ctx context.Context, repaired func(dataplane.Result)) error
+	// WatchNetlink calls drifted when links, addresses, routes or rules of
+	// ours change under us; it runs until ctx ends.
+	WatchNetlink(ctx context.Context, drifted func()) error
 }
 
 // Config of the controller.
@@ -119,6 +122,8 @@ type Controller struct {
 
 	kick     chan struct{}
 	annoKick chan struct{}
+	// driftKick asks for a resync at once: the kernel changed under us.
+	driftKick chan struct{}
 
 	mu          sync.Mutex
 	status      Status
@@ -139,7 +144,7 @@ func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context
 	}
 	c := &Controller{
 		cfg: cfg, client: client, log: log, hooks: hooks, newDP: newDP,
-		kick: make(chan struct{}, 1), annoKick: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), annoKick: make(chan struct{}, 1), driftKick: make(chan struct{}, 1),
 		programmed: map[types.UID]bool{},
 	}
 	c.status.DriftRepairs = map[string]int{}
@@ -359,6 +364,17 @@ func (c *Controller) Run(ctx context.Context) error {
 			c.log.Warn("not watching iptables; jumps moved by other agents are repaired by the resync only", zap.Error(err))
 		}
 	}()
+	go func() {
+		err := dp.WatchNetlink(ctx, func() {
+			select {
+			case c.driftKick <- struct{}{}:
+			default:
+			}
+		})
+		if err != nil {
+			c.log.Warn("not watching netlink; drift is repaired by the resync only", zap.Error(err))
+		}
+	}()
 	go c.annotationLoop(ctx)
 	go c.watchAPI(ctx)
 
@@ -384,6 +400,9 @@ func (c *Controller) Run(ctx context.Context) error {
 		case <-c.kick:
 		case <-retry:
 		case <-resync.C:
+			dp.QueueResync()
+			isResync = true
+		case <-c.driftKick:
 			dp.QueueResync()
 			isResync = true
 		}

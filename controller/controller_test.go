@@ -44,6 +44,11 @@ func (f *fakeDP) WatchIPTables(ctx context.Context, _ func(dataplane.Result)) er
 	return nil
 }
 
+func (f *fakeDP) WatchNetlink(ctx context.Context, _ func()) error {
+	<-ctx.Done()
+	return nil
+}
+
 func (f *fakeDP) LocateZtunnel(net.IP) (string, string, error) {
 	return "", "", errors.New("no ztunnel in this test")
 }

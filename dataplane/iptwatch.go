@@ -3,9 +3,7 @@ package dataplane
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"syscall"
 	"time"
@@ -17,12 +15,8 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 )
 
-// How soon the node's chains are checked after a change to the built-in
-// chains they hang from, and how often the legacy tables are looked at.
-const (
-	iptSettle     = 50 * time.Millisecond
-	iptLegacyPoll = time.Second
-)
+// How often the legacy tables are looked at (they have no events).
+const iptLegacyPoll = time.Second
 
 // WatchIPTables keeps our jumps first in the node's built-in chains between
 // resyncs: another agent inserting its own jump in front of ours (kube-proxy
@@ -49,28 +43,7 @@ func (d *Dataplane) WatchIPTables(ctx context.Context, repaired func(Result)) er
 	if err != nil {
 		return fmt.Errorf("watch %s iptables: %w", d.backend, err)
 	}
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case _, ok := <-changed:
-			if !ok {
-				return nil
-			}
-		}
-		// One check for a burst of changes (an iptables-restore is many).
-		settle := time.NewTimer(iptSettle)
-	drain:
-		for {
-			select {
-			case <-changed:
-			case <-settle.C:
-				break drain
-			case <-ctx.Done():
-				settle.Stop()
-				return nil
-			}
-		}
+	for settle(ctx, changed) {
 		res, err := d.repairNodeIPTables(ctx)
 		if err != nil {
 			d.log.Info("iptables repair failed; the resync will retry", zap.Error(err))
@@ -83,6 +56,7 @@ func (d *Dataplane) WatchIPTables(ctx context.Context, repaired func(Result)) er
 			}
 		}
 	}
+	return nil
 }
 
 // repairNodeIPTables re-syncs the node's chains to what this process last
@@ -107,64 +81,7 @@ func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
 // chain of the ip mangle, nat or filter table (where our jumps live), and
 // every lost event (a full socket buffer).
 func watchNFT(ctx context.Context, inNS iptables.InNS, log *zap.Logger) (<-chan struct{}, error) {
-	var fd int
-	err := inNS(func() error {
-		var err error
-		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_NETFILTER)
-		if err != nil {
-			return err
-		}
-		if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-			return err
-		}
-		return unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_ADD_MEMBERSHIP, unix.NFNLGRP_NFTABLES)
-	})
-	if err != nil {
-		if fd > 0 {
-			_ = unix.Close(fd)
-		}
-		return nil, fmt.Errorf("subscribe to nf_tables events: %w", err)
-	}
-	// Non-blocking and owned by an *os.File: reads park in the runtime's
-	// poller, and Close wakes them.
-	f := os.NewFile(uintptr(fd), "nftables-events")
-	out := make(chan struct{}, 1)
-	signal := func() {
-		select {
-		case out <- struct{}{}:
-		default:
-		}
-	}
-	go func() {
-		<-ctx.Done()
-		_ = f.Close()
-	}()
-	go func() {
-		defer close(out)
-		buf := make([]byte, 1<<16)
-		for {
-			n, err := f.Read(buf)
-			if errors.Is(err, unix.ENOBUFS) {
-				signal() // events were lost: look anyway
-				continue
-			}
-			if err != nil {
-				if ctx.Err() == nil {
-					log.Info("nf_tables event socket closed", zap.Error(err))
-				}
-				return
-			}
-			msgs, err := syscall.ParseNetlinkMessage(buf[:n])
-			if err != nil {
-				signal()
-				continue
-			}
-			if slices.ContainsFunc(msgs, touchesBuiltinChain) {
-				signal()
-			}
-		}
-	}()
-	return out, nil
+	return subscribe(ctx, inNS, unix.NETLINK_NETFILTER, []int{unix.NFNLGRP_NFTABLES}, touchesBuiltinChain, log)
 }
 
 // touchesBuiltinChain reports an nf_tables event that can move or remove

@@ -26,7 +26,12 @@ const (
 const (
 	EtcdBinary      = "etcd"
 	APIServerBinary = "kube-apiserver"
+	KubeProxyBinary = "kube-proxy"
 )
+
+// binaries are what BinDir guarantees; a cache built before one of them was
+// added lacks it and is completed by the build script.
+var binaries = []string{EtcdBinary, APIServerBinary, KubeProxyBinary}
 
 // BuildScript is the repository-relative path of the build script.
 const BuildScript = "hack/build-control-plane.sh"
@@ -56,10 +61,11 @@ func CacheDir() (string, error) {
 		"k8s-"+KubernetesVersion+"-etcd-"+EtcdVersion), nil
 }
 
-// BinDir returns the directory holding the etcd and kube-apiserver binaries.
-// When either is missing it runs hack/build-control-plane.sh, which builds
-// them from the Go module proxy (about 10 minutes cold on 2 cores) under a
-// lock, so concurrent test binaries build only once.
+// BinDir returns the directory holding the etcd, kube-apiserver and
+// kube-proxy binaries. When any is missing it runs
+// hack/build-control-plane.sh, which builds them from the Go module proxy
+// (about 10 minutes cold on 2 cores) under a lock, so concurrent test
+// binaries build only once.
 func BinDir() (string, error) {
 	binDirMu.Lock()
 	defer binDirMu.Unlock()
@@ -91,13 +97,13 @@ func BinDir() (string, error) {
 		dir = out
 	}
 	if !binariesPresent(dir) {
-		return "", fmt.Errorf("cluster: %s succeeded but %s lacks %s or %s", script, dir, EtcdBinary, APIServerBinary)
+		return "", fmt.Errorf("cluster: %s succeeded but %s lacks one of %v", script, dir, binaries)
 	}
 	return dir, nil
 }
 
 func binariesPresent(dir string) bool {
-	for _, b := range []string{EtcdBinary, APIServerBinary} {
+	for _, b := range binaries {
 		fi, err := os.Stat(filepath.Join(dir, b))
 		if err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0 {
 			return false

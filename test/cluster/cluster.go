@@ -1,15 +1,17 @@
 //go:build linux
 
 // Package cluster gives e2e tests a real etcd and kube-apiserver running
-// inside a network namespace.
+// inside a network namespace, and a real kube-proxy for node namespaces
+// (kubeproxy.go).
 //
-// The binaries are built once from the Go module proxy by
-// hack/build-control-plane.sh and cached (see BinDir). Start runs both inside
-// a caller-provided network namespace (/var/run/netns/<ns>) with
-// `ip netns exec`; the apiserver serves on <ip>:6443, where ip is an address
-// configured in that namespace. The test process stays in the root
-// namespace, so every client it builds dials through NetnsDialer; processes
-// run inside a namespace that routes to ip use a kubeconfig from Kubeconfig.
+// The binaries (etcd, kube-apiserver, kube-proxy) are built once from the
+// Go module proxy by hack/build-control-plane.sh and cached (see BinDir).
+// Start runs etcd and kube-apiserver inside a caller-provided network
+// namespace (/var/run/netns/<ns>) with `ip netns exec`; the apiserver serves
+// on <ip>:6443, where ip is an address configured in that namespace. The
+// test process stays in the root namespace, so every client it builds dials
+// through NetnsDialer; processes run inside a namespace that routes to ip
+// use a kubeconfig from Kubeconfig.
 //
 // There is no scheduler, controller-manager or kubelet: tests create Pods
 // with spec.nodeName set and write their status themselves.

@@ -26,6 +26,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
@@ -38,7 +39,9 @@ type Binaries struct{ Agent, Ztunnel string }
 func Build(repo, dir string) (Binaries, error) {
 	b := Binaries{Agent: filepath.Join(dir, "ambient-redirect"), Ztunnel: filepath.Join(dir, "test-ztunnel")}
 	for bin, pkg := range map[string]string{b.Agent: "./cmd/ambient-redirect", b.Ztunnel: "./test/ztunnel"} {
-		args := []string{"build", "-o", bin}
+		// auto: stamp the VCS revision (version prints it) even where
+		// GOFLAGS says -buildvcs=false, without failing outside a checkout.
+		args := []string{"build", "-buildvcs=auto", "-o", bin}
 		if os.Getenv("AR_RACE") == "1" {
 			args = append(args, "-race") // agents then stop at the first data race
 		}
@@ -75,6 +78,8 @@ type Env struct {
 	Bins  Binaries
 	// AgentEnv are extra VAR=value settings for agents started after it is set.
 	AgentEnv []string
+
+	adminKC string // kube-proxy's kubeconfig, made on first use
 }
 
 // Node is a node with its agent (when running) and active ztunnel.
@@ -495,4 +500,73 @@ func (e *Env) RunPodObject(t testing.TB, n *Node, namespace, name, ip string) *c
 		t.Fatal(err)
 	}
 	return out
+}
+
+// LaunchKubeProxy registers n as a Node object (InternalIP, PodCIDR) and
+// launches a real kube-proxy in iptables mode in n's netns, with an admin
+// kubeconfig, without waiting for its first sync. It is stopped and its
+// rules removed (kube-proxy --cleanup) in t.Cleanup.
+func (e *Env) LaunchKubeProxy(t testing.TB, n *Node) *cluster.KubeProxy {
+	t.Helper()
+	e.CP.EnsureNode(t, n.Name, n.IP.String(), n.PodCIDR.String())
+	if e.adminKC == "" {
+		e.adminKC = e.CP.AdminKubeconfig(e.T) // outlives the subtest that made it
+	}
+	return e.CP.LaunchKubeProxy(t, n.NS, n.Name, e.adminKC)
+}
+
+// CreateService creates a ClusterIP Service vip:port (vip inside
+// cluster.ServiceClusterIPRange) in namespace and its EndpointSlice with
+// the pods' echo servers (EchoPort) as ready endpoints.
+func (e *Env) CreateService(t testing.TB, namespace, name, vip string, port int, pods ...*Pod) {
+	t.Helper()
+	var ips []string
+	for _, p := range pods {
+		ips = append(ips, p.IP)
+	}
+	e.CP.CreateClusterIPService(t, namespace, name, vip, port, EchoPort, ips...)
+}
+
+// ChainRules is `iptables -t table -S chain` in n's netns (the netns's
+// default iptables, which kube-proxy uses too), without the policy line.
+func ChainRules(t testing.TB, n *Node, table, chain string) []string {
+	t.Helper()
+	out := netnstest.Exec(t, n.NS, "iptables", "-w", "-t", table, "-S", chain)
+	var rules []string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "-A ") {
+			rules = append(rules, l)
+		}
+	}
+	return rules
+}
+
+// IsOurJump reports whether an `iptables -S` rule is one of the agent's
+// jumps into its own chains.
+func IsOurJump(rule string) bool {
+	return strings.Contains(rule, "--comment "+iptables.JumpComment+" ") && strings.Contains(rule, " -j ztunnel-")
+}
+
+// JumpPositions maps "table/CHAIN" to the 1-based position of the agent's
+// jump in that chain, for every chain of n's default iptables holding one.
+func JumpPositions(t testing.TB, n *Node) map[string]int {
+	t.Helper()
+	out := netnstest.Exec(t, n.NS, "iptables-save")
+	pos := map[string]int{}
+	count := map[string]int{}
+	table := ""
+	for _, l := range strings.Split(out, "\n") {
+		switch {
+		case strings.HasPrefix(l, "*"):
+			table = l[1:]
+		case strings.HasPrefix(l, "-A "):
+			f := strings.Fields(l)
+			key := table + "/" + f[1]
+			count[key]++
+			if _, seen := pos[key]; !seen && IsOurJump(l) {
+				pos[key] = count[key]
+			}
+		}
+	}
+	return pos
 }

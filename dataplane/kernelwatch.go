@@ -1,0 +1,125 @@
+package dataplane
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"slices"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// WatchNetlink reports drift of the node's links, addresses, routes and
+// rules as it happens, instead of at the next resync: a netlink
+// subscription wakes on changes to our tunnels, their addresses, routes of
+// our protocol or in our tables, and ip rules; after a burst settles, what
+// the last apply left is read back and compared (our own writes leave no
+// difference). drifted is called when something of ours differs; the
+// caller re-applies with a full read-back. Nothing runs while nothing
+// changes. It returns when ctx is done, or at once if it cannot watch.
+func (d *Dataplane) WatchNetlink(ctx context.Context, drifted func()) error {
+	groups := []int{unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV4_RULE}
+	changed, err := subscribe(ctx, d.node.InNS, unix.NETLINK_ROUTE, groups, d.aboutOurs, d.log)
+	if err != nil {
+		return fmt.Errorf("watch netlink: %w", err)
+	}
+	for settle(ctx, changed) {
+		if what := d.nodeDrift(); what != "" {
+			d.log.Info("kernel state of ours changed; repairing", zap.String("what", what))
+			drifted()
+		}
+	}
+	return nil
+}
+
+// aboutOurs selects the netlink messages that may concern our objects.
+func (d *Dataplane) aboutOurs(m syscall.NetlinkMessage) bool {
+	switch m.Header.Type {
+	case unix.RTM_NEWLINK, unix.RTM_DELLINK:
+		return len(m.Data) >= unix.SizeofIfInfomsg && slices.Contains([]string{NodeInLink, NodeOutLink}, attrString(m.Data[unix.SizeofIfInfomsg:], unix.IFLA_IFNAME))
+	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
+		return len(m.Data) >= unix.SizeofIfAddrmsg && slices.Contains([]string{NodeInLink, NodeOutLink}, attrString(m.Data[unix.SizeofIfAddrmsg:], unix.IFA_LABEL))
+	case unix.RTM_NEWROUTE, unix.RTM_DELROUTE:
+		if len(m.Data) < unix.SizeofRtMsg {
+			return false
+		}
+		t := d.cfg.Tables
+		table, proto := int(m.Data[4]), int(m.Data[5])
+		return proto == d.cfg.RouteProtocol || slices.Contains([]int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2}, table)
+	case unix.RTM_NEWRULE, unix.RTM_DELRULE:
+		return true // rare; the comparison decides
+	}
+	return false
+}
+
+// attrString returns a string attribute of a netlink message body.
+func attrString(b []byte, typ uint16) string {
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b[0:2]))
+		if l < 4 || l > len(b) {
+			return ""
+		}
+		if binary.NativeEndian.Uint16(b[2:4])&0x3fff == typ {
+			return string(trimNUL(b[4:l]))
+		}
+		b = b[min(len(b), (l+3)&^3):]
+	}
+	return ""
+}
+
+// nodeDrift compares the node's links, addresses, routes and rules of ours
+// with what the last apply left; "" when they agree (or nothing was
+// applied yet).
+func (d *Dataplane) nodeDrift() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f := d.fast
+	if f == nil {
+		return ""
+	}
+	nl := d.node.NL
+	have, err := ourRoutesByKey(nl, d.cfg.RouteProtocol)
+	if err != nil {
+		return err.Error()
+	}
+	for k, r := range f.routes {
+		if cur, ok := have[k]; !ok || !routeEqual(r, cur) {
+			return "route " + routeString(r)
+		}
+	}
+	for k := range have {
+		if _, ok := f.routes[k]; !ok {
+			return "route " + k + " is not ours to have"
+		}
+	}
+	rules, err := nl.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		return err.Error()
+	}
+	for _, want := range d.nodeRules() {
+		if !slices.ContainsFunc(rules, func(r netlink.Rule) bool {
+			return int(r.Protocol) == d.cfg.RouteProtocol && ruleString(r) == ruleString(want)
+		}) {
+			return "rule " + ruleString(want)
+		}
+	}
+	if f.zt == nil {
+		return ""
+	}
+	in, out := d.tunnelEnds(f.zt, true)
+	for _, t := range []tunnelEnd{in, out} {
+		cur, err := nl.LinkByName(t.Name)
+		if err != nil || cur.Attrs().Flags&net.FlagUp == 0 {
+			return "link " + t.Name
+		}
+		addrs, err := nl.AddrList(cur, netlink.FAMILY_V4)
+		if err != nil || !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == t.Addr.String() }) {
+			return "address of " + t.Name
+		}
+	}
+	return ""
+}
