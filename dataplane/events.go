@@ -105,4 +105,3 @@ func settle(ctx context.Context, changed <-chan struct{}) bool {
 		}
 	}
 }
-
