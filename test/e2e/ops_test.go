@@ -137,19 +137,38 @@ func TestOperations(t *testing.T) {
 		}
 	})
 
-	t.Run("a route deleted by hand shows as a difference until repaired; status exits non-zero", func(t *testing.T) {
+	t.Run("a deleted route is repaired at once, not at the resync", func(t *testing.T) {
+		before := e.Metric(t, n, "ambient_redirect_drift_repairs_total")
+		start := time.Now()
 		netnstest.Exec(t, n.NS, "ip", "route", "del", a2.IP+"/32", "table", "100")
+		harness.Eventually(t, time.Second, func() error {
+			if !harness.HasRoute(t, n, a2.IP) {
+				return fmt.Errorf("route not repaired")
+			}
+			return nil
+		})
+		t.Logf("route repaired %v after it was deleted (resync period 1h)", time.Since(start).Round(time.Millisecond))
+		harness.Eventually(t, time.Second, func() error {
+			if after := e.Metric(t, n, "ambient_redirect_drift_repairs_total"); after <= before {
+				return fmt.Errorf("drift repairs %v -> %v", before, after)
+			}
+			return nil
+		})
+	})
+
+	t.Run("a set member deleted by hand shows as a difference until repaired; status exits non-zero", func(t *testing.T) {
+		// Set members are read back at the resync only (1h here).
+		netnstest.Exec(t, n.NS, "ipset", "del", "ztunnel-pods-ips", a2.IP)
 		st := e.State(t, n)
-		if st.Converged || !strings.Contains(strings.Join(st.Diff, "\n"), a2.IP+"/32") {
-			t.Fatalf("deleted route not reported: converged=%v diff=%v", st.Converged, st.Diff)
+		if st.Converged || !strings.Contains(strings.Join(st.Diff, "\n"), a2.IP) {
+			t.Fatalf("deleted member not reported: converged=%v diff=%v", st.Converged, st.Diff)
 		}
 		out, err := netnstest.ExecErr(n.NS, bins.Agent, "status", "--debug-addr", harness.DebugAddr)
-		if err == nil || !strings.Contains(out, "NOT converged") || !strings.Contains(out, a2.IP+"/32") {
-			t.Fatalf("status must fail and name the route: %v\n%s", err, out)
+		if err == nil || !strings.Contains(out, "NOT converged") || !strings.Contains(out, a2.IP) {
+			t.Fatalf("status must fail and name the member: %v\n%s", err, out)
 		}
-		// The resync period is 1h here and a pod event that changes nothing
-		// does no kernel work: it stays reported until the next full sync,
-		// which a restart makes at once.
+		// A pod event that changes nothing does no kernel work: it stays
+		// reported until the next full sync, which a restart makes at once.
 		e.RunPod(t, n, harness.PlainNS, "nudge")
 		time.Sleep(300 * time.Millisecond)
 		if st := e.State(t, n); st.Converged {
@@ -158,7 +177,7 @@ func TestOperations(t *testing.T) {
 		e.StopAgent(n)
 		e.StartAgent(T, n, "--resync-period", "1h")
 		harness.Eventually(t, 5*time.Second, func() error {
-			if !harness.HasRoute(t, n, a2.IP) || !e.State(t, n).Converged {
+			if !harness.Members(t, n)[a2.IP] || !e.State(t, n).Converged {
 				return fmt.Errorf("not repaired")
 			}
 			return nil
