@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 )
 
 // ChainPrefix is the prefix of every iptables chain we own.
@@ -60,8 +61,8 @@ const (
 type Dataplane struct {
 	cfg    Config
 	log    *zap.Logger
-	node   *Kernel
-	openNS func(path string) (*Kernel, error)
+	node   *kernel.Kernel
+	openNS func(path string) (*kernel.Kernel, error)
 
 	backend       string
 	backendReason string
@@ -116,9 +117,9 @@ type Options struct {
 	// NodeNetNS is the path of the node's netns; "" means the current one.
 	NodeNetNS string
 	// Node overrides the node kernel (fakes).
-	Node *Kernel
-	// OpenNS opens a ztunnel netns (fakes); default OpenKernel.
-	OpenNS func(path string) (*Kernel, error)
+	Node *kernel.Kernel
+	// OpenNS opens a ztunnel netns (fakes); default kernel.Open.
+	OpenNS func(path string) (*kernel.Kernel, error)
 	// SkipConflictCheck is for cleanup, which only removes what is ours.
 	SkipConflictCheck bool
 }
@@ -151,10 +152,10 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 		d.log = zap.NewNop()
 	}
 	if d.openNS == nil {
-		d.openNS = OpenKernel
+		d.openNS = kernel.Open
 	}
 	if d.node == nil {
-		k, err := OpenKernel(o.NodeNetNS)
+		k, err := kernel.Open(o.NodeNetNS)
 		if err != nil {
 			return nil, err
 		}
@@ -328,7 +329,7 @@ type ztRuntime struct {
 	ip     netip.Addr
 	veth   netlink.Link
 	hostIP netip.Addr
-	k      *Kernel
+	k      *kernel.Kernel
 	eth    netlink.Link
 }
 
@@ -687,7 +688,7 @@ func isNotExist(err error) bool {
 }
 
 // ipsetMembers lists a set we own; ok is false when it does not exist.
-func (d *Dataplane) ipsetMembers(nl Netlink, f Family) (map[netip.Addr]string, bool, error) {
+func (d *Dataplane) ipsetMembers(nl kernel.Netlink, f Family) (map[netip.Addr]string, bool, error) {
 	name := d.setName(f)
 	res, err := nl.IpsetList(name)
 	if err != nil {
@@ -886,7 +887,7 @@ func routeEqual(want, have netlink.Route) bool {
 }
 
 // ourRoutes lists every IPv4 route with our protocol, in all tables.
-func ourRoutes(nl Netlink, proto int) ([]netlink.Route, error) {
+func ourRoutes(nl kernel.Netlink, proto int) ([]netlink.Route, error) {
 	filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(proto)}
 	rs, err := nl.RouteListFiltered(netlink.FAMILY_V4, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
 	if err != nil {
@@ -896,7 +897,7 @@ func ourRoutes(nl Netlink, proto int) ([]netlink.Route, error) {
 }
 
 // syncRoutes makes our routes (by protocol, all tables) exactly want.
-func syncRoutes(nl Netlink, proto int, want []netlink.Route, w *writer) error {
+func syncRoutes(nl kernel.Netlink, proto int, want []netlink.Route, w *writer) error {
 	have, err := ourRoutesByKey(nl, proto)
 	if err != nil {
 		return err
@@ -907,7 +908,7 @@ func syncRoutes(nl Netlink, proto int, want []netlink.Route, w *writer) error {
 	return pruneRoutes(nl, have, want, nil, w)
 }
 
-func ourRoutesByKey(nl Netlink, proto int) (map[string]netlink.Route, error) {
+func ourRoutesByKey(nl kernel.Netlink, proto int) (map[string]netlink.Route, error) {
 	rs, err := ourRoutes(nl, proto)
 	if err != nil {
 		return nil, err
@@ -921,7 +922,7 @@ func ourRoutesByKey(nl Netlink, proto int) (map[string]netlink.Route, error) {
 
 // addRoutes replaces every route of want that the kernel lacks or holds
 // differently, given that it holds have (updated in place as writes succeed).
-func addRoutes(nl Netlink, have map[string]netlink.Route, want []netlink.Route, w *writer) error {
+func addRoutes(nl kernel.Netlink, have map[string]netlink.Route, want []netlink.Route, w *writer) error {
 	for _, r := range want {
 		k := routeKey(r)
 		if cur, ok := have[k]; ok && routeEqual(r, cur) {
@@ -937,7 +938,7 @@ func addRoutes(nl Netlink, have map[string]netlink.Route, want []netlink.Route, 
 
 // pruneRoutes deletes the routes of have that want lacks and sel (nil: all)
 // selects.
-func pruneRoutes(nl Netlink, have map[string]netlink.Route, want []netlink.Route, sel func(netlink.Route) bool, w *writer) error {
+func pruneRoutes(nl kernel.Netlink, have map[string]netlink.Route, want []netlink.Route, sel func(netlink.Route) bool, w *writer) error {
 	keep := make(map[string]bool, len(want))
 	for _, r := range want {
 		keep[routeKey(r)] = true
@@ -1041,7 +1042,7 @@ func isLocalRule(r netlink.Rule) bool {
 		r.Src == nil && r.Dst == nil && r.IifName == "" && r.OifName == "" && !r.Invert
 }
 
-func (d *Dataplane) checkRuleConflicts(nl Netlink, prios []int) error {
+func (d *Dataplane) checkRuleConflicts(nl kernel.Netlink, prios []int) error {
 	rules, err := nl.RuleList(netlink.FAMILY_V4)
 	if err != nil {
 		return fmt.Errorf("list rules: %w", err)
@@ -1054,7 +1055,7 @@ func (d *Dataplane) checkRuleConflicts(nl Netlink, prios []int) error {
 	return nil
 }
 
-func (d *Dataplane) syncRules(nl Netlink, want []netlink.Rule, swapLocal bool, w *writer) error {
+func (d *Dataplane) syncRules(nl kernel.Netlink, want []netlink.Rule, swapLocal bool, w *writer) error {
 	all, err := nl.RuleList(netlink.FAMILY_V4)
 	if err != nil {
 		return fmt.Errorf("list rules: %w", err)
@@ -1118,7 +1119,7 @@ func (d *Dataplane) syncRules(nl Netlink, want []netlink.Rule, swapLocal bool, w
 
 // restoreLocalRule adds `0: from all lookup local` unless a rule that is not
 // ours already does that.
-func restoreLocalRule(nl Netlink, all []netlink.Rule, proto int, w *writer) error {
+func restoreLocalRule(nl kernel.Netlink, all []netlink.Rule, proto int, w *writer) error {
 	if slices.ContainsFunc(all, func(r netlink.Rule) bool { return isLocalRule(r) && int(r.Protocol) != proto }) {
 		return nil
 	}
@@ -1146,7 +1147,7 @@ func (d *Dataplane) tunnelEnds(zt *ztRuntime, node bool) (in, out tunnelEnd) {
 // syncTunnel converges one tunnel device, its address, its static neighbour
 // and (vxlan) its FDB entry. It returns the link (nil in a dry run when the
 // link does not exist yet).
-func syncTunnel(nl Netlink, t tunnelEnd, w *writer) (netlink.Link, error) {
+func syncTunnel(nl kernel.Netlink, t tunnelEnd, w *writer) (netlink.Link, error) {
 	l, err := nl.LinkByName(t.Name)
 	if err != nil && !isLinkNotFound(err) {
 		return nil, fmt.Errorf("link %s: %w", t.Name, err)
@@ -1235,7 +1236,7 @@ func hasNeigh(ns []netlink.Neigh, ip net.IP, mac net.HardwareAddr) bool {
 	return false
 }
 
-func syncAddr(nl Netlink, l netlink.Link, want netip.Prefix, w *writer) error {
+func syncAddr(nl kernel.Netlink, l netlink.Link, want netip.Prefix, w *writer) error {
 	addrs, err := nl.AddrList(l, netlink.FAMILY_V4)
 	if err != nil {
 		return fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
@@ -1259,7 +1260,7 @@ func syncAddr(nl Netlink, l netlink.Link, want netip.Prefix, w *writer) error {
 
 // --- sysctls ---
 
-func syncSysctls(s Sysctl, want [][2]string, w *writer) error {
+func syncSysctls(s kernel.Sysctl, want [][2]string, w *writer) error {
 	for _, kv := range want {
 		cur, err := s.Get(kv[0])
 		if err == nil && cur == kv[1] {
@@ -1338,7 +1339,7 @@ func (d *Dataplane) nodeParams(zt *ztRuntime, live []*ztRuntime) NodeParams {
 
 // --- ztunnel netns ---
 
-func (d *Dataplane) ztSyncer(path string, k *Kernel) (*iptables.Syncer, error) {
+func (d *Dataplane) ztSyncer(path string, k *kernel.Kernel) (*iptables.Syncer, error) {
 	if s, ok := d.ztIPT[path]; ok {
 		return s, nil
 	}
@@ -1415,7 +1416,7 @@ func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, path string, w *writer
 
 // cleanupNS removes our chains (both backends), rules, routes and tunnel
 // links from one netns.
-func (d *Dataplane) cleanupNS(ctx context.Context, k *Kernel, links []string, w *writer) error {
+func (d *Dataplane) cleanupNS(ctx context.Context, k *kernel.Kernel, links []string, w *writer) error {
 	var errs []error
 	for _, b := range []string{d.backend, otherBackend(d.backend)} {
 		r, err := k.IPT(b)
@@ -1521,8 +1522,8 @@ func (d *Dataplane) ztunnelNamespaces() []string {
 			}
 		}
 	}
-	for _, p := range listNetNSDir(d.cfg.NetNSDir) {
-		if id := nsID(d.node.NL, p); id < 0 || !peers[id] {
+	for _, p := range kernel.ListNetNSDir(d.cfg.NetNSDir) {
+		if id := kernel.NsID(d.node.NL, p); id < 0 || !peers[id] {
 			continue
 		}
 		k, err := d.openNS(p)

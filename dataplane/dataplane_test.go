@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kerneltest"
 	"net"
 	"net/netip"
 	"strings"
@@ -17,25 +19,25 @@ import (
 
 // fakeNode is a node and one ztunnel netns made of fakes.
 type fakeNode struct {
-	nl, ztNL   *FakeNetlink
-	sys, ztSys *FakeSysctl
+	nl, ztNL   *kerneltest.FakeNetlink
+	sys, ztSys *kerneltest.FakeSysctl
 	ipt, ztIPT *iptables.Fake
-	ztPaths    map[string]*Kernel
+	ztPaths    map[string]*kernel.Kernel
 	zt         *Ztunnel
 }
 
 func newFakeNode(t *testing.T) *fakeNode {
 	t.Helper()
-	f := &fakeNode{nl: NewFakeNetlink(), ztNL: NewFakeNetlink(), sys: NewFakeSysctl(), ztSys: NewFakeSysctl(), ipt: iptables.NewFake(), ztIPT: iptables.NewFake()}
+	f := &fakeNode{nl: kerneltest.NewFakeNetlink(), ztNL: kerneltest.NewFakeNetlink(), sys: kerneltest.NewFakeSysctl(), ztSys: kerneltest.NewFakeSysctl(), ipt: iptables.NewFake(), ztIPT: iptables.NewFake()}
 	f.nl.Src = netip.MustParseAddr("10.244.1.1")
 	ztEth := f.ztNL.AddVeth("eth0", 1500, 0)
 	f.nl.AddVeth("vethzt", 1500, ztEth)
-	f.ztPaths = map[string]*Kernel{"/run/netns/zt": NewFakeKernel(f.ztNL, f.ztSys, f.ztIPT)}
+	f.ztPaths = map[string]*kernel.Kernel{"/run/netns/zt": kerneltest.NewFakeKernel(f.ztNL, f.ztSys, f.ztIPT)}
 	f.zt = &Ztunnel{Pod: "istio-system/ztunnel-a", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.2")}, HostVeth: "vethzt", NetNS: "/run/netns/zt"}
 	return f
 }
 
-func (f *fakeNode) open(path string) (*Kernel, error) {
+func (f *fakeNode) open(path string) (*kernel.Kernel, error) {
 	if k, ok := f.ztPaths[path]; ok {
 		return k, nil
 	}
@@ -50,7 +52,7 @@ func (f *fakeNode) dataplane(t *testing.T, mutate func(*Config)) *Dataplane {
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	d, err := New(context.Background(), cfg, Options{Node: NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	d, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,50 +73,54 @@ func (f *fakeNode) writes() int {
 
 const wantNodeDump = `link lo #1 mtu 65536 up=true
 link vethzt #2 mtu 1500 up=true
-link istioin #3 mtu 1450 up=true vxlan vni 1000 port 4789 remote invalid IP mac 02:a1:c0:a8:7e:01
+link istioin #3 mtu 1450 up=true vxlan vni 1000 port 4789 remote <nil> learning=false mac 02:a1:c0:a8:7e:01
 addr 192.168.126.1/30 dev istioin
-link istioout #4 mtu 1450 up=true vxlan vni 1001 port 4789 remote invalid IP mac 02:a1:c0:a8:7f:01
+link istioout #4 mtu 1450 up=true vxlan vni 1001 port 4789 remote <nil> learning=false mac 02:a1:c0:a8:7f:01
 addr 192.168.127.1/30 dev istioout
 neigh 192.168.126.2 lladdr 02:a1:c0:a8:7e:02 dev#3
 fdb 10.244.1.2 lladdr 02:a1:c0:a8:7e:02 dev#3
 neigh 192.168.127.2 lladdr 02:a1:c0:a8:7f:02 dev#4
 fdb 10.244.1.2 lladdr 02:a1:c0:a8:7f:02 dev#4
-rule 0: fwmark 0x0/0x140 lookup 255 proto 97
-rule 100: fwmark 0x200/0x200 goto 32766 proto 97
-rule 101: fwmark 0x100/0x100 lookup 101 proto 97
-rule 102: fwmark 0x40/0x40 lookup 102 proto 97
-rule 103: lookup 100 proto 97
-rule 32766: lookup 254 proto 2
-rule 32767: lookup 253 proto 2
-rule 99: fwmark 0xc0/0xc0 lookup 103 proto 97
-route table 100 10.244.1.10/32 via 192.168.126.2 dev#3 src 10.244.1.1
-route table 100 10.244.1.11/32 via 192.168.126.2 dev#3 src 10.244.1.1
-route table 100 10.244.1.2/32 dev#2 scope link
-route table 101 0.0.0.0/0 via 192.168.127.2 dev#4
-route table 101 10.244.1.2/32 dev#2 scope link
-route table 102 0.0.0.0/0 via 10.244.1.2 dev#2 onlink
-route table 102 10.244.1.2/32 dev#2 scope link
-route table 103 10.244.1.2/32 dev#2 scope link
+rule inet 0: fwmark 0x0/0x140 lookup 255 proto 97
+rule inet 100: fwmark 0x200/0x200 goto 32766 proto 97
+rule inet 101: fwmark 0x100/0x100 lookup 101 proto 97
+rule inet 102: fwmark 0x40/0x40 lookup 102 proto 97
+rule inet 103: lookup 100 proto 97
+rule inet 32766: lookup 254 proto 2
+rule inet 32767: lookup 253 proto 2
+rule inet 99: fwmark 0xc0/0xc0 lookup 103 proto 97
+rule inet6 0: lookup 255 proto 2
+rule inet6 32766: lookup 254 proto 2
+route inet table 100 10.244.1.10/32 via 192.168.126.2 dev#3 src 10.244.1.1 proto 97
+route inet table 100 10.244.1.11/32 via 192.168.126.2 dev#3 src 10.244.1.1 proto 97
+route inet table 100 10.244.1.2/32 dev#2 scope link proto 97
+route inet table 101 0.0.0.0/0 via 192.168.127.2 dev#4 proto 97
+route inet table 101 10.244.1.2/32 dev#2 scope link proto 97
+route inet table 102 0.0.0.0/0 via 10.244.1.2 dev#2 onlink proto 97
+route inet table 102 10.244.1.2/32 dev#2 scope link proto 97
+route inet table 103 10.244.1.2/32 dev#2 scope link proto 97
 ipset ztunnel-pods-ips hash:ip family 2: 10.244.1.10 uid-0, 10.244.1.11 uid-1
 ipset ztunnel-pods-ips-v6 hash:ip family 10: 
 `
 
 const wantZtunnelDump = `link lo #1 mtu 65536 up=true
 link eth0 #2 mtu 1500 up=true
-link pistioin #3 mtu 1450 up=true vxlan vni 1000 port 4789 remote invalid IP mac 02:a1:c0:a8:7e:02
+link pistioin #3 mtu 1450 up=true vxlan vni 1000 port 4789 remote <nil> learning=false mac 02:a1:c0:a8:7e:02
 addr 192.168.126.2/30 dev pistioin
-link pistioout #4 mtu 1450 up=true vxlan vni 1001 port 4789 remote invalid IP mac 02:a1:c0:a8:7f:02
+link pistioout #4 mtu 1450 up=true vxlan vni 1001 port 4789 remote <nil> learning=false mac 02:a1:c0:a8:7f:02
 addr 192.168.127.2/30 dev pistioout
 neigh 192.168.126.1 lladdr 02:a1:c0:a8:7e:01 dev#3
 fdb 10.244.1.1 lladdr 02:a1:c0:a8:7e:01 dev#3
 neigh 192.168.127.1 lladdr 02:a1:c0:a8:7f:01 dev#4
 fdb 10.244.1.1 lladdr 02:a1:c0:a8:7f:01 dev#4
-rule 0: lookup 255 proto 2
-rule 20000: fwmark 0x400/0xfff lookup 100 proto 97
-rule 20003: fwmark 0x4d3/0xfff lookup 100 proto 97
-rule 32766: lookup 254 proto 2
-rule 32767: lookup 253 proto 2
-route local table 100 0.0.0.0/0 dev#1 scope host
+rule inet 0: lookup 255 proto 2
+rule inet 20000: fwmark 0x400/0xfff lookup 100 proto 97
+rule inet 20003: fwmark 0x4d3/0xfff lookup 100 proto 97
+rule inet 32766: lookup 254 proto 2
+rule inet 32767: lookup 253 proto 2
+rule inet6 0: lookup 255 proto 2
+rule inet6 32766: lookup 254 proto 2
+route inet table 100 0.0.0.0/0 local dev#1 scope host proto 97
 `
 
 func TestApplyProgramsNodeAndZtunnel(t *testing.T) {
@@ -290,7 +296,7 @@ func TestRulePriorityConflictRefused(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.IPTablesMode = IPTablesNFT
 	before := f.nl.TotalWrites()
-	_, err := New(context.Background(), cfg, Options{Node: NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	_, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
 	if err == nil || !strings.Contains(err.Error(), "priority 101") {
 		t.Fatalf("err = %v", err)
 	}
@@ -334,11 +340,11 @@ func TestGeneveAutoAndInPlaceSwitch(t *testing.T) {
 		t.Fatalf("geneve istioin: \n%s", f.nl.Dump())
 	}
 	// New ztunnel: same veth for simplicity, new IP and netns.
-	zt2NL := NewFakeNetlink()
+	zt2NL := kerneltest.NewFakeNetlink()
 	zt2NL.GeneveSupported = true
 	eth := zt2NL.AddVeth("eth0", 1500, 0)
 	f.nl.AddVeth("vethzt2", 1500, eth)
-	f.ztPaths["/run/netns/zt2"] = NewFakeKernel(zt2NL, NewFakeSysctl(), iptables.NewFake())
+	f.ztPaths["/run/netns/zt2"] = kerneltest.NewFakeKernel(zt2NL, kerneltest.NewFakeSysctl(), iptables.NewFake())
 	zt2 := &Ztunnel{Pod: "istio-system/ztunnel-b", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.3")}, HostVeth: "vethzt2", NetNS: "/run/netns/zt2"}
 	linkAdds, linkDels := f.nl.Writes["LinkAdd"], f.nl.Writes["LinkDel"]
 	if _, err := d.Apply(context.Background(), State{Ztunnel: zt2, Pods: pods(1)}); err != nil {
@@ -359,7 +365,7 @@ func TestGeneveForcedWithoutKernelSupport(t *testing.T) {
 	f := newFakeNode(t)
 	cfg := DefaultConfig()
 	cfg.IPTablesMode, cfg.Tunnel = IPTablesNFT, TunnelGeneve
-	_, err := New(context.Background(), cfg, Options{Node: NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	_, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
 	if err == nil || !strings.Contains(err.Error(), "geneve") {
 		t.Fatalf("err = %v", err)
 	}
@@ -535,7 +541,7 @@ func TestNodeNeverLosesItsLocalRule(t *testing.T) {
 	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
 		t.Fatal(err)
 	}
-	if strings.Contains(f.nl.Dump(), "rule 0: lookup 255 proto 2") {
+	if strings.Contains(f.nl.Dump(), "rule inet 0: lookup 255 proto 2") {
 		t.Fatal("the kernel's unconditional local rule must be replaced by ours")
 	}
 	// Turning node-local capture off restores the kernel's rule before ours goes.
@@ -545,13 +551,13 @@ func TestNodeNeverLosesItsLocalRule(t *testing.T) {
 		t.Fatal("injected failure not reported")
 	}
 	dump := f.nl.Dump()
-	if !strings.Contains(dump, "rule 0: lookup 255 proto 2") {
+	if !strings.Contains(dump, "rule inet 0: lookup 255 proto 2") {
 		t.Fatalf("no local rule after a failed delete:\n%s", dump)
 	}
 	if _, err := off.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
 		t.Fatal(err)
 	}
-	if dump := f.nl.Dump(); !strings.Contains(dump, "rule 0: lookup 255 proto 2") || strings.Contains(dump, "rule 0: fwmark") {
+	if dump := f.nl.Dump(); !strings.Contains(dump, "rule inet 0: lookup 255 proto 2") || strings.Contains(dump, "rule inet 0: fwmark") {
 		t.Fatalf("want exactly the kernel's local rule:\n%s", dump)
 	}
 }

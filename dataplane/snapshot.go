@@ -3,14 +3,12 @@ package dataplane
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 )
 
 // Snapshot is the kernel state we own, as read back (for debugging).
@@ -72,7 +70,7 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 	return s
 }
 
-func (d *Dataplane) nsSnapshot(ctx context.Context, k *Kernel, ipt *iptables.Syncer, links []string) (NSSnapshot, []string) {
+func (d *Dataplane) nsSnapshot(ctx context.Context, k *kernel.Kernel, ipt *iptables.Syncer, links []string) (NSSnapshot, []string) {
 	var errs []string
 	ns := NSSnapshot{}
 	for _, n := range links {
@@ -111,20 +109,3 @@ func (d *Dataplane) nsSnapshot(ctx context.Context, k *Kernel, ipt *iptables.Syn
 	return ns, errs
 }
 
-// listNetNSDir lists the namespace files under dir.
-func listNetNSDir(dir string) []string {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, e := range entries {
-		p := filepath.Join(dir, e.Name())
-		var st unix.Statfs_t
-		// Only nsfs bind mounts are namespaces; skip anything else.
-		if unix.Statfs(p, &st) == nil && st.Type == unix.NSFS_MAGIC {
-			out = append(out, p)
-		}
-	}
-	return out
-}

@@ -1,4 +1,8 @@
-package dataplane
+// Package kernel is the dataplane's narrow view of one network namespace:
+// netlink through a handle bound to it, /proc/sys and binaries (iptables)
+// on a helper thread switched into it. Nothing here decides anything; the
+// dataplane's managers do. kerneltest holds the in-memory fake.
+package kernel
 
 import (
 	"errors"
@@ -67,6 +71,11 @@ type Kernel struct {
 	close func()
 }
 
+// New bundles kernel interfaces (fakes); close may be nil.
+func New(nl Netlink, sys Sysctl, ipt func(backend string) (iptables.Runner, error), inNS iptables.InNS, close func()) *Kernel {
+	return &Kernel{NL: nl, Sysctl: sys, IPT: ipt, InNS: inNS, close: close}
+}
+
 // Close releases the handles.
 func (k *Kernel) Close() {
 	if k != nil && k.close != nil {
@@ -74,9 +83,9 @@ func (k *Kernel) Close() {
 	}
 }
 
-// OpenKernel returns the kernel interfaces of the netns at path ("" = the
+// Open returns the kernel interfaces of the netns at path ("" = the
 // current one).
-func OpenKernel(path string) (*Kernel, error) {
+func Open(path string) (*Kernel, error) {
 	var ns netns.NsHandle = -1
 	if path != "" {
 		h, err := netns.GetFromPath(path)
@@ -180,24 +189,24 @@ func (p procSysctl) Set(key, value string) error {
 	})
 }
 
-// peerNetNS returns the path under dir of the network namespace holding the
+// PeerNetNS returns the path under dir of the network namespace holding the
 // peer of veth (in the namespace of nl). It matches the veth's
 // IFLA_LINK_NETNSID against the id each named namespace has in ours.
-func peerNetNS(nl Netlink, veth netlink.Link, dir string) (string, error) {
+func PeerNetNS(nl Netlink, veth netlink.Link, dir string) (string, error) {
 	want := veth.Attrs().NetNsID
 	if want < 0 {
 		return "", fmt.Errorf("veth %s has no peer in another netns", veth.Attrs().Name)
 	}
-	for _, p := range listNetNSDir(dir) {
-		if nsID(nl, p) == want {
+	for _, p := range ListNetNSDir(dir) {
+		if NsID(nl, p) == want {
 			return p, nil
 		}
 	}
 	return "", fmt.Errorf("no netns under %s has id %d (peer of %s)", dir, want, veth.Attrs().Name)
 }
 
-// nsID is the id the namespace at path has in nl's namespace, or -1.
-func nsID(nl Netlink, path string) int {
+// NsID is the id the namespace at path has in nl's namespace, or -1.
+func NsID(nl Netlink, path string) int {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1
@@ -210,57 +219,20 @@ func nsID(nl Netlink, path string) int {
 	return id
 }
 
-// LocateZtunnel finds the host veth of the pod with address ip (the device
-// of the node's route to it, as ptp CNIs install) and the path of the
-// network namespace at its other end.
-func (d *Dataplane) LocateZtunnel(ip net.IP) (veth, netnsPath string, err error) {
-	// Scanning the netns directory costs a syscall per pod of the node:
-	// reuse the last answer while that veth still leads to the same netns.
-	d.locMu.Lock()
-	c := d.located
-	d.locMu.Unlock()
-	if c != nil && c.ip.Equal(ip) {
-		if l, err := d.node.NL.LinkByName(c.veth); err == nil && l.Attrs().Index == c.index && l.Attrs().NetNsID == c.nsid {
-			if _, err := os.Stat(c.path); err == nil {
-				return c.veth, c.path, nil
-			}
+// ListNetNSDir lists the namespace files under dir.
+func ListNetNSDir(dir string) []string {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, e := range entries {
+		p := filepath.Join(dir, e.Name())
+		var st unix.Statfs_t
+		// Only nsfs bind mounts are namespaces; skip anything else.
+		if unix.Statfs(p, &st) == nil && st.Type == unix.NSFS_MAGIC {
+			out = append(out, p)
 		}
 	}
-	c, err = d.locateZtunnel(ip)
-	if c == nil {
-		return "", "", err
-	}
-	if err != nil {
-		return c.veth, "", err
-	}
-	d.locMu.Lock()
-	d.located = c
-	d.locMu.Unlock()
-	return c.veth, c.path, nil
-}
-
-// located is the last ztunnel LocateZtunnel found.
-type located struct {
-	ip          net.IP
-	veth, path  string
-	index, nsid int
-}
-
-// locateZtunnel does the lookup; on a netns miss it still names the veth.
-func (d *Dataplane) locateZtunnel(ip net.IP) (*located, error) {
-	routes, err := d.node.NL.RouteGet(ip)
-	if err != nil || len(routes) == 0 {
-		return nil, fmt.Errorf("no route to ztunnel %s: %v", ip, err)
-	}
-	link, err := d.node.NL.LinkByIndex(routes[0].LinkIndex)
-	if err != nil {
-		return nil, fmt.Errorf("device of the route to ztunnel %s: %w", ip, err)
-	}
-	a := link.Attrs()
-	if link.Type() != "veth" {
-		return nil, fmt.Errorf("route to ztunnel %s leaves through %s (%s), not a pod veth: is the CNI ptp-like?", ip, a.Name, link.Type())
-	}
-	c := &located{ip: ip, veth: a.Name, index: a.Index, nsid: a.NetNsID}
-	c.path, err = peerNetNS(d.node.NL, link, d.cfg.NetNSDir)
-	return c, err
+	return out
 }

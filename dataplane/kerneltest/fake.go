@@ -1,4 +1,8 @@
-package dataplane
+// Package kerneltest is an in-memory, family-aware fake of one network
+// namespace for the dataplane's unit tests. It keys routes, rules and
+// addresses by its own rules (what the kernel treats as the same object),
+// never by the dataplane's keys, so a key bug there cannot hide here.
+package kerneltest
 
 import (
 	"errors"
@@ -13,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 )
 
 // FakeNetlink is an in-memory Netlink for unit tests. It keeps state,
@@ -36,14 +41,21 @@ type FakeNetlink struct {
 	Src netip.Addr
 }
 
-var _ Netlink = (*FakeNetlink)(nil)
+var _ kernel.Netlink = (*FakeNetlink)(nil)
 
 // NewFakeNetlink returns a namespace with lo and the kernel's default rules.
 func NewFakeNetlink() *FakeNetlink {
 	f := &FakeNetlink{addrs: map[int][]netlink.Addr{}, ipsets: map[string]*netlink.IPSetResult{}, fail: map[string]error{}, Writes: map[string]int{}, next: 1}
 	f.addVeth("lo", 65536, 0)
-	for _, r := range []struct{ prio, table int }{{0, unix.RT_TABLE_LOCAL}, {32766, unix.RT_TABLE_MAIN}, {32767, unix.RT_TABLE_DEFAULT}} {
-		f.rules = append(f.rules, newRule(r.prio, r.table, 0, 0, unix.RTPROT_KERNEL))
+	// The kernel's default rules: both families have local and main, IPv4
+	// also default.
+	for _, r := range []struct{ family, prio, table int }{
+		{netlink.FAMILY_V4, 0, unix.RT_TABLE_LOCAL}, {netlink.FAMILY_V4, 32766, unix.RT_TABLE_MAIN}, {netlink.FAMILY_V4, 32767, unix.RT_TABLE_DEFAULT},
+		{netlink.FAMILY_V6, 0, unix.RT_TABLE_LOCAL}, {netlink.FAMILY_V6, 32766, unix.RT_TABLE_MAIN},
+	} {
+		k := *netlink.NewRule()
+		k.Family, k.Priority, k.Table, k.Protocol = r.family, r.prio, r.table, unix.RTPROT_KERNEL
+		f.rules = append(f.rules, k)
 	}
 	return f
 }
@@ -256,7 +268,13 @@ func (f *FakeNetlink) SetLinkDown(name string) {
 func (f *FakeNetlink) AddrList(link netlink.Link, family int) ([]netlink.Addr, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return slices.Clone(f.addrs[link.Attrs().Index]), nil
+	var out []netlink.Addr
+	for _, a := range f.addrs[link.Attrs().Index] {
+		if family == netlink.FAMILY_ALL || ipFamily(a.IP) == family {
+			out = append(out, a)
+		}
+	}
+	return out, nil
 }
 
 // AddrReplace implements Netlink.
@@ -330,7 +348,11 @@ func (f *FakeNetlink) RouteGet(dst net.IP) ([]netlink.Route, error) {
 	if !f.Src.IsValid() {
 		return nil, unix.ENETUNREACH
 	}
-	return []netlink.Route{{Dst: &net.IPNet{IP: dst, Mask: net.CIDRMask(32, 32)}, Src: ipOf(f.Src)}}, nil
+	bits := 8 * len(dst)
+	if dst.To4() != nil {
+		bits = 32
+	}
+	return []netlink.Route{{Dst: &net.IPNet{IP: dst, Mask: net.CIDRMask(bits, bits)}, Src: net.IP(f.Src.AsSlice())}}, nil
 }
 
 // RouteListFiltered implements Netlink (table and protocol filters).
@@ -342,6 +364,9 @@ func (f *FakeNetlink) RouteListFiltered(family int, filter *netlink.Route, mask 
 	}
 	var out []netlink.Route
 	for _, r := range f.routes {
+		if family != netlink.FAMILY_ALL && routeFamily(r) != family {
+			continue
+		}
 		if mask&netlink.RT_FILTER_TABLE != 0 && filter.Table != 0 && r.Table != filter.Table {
 			continue
 		}
@@ -389,7 +414,12 @@ func (f *FakeNetlink) RuleList(family int) ([]netlink.Rule, error) {
 	if err := f.check("RuleList"); err != nil {
 		return nil, err
 	}
-	out := slices.Clone(f.rules)
+	var out []netlink.Rule
+	for _, r := range f.rules {
+		if family == netlink.FAMILY_ALL || r.Family == family {
+			out = append(out, r)
+		}
+	}
 	slices.SortStableFunc(out, func(a, b netlink.Rule) int { return a.Priority - b.Priority })
 	return out, nil
 }
@@ -402,7 +432,7 @@ func (f *FakeNetlink) RuleAdd(r *netlink.Rule) error {
 		return err
 	}
 	for _, x := range f.rules {
-		if ruleString(x) == ruleString(*r) && x.Protocol == r.Protocol {
+		if ruleKey(x) == ruleKey(*r) {
 			return unix.EEXIST
 		}
 	}
@@ -419,7 +449,7 @@ func (f *FakeNetlink) RuleDel(r *netlink.Rule) error {
 		return err
 	}
 	for i, x := range f.rules {
-		if x.Priority != r.Priority || (r.Table > 0 && x.Table != r.Table) || (r.Protocol != 0 && x.Protocol != r.Protocol) {
+		if x.Family != r.Family || x.Priority != r.Priority || (r.Table > 0 && x.Table != r.Table) || (r.Protocol != 0 && x.Protocol != r.Protocol) {
 			continue
 		}
 		if r.Mask != nil && (x.Mask == nil || *x.Mask != *r.Mask || x.Mark != r.Mark) {
@@ -527,10 +557,12 @@ func (f *FakeNetlink) Dump() string {
 	var lines []string
 	for _, l := range f.links {
 		a := l.Attrs()
-		info, ok := readTunnel(l)
 		s := fmt.Sprintf("link %s #%d mtu %d up=%v", a.Name, a.Index, a.MTU, a.Flags&net.FlagUp != 0)
-		if ok {
-			s += fmt.Sprintf(" %s vni %d port %d remote %v mac %s", info.Type, info.VNI, info.Port, info.Remote, a.HardwareAddr)
+		switch v := l.(type) {
+		case *netlink.Vxlan:
+			s += fmt.Sprintf(" vxlan vni %d port %d remote %v learning=%v mac %s", v.VxlanId, v.Port, v.Group, v.Learning, a.HardwareAddr)
+		case *netlink.Geneve:
+			s += fmt.Sprintf(" geneve vni %d port %d remote %v mac %s", v.ID, v.Dport, v.Remote, a.HardwareAddr)
 		}
 		lines = append(lines, s)
 		for _, ad := range f.addrs[a.Index] {
@@ -546,13 +578,13 @@ func (f *FakeNetlink) Dump() string {
 	}
 	var rs []string
 	for _, r := range f.rules {
-		rs = append(rs, fmt.Sprintf("rule %s proto %d", ruleString(r), r.Protocol))
+		rs = append(rs, "rule "+ruleKey(r))
 	}
 	slices.Sort(rs)
 	lines = append(lines, rs...)
 	rs = nil
 	for _, r := range f.routes {
-		rs = append(rs, "route "+routeString(r))
+		rs = append(rs, "route "+routeText(r))
 	}
 	slices.Sort(rs)
 	lines = append(lines, rs...)
@@ -607,9 +639,108 @@ func (s *FakeSysctl) Set(k, v string) error {
 }
 
 // NewFakeKernel bundles fakes into a Kernel; one iptables fake serves every backend.
-func NewFakeKernel(nl *FakeNetlink, sys *FakeSysctl, ipt *iptables.Fake) *Kernel {
-	return &Kernel{
-		NL: nl, Sysctl: sys, InNS: iptables.Here,
-		IPT: func(string) (iptables.Runner, error) { return ipt, nil },
+func NewFakeKernel(nl *FakeNetlink, sys *FakeSysctl, ipt *iptables.Fake) *kernel.Kernel {
+	return kernel.New(nl, sys, func(string) (iptables.Runner, error) { return ipt, nil }, iptables.Here, nil)
+}
+
+// ipFamily is the family of an address.
+func ipFamily(ip net.IP) int {
+	if ip.To4() != nil {
+		return netlink.FAMILY_V4
 	}
+	return netlink.FAMILY_V6
+}
+
+// routeFamily is a route's family as the kernel would file it: its own
+// field, else that of its destination, gateway or source.
+func routeFamily(r netlink.Route) int {
+	switch {
+	case r.Family != 0:
+		return r.Family
+	case r.Dst != nil:
+		return ipFamily(r.Dst.IP)
+	case r.Gw != nil:
+		return ipFamily(r.Gw)
+	case r.Src != nil:
+		return ipFamily(r.Src)
+	}
+	return netlink.FAMILY_V4
+}
+
+// routeKey is what makes two routes the same to the kernel (for replace
+// and delete): family, table, destination (and TOS and priority, which the
+// dataplane leaves at 0).
+func routeKey(r netlink.Route) string {
+	dst := "default"
+	if r.Dst != nil {
+		dst = r.Dst.String()
+	}
+	s := fmt.Sprintf("%s table %d %s", familyName(routeFamily(r)), r.Table, dst)
+	if r.Tos != 0 || r.Priority != 0 {
+		s += fmt.Sprintf(" tos %d metric %d", r.Tos, r.Priority)
+	}
+	return s
+}
+
+// routeText renders a route with every attribute the dataplane sets.
+func routeText(r netlink.Route) string {
+	s := routeKey(r)
+	switch r.Type {
+	case unix.RTN_LOCAL:
+		s += " local"
+	case unix.RTN_UNREACHABLE:
+		s += " unreachable"
+	}
+	if r.Gw != nil {
+		s += " via " + r.Gw.String()
+	}
+	if r.LinkIndex != 0 {
+		s += fmt.Sprintf(" dev#%d", r.LinkIndex)
+	}
+	if r.Src != nil {
+		s += " src " + r.Src.String()
+	}
+	if r.Scope != 0 {
+		s += " scope " + r.Scope.String()
+	}
+	if r.Flags&int(netlink.FLAG_ONLINK) != 0 {
+		s += " onlink"
+	}
+	return s + fmt.Sprintf(" proto %d", r.Protocol)
+}
+
+// ruleKey is what makes two rules the same to the kernel (EEXIST).
+func ruleKey(r netlink.Rule) string {
+	s := fmt.Sprintf("%s %d:", familyName(r.Family), r.Priority)
+	if r.Src != nil {
+		s += " from " + r.Src.String()
+	}
+	if r.Dst != nil {
+		s += " to " + r.Dst.String()
+	}
+	if r.IifName != "" {
+		s += " iif " + r.IifName
+	}
+	if r.OifName != "" {
+		s += " oif " + r.OifName
+	}
+	if r.Mask != nil {
+		s += fmt.Sprintf(" fwmark %#x/%#x", r.Mark, *r.Mask)
+	}
+	if r.Invert {
+		s += " not"
+	}
+	if r.Goto > 0 {
+		s += fmt.Sprintf(" goto %d", r.Goto)
+	} else {
+		s += fmt.Sprintf(" lookup %d", r.Table)
+	}
+	return s + fmt.Sprintf(" proto %d", r.Protocol)
+}
+
+func familyName(f int) string {
+	if f == netlink.FAMILY_V6 {
+		return "inet6"
+	}
+	return "inet"
 }
