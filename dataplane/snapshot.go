@@ -108,4 +108,3 @@ func (d *Dataplane) nsSnapshot(ctx context.Context, k *kernel.Kernel, ipt *iptab
 	}
 	return ns, errs
 }
-
