@@ -4,12 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
-	"github.com/ambient-redirect/ambient-redirect/dataplane/kerneltest"
 	"net"
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kerneltest"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -22,17 +23,19 @@ type fakeNode struct {
 	nl, ztNL   *kerneltest.FakeNetlink
 	sys, ztSys *kerneltest.FakeSysctl
 	ipt, ztIPT *iptables.Fake
+	// ipt6 and ztIPT6 are ip6tables.
+	ipt6, ztIPT6 *iptables.Fake
 	ztPaths    map[string]*kernel.Kernel
 	zt         *Ztunnel
 }
 
 func newFakeNode(t *testing.T) *fakeNode {
 	t.Helper()
-	f := &fakeNode{nl: kerneltest.NewFakeNetlink(), ztNL: kerneltest.NewFakeNetlink(), sys: kerneltest.NewFakeSysctl(), ztSys: kerneltest.NewFakeSysctl(), ipt: iptables.NewFake(), ztIPT: iptables.NewFake()}
+	f := &fakeNode{nl: kerneltest.NewFakeNetlink(), ztNL: kerneltest.NewFakeNetlink(), sys: kerneltest.NewFakeSysctl(), ztSys: kerneltest.NewFakeSysctl(), ipt: iptables.NewFake(), ztIPT: iptables.NewFake(), ipt6: iptables.NewFake(), ztIPT6: iptables.NewFake()}
 	f.nl.Src = netip.MustParseAddr("10.244.1.1")
 	ztEth := f.ztNL.AddVeth("eth0", 1500, 0)
 	f.nl.AddVeth("vethzt", 1500, ztEth)
-	f.ztPaths = map[string]*kernel.Kernel{"/run/netns/zt": kerneltest.NewFakeKernel(f.ztNL, f.ztSys, f.ztIPT)}
+	f.ztPaths = map[string]*kernel.Kernel{"/run/netns/zt": kerneltest.NewFakeKernel(f.ztNL, f.ztSys, f.ztIPT, f.ztIPT6)}
 	f.zt = &Ztunnel{Pod: "istio-system/ztunnel-a", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.2")}, HostVeth: "vethzt", NetNS: "/run/netns/zt"}
 	return f
 }
@@ -52,7 +55,7 @@ func (f *fakeNode) dataplane(t *testing.T, mutate func(*Config)) *Dataplane {
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	d, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	d, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6), OpenNS: f.open})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -296,7 +299,7 @@ func TestRulePriorityConflictRefused(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.IPTablesMode = IPTablesNFT
 	before := f.nl.TotalWrites()
-	_, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	_, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6), OpenNS: f.open})
 	if err == nil || !strings.Contains(err.Error(), "priority 101") {
 		t.Fatalf("err = %v", err)
 	}
@@ -344,7 +347,7 @@ func TestGeneveAutoAndInPlaceSwitch(t *testing.T) {
 	zt2NL.GeneveSupported = true
 	eth := zt2NL.AddVeth("eth0", 1500, 0)
 	f.nl.AddVeth("vethzt2", 1500, eth)
-	f.ztPaths["/run/netns/zt2"] = kerneltest.NewFakeKernel(zt2NL, kerneltest.NewFakeSysctl(), iptables.NewFake())
+	f.ztPaths["/run/netns/zt2"] = kerneltest.NewFakeKernel(zt2NL, kerneltest.NewFakeSysctl(), iptables.NewFake(), iptables.NewFake())
 	zt2 := &Ztunnel{Pod: "istio-system/ztunnel-b", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.3")}, HostVeth: "vethzt2", NetNS: "/run/netns/zt2"}
 	linkAdds, linkDels := f.nl.Writes["LinkAdd"], f.nl.Writes["LinkDel"]
 	if _, err := d.Apply(context.Background(), State{Ztunnel: zt2, Pods: pods(1)}); err != nil {
@@ -365,7 +368,7 @@ func TestGeneveForcedWithoutKernelSupport(t *testing.T) {
 	f := newFakeNode(t)
 	cfg := DefaultConfig()
 	cfg.IPTablesMode, cfg.Tunnel = IPTablesNFT, TunnelGeneve
-	_, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt), OpenNS: f.open})
+	_, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6), OpenNS: f.open})
 	if err == nil || !strings.Contains(err.Error(), "geneve") {
 		t.Fatalf("err = %v", err)
 	}

@@ -21,9 +21,10 @@ type InNS func(f func() error) error
 // Here runs f in the current namespace.
 func Here(f func() error) error { return f() }
 
-// ExecRunner runs the iptables binaries of one backend.
+// ExecRunner runs the iptables (or ip6tables) binaries of one backend.
 type ExecRunner struct {
 	backend string
+	tool    string // "iptables" or "ip6tables"
 	inNS    InNS
 }
 
@@ -36,13 +37,22 @@ func NewExecRunner(backend string, inNS InNS) (*ExecRunner, error) {
 	if inNS == nil {
 		inNS = Here
 	}
-	return &ExecRunner{backend: backend, inNS: inNS}, nil
+	return &ExecRunner{backend: backend, tool: "iptables", inNS: inNS}, nil
+}
+
+// NewExecRunner6 is NewExecRunner for ip6tables.
+func NewExecRunner6(backend string, inNS InNS) (*ExecRunner, error) {
+	r, err := NewExecRunner(backend, inNS)
+	if err == nil {
+		r.tool = "ip6tables"
+	}
+	return r, err
 }
 
 // Backend implements Runner.
 func (r *ExecRunner) Backend() string { return r.backend }
 
-func (r *ExecRunner) bin(tool string) string { return "iptables-" + r.backend + "-" + tool }
+func (r *ExecRunner) bin(tool string) string { return r.tool + "-" + r.backend + "-" + tool }
 
 // Save implements Runner.
 func (r *ExecRunner) Save(ctx context.Context, table string) (string, error) {

@@ -64,15 +64,16 @@ type Sysctl interface {
 type Kernel struct {
 	NL     Netlink
 	Sysctl Sysctl
-	// IPT returns the iptables runner for a backend in this netns.
-	IPT func(backend string) (iptables.Runner, error)
+	// IPT returns the iptables runner for a backend and family (6 for
+	// ip6tables) in this netns.
+	IPT func(backend string, family int) (iptables.Runner, error)
 	// InNS runs f on a thread in this netns (for binaries and /proc/sys).
 	InNS  iptables.InNS
 	close func()
 }
 
 // New bundles kernel interfaces (fakes); close may be nil.
-func New(nl Netlink, sys Sysctl, ipt func(backend string) (iptables.Runner, error), inNS iptables.InNS, close func()) *Kernel {
+func New(nl Netlink, sys Sysctl, ipt func(backend string, family int) (iptables.Runner, error), inNS iptables.InNS, close func()) *Kernel {
 	return &Kernel{NL: nl, Sysctl: sys, IPT: ipt, InNS: inNS, close: close}
 }
 
@@ -124,7 +125,10 @@ func Open(path string) (*Kernel, error) {
 		NL:     nl,
 		Sysctl: procSysctl{inNS: inNS},
 		InNS:   inNS,
-		IPT: func(backend string) (iptables.Runner, error) {
+		IPT: func(backend string, family int) (iptables.Runner, error) {
+			if family == 6 {
+				return iptables.NewExecRunner6(backend, inNS)
+			}
 			return iptables.NewExecRunner(backend, inNS)
 		},
 		close: func() {

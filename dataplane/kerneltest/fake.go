@@ -638,9 +638,15 @@ func (s *FakeSysctl) Set(k, v string) error {
 	return nil
 }
 
-// NewFakeKernel bundles fakes into a Kernel; one iptables fake serves every backend.
-func NewFakeKernel(nl *FakeNetlink, sys *FakeSysctl, ipt *iptables.Fake) *kernel.Kernel {
-	return kernel.New(nl, sys, func(string) (iptables.Runner, error) { return ipt, nil }, iptables.Here, nil)
+// NewFakeKernel bundles fakes into a Kernel; one iptables fake per family
+// serves every backend.
+func NewFakeKernel(nl *FakeNetlink, sys *FakeSysctl, ipt, ipt6 *iptables.Fake) *kernel.Kernel {
+	return kernel.New(nl, sys, func(_ string, family int) (iptables.Runner, error) {
+		if family == 6 {
+			return ipt6, nil
+		}
+		return ipt, nil
+	}, iptables.Here, nil)
 }
 
 // ipFamily is the family of an address.

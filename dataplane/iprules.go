@@ -1,0 +1,163 @@
+package dataplane
+
+// Our ip rules, and the replacement of the kernel's unconditional local rule.
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+func newRule(prio, table int, mark, mask uint32, proto int) netlink.Rule {
+	r := *netlink.NewRule()
+	r.Family = netlink.FAMILY_V4
+	r.Priority = prio
+	r.Table = table
+	if mask != 0 {
+		r.Mark = mark
+		r.Mask = &mask
+	}
+	r.Protocol = uint8(proto)
+	return r
+}
+
+func (d *Dataplane) nodeRules() []netlink.Rule {
+	p, t, m, proto := d.cfg.Priorities, d.cfg.Tables, d.cfg.Marks, d.cfg.RouteProtocol
+	skip := newRule(p.Skip, -1, m.Skip, m.Skip, proto)
+	skip.Goto = 32766 // the main table's rule
+	rules := []netlink.Rule{
+		newRule(p.ProxyReturn2, t.ProxyReturn2, m.ProxyReturn|m.Slot, m.ProxyReturn|m.Slot, proto),
+		skip,
+		newRule(p.Outbound, t.Outbound, m.Outbound, m.Outbound, proto),
+		newRule(p.ProxyReturn, t.ProxyReturn, m.ProxyReturn, m.ProxyReturn, proto),
+		newRule(p.Inbound, t.Inbound, 0, 0, proto),
+	}
+	if d.cfg.CaptureNodeLocal {
+		rules = append([]netlink.Rule{newRule(0, unix.RT_TABLE_LOCAL, 0, m.Outbound|m.ProxyReturn, proto)}, rules...)
+	}
+	return rules
+}
+
+func ruleString(r netlink.Rule) string {
+	s := fmt.Sprintf("%d:", r.Priority)
+	if r.Src != nil {
+		s += " from " + r.Src.String()
+	}
+	if r.Dst != nil {
+		s += " to " + r.Dst.String()
+	}
+	if r.IifName != "" {
+		s += " iif " + r.IifName
+	}
+	if r.OifName != "" {
+		s += " oif " + r.OifName
+	}
+	if r.Mask != nil {
+		s += fmt.Sprintf(" fwmark %#x/%#x", r.Mark, *r.Mask)
+	} else if r.Mark != 0 {
+		s += fmt.Sprintf(" fwmark %#x", r.Mark)
+	}
+	if r.Goto > 0 {
+		s += fmt.Sprintf(" goto %d", r.Goto)
+	} else if r.Table > 0 {
+		s += fmt.Sprintf(" lookup %d", r.Table)
+	}
+	if r.Invert {
+		s += " not"
+	}
+	return s
+}
+
+// isLocalRule reports the kernel's unconditional `from all lookup local`.
+func isLocalRule(r netlink.Rule) bool {
+	return r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL && r.Mark == 0 && (r.Mask == nil || *r.Mask == 0) &&
+		r.Src == nil && r.Dst == nil && r.IifName == "" && r.OifName == "" && !r.Invert
+}
+
+func (d *Dataplane) checkRuleConflicts(nl kernel.Netlink, prios []int) error {
+	rules, err := nl.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list rules: %w", err)
+	}
+	for _, r := range rules {
+		if int(r.Protocol) != d.cfg.RouteProtocol && slices.Contains(prios, r.Priority) {
+			return fmt.Errorf("ip rule priority %d is already used by another agent (%q, protocol %d): choose other priorities", r.Priority, ruleString(r), r.Protocol)
+		}
+	}
+	return nil
+}
+
+func (d *Dataplane) syncRules(nl kernel.Netlink, want []netlink.Rule, swapLocal bool, w *writer) error {
+	all, err := nl.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list rules: %w", err)
+	}
+	var ours []netlink.Rule
+	for _, r := range all {
+		if int(r.Protocol) == d.cfg.RouteProtocol {
+			ours = append(ours, r)
+		}
+	}
+	haveKeys := map[string]bool{}
+	for _, r := range ours {
+		haveKeys[ruleString(r)] = true
+	}
+	wantKeys := map[string]bool{}
+	for _, r := range want {
+		wantKeys[ruleString(r)] = true
+		if haveKeys[ruleString(r)] {
+			continue
+		}
+		if err := w.do(KindRule, "add "+ruleString(r), func() error { return nl.RuleAdd(&r) }); err != nil {
+			return err
+		}
+	}
+	restored := false
+	for _, r := range ours {
+		if wantKeys[ruleString(r)] {
+			continue
+		}
+		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL && !restored {
+			restored = true
+			// Ours replaced the kernel's local rule: put that back first,
+			// so the node is never without one.
+			if err := restoreLocalRule(nl, all, d.cfg.RouteProtocol, w); err != nil {
+				return err
+			}
+		}
+		if err := w.do(KindRule, "del "+ruleString(r), func() error { return ignoreNotExist(nl.RuleDel(&r)) }); err != nil {
+			return err
+		}
+	}
+	if !swapLocal {
+		return nil
+	}
+	// Ours is in place now; remove the kernel's unconditional local rule.
+	// The delete names the rule's protocol so it cannot match ours.
+	for _, r := range all {
+		if int(r.Protocol) == d.cfg.RouteProtocol || !isLocalRule(r) {
+			continue
+		}
+		del := newRule(0, unix.RT_TABLE_LOCAL, 0, 0, int(r.Protocol))
+		if r.Protocol == 0 {
+			return fmt.Errorf("the unconditional local rule has no protocol; cannot delete it without risking ours")
+		}
+		if err := w.do(KindRule, "del "+ruleString(r)+" (replaced by ours)", func() error { return ignoreNotExist(nl.RuleDel(&del)) }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// restoreLocalRule adds `0: from all lookup local` unless a rule that is not
+// ours already does that.
+func restoreLocalRule(nl kernel.Netlink, all []netlink.Rule, proto int, w *writer) error {
+	if slices.ContainsFunc(all, func(r netlink.Rule) bool { return isLocalRule(r) && int(r.Protocol) != proto }) {
+		return nil
+	}
+	local := newRule(0, unix.RT_TABLE_LOCAL, 0, 0, unix.RTPROT_KERNEL)
+	return w.do(KindRule, "add 0: from all lookup local (restore)", func() error { return nl.RuleAdd(&local) })
+}

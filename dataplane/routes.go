@@ -1,0 +1,207 @@
+package dataplane
+
+// Our routes (protocol 97) in the node's tables and the ztunnel netns.
+
+import (
+	"fmt"
+	"maps"
+	"net"
+	"net/netip"
+	"slices"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func ipOf(a netip.Addr) net.IP {
+	if !a.IsValid() {
+		return nil
+	}
+	return net.IP(a.AsSlice())
+}
+
+func linkIndex(l netlink.Link) int {
+	if l == nil {
+		return 0
+	}
+	return l.Attrs().Index
+}
+
+func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, out netlink.Link) []netlink.Route {
+	t := d.cfg.Tables
+	proto := netlink.RouteProtocol(d.cfg.RouteProtocol)
+	defaultDst := ipNet(netip.MustParsePrefix("0.0.0.0/0"))
+	var rs []netlink.Route
+	for _, z := range live {
+		// Every ztunnel that holds connections gets their packets back
+		// through its slot's table.
+		rs = append(rs, d.ztunnelRoutes(z)...)
+		rs = append(rs, netlink.Route{Table: d.slotTable(z.slot), Dst: defaultDst, Gw: ipOf(z.ip), LinkIndex: z.veth.Attrs().Index,
+			Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: proto})
+	}
+	if zt == nil {
+		// No ztunnel for new connections: lookups fall through to main.
+		// Fail open lets traffic flow; fail closed rejects it with TCP
+		// resets in filter FORWARD. (Not unreachable routes: their ICMP
+		// errors are rate-limited per host, so a busy pod's connects would
+		// hang instead of failing.)
+		return rs
+	}
+	members, _ := st.members(IPv4)
+	_, inPeer := tunnelAddrs(d.cfg.InNet)
+	_, outPeer := tunnelAddrs(d.cfg.OutNet)
+	for _, a := range sortedAddrs(members) {
+		rs = append(rs, netlink.Route{Table: t.Inbound, Dst: ipNet(netip.PrefixFrom(a, 32)), Gw: ipOf(inPeer), LinkIndex: linkIndex(in), Src: ipOf(zt.hostIP), Type: unix.RTN_UNICAST, Protocol: proto})
+	}
+	return append(rs, netlink.Route{Table: t.Outbound, Dst: defaultDst, Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto})
+}
+
+// ztunnelRoutes keep ZIP on its veth in each of our tables: the
+// encapsulated packets inherit the inner mark and must not loop back into
+// the tunnel.
+func (d *Dataplane) ztunnelRoutes(zt *ztRuntime) []netlink.Route {
+	t := d.cfg.Tables
+	var rs []netlink.Route
+	for _, table := range []int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2} {
+		rs = append(rs, netlink.Route{Table: table, Dst: ipNet(netip.PrefixFrom(zt.ip, 32)), LinkIndex: zt.veth.Attrs().Index,
+			Scope: netlink.SCOPE_LINK, Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)})
+	}
+	return rs
+}
+
+func routeKey(r netlink.Route) string {
+	dst := "0.0.0.0/0"
+	if r.Dst != nil {
+		dst = r.Dst.String()
+	}
+	return fmt.Sprintf("table %d %s", r.Table, dst)
+}
+
+func routeString(r netlink.Route) string {
+	s := routeKey(r)
+	switch r.Type {
+	case unix.RTN_UNREACHABLE:
+		return "unreachable " + s
+	case unix.RTN_LOCAL:
+		s = "local " + s
+	}
+	if r.Gw != nil {
+		s += " via " + r.Gw.String()
+	}
+	if r.LinkIndex != 0 {
+		s += fmt.Sprintf(" dev#%d", r.LinkIndex)
+	}
+	if r.Src != nil {
+		s += " src " + r.Src.String()
+	}
+	if r.Scope != 0 {
+		s += " scope " + r.Scope.String()
+	}
+	if r.Flags&int(netlink.FLAG_ONLINK) != 0 {
+		s += " onlink"
+	}
+	return s
+}
+
+func routeEqual(want, have netlink.Route) bool {
+	if want.Type != have.Type || want.Scope != have.Scope || !want.Gw.Equal(have.Gw) || !want.Src.Equal(have.Src) {
+		return false
+	}
+	if want.Type != unix.RTN_UNREACHABLE && want.LinkIndex != have.LinkIndex {
+		return false
+	}
+	return want.Flags&int(netlink.FLAG_ONLINK) == have.Flags&int(netlink.FLAG_ONLINK)
+}
+
+// ourRoutes lists every IPv4 route with our protocol, in all tables.
+func ourRoutes(nl kernel.Netlink, proto int) ([]netlink.Route, error) {
+	filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(proto)}
+	rs, err := nl.RouteListFiltered(netlink.FAMILY_V4, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	return rs, nil
+}
+
+// syncRoutes makes our routes (by protocol, all tables) exactly want.
+func syncRoutes(nl kernel.Netlink, proto int, want []netlink.Route, w *writer) error {
+	have, err := ourRoutesByKey(nl, proto)
+	if err != nil {
+		return err
+	}
+	if err := addRoutes(nl, have, want, w); err != nil {
+		return err
+	}
+	return pruneRoutes(nl, have, want, nil, w)
+}
+
+func ourRoutesByKey(nl kernel.Netlink, proto int) (map[string]netlink.Route, error) {
+	rs, err := ourRoutes(nl, proto)
+	if err != nil {
+		return nil, err
+	}
+	have := make(map[string]netlink.Route, len(rs))
+	for _, r := range rs {
+		have[routeKey(r)] = r
+	}
+	return have, nil
+}
+
+// addRoutes replaces every route of want that the kernel lacks or holds
+// differently, given that it holds have (updated in place as writes succeed).
+func addRoutes(nl kernel.Netlink, have map[string]netlink.Route, want []netlink.Route, w *writer) error {
+	for _, r := range want {
+		k := routeKey(r)
+		if cur, ok := have[k]; ok && routeEqual(r, cur) {
+			continue
+		}
+		if err := w.do(KindRoute, "replace "+routeString(r), func() error { return nl.RouteReplace(&r) }); err != nil {
+			return err
+		}
+		have[k] = r
+	}
+	return nil
+}
+
+// pruneRoutes deletes the routes of have that want lacks and sel (nil: all)
+// selects.
+func pruneRoutes(nl kernel.Netlink, have map[string]netlink.Route, want []netlink.Route, sel func(netlink.Route) bool, w *writer) error {
+	keep := make(map[string]bool, len(want))
+	for _, r := range want {
+		keep[routeKey(r)] = true
+	}
+	for _, k := range slices.Sorted(maps.Keys(have)) {
+		r := have[k]
+		if keep[k] || (sel != nil && !sel(r)) {
+			continue
+		}
+		if err := w.do(KindRoute, "del "+routeString(r), func() error { return ignoreNotExist(nl.RouteDel(&r)) }); err != nil {
+			return err
+		}
+		delete(have, k)
+	}
+	return nil
+}
+
+// isInbound reports a per-pod table-100 route: the inbound capture layer
+// (the ztunnel's own route in that table has no gateway).
+func (d *Dataplane) isInbound(r netlink.Route) bool {
+	return r.Table == d.cfg.Tables.Inbound && r.Gw != nil
+}
+
+// splitInbound separates the per-pod inbound routes from the rest.
+func (d *Dataplane) splitInbound(rs []netlink.Route) (reach, inbound []netlink.Route) {
+	for _, r := range rs {
+		if d.isInbound(r) {
+			inbound = append(inbound, r)
+		} else {
+			reach = append(reach, r)
+		}
+	}
+	return reach, inbound
+}
