@@ -437,9 +437,15 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 	st.Pods = dedupeIPs(st.Pods, c.log)
 	zt := PickZtunnel(pods, c.cfg.Selection)
 	for _, p := range DrainingZtunnels(pods, c.cfg.Selection, zt) {
-		if z, err := c.locate(p); err == nil {
+		z, err := c.locate(p)
+		if err != nil {
+			// Gone (no veth or netns), or not found this time: keep what
+			// was applied, the dataplane tells the two apart.
+			z = c.appliedDraining(p.Namespace + "/" + p.Name)
+		}
+		if z != nil {
 			st.Draining = append(st.Draining, z)
-		} // else gone (no veth or netns): so are its connections
+		}
 	}
 	if zt == nil {
 		return st, statuses, nil, nil
@@ -462,6 +468,21 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 	}
 	st.Ztunnel = &dataplane.Ztunnel{Pod: zs.Pod, IPs: PodIPs(zt), HostVeth: veth, NetNS: nsPath}
 	return st, statuses, zs, nil
+}
+
+// appliedDraining is the draining ztunnel pod of the last successful apply.
+func (c *Controller) appliedDraining(pod string) *dataplane.Ztunnel {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.applied == nil {
+		return nil
+	}
+	for _, z := range c.applied.Draining {
+		if z.Pod == pod {
+			return z
+		}
+	}
+	return nil
 }
 
 // locate finds a ztunnel pod's host veth and netns.

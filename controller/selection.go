@@ -143,17 +143,15 @@ func PickZtunnel(pods []*corev1.Pod, o SelectionOptions) *corev1.Pod {
 }
 
 // DrainingZtunnels returns the other ztunnel pods of this node that still
-// run (Ready or not, terminating or not) and are not newer than active,
-// newest first: a surge rollout's old ztunnel keeps its connections while
-// it runs. With no active one, every running ztunnel pod is listed.
+// run (Ready or not, terminating or not), newest first: a surge rollout's
+// old ztunnel keeps its connections while it runs, and so does a newer one
+// whose readiness flaps. Those that hold no connections (no slot in the
+// kernel) are ignored by the dataplane.
 func DrainingZtunnels(pods []*corev1.Pod, o SelectionOptions, active *corev1.Pod) []*corev1.Pod {
 	var out []*corev1.Pod
 	for _, p := range pods {
 		if p == active || !o.IsZtunnel(p) || p.Spec.NodeName != o.NodeName || p.Status.Phase != corev1.PodRunning || p.Spec.HostNetwork {
 			continue
-		}
-		if active != nil && startTime(p).After(startTime(active)) {
-			continue // a newer one not Ready yet: it holds nothing
 		}
 		hasV4 := false
 		for _, a := range PodIPs(p) {

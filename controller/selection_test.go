@@ -2,6 +2,7 @@ package controller
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -112,6 +113,25 @@ func TestPickZtunnel(t *testing.T) {
 	}
 	if got := PickZtunnel([]*corev1.Pod{notReady, elsewhere}, selOpts()); got != nil {
 		t.Fatalf("picked %s, want none", got.Name)
+	}
+}
+
+func TestDrainingZtunnels(t *testing.T) {
+	t0 := time.Now().Add(-time.Hour)
+	old := ztunnelPod("zt-old", t0)
+	active := ztunnelPod("zt-active", t0.Add(time.Minute))
+	now := metav1.Now()
+	terminating := ztunnelPod("zt-terminating", t0.Add(-time.Minute), func(p *corev1.Pod) { p.DeletionTimestamp = &now })
+	flapping := ztunnelPod("zt-newer-unready", t0.Add(2*time.Minute), func(p *corev1.Pod) { p.Status.Conditions[0].Status = corev1.ConditionFalse })
+	finished := ztunnelPod("zt-finished", t0.Add(3*time.Minute), func(p *corev1.Pod) { p.Status.Phase = corev1.PodSucceeded })
+	otherNode := ztunnelPod("zt-other-node", t0, func(p *corev1.Pod) { p.Spec.NodeName = "n2" })
+	got := DrainingZtunnels([]*corev1.Pod{old, active, terminating, flapping, finished, otherNode}, selOpts(), active)
+	var names []string
+	for _, p := range got {
+		names = append(names, p.Name)
+	}
+	if want := []string{"zt-newer-unready", "zt-old", "zt-terminating"}; !slices.Equal(names, want) {
+		t.Fatalf("draining %v, want %v (running, not active, this node, newest first)", names, want)
 	}
 }
 

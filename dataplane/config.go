@@ -78,7 +78,7 @@ type Marks struct {
 	ConnSkip    uint32 // 0x220: skip, saved to connmark (contains Skip)
 	Proxy       uint32 // 0x210: from ztunnel with a spoofed source (contains Skip)
 	ProxyReturn uint32 // 0x040: replies to ztunnel's spoofed connections, back to ztunnel
-	// Slot (0x080), in the connection mark next to Proxy, pins a connection
+	// Slot (0x1000), in the connection mark next to Proxy, pins a connection
 	// to the ztunnel in slot 1 (a surge rollout's second ztunnel); slot 0
 	// has no bit.
 	Slot        uint32
@@ -161,7 +161,7 @@ func DefaultConfig() Config {
 		DNSPort:          15053,
 		CaptureNodeLocal: true,
 		Marks: Marks{
-			Outbound: 0x100, Skip: 0x200, ConnSkip: 0x220, Proxy: 0x210, ProxyReturn: 0x040, Slot: 0x080,
+			Outbound: 0x100, Skip: 0x200, ConnSkip: 0x220, Proxy: 0x210, ProxyReturn: 0x040, Slot: 0x1000,
 			TProxy: 0x400, OrigSrc: 0x4d3, ZtunnelMask: 0xfff,
 		},
 		Tables:          Tables{Inbound: 100, Outbound: 101, ProxyReturn: 102, ProxyReturn2: 103, ZtunnelLocal: 100},
@@ -249,8 +249,8 @@ func (c Config) Validate() error {
 	if dup(prios) || p.ZtunnelTProxy == p.ZtunnelOrigSrc {
 		errs = append(errs, fmt.Errorf("rule priorities %v must differ", prios))
 	}
-	if !(p.Skip < p.Outbound && p.Outbound < p.Inbound && p.ProxyReturn < p.Inbound && p.ProxyReturn2 < p.Inbound) {
-		errs = append(errs, errors.New("rule priorities: skip < outbound, proxy-return (both slots) < inbound is required"))
+	if !(p.Skip < p.Outbound && p.Outbound < p.Inbound && p.ProxyReturn2 < p.ProxyReturn && p.ProxyReturn < p.Inbound) {
+		errs = append(errs, errors.New("rule priorities: skip < outbound < inbound and proxy-return of slot 1 < proxy-return < inbound are required"))
 	}
 	if c.RouteProtocol <= 4 || c.RouteProtocol > 255 {
 		errs = append(errs, fmt.Errorf("route protocol %d must be in 5..255 (0-4 belong to the kernel)", c.RouteProtocol))

@@ -2,15 +2,18 @@ package dataplane
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
@@ -387,10 +390,15 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	var draining []*ztRuntime
 	for _, z := range st.Draining {
 		r, err := d.resolveZtunnel(z)
-		if err != nil {
-			// Gone (its netns or veth): so are its connections.
-			d.log.Debug("draining ztunnel not found", zap.String("pod", z.Pod), zap.Error(err))
+		if isGone(err) {
+			// Its veth or netns is gone: so are its connections.
+			d.log.Debug("draining ztunnel gone", zap.String("pod", z.Pod), zap.Error(err))
 			continue
+		}
+		if err != nil {
+			// Anything else may pass: dropping it would reset every
+			// connection it holds, for good (its slot would be freed).
+			return err
 		}
 		defer r.k.Close()
 		draining = append(draining, r)
@@ -417,16 +425,18 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	live := d.assignSlots(zt, draining, routes)
 	next := d.nodeParams(zt, live)
 	prev := next
-	if !w.dry {
-		if d.last == nil {
-			actual, err := d.nodeIPT.Actual(ctx)
-			if err != nil {
-				return err
-			}
-			adopted := adoptedParams(d.cfg, next, actual)
-			d.last = &adopted
-		}
+	switch {
+	case w.dry:
+	case d.last != nil:
 		prev = *d.last
+	default:
+		// Written by another process (or not at all): read them back. Not
+		// kept as d.last: that is only ever what this process wrote.
+		actual, err := d.nodeIPT.Actual(ctx)
+		if err != nil {
+			return err
+		}
+		prev = adoptedParams(d.cfg, next, actual)
 	}
 	vethExists := func(name string) bool {
 		_, err := d.node.NL.LinkByName(name)
@@ -449,9 +459,13 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		if err := d.syncZtunnelNS(ctx, z, w); err != nil {
 			return err
 		}
-		if err := addRoutes(d.node.NL, routes, d.ztunnelRoutes(z), w); err != nil {
+		// Its return path too (slot table), before the tunnels point at it.
+		if err := addRoutes(d.node.NL, routes, append(d.ztunnelRoutes(z), d.slotRoute(z)), w); err != nil {
 			return err
 		}
+	}
+	if err := d.syncRules(d.node.NL, d.nodeRules(), d.cfg.CaptureNodeLocal, w); err != nil {
+		return err
 	}
 	if !w.dry {
 		if err := rules.write(unionParams(prev, next, vethExists, false)); err != nil {
@@ -473,9 +487,6 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	wantRoutes := d.nodeRoutes(st, zt, live, inLink, outLink)
 	reach, inbound := d.splitInbound(wantRoutes)
 	if err := addRoutes(d.node.NL, routes, reach, w); err != nil {
-		return err
-	}
-	if err := d.syncRules(d.node.NL, d.nodeRules(), d.cfg.CaptureNodeLocal, w); err != nil {
 		return err
 	}
 	if !w.dry {
@@ -599,6 +610,9 @@ func (r *nodeRules) write(p NodeParams) error {
 		return nil
 	}
 	if err := r.d.syncIPTables(r.ctx, r.d.nodeIPT, rs, r.w); err != nil {
+		if !r.w.dry {
+			r.d.last = nil // a table may be written, another not: read back next time
+		}
 		return err
 	}
 	r.written = rendered
@@ -660,4 +674,10 @@ func (d *Dataplane) startPort() int {
 		return d.cfg.TunnelPort
 	}
 	return defaultPort(d.tunnel)
+}
+
+// isGone reports an error resolving a ztunnel that says it no longer
+// exists: its host veth or its netns is gone.
+func isGone(err error) bool {
+	return err != nil && (isLinkNotFound(err) || errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT))
 }

@@ -91,7 +91,7 @@ rule inet 102: fwmark 0x40/0x40 lookup 102 proto 97
 rule inet 103: lookup 100 proto 97
 rule inet 32766: lookup 254 proto 2
 rule inet 32767: lookup 253 proto 2
-rule inet 99: fwmark 0xc0/0xc0 lookup 103 proto 97
+rule inet 99: fwmark 0x1040/0x1040 lookup 103 proto 97
 rule inet6 0: lookup 255 proto 2
 rule inet6 32766: lookup 254 proto 2
 route inet table 100 10.244.1.10/32 via 192.168.126.2 dev#3 src 10.244.1.1 proto 97

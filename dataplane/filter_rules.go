@@ -106,6 +106,9 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		matchConnmark(m.Proxy|m.Slot) + " " + setMark(m.Slot),
 		matchConnmark(m.Proxy) + " " + setMark(m.ProxyReturn),
 		matchMark(m.ProxyReturn) + " -j RETURN",
+		// A node connection to an ambient pod keeps the path it began with
+		// (one opened before the pod was enrolled stays direct).
+		fmt.Sprintf("-p tcp -m set --match-set %s dst -m conntrack ! --ctstate NEW %s", set, setMark(m.Skip)),
 	}
 	// TCP resets the node makes itself (REJECT; no socket) for an ambient
 	// pod go straight to it: through table 100 they would vanish into the

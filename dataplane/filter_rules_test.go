@@ -30,10 +30,10 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -p udp -m udp --dport 4789 -j RETURN
 -A ztunnel-PREROUTING -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
--A ztunnel-PREROUTING ! -i vethzt -m connmark --mark 0x290/0x290 -j MARK --set-xmark 0x80/0x80
+-A ztunnel-PREROUTING ! -i vethzt -m connmark --mark 0x1210/0x1210 -j MARK --set-xmark 0x1000/0x1000
 -A ztunnel-PREROUTING ! -i vethzt -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-PREROUTING -m mark --mark 0x40/0x40 -j RETURN
--A ztunnel-PREROUTING ! -s 10.244.1.2/32 -i vethzt -j MARK --set-xmark 0x210/0x290
+-A ztunnel-PREROUTING ! -s 10.244.1.2/32 -i vethzt -j MARK --set-xmark 0x210/0x1210
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -i vethzt -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
@@ -41,12 +41,13 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
 -A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
--A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x290 --ctmask 0x290
+-A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x1210 --ctmask 0x1210
 -A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
--A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x290 --ctmask 0x290
--A ztunnel-OUTPUT -m connmark --mark 0x290/0x290 -j MARK --set-xmark 0x80/0x80
+-A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x1210 --ctmask 0x1210
+-A ztunnel-OUTPUT -m connmark --mark 0x1210/0x1210 -j MARK --set-xmark 0x1000/0x1000
 -A ztunnel-OUTPUT -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-OUTPUT -m mark --mark 0x40/0x40 -j RETURN
+-A ztunnel-OUTPUT -p tcp -m set --match-set ztunnel-pods-ips dst -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-OUTPUT -p tcp -m owner ! --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -s 10.244.1.1/32 -p tcp -m owner --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
@@ -83,12 +84,13 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
 -A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
--A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x290 --ctmask 0x290
+-A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x1210 --ctmask 0x1210
 -A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
--A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x290 --ctmask 0x290
--A ztunnel-OUTPUT -m connmark --mark 0x290/0x290 -j MARK --set-xmark 0x80/0x80
+-A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x1210 --ctmask 0x1210
+-A ztunnel-OUTPUT -m connmark --mark 0x1210/0x1210 -j MARK --set-xmark 0x1000/0x1000
 -A ztunnel-OUTPUT -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-OUTPUT -m mark --mark 0x40/0x40 -j RETURN
+-A ztunnel-OUTPUT -p tcp -m set --match-set ztunnel-pods-ips dst -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-OUTPUT -p tcp -m owner ! --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -p tcp -m owner --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
@@ -176,13 +178,13 @@ func TestNodeRulesetDuringSwitch(t *testing.T) {
 -p udp -m udp --dport 4789 -j RETURN
 -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200
 -m mark --mark 0x200/0x200 -j RETURN
-! -s 10.244.1.9/32 -i vethnew -j MARK --set-xmark 0x290/0x290
-! -s 10.244.1.2/32 -i vethold -j MARK --set-xmark 0x210/0x290
+! -s 10.244.1.9/32 -i vethnew -j MARK --set-xmark 0x1210/0x1210
+! -s 10.244.1.2/32 -i vethold -j MARK --set-xmark 0x210/0x1210
 -m mark --mark 0x200/0x200 -j RETURN
 -i vethnew -j MARK --set-xmark 0x220/0x220
 -i vethold -j MARK --set-xmark 0x220/0x220
 -m mark --mark 0x200/0x200 -j RETURN
--m connmark --mark 0x290/0x290 -j MARK --set-xmark 0x80/0x80
+-m connmark --mark 0x1210/0x1210 -j MARK --set-xmark 0x1000/0x1000
 -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -m mark --mark 0x40/0x40 -j RETURN
 -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200

@@ -56,6 +56,9 @@ func (d *Dataplane) WatchIPTables(ctx context.Context, repaired func(Result)) er
 			}
 		}
 	}
+	if ctx.Err() == nil {
+		return fmt.Errorf("iptables change events stopped")
+	}
 	return nil
 }
 

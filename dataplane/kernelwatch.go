@@ -33,13 +33,20 @@ func (d *Dataplane) WatchNetlink(ctx context.Context, drifted func()) error {
 			drifted()
 		}
 	}
+	if ctx.Err() == nil {
+		return fmt.Errorf("netlink change events stopped")
+	}
 	return nil
 }
 
 // aboutOurs selects the netlink messages that may concern our objects.
 func (d *Dataplane) aboutOurs(m syscall.NetlinkMessage) bool {
 	switch m.Header.Type {
-	case unix.RTM_NEWLINK, unix.RTM_DELLINK:
+	case unix.RTM_DELLINK:
+		// Any device: routes through it go with it, without route events
+		// (a ztunnel's veth).
+		return true
+	case unix.RTM_NEWLINK:
 		return len(m.Data) >= unix.SizeofIfInfomsg && slices.Contains([]string{NodeInLink, NodeOutLink}, attrString(m.Data[unix.SizeofIfInfomsg:], unix.IFLA_IFNAME))
 	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
 		return len(m.Data) >= unix.SizeofIfAddrmsg && slices.Contains([]string{NodeInLink, NodeOutLink}, attrString(m.Data[unix.SizeofIfAddrmsg:], unix.IFA_LABEL))

@@ -41,8 +41,7 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, o
 		// Every ztunnel that holds connections gets their packets back
 		// through its slot's table.
 		rs = append(rs, d.ztunnelRoutes(z)...)
-		rs = append(rs, netlink.Route{Table: d.slotTable(z.slot), Dst: defaultDst, Gw: ipOf(z.ip), LinkIndex: z.veth.Attrs().Index,
-			Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: proto})
+		rs = append(rs, d.slotRoute(z))
 	}
 	if zt == nil {
 		// No ztunnel for new connections: lookups fall through to main.
@@ -59,6 +58,13 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, o
 		rs = append(rs, netlink.Route{Table: t.Inbound, Dst: ipNet(netip.PrefixFrom(a, 32)), Gw: ipOf(inPeer), LinkIndex: linkIndex(in), Src: ipOf(zt.hostIP), Type: unix.RTN_UNICAST, Protocol: proto})
 	}
 	return append(rs, netlink.Route{Table: t.Outbound, Dst: defaultDst, Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto})
+}
+
+// slotRoute sends the later packets of a ztunnel's connections (proxy-return)
+// to it, in its slot's table.
+func (d *Dataplane) slotRoute(z *ztRuntime) netlink.Route {
+	return netlink.Route{Table: d.slotTable(z.slot), Dst: ipNet(netip.MustParsePrefix("0.0.0.0/0")), Gw: ipOf(z.ip), LinkIndex: z.veth.Attrs().Index,
+		Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)}
 }
 
 // ztunnelRoutes keep ZIP on its veth in each of our tables: the

@@ -285,12 +285,18 @@ func TestTransitionsNeverLeak(t *testing.T) {
 	settle := func() { time.Sleep(60 * time.Millisecond) }
 	for i := range rounds {
 		// Surge: a new ztunnel (new IP, new netns) next to the running one.
+		// The old one keeps its connections (slot) while it runs.
 		next := startZt(fmt.Sprintf("zt%d", i+1))
-		tl.transition(t, "ztunnel A -> B (surge)", viaZtunnel, applyWith(dp, state(next, false)))
+		surge := func(withA3 bool) dataplane.State {
+			st := state(next, withA3)
+			st.Draining = []*dataplane.Ztunnel{ztunnelOf(cur.pod)}
+			return st
+		}
+		tl.transition(t, "ztunnel A -> B (surge)", viaZtunnel, applyWith(dp, surge(false)))
 		settle()
-		tl.transition(t, "pod joins", viaZtunnel, applyWith(dp, state(next, true)))
+		tl.transition(t, "pod joins", viaZtunnel, applyWith(dp, surge(true)))
 		settle()
-		tl.transition(t, "pod leaves", viaZtunnel, applyWith(dp, state(next, false)))
+		tl.transition(t, "pod leaves", viaZtunnel, applyWith(dp, surge(false)))
 		settle()
 		// The old one goes away for good: process killed, netns removed.
 		cur.proc.Stop()
