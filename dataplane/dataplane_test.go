@@ -25,8 +25,8 @@ type fakeNode struct {
 	ipt, ztIPT *iptables.Fake
 	// ipt6 and ztIPT6 are ip6tables.
 	ipt6, ztIPT6 *iptables.Fake
-	ztPaths    map[string]*kernel.Kernel
-	zt         *Ztunnel
+	ztPaths      map[string]*kernel.Kernel
+	zt           *Ztunnel
 }
 
 func newFakeNode(t *testing.T) *fakeNode {
