@@ -57,7 +57,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		}
 	}
 	d.lastZtNS, d.liveNS = "", nil
-	d.last = nil
+	clear(d.last)
 	d.fast = nil
 	d.resync = true
 	clear(d.applied)

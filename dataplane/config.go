@@ -137,11 +137,16 @@ type Config struct {
 	IPSetName     string // inet set
 	IPSetNameV6   string // inet6 set (IPv6 not wired up yet)
 	// InVNI/OutVNI and the /30 networks of the istioin/istioout tunnels.
-	InVNI, OutVNI   uint32
-	InNet, OutNet   netip.Prefix
+	InVNI, OutVNI uint32
+	InNet, OutNet netip.Prefix
+	// InNet6/OutNet6 are the tunnels' IPv6 /126 networks (ULA): the inner
+	// family does not depend on the underlay's.
+	InNet6, OutNet6 netip.Prefix
 	NetNSDir        string
 	ProxyPorts      ProxyPorts
 	ZtunnelListenIP netip.Addr
+	// ZtunnelListenIP6 is where ztunnel listens for IPv6 (TPROXY --on-ip).
+	ZtunnelListenIP6 netip.Addr
 }
 
 // ProxyPorts are ztunnel's listeners.
@@ -164,18 +169,21 @@ func DefaultConfig() Config {
 			Outbound: 0x100, Skip: 0x200, ConnSkip: 0x220, Proxy: 0x210, ProxyReturn: 0x040, Slot: 0x1000,
 			TProxy: 0x400, OrigSrc: 0x4d3, ZtunnelMask: 0xfff,
 		},
-		Tables:          Tables{Inbound: 100, Outbound: 101, ProxyReturn: 102, ProxyReturn2: 103, ZtunnelLocal: 100},
-		Priorities:      Priorities{ProxyReturn2: 99, Skip: 100, Outbound: 101, ProxyReturn: 102, Inbound: 103, ZtunnelTProxy: 20000, ZtunnelOrigSrc: 20003},
-		RouteProtocol:   0x61, // 97: unassigned in /etc/iproute2/rt_protos
-		IPSetName:       "ztunnel-pods-ips",
-		IPSetNameV6:     "ztunnel-pods-ips-v6",
-		InVNI:           1000,
-		OutVNI:          1001,
-		InNet:           netip.MustParsePrefix("192.168.126.0/30"),
-		OutNet:          netip.MustParsePrefix("192.168.127.0/30"),
-		NetNSDir:        "/var/run/netns",
-		ProxyPorts:      ProxyPorts{Outbound: 15001, Inbound: 15006, HBONE: 15008},
-		ZtunnelListenIP: netip.MustParseAddr("127.0.0.1"),
+		Tables:           Tables{Inbound: 100, Outbound: 101, ProxyReturn: 102, ProxyReturn2: 103, ZtunnelLocal: 100},
+		Priorities:       Priorities{ProxyReturn2: 99, Skip: 100, Outbound: 101, ProxyReturn: 102, Inbound: 103, ZtunnelTProxy: 20000, ZtunnelOrigSrc: 20003},
+		RouteProtocol:    0x61, // 97: unassigned in /etc/iproute2/rt_protos
+		IPSetName:        "ztunnel-pods-ips",
+		IPSetNameV6:      "ztunnel-pods-ips-v6",
+		InVNI:            1000,
+		OutVNI:           1001,
+		InNet:            netip.MustParsePrefix("192.168.126.0/30"),
+		OutNet:           netip.MustParsePrefix("192.168.127.0/30"),
+		InNet6:           netip.MustParsePrefix("fd00:a17:126::/126"),
+		OutNet6:          netip.MustParsePrefix("fd00:a17:127::/126"),
+		NetNSDir:         "/var/run/netns",
+		ProxyPorts:       ProxyPorts{Outbound: 15001, Inbound: 15006, HBONE: 15008},
+		ZtunnelListenIP:  netip.MustParseAddr("127.0.0.1"),
+		ZtunnelListenIP6: netip.MustParseAddr("::1"),
 	}
 }
 
@@ -261,6 +269,11 @@ func (c Config) Validate() error {
 	for _, n := range []netip.Prefix{c.InNet, c.OutNet} {
 		if !n.IsValid() || !n.Addr().Is4() || n.Bits() != 30 || n.Masked() != n {
 			errs = append(errs, fmt.Errorf("tunnel network %v must be an IPv4 /30", n))
+		}
+	}
+	for _, n := range []netip.Prefix{c.InNet6, c.OutNet6} {
+		if !n.IsValid() || !n.Addr().Is6() || n.Addr().Is4In6() || n.Bits() != 126 || n.Masked() != n {
+			errs = append(errs, fmt.Errorf("tunnel network %v must be an IPv6 /126", n))
 		}
 	}
 	if c.InVNI == 0 || c.OutVNI == 0 || c.InVNI == c.OutVNI || c.InVNI > 1<<24-1 || c.OutVNI > 1<<24-1 {

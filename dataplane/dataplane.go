@@ -67,16 +67,23 @@ type Dataplane struct {
 	tunnel        TunnelType
 	tunnelReason  string
 
-	mu       sync.Mutex
-	nodeIPT  *iptables.Syncer
-	ztIPT    map[string]*iptables.Syncer
+	// fams are the families this node can carry: IPv4, and IPv6 unless
+	// the kernel was booted without it.
+	fams []Family
+
+	mu sync.Mutex
+	// nodeIPT holds the node's chains per family (iptables, ip6tables).
+	nodeIPT map[Family]*iptables.Syncer
+	// ztIPT holds each ztunnel netns's chains, by path and family.
+	ztIPT    map[string]map[Family]*iptables.Syncer
 	lastZtNS string
 	// liveNS are the netns of every ztunnel programmed by the last apply
 	// (the active one and a draining one).
 	liveNS []string
-	// last is what the node's iptables rules were last written from (nil:
-	// not known to this process); transitions start from it.
-	last *NodeParams
+	// last is what the node's iptables rules of each family were last
+	// written from (absent: not known to this process); transitions start
+	// from it.
+	last map[Family]*NodeParams
 	port int
 	// resync makes the next Apply verify the iptables chains even when the
 	// rendered rules did not change. Reading them back costs a process per
@@ -144,8 +151,8 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, ztIPT: map[string]*iptables.Syncer{},
-		resync: true, applied: map[*iptables.Syncer]string{}}
+	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, ztIPT: map[string]map[Family]*iptables.Syncer{},
+		nodeIPT: map[Family]*iptables.Syncer{}, last: map[Family]*NodeParams{}, resync: true, applied: map[*iptables.Syncer]string{}}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -176,11 +183,19 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 		}
 		d.backend, d.backendReason = b, why
 	}
-	r, err := d.node.IPT(d.backend, 4)
-	if err != nil {
-		return nil, err
+	d.fams = []Family{IPv4}
+	if _, err := d.node.Sysctl.Get("net.ipv6.conf.all.forwarding"); err == nil {
+		d.fams = append(d.fams, IPv6)
+	} else {
+		d.log.Info("IPv6 is disabled in this kernel (no net.ipv6 sysctls): programming IPv4 only", zap.Error(err))
 	}
-	d.nodeIPT = iptables.NewSyncer(r, ChainPrefix)
+	for _, f := range d.fams {
+		r, err := d.node.IPT(d.backend, int(f))
+		if err != nil {
+			return nil, err
+		}
+		d.nodeIPT[f] = iptables.NewSyncer(r, ChainPrefix)
+	}
 	if err := d.resolveTunnel(); err != nil {
 		return nil, err
 	}
@@ -322,29 +337,47 @@ func (d *Dataplane) ztunnelPriorities() []int {
 
 // ztRuntime is the ztunnel as found in the kernel.
 type ztRuntime struct {
-	spec   *Ztunnel
-	slot   int
-	ip     netip.Addr
-	veth   netlink.Link
-	hostIP netip.Addr
-	k      *kernel.Kernel
-	eth    netlink.Link
+	spec *Ztunnel
+	slot int
+	// ip is its address of the tunnels' underlay: IPv4 when it has one.
+	ip netip.Addr
+	// ips are its addresses per family the node carries.
+	ips  map[Family]netip.Addr
+	veth netlink.Link
+	// hostIP is the node's source towards ip; hostIPs towards each of ips.
+	hostIP  netip.Addr
+	hostIPs map[Family]netip.Addr
+	k       *kernel.Kernel
+	eth     netlink.Link
 }
 
 func (d *Dataplane) resolveZtunnel(z *Ztunnel) (*ztRuntime, error) {
 	if z == nil {
 		return nil, nil
 	}
-	ip, _ := z.IP(IPv4)
 	veth, err := d.node.NL.LinkByName(z.HostVeth)
 	if err != nil {
 		return nil, fmt.Errorf("ztunnel %s: host veth %s: %w", z.Pod, z.HostVeth, err)
 	}
-	routes, err := d.node.NL.RouteGet(net.IP(ip.AsSlice()))
-	if err != nil || len(routes) == 0 || routes[0].Src == nil {
-		return nil, fmt.Errorf("ztunnel %s: no route with a source address towards %s: %v", z.Pod, ip, err)
+	r := &ztRuntime{spec: z, veth: veth, ips: map[Family]netip.Addr{}, hostIPs: map[Family]netip.Addr{}}
+	for _, f := range d.fams {
+		ip, ok := z.IP(f)
+		if !ok {
+			continue
+		}
+		routes, err := d.node.NL.RouteGet(ipOf(ip))
+		if err != nil || len(routes) == 0 || routes[0].Src == nil {
+			return nil, fmt.Errorf("ztunnel %s: no route with a source address towards %s: %v", z.Pod, ip, err)
+		}
+		src, _ := netip.AddrFromSlice(routes[0].Src)
+		r.ips[f], r.hostIPs[f] = ip, src.Unmap()
+		if !r.ip.IsValid() {
+			r.ip, r.hostIP = ip, src.Unmap()
+		}
 	}
-	hostIP, _ := netip.AddrFromSlice(routes[0].Src)
+	if !r.ip.IsValid() {
+		return nil, fmt.Errorf("ztunnel %s has no address of a family this node carries (%v)", z.Pod, d.fams)
+	}
 	k, err := d.openNS(z.NetNS)
 	if err != nil {
 		return nil, fmt.Errorf("ztunnel %s: %w", z.Pod, err)
@@ -358,7 +391,8 @@ func (d *Dataplane) resolveZtunnel(z *Ztunnel) (*ztRuntime, error) {
 		k.Close()
 		return nil, fmt.Errorf("ztunnel %s: no peer of %s in %s: %w", z.Pod, z.HostVeth, z.NetNS, err)
 	}
-	return &ztRuntime{spec: z, ip: ip, veth: veth, hostIP: hostIP.Unmap(), k: k, eth: eth}, nil
+	r.k, r.eth = k, eth
+	return r, nil
 }
 
 func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
@@ -374,8 +408,8 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if !w.dry {
 		d.fast = nil
 	}
-	if v, err := d.node.Sysctl.Get("net.ipv4.ip_forward"); err != nil || v != "1" {
-		return fmt.Errorf("net.ipv4.ip_forward must be 1 on the node (is %q, %v): pods' traffic cannot be forwarded", v, err)
+	if err := d.checkForwarding(st); err != nil {
+		return err
 	}
 	if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
 		return err
@@ -423,26 +457,44 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	}
 	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
 	live := d.assignSlots(zt, draining, routes)
-	next := d.nodeParams(zt, live)
-	prev := next
-	switch {
-	case w.dry:
-	case d.last != nil:
-		prev = *d.last
-	default:
-		// Written by another process (or not at all): read them back. Not
-		// kept as d.last: that is only ever what this process wrote.
-		actual, err := d.nodeIPT.Actual(ctx)
-		if err != nil {
-			return err
+	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*nodeRules{}
+	for _, f := range d.fams {
+		next[f] = d.nodeParams(zt, live, f)
+		rules[f] = &nodeRules{d: d, f: f, ctx: ctx, w: w}
+		switch {
+		case w.dry:
+			prev[f] = next[f]
+		case d.last[f] != nil:
+			prev[f] = *d.last[f]
+		default:
+			// Written by another process (or not at all): read them back.
+			// Not kept as d.last: that is only ever what this process wrote.
+			actual, err := d.nodeIPT[f].Actual(ctx)
+			if err != nil {
+				return err
+			}
+			prev[f] = adoptedParams(d.cfg, next[f], actual)
 		}
-		prev = adoptedParams(d.cfg, next, actual)
 	}
 	vethExists := func(name string) bool {
 		_, err := d.node.NL.LinkByName(name)
 		return err == nil
 	}
-	rules := &nodeRules{d: d, ctx: ctx, w: w}
+	writeRules := func(withCapture, final bool) error {
+		for _, f := range d.fams {
+			p := next[f]
+			if !final {
+				if w.dry {
+					continue
+				}
+				p = unionParams(prev[f], next[f], vethExists, withCapture)
+			}
+			if err := rules[f].write(p); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 
 	// Make: the order is explained in transition.go.
 	for _, f := range []Family{IPv4, IPv6} {
@@ -460,24 +512,24 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 			return err
 		}
 		// Its return path too (slot table), before the tunnels point at it.
-		if err := addRoutes(d.node.NL, routes, append(d.ztunnelRoutes(z), d.slotRoute(z)), w); err != nil {
+		if err := addRoutes(d.node.NL, routes, append(d.ztunnelRoutes(z), d.slotRoutes(z)...), w); err != nil {
 			return err
 		}
 	}
-	if err := d.syncRules(d.node.NL, d.nodeRules(), d.cfg.CaptureNodeLocal, w); err != nil {
+	for _, f := range d.fams {
+		if err := d.syncRules(d.node.NL, f, d.nodeRules(f), d.cfg.CaptureNodeLocal, w); err != nil {
+			return err
+		}
+	}
+	if err := writeRules(false, false); err != nil {
 		return err
-	}
-	if !w.dry {
-		if err := rules.write(unionParams(prev, next, vethExists, false)); err != nil {
-			return err
-		}
 	}
 	if zt != nil {
 		in, out := d.tunnelEnds(zt, true)
-		if inLink, err = syncTunnel(d.node.NL, in, w); err != nil {
+		if inLink, err = syncTunnel(d.node, in, w); err != nil {
 			return err
 		}
-		if outLink, err = syncTunnel(d.node.NL, out, w); err != nil {
+		if outLink, err = syncTunnel(d.node, out, w); err != nil {
 			return err
 		}
 	}
@@ -489,10 +541,8 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := addRoutes(d.node.NL, routes, reach, w); err != nil {
 		return err
 	}
-	if !w.dry {
-		if err := rules.write(unionParams(prev, next, vethExists, true)); err != nil {
-			return err
-		}
+	if err := writeRules(true, false); err != nil {
+		return err
 	}
 	if err := addRoutes(d.node.NL, routes, inbound, w); err != nil {
 		return err
@@ -502,7 +552,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := pruneRoutes(d.node.NL, routes, wantRoutes, d.isInbound, w); err != nil {
 		return err
 	}
-	if err := rules.write(next); err != nil {
+	if err := writeRules(false, true); err != nil {
 		return err
 	}
 	for _, f := range []Family{IPv4, IPv6} {
@@ -549,11 +599,24 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 // fail). A draining ztunnel without a slot holds none of our connections.
 // The active one comes first.
 func (d *Dataplane) assignSlots(zt *ztRuntime, draining []*ztRuntime, routes map[string]netlink.Route) []*ztRuntime {
-	var owner [Slots]netip.Addr
+	// A slot's owner is the gateway of its table's default route(s).
+	var owner [Slots]map[Family]netip.Addr
 	for s := range Slots {
-		if r, ok := routes[routeKey(netlink.Route{Table: d.slotTable(s)})]; ok && r.Gw != nil {
-			owner[s], _ = netip.AddrFromSlice(r.Gw.To4())
+		owner[s] = map[Family]netip.Addr{}
+		for _, f := range d.fams {
+			if r, ok := routes[routeKey(netlink.Route{Table: d.slotTable(s), Dst: ipNet(defaultPrefix(f))})]; ok && r.Gw != nil {
+				a, _ := netip.AddrFromSlice(r.Gw)
+				owner[s][f] = a.Unmap()
+			}
 		}
+	}
+	owns := func(s int, z *ztRuntime) bool {
+		for f, a := range owner[s] {
+			if z.ips[f] == a {
+				return true
+			}
+		}
+		return false
 	}
 	var live []*ztRuntime
 	var taken [Slots]bool
@@ -562,7 +625,7 @@ func (d *Dataplane) assignSlots(zt *ztRuntime, draining []*ztRuntime, routes map
 			continue
 		}
 		for s := range Slots {
-			if !taken[s] && owner[s] == z.ip {
+			if !taken[s] && owns(s, z) {
 				z.slot, taken[s] = s, true
 				live = append(live, z)
 				break
@@ -594,10 +657,11 @@ func (d *Dataplane) slotTable(slot int) int {
 	return d.cfg.Tables.ProxyReturn
 }
 
-// nodeRules writes the node's iptables rules for one step of a
-// transition, skipping a step whose rules equal the previous one's.
+// nodeRules writes the node's iptables rules of one family for one step of
+// a transition, skipping a step whose rules equal the previous one's.
 type nodeRules struct {
 	d       *Dataplane
+	f       Family
 	ctx     context.Context
 	w       *writer
 	written string
@@ -609,15 +673,37 @@ func (r *nodeRules) write(p NodeParams) error {
 	if rendered == r.written {
 		return nil
 	}
-	if err := r.d.syncIPTables(r.ctx, r.d.nodeIPT, rs, r.w); err != nil {
+	if err := r.d.syncIPTables(r.ctx, r.d.nodeIPT[r.f], rs, r.w); err != nil {
 		if !r.w.dry {
-			r.d.last = nil // a table may be written, another not: read back next time
+			delete(r.d.last, r.f) // a table may be written, another not: read back next time
 		}
 		return err
 	}
 	r.written = rendered
 	if !r.w.dry {
-		r.d.last = &p // what the kernel holds now
+		r.d.last[r.f] = &p // what the kernel holds now
+	}
+	return nil
+}
+
+// checkForwarding requires forwarding on for every family the state has
+// addresses of (it is the node's to set, not ours).
+func (d *Dataplane) checkForwarding(st State) error {
+	for _, f := range d.fams {
+		used := st.Ztunnel != nil && st.Ztunnel.hasFamily(f)
+		for _, p := range st.Pods {
+			used = used || slices.ContainsFunc(p.IPs, func(a netip.Addr) bool { return FamilyOf(a) == f })
+		}
+		if !used {
+			continue
+		}
+		key := "net.ipv4.ip_forward"
+		if f == IPv6 {
+			key = "net.ipv6.conf.all.forwarding"
+		}
+		if v, err := d.node.Sysctl.Get(key); err != nil || v != "1" {
+			return fmt.Errorf("%s must be 1 on the node (is %q, %v): pods' %v traffic cannot be forwarded", key, v, err, f)
+		}
 	}
 	return nil
 }

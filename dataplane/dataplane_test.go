@@ -71,7 +71,7 @@ func pods(n int) []Pod {
 }
 
 func (f *fakeNode) writes() int {
-	return f.nl.TotalWrites() + f.ztNL.TotalWrites() + len(f.ipt.Restores) + len(f.ztIPT.Restores) + f.sys.Writes + f.ztSys.Writes
+	return f.nl.TotalWrites() + f.ztNL.TotalWrites() + len(f.ipt.Restores) + len(f.ztIPT.Restores) + len(f.ipt6.Restores) + len(f.ztIPT6.Restores) + f.sys.Writes + f.ztSys.Writes
 }
 
 const wantNodeDump = `link lo #1 mtu 65536 up=true
@@ -292,7 +292,7 @@ func TestIPTablesDriftRepairedOnResync(t *testing.T) {
 
 func TestRulePriorityConflictRefused(t *testing.T) {
 	f := newFakeNode(t)
-	other := newRule(101, 50, 0, 0, 3)
+	other := newRule(IPv4, 101, 50, 0, 0, 3)
 	if err := f.nl.RuleAdd(&other); err != nil {
 		t.Fatal(err)
 	}

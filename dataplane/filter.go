@@ -36,15 +36,20 @@ func runIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w
 	return err
 }
 
-func (d *Dataplane) nodeParams(zt *ztRuntime, live []*ztRuntime) NodeParams {
-	closed := zt == nil && d.cfg.FailMode == FailClosed
-	p := NodeParams{TunnelPort: d.port, Capture: zt != nil || closed, FailClosed: closed, DNS: d.cfg.DNSCapture, Active: zt != nil,
-		ResetUncaptured: zt != nil && d.cfg.OnEnroll == OnEnrollReset}
+// nodeParams are the inputs of the node's rules of family f. A ztunnel
+// without an address of f is no ztunnel for f: its fail mode applies.
+func (d *Dataplane) nodeParams(zt *ztRuntime, live []*ztRuntime, f Family) NodeParams {
+	active := zt != nil && zt.ips[f].IsValid()
+	closed := !active && d.cfg.FailMode == FailClosed
+	p := NodeParams{Family: f, TunnelPort: d.port, Capture: active || closed, FailClosed: closed, DNS: d.cfg.DNSCapture, Active: active,
+		ResetUncaptured: active && d.cfg.OnEnroll == OnEnrollReset}
 	for _, z := range live {
-		p.Ztunnels = append(p.Ztunnels, ZtunnelRef{IP: z.ip, Veth: z.veth.Attrs().Name, Slot: z.slot})
+		if ip, ok := z.ips[f]; ok {
+			p.Ztunnels = append(p.Ztunnels, ZtunnelRef{IP: ip, Veth: z.veth.Attrs().Name, Slot: z.slot})
+		}
 	}
-	if zt != nil {
-		p.HostIP = zt.hostIP
+	if active {
+		p.HostIP = zt.hostIPs[f]
 	}
 	return p
 }

@@ -9,6 +9,8 @@ import (
 
 // NodeParams are the inputs of the node's iptables rules.
 type NodeParams struct {
+	// Family picks iptables or ip6tables, the set and the host prefixes.
+	Family Family
 	// Ztunnels are the ztunnels whose connections the node carries, each
 	// with its slot; the active one (new connections) first when Active.
 	Ztunnels []ZtunnelRef
@@ -52,7 +54,7 @@ func saveMark(v uint32) string {
 func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 	m := cfg.Marks
 	act, zt := p.active()
-	set := cfg.IPSetName
+	set := setName(cfg, p.Family)
 
 	var pre []string
 	for _, dev := range []string{NodeInLink, NodeOutLink} {
@@ -75,7 +77,7 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 			"! -i "+z.Veth+" "+matchConnmark(m.Proxy|m.Slot)+" "+setMark(m.Slot),
 			"! -i "+z.Veth+" "+matchConnmark(m.Proxy)+" "+setMark(m.ProxyReturn),
 			matchMark(m.ProxyReturn)+" -j RETURN",
-			fmt.Sprintf("! -s %s/32 -i %s %s", z.IP, z.Veth, proxyMark(m, z.Slot)),
+			fmt.Sprintf("! -s %s -i %s %s", host(z.IP), z.Veth, proxyMark(m, z.Slot)),
 			matchMark(m.Skip)+" -j RETURN",
 			// ztunnel's own traffic (xDS, HBONE to other nodes).
 			"-i "+z.Veth+" "+setMark(m.ConnSkip),
@@ -120,7 +122,7 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 	// ambient pods goes directly, so probes keep working in either fail mode.
 	probe := fmt.Sprintf("-p tcp -m owner --socket-exists -m set --match-set %s dst %s", set, setMark(m.ConnSkip))
 	if p.HostIP.IsValid() {
-		probe = fmt.Sprintf("-s %s/32 %s", p.HostIP, probe)
+		probe = fmt.Sprintf("-s %s %s", host(p.HostIP), probe)
 	}
 	out = append(out, probe)
 	out = append(out, saveMark(m.ConnSkip))
@@ -201,7 +203,7 @@ func saveProxy(m Marks) string {
 func multiRules(m Marks, zs []ZtunnelRef) []string {
 	var out []string
 	for _, z := range zs {
-		out = append(out, fmt.Sprintf("! -s %s/32 -i %s %s", z.IP, z.Veth, proxyMark(m, z.Slot)))
+		out = append(out, fmt.Sprintf("! -s %s -i %s %s", host(z.IP), z.Veth, proxyMark(m, z.Slot)))
 	}
 	out = append(out, matchMark(m.Skip)+" -j RETURN")
 	for _, z := range zs {
@@ -215,8 +217,22 @@ func multiRules(m Marks, zs []ZtunnelRef) []string {
 	)
 }
 
+// host renders an address as iptables-save prints a host: a /32 or /128.
+func host(a netip.Addr) string {
+	return netip.PrefixFrom(a, a.BitLen()).String()
+}
+
+// setName is the ipset of family f.
+func setName(cfg Config, f Family) string {
+	if f == IPv6 {
+		return cfg.IPSetNameV6
+	}
+	return cfg.IPSetName
+}
+
 // ZtunnelParams are the inputs of the ztunnel netns rules.
 type ZtunnelParams struct {
+	Family    Family
 	ZtunnelIP netip.Addr
 	// Eth is the pod side of the ztunnel's veth (usually eth0).
 	Eth string
@@ -226,7 +242,11 @@ type ZtunnelParams struct {
 func ZtunnelRuleset(cfg Config, p ZtunnelParams) iptables.Ruleset {
 	m, pp := cfg.Marks, cfg.ProxyPorts
 	tproxy := func(port int) string {
-		return fmt.Sprintf("-j TPROXY --on-port %d --on-ip %s --tproxy-mark %s", port, cfg.ZtunnelListenIP, mark(m.TProxy, m.ZtunnelMask))
+		listen := cfg.ZtunnelListenIP
+		if p.Family == IPv6 {
+			listen = cfg.ZtunnelListenIP6
+		}
+		return fmt.Sprintf("-j TPROXY --on-port %d --on-ip %s --tproxy-mark %s", port, listen, mark(m.TProxy, m.ZtunnelMask))
 	}
 	return iptables.Ruleset{{
 		Table: "mangle", Name: ChainPrefix + "PREROUTING", Parent: "PREROUTING",
@@ -235,7 +255,7 @@ func ZtunnelRuleset(cfg Config, p ZtunnelParams) iptables.Ruleset {
 			fmt.Sprintf("-i %s -p tcp %s", ZtunnelOutLink, tproxy(pp.Outbound)),
 			fmt.Sprintf("-i %s -p tcp %s", ZtunnelInLink, tproxy(pp.Inbound)),
 			// Replies to ztunnel's original-source sockets are delivered locally.
-			fmt.Sprintf("! -d %s/32 -i %s -p tcp -j MARK --set-xmark %s", p.ZtunnelIP, p.Eth, mark(m.OrigSrc, m.ZtunnelMask)),
+			fmt.Sprintf("! -d %s -i %s -p tcp -j MARK --set-xmark %s", host(p.ZtunnelIP), p.Eth, mark(m.OrigSrc, m.ZtunnelMask)),
 		},
 	}}
 }

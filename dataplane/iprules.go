@@ -11,9 +11,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func newRule(prio, table int, mark, mask uint32, proto int) netlink.Rule {
+// nlFamily is the netlink family number of f.
+func nlFamily(f Family) int {
+	if f == IPv6 {
+		return netlink.FAMILY_V6
+	}
+	return netlink.FAMILY_V4
+}
+
+func newRule(f Family, prio, table int, mark, mask uint32, proto int) netlink.Rule {
 	r := *netlink.NewRule()
-	r.Family = netlink.FAMILY_V4
+	r.Family = nlFamily(f)
 	r.Priority = prio
 	r.Table = table
 	if mask != 0 {
@@ -24,25 +32,28 @@ func newRule(prio, table int, mark, mask uint32, proto int) netlink.Rule {
 	return r
 }
 
-func (d *Dataplane) nodeRules() []netlink.Rule {
+func (d *Dataplane) nodeRules(f Family) []netlink.Rule {
 	p, t, m, proto := d.cfg.Priorities, d.cfg.Tables, d.cfg.Marks, d.cfg.RouteProtocol
-	skip := newRule(p.Skip, -1, m.Skip, m.Skip, proto)
+	skip := newRule(f, p.Skip, -1, m.Skip, m.Skip, proto)
 	skip.Goto = 32766 // the main table's rule
 	rules := []netlink.Rule{
-		newRule(p.ProxyReturn2, t.ProxyReturn2, m.ProxyReturn|m.Slot, m.ProxyReturn|m.Slot, proto),
+		newRule(f, p.ProxyReturn2, t.ProxyReturn2, m.ProxyReturn|m.Slot, m.ProxyReturn|m.Slot, proto),
 		skip,
-		newRule(p.Outbound, t.Outbound, m.Outbound, m.Outbound, proto),
-		newRule(p.ProxyReturn, t.ProxyReturn, m.ProxyReturn, m.ProxyReturn, proto),
-		newRule(p.Inbound, t.Inbound, 0, 0, proto),
+		newRule(f, p.Outbound, t.Outbound, m.Outbound, m.Outbound, proto),
+		newRule(f, p.ProxyReturn, t.ProxyReturn, m.ProxyReturn, m.ProxyReturn, proto),
+		newRule(f, p.Inbound, t.Inbound, 0, 0, proto),
 	}
 	if d.cfg.CaptureNodeLocal {
-		rules = append([]netlink.Rule{newRule(0, unix.RT_TABLE_LOCAL, 0, m.Outbound|m.ProxyReturn, proto)}, rules...)
+		rules = append([]netlink.Rule{newRule(f, 0, unix.RT_TABLE_LOCAL, 0, m.Outbound|m.ProxyReturn, proto)}, rules...)
 	}
 	return rules
 }
 
 func ruleString(r netlink.Rule) string {
 	s := fmt.Sprintf("%d:", r.Priority)
+	if r.Family == netlink.FAMILY_V6 {
+		s = "-6 " + s
+	}
 	if r.Src != nil {
 		s += " from " + r.Src.String()
 	}
@@ -78,22 +89,27 @@ func isLocalRule(r netlink.Rule) bool {
 }
 
 func (d *Dataplane) checkRuleConflicts(nl kernel.Netlink, prios []int) error {
-	rules, err := nl.RuleList(netlink.FAMILY_V4)
-	if err != nil {
-		return fmt.Errorf("list rules: %w", err)
-	}
-	for _, r := range rules {
-		if int(r.Protocol) != d.cfg.RouteProtocol && slices.Contains(prios, r.Priority) {
-			return fmt.Errorf("ip rule priority %d is already used by another agent (%q, protocol %d): choose other priorities", r.Priority, ruleString(r), r.Protocol)
+	for _, f := range d.fams {
+		rules, err := nl.RuleList(nlFamily(f))
+		if err != nil {
+			return fmt.Errorf("list %v rules: %w", f, err)
+		}
+		for _, r := range rules {
+			if int(r.Protocol) != d.cfg.RouteProtocol && slices.Contains(prios, r.Priority) {
+				return fmt.Errorf("ip rule priority %d is already used by another agent (%q, protocol %d): choose other priorities", r.Priority, ruleString(r), r.Protocol)
+			}
 		}
 	}
 	return nil
 }
 
-func (d *Dataplane) syncRules(nl kernel.Netlink, want []netlink.Rule, swapLocal bool, w *writer) error {
-	all, err := nl.RuleList(netlink.FAMILY_V4)
+// syncRules makes our rules of family f exactly want, replacing the
+// kernel's local rule by ours when swapLocal (and putting it back first when
+// ours goes).
+func (d *Dataplane) syncRules(nl kernel.Netlink, f Family, want []netlink.Rule, swapLocal bool, w *writer) error {
+	all, err := nl.RuleList(nlFamily(f))
 	if err != nil {
-		return fmt.Errorf("list rules: %w", err)
+		return fmt.Errorf("list %v rules: %w", f, err)
 	}
 	var ours []netlink.Rule
 	for _, r := range all {
@@ -124,7 +140,7 @@ func (d *Dataplane) syncRules(nl kernel.Netlink, want []netlink.Rule, swapLocal 
 			restored = true
 			// Ours replaced the kernel's local rule: put that back first,
 			// so the node is never without one.
-			if err := restoreLocalRule(nl, all, d.cfg.RouteProtocol, w); err != nil {
+			if err := restoreLocalRule(nl, f, all, d.cfg.RouteProtocol, w); err != nil {
 				return err
 			}
 		}
@@ -141,7 +157,7 @@ func (d *Dataplane) syncRules(nl kernel.Netlink, want []netlink.Rule, swapLocal 
 		if int(r.Protocol) == d.cfg.RouteProtocol || !isLocalRule(r) {
 			continue
 		}
-		del := newRule(0, unix.RT_TABLE_LOCAL, 0, 0, int(r.Protocol))
+		del := newRule(f, 0, unix.RT_TABLE_LOCAL, 0, 0, int(r.Protocol))
 		if r.Protocol == 0 {
 			return fmt.Errorf("the unconditional local rule has no protocol; cannot delete it without risking ours")
 		}
@@ -154,10 +170,10 @@ func (d *Dataplane) syncRules(nl kernel.Netlink, want []netlink.Rule, swapLocal 
 
 // restoreLocalRule adds `0: from all lookup local` unless a rule that is not
 // ours already does that.
-func restoreLocalRule(nl kernel.Netlink, all []netlink.Rule, proto int, w *writer) error {
+func restoreLocalRule(nl kernel.Netlink, f Family, all []netlink.Rule, proto int, w *writer) error {
 	if slices.ContainsFunc(all, func(r netlink.Rule) bool { return isLocalRule(r) && int(r.Protocol) != proto }) {
 		return nil
 	}
-	local := newRule(0, unix.RT_TABLE_LOCAL, 0, 0, unix.RTPROT_KERNEL)
+	local := newRule(f, 0, unix.RT_TABLE_LOCAL, 0, 0, unix.RTPROT_KERNEL)
 	return w.do(KindRule, "add 0: from all lookup local (restore)", func() error { return nl.RuleAdd(&local) })
 }

@@ -38,7 +38,7 @@ func (d *Dataplane) WatchIPTables(ctx context.Context, repaired func(Result)) er
 	if d.backend == iptables.NFT {
 		changed, err = watchNFT(ctx, d.node.InNS, d.log)
 	} else {
-		changed, err = pollLegacy(ctx, d.node.InNS)
+		changed, err = pollLegacy(ctx, d.node.InNS, slices.Contains(d.fams, IPv6))
 	}
 	if err != nil {
 		return fmt.Errorf("watch %s iptables: %w", d.backend, err)
@@ -68,15 +68,18 @@ func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	w := newWriter(false)
-	if d.last == nil {
-		return *w.res, nil // nothing converged yet: the next Apply writes
+	for _, f := range d.fams {
+		last, s := d.last[f], d.nodeIPT[f]
+		if last == nil {
+			continue // nothing converged yet: the next Apply writes
+		}
+		rs := NodeRuleset(d.cfg, *last)
+		delete(d.applied, s)
+		if err := runIPTables(ctx, s, rs, w); err != nil {
+			return *w.res, err
+		}
+		d.applied[s] = rs.Render()
 	}
-	rs := NodeRuleset(d.cfg, *d.last)
-	delete(d.applied, d.nodeIPT)
-	if err := runIPTables(ctx, d.nodeIPT, rs, w); err != nil {
-		return *w.res, err
-	}
-	d.applied[d.nodeIPT] = rs.Render()
 	return *w.res, nil
 }
 
@@ -91,7 +94,7 @@ func watchNFT(ctx context.Context, inNS iptables.InNS, log *zap.Logger) (<-chan 
 // one of our jumps: a rule added to or deleted from a built-in chain of an
 // iptables table, or such a chain or table deleted.
 func touchesBuiltinChain(m syscall.NetlinkMessage) bool {
-	if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 || m.Data[0] != unix.NFPROTO_IPV4 {
+	if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 || (m.Data[0] != unix.NFPROTO_IPV4 && m.Data[0] != unix.NFPROTO_IPV6) {
 		return false
 	}
 	var tableAttr, chainAttr uint16
@@ -147,34 +150,57 @@ type iptGetinfo struct {
 
 const iptSoGetInfo = 64 // IPT_SO_GET_INFO
 
-// pollLegacy signals when a legacy table's layout changes: any rule
-// inserted or deleted anywhere changes its size or the hook offsets.
-func pollLegacy(ctx context.Context, inNS iptables.InNS) (<-chan struct{}, error) {
-	var fd int
+// pollLegacy signals when a legacy table's layout changes (iptables, and
+// ip6tables with v6): any rule inserted or deleted anywhere changes its size
+// or the hook offsets.
+func pollLegacy(ctx context.Context, inNS iptables.InNS, v6 bool) (<-chan struct{}, error) {
+	type sock struct{ fd, level int }
+	var socks []sock
 	err := inNS(func() error {
-		var err error
-		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
-		return err
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		socks = append(socks, sock{fd, unix.IPPROTO_IP})
+		if v6 {
+			fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+			if err != nil {
+				return err
+			}
+			socks = append(socks, sock{fd, unix.IPPROTO_IPV6}) // IP6T_SO_GET_INFO is 64 too
+		}
+		return nil
 	})
 	if err != nil {
+		for _, s := range socks {
+			_ = unix.Close(s.fd)
+		}
 		return nil, fmt.Errorf("raw socket for IPT_SO_GET_INFO: %w", err)
 	}
 	tables := []string{"mangle", "nat", "filter"}
-	read := func() [3]iptGetinfo {
-		var out [3]iptGetinfo
-		for i, t := range tables {
-			copy(out[i].Name[:], t)
-			l := uint32(unsafe.Sizeof(out[i]))
-			// A missing table reads as zeros; it changes when created.
-			_, _, _ = unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.IPPROTO_IP, iptSoGetInfo,
-				uintptr(unsafe.Pointer(&out[i])), uintptr(unsafe.Pointer(&l)), 0)
+	read := func() []iptGetinfo {
+		var out []iptGetinfo
+		for _, s := range socks {
+			for _, t := range tables {
+				var gi iptGetinfo
+				copy(gi.Name[:], t)
+				l := uint32(unsafe.Sizeof(gi))
+				// A missing table reads as zeros; it changes when created.
+				_, _, _ = unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(s.fd), uintptr(s.level), iptSoGetInfo,
+					uintptr(unsafe.Pointer(&gi)), uintptr(unsafe.Pointer(&l)), 0)
+				out = append(out, gi)
+			}
 		}
 		return out
 	}
 	out := make(chan struct{}, 1)
 	go func() {
 		defer close(out)
-		defer unix.Close(fd)
+		defer func() {
+			for _, s := range socks {
+				_ = unix.Close(s.fd)
+			}
+		}()
 		last := read()
 		tick := time.NewTicker(iptLegacyPoll)
 		defer tick.Stop()
@@ -184,7 +210,7 @@ func pollLegacy(ctx context.Context, inNS iptables.InNS) (<-chan struct{}, error
 				return
 			case <-tick.C:
 			}
-			if cur := read(); cur != last {
+			if cur := read(); !slices.Equal(cur, last) {
 				last = cur
 				select {
 				case out <- struct{}{}:

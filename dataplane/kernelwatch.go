@@ -23,6 +23,9 @@ import (
 // changes. It returns when ctx is done, or at once if it cannot watch.
 func (d *Dataplane) WatchNetlink(ctx context.Context, drifted func()) error {
 	groups := []int{unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV4_RULE}
+	if slices.Contains(d.fams, IPv6) {
+		groups = append(groups, unix.RTNLGRP_IPV6_IFADDR, unix.RTNLGRP_IPV6_ROUTE, unix.RTNLGRP_IPV6_RULE)
+	}
 	changed, err := subscribe(ctx, d.node.InNS, unix.NETLINK_ROUTE, groups, d.aboutOurs, d.log)
 	if err != nil {
 		return fmt.Errorf("watch netlink: %w", err)
@@ -103,15 +106,17 @@ func (d *Dataplane) nodeDrift() string {
 			return "route " + k + " is not ours to have"
 		}
 	}
-	rules, err := nl.RuleList(netlink.FAMILY_V4)
-	if err != nil {
-		return err.Error()
-	}
-	for _, want := range d.nodeRules() {
-		if !slices.ContainsFunc(rules, func(r netlink.Rule) bool {
-			return int(r.Protocol) == d.cfg.RouteProtocol && ruleString(r) == ruleString(want)
-		}) {
-			return "rule " + ruleString(want)
+	for _, fam := range d.fams {
+		rules, err := nl.RuleList(nlFamily(fam))
+		if err != nil {
+			return err.Error()
+		}
+		for _, want := range d.nodeRules(fam) {
+			if !slices.ContainsFunc(rules, func(r netlink.Rule) bool {
+				return int(r.Protocol) == d.cfg.RouteProtocol && ruleString(r) == ruleString(want)
+			}) {
+				return "rule " + ruleString(want)
+			}
 		}
 	}
 	if f.zt == nil {
@@ -123,9 +128,14 @@ func (d *Dataplane) nodeDrift() string {
 		if err != nil || cur.Attrs().Flags&net.FlagUp == 0 {
 			return "link " + t.Name
 		}
-		addrs, err := nl.AddrList(cur, netlink.FAMILY_V4)
-		if err != nil || !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == t.Addr.String() }) {
-			return "address of " + t.Name
+		addrs, err := nl.AddrList(cur, netlink.FAMILY_ALL)
+		if err != nil {
+			return "addresses of " + t.Name
+		}
+		for _, p := range t.Addrs {
+			if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == p.String() }) {
+				return "address " + p.String() + " of " + t.Name
+			}
 		}
 	}
 	return ""

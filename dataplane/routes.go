@@ -32,16 +32,43 @@ func linkIndex(l netlink.Link) int {
 	return l.Attrs().Index
 }
 
+// defaultPrefix is 0.0.0.0/0 or ::/0.
+func defaultPrefix(f Family) netip.Prefix {
+	if f == IPv6 {
+		return netip.MustParsePrefix("::/0")
+	}
+	return netip.MustParsePrefix("0.0.0.0/0")
+}
+
+// routeScope is scope for IPv4; the kernel keeps IPv6 routes at universe.
+func routeScope(f Family, scope netlink.Scope) netlink.Scope {
+	if f == IPv6 {
+		return netlink.SCOPE_UNIVERSE
+	}
+	return scope
+}
+
+// tunnelPeers are the ztunnel-side addresses of istioin and istioout.
+func (d *Dataplane) tunnelPeers(f Family) (in, out netip.Addr) {
+	if f == IPv6 {
+		_, in = tunnelAddrs(d.cfg.InNet6)
+		_, out = tunnelAddrs(d.cfg.OutNet6)
+		return in, out
+	}
+	_, in = tunnelAddrs(d.cfg.InNet)
+	_, out = tunnelAddrs(d.cfg.OutNet)
+	return in, out
+}
+
 func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, out netlink.Link) []netlink.Route {
 	t := d.cfg.Tables
 	proto := netlink.RouteProtocol(d.cfg.RouteProtocol)
-	defaultDst := ipNet(netip.MustParsePrefix("0.0.0.0/0"))
 	var rs []netlink.Route
 	for _, z := range live {
 		// Every ztunnel that holds connections gets their packets back
 		// through its slot's table.
 		rs = append(rs, d.ztunnelRoutes(z)...)
-		rs = append(rs, d.slotRoute(z))
+		rs = append(rs, d.slotRoutes(z)...)
 	}
 	if zt == nil {
 		// No ztunnel for new connections: lookups fall through to main.
@@ -51,20 +78,31 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, o
 		// hang instead of failing.)
 		return rs
 	}
-	members, _ := st.members(IPv4)
-	_, inPeer := tunnelAddrs(d.cfg.InNet)
-	_, outPeer := tunnelAddrs(d.cfg.OutNet)
-	for _, a := range sortedAddrs(members) {
-		rs = append(rs, netlink.Route{Table: t.Inbound, Dst: ipNet(netip.PrefixFrom(a, 32)), Gw: ipOf(inPeer), LinkIndex: linkIndex(in), Src: ipOf(zt.hostIP), Type: unix.RTN_UNICAST, Protocol: proto})
+	for _, f := range d.fams {
+		if !zt.ips[f].IsValid() {
+			continue // no ztunnel for this family: as above
+		}
+		members, _ := st.members(f)
+		inPeer, outPeer := d.tunnelPeers(f)
+		for _, a := range sortedAddrs(members) {
+			rs = append(rs, netlink.Route{Table: t.Inbound, Dst: ipNet(netip.PrefixFrom(a, a.BitLen())), Gw: ipOf(inPeer), LinkIndex: linkIndex(in), Src: ipOf(zt.hostIPs[f]), Type: unix.RTN_UNICAST, Protocol: proto})
+		}
+		rs = append(rs, netlink.Route{Table: t.Outbound, Dst: ipNet(defaultPrefix(f)), Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto})
 	}
-	return append(rs, netlink.Route{Table: t.Outbound, Dst: defaultDst, Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto})
+	return rs
 }
 
-// slotRoute sends the later packets of a ztunnel's connections (proxy-return)
-// to it, in its slot's table.
-func (d *Dataplane) slotRoute(z *ztRuntime) netlink.Route {
-	return netlink.Route{Table: d.slotTable(z.slot), Dst: ipNet(netip.MustParsePrefix("0.0.0.0/0")), Gw: ipOf(z.ip), LinkIndex: z.veth.Attrs().Index,
-		Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)}
+// slotRoutes send the later packets of a ztunnel's connections
+// (proxy-return) to it, in its slot's table, per family.
+func (d *Dataplane) slotRoutes(z *ztRuntime) []netlink.Route {
+	var rs []netlink.Route
+	for _, f := range d.fams {
+		if ip, ok := z.ips[f]; ok {
+			rs = append(rs, netlink.Route{Table: d.slotTable(z.slot), Dst: ipNet(defaultPrefix(f)), Gw: ipOf(ip), LinkIndex: z.veth.Attrs().Index,
+				Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)})
+		}
+	}
+	return rs
 }
 
 // ztunnelRoutes keep ZIP on its veth in each of our tables: the
@@ -73,17 +111,29 @@ func (d *Dataplane) slotRoute(z *ztRuntime) netlink.Route {
 func (d *Dataplane) ztunnelRoutes(zt *ztRuntime) []netlink.Route {
 	t := d.cfg.Tables
 	var rs []netlink.Route
-	for _, table := range []int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2} {
-		rs = append(rs, netlink.Route{Table: table, Dst: ipNet(netip.PrefixFrom(zt.ip, 32)), LinkIndex: zt.veth.Attrs().Index,
-			Scope: netlink.SCOPE_LINK, Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)})
+	for _, f := range d.fams {
+		ip, ok := zt.ips[f]
+		if !ok {
+			continue
+		}
+		for _, table := range []int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2} {
+			rs = append(rs, netlink.Route{Table: table, Dst: ipNet(netip.PrefixFrom(ip, ip.BitLen())), LinkIndex: zt.veth.Attrs().Index,
+				Scope: routeScope(f, netlink.SCOPE_LINK), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)})
+		}
 	}
 	return rs
 }
 
+// routeKey is what makes two of our routes the same: table and destination
+// (whose text says the family; a default route read back has no
+// destination, only its family).
 func routeKey(r netlink.Route) string {
 	dst := "0.0.0.0/0"
-	if r.Dst != nil {
+	switch {
+	case r.Dst != nil:
 		dst = r.Dst.String()
+	case r.Family == netlink.FAMILY_V6 || r.Gw.To4() == nil && r.Gw != nil:
+		dst = "::/0"
 	}
 	return fmt.Sprintf("table %d %s", r.Table, dst)
 }
@@ -124,10 +174,10 @@ func routeEqual(want, have netlink.Route) bool {
 	return want.Flags&int(netlink.FLAG_ONLINK) == have.Flags&int(netlink.FLAG_ONLINK)
 }
 
-// ourRoutes lists every IPv4 route with our protocol, in all tables.
+// ourRoutes lists every route with our protocol, of both families, in all tables.
 func ourRoutes(nl kernel.Netlink, proto int) ([]netlink.Route, error) {
 	filter := &netlink.Route{Table: unix.RT_TABLE_UNSPEC, Protocol: netlink.RouteProtocol(proto)}
-	rs, err := nl.RouteListFiltered(netlink.FAMILY_V4, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
+	rs, err := nl.RouteListFiltered(netlink.FAMILY_ALL, filter, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_PROTOCOL)
 	if err != nil {
 		return nil, fmt.Errorf("list routes: %w", err)
 	}

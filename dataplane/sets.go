@@ -15,12 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func (d *Dataplane) setName(f Family) string {
-	if f == IPv6 {
-		return d.cfg.IPSetNameV6
-	}
-	return d.cfg.IPSetName
-}
+func (d *Dataplane) setName(f Family) string { return setName(d.cfg, f) }
 
 func familyNum(f Family) uint8 {
 	if f == IPv6 {

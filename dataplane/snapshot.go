@@ -28,6 +28,8 @@ type NSSnapshot struct {
 	Rules    []string                       `json:"rules"`
 	Routes   []string                       `json:"routes"`
 	IPTables map[string]map[string][]string `json:"iptables"`
+	// IP6Tables is ip6tables, where the node carries IPv6.
+	IP6Tables map[string]map[string][]string `json:"ip6tables,omitempty"`
 }
 
 // Snapshot reads back everything we own on the node and in the last ztunnel netns.
@@ -57,9 +59,14 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 		if err != nil {
 			s.Errors = append(s.Errors, err.Error())
 		} else {
-			syncer, err := d.ztSyncer(d.lastZtNS, k)
-			if err == nil {
-				zs, errs := d.nsSnapshot(ctx, k, syncer, []string{ZtunnelInLink, ZtunnelOutLink})
+			syncers := map[Family]*iptables.Syncer{}
+			for _, f := range d.fams {
+				if s, err := d.ztSyncer(d.lastZtNS, f, k); err == nil {
+					syncers[f] = s
+				}
+			}
+			{
+				zs, errs := d.nsSnapshot(ctx, k, syncers, []string{ZtunnelInLink, ZtunnelOutLink})
 				zs.NetNS = d.lastZtNS
 				s.Ztunnel = &zs
 				s.Errors = append(s.Errors, errs...)
@@ -70,7 +77,7 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 	return s
 }
 
-func (d *Dataplane) nsSnapshot(ctx context.Context, k *kernel.Kernel, ipt *iptables.Syncer, links []string) (NSSnapshot, []string) {
+func (d *Dataplane) nsSnapshot(ctx context.Context, k *kernel.Kernel, ipt map[Family]*iptables.Syncer, links []string) (NSSnapshot, []string) {
 	var errs []string
 	ns := NSSnapshot{}
 	for _, n := range links {
@@ -82,7 +89,7 @@ func (d *Dataplane) nsSnapshot(ctx context.Context, k *kernel.Kernel, ipt *iptab
 		ns.Links = append(ns.Links, fmt.Sprintf("%s %s vni %d port %d mtu %d mac %s up=%v", n, info.Type, info.VNI, info.Port,
 			l.Attrs().MTU, l.Attrs().HardwareAddr, l.Attrs().Flags&1 != 0))
 	}
-	if rules, err := k.NL.RuleList(netlink.FAMILY_V4); err != nil {
+	if rules, err := k.NL.RuleList(netlink.FAMILY_ALL); err != nil {
 		errs = append(errs, err.Error())
 	} else {
 		for _, r := range rules {
@@ -99,12 +106,16 @@ func (d *Dataplane) nsSnapshot(ctx context.Context, k *kernel.Kernel, ipt *iptab
 		}
 		slices.Sort(ns.Routes)
 	}
-	if ipt != nil {
-		t, err := ipt.Actual(ctx)
+	for f, s := range ipt {
+		t, err := s.Actual(ctx)
 		if err != nil {
 			errs = append(errs, err.Error())
 		}
-		ns.IPTables = t
+		if f == IPv6 {
+			ns.IP6Tables = t
+		} else {
+			ns.IPTables = t
+		}
 	}
 	return ns, errs
 }

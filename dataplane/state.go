@@ -63,6 +63,12 @@ func (z *Ztunnel) IP(f Family) (netip.Addr, bool) {
 	return netip.Addr{}, false
 }
 
+// hasFamily reports whether z has an address of family f.
+func (z *Ztunnel) hasFamily(f Family) bool {
+	_, ok := z.IP(f)
+	return ok
+}
+
 // Pod is one enrolled pod.
 type Pod struct {
 	UID string
@@ -99,8 +105,8 @@ func (s State) Validate() error {
 		if z.HostVeth == "" || z.NetNS == "" {
 			problems = append(problems, fmt.Sprintf("ztunnel %s: host veth and netns are required", z.Pod))
 		}
-		if _, ok := z.IP(IPv4); !ok {
-			problems = append(problems, fmt.Sprintf("ztunnel %s: an IPv4 address is required", z.Pod))
+		if len(z.IPs) == 0 {
+			problems = append(problems, fmt.Sprintf("ztunnel %s: an address is required", z.Pod))
 		}
 	}
 	for _, p := range s.Pods {

@@ -66,9 +66,9 @@ func unionParams(prev, next NodeParams, vethExists func(string) bool, withCaptur
 // perhaps with other flags): the capture mark, the REJECTs and the
 // classified ztunnels are all a transition's order depends on.
 func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]string) NodeParams {
-	p := NodeParams{TunnelPort: next.TunnelPort, DNS: next.DNS}
+	p := NodeParams{Family: next.Family, TunnelPort: next.TunnelPort, DNS: next.DNS}
 	m := cfg.Marks
-	capture := "--match-set " + cfg.IPSetName + " src"
+	capture := "--match-set " + setName(cfg, next.Family) + " src"
 	var zts []ZtunnelRef
 	for _, r := range actual["mangle"][ChainPrefix+"PREROUTING"] {
 		if strings.Contains(r, capture) && strings.HasSuffix(r, setMark(m.Outbound)) {

@@ -3,6 +3,7 @@ package dataplane
 import (
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 )
@@ -16,8 +17,14 @@ const (
 	ZtunnelOutLink = "pistioout"
 )
 
-// encapOverhead is the outer IPv4 + UDP + (vxlan|geneve) + inner Ethernet header size.
-const encapOverhead = 50
+// encapOverhead is the outer IP + UDP + (vxlan|geneve) + inner Ethernet
+// header size, for an IPv4 or an IPv6 underlay.
+func encapOverhead(underlay netip.Addr) int {
+	if underlay.Is6() {
+		return 70
+	}
+	return 50
+}
 
 // tunnelEnd describes one tunnel device we want.
 type tunnelEnd struct {
@@ -32,10 +39,11 @@ type tunnelEnd struct {
 	Remote netip.Addr
 	MTU    int
 	MAC    net.HardwareAddr
-	// Addr is our address on the /30; PeerAddr/PeerMAC the other end's.
-	Addr     netip.Prefix
-	PeerAddr netip.Addr
-	PeerMAC  net.HardwareAddr
+	// Addrs are our addresses (the IPv4 /30, the IPv6 /126);
+	// PeerAddrs/PeerMAC the other end's, in the same order.
+	Addrs     []netip.Prefix
+	PeerAddrs []netip.Addr
+	PeerMAC   net.HardwareAddr
 }
 
 // tunnelMAC gives every tunnel end a fixed, locally administered MAC derived
@@ -44,6 +52,10 @@ type tunnelEnd struct {
 func tunnelMAC(a netip.Addr) net.HardwareAddr {
 	b := a.As4()
 	return net.HardwareAddr{0x02, 0xa1, b[0], b[1], b[2], b[3]}
+}
+
+func (t tunnelEnd) hasIPv6() bool {
+	return slices.ContainsFunc(t.Addrs, func(p netip.Prefix) bool { return p.Addr().Is6() })
 }
 
 // link builds the netlink object for creating the device.

@@ -10,7 +10,7 @@ import (
 
 func testEnd(typ TunnelType) tunnelEnd {
 	return tunnelEnd{Name: "istioin", Type: typ, VNI: 1000, Port: 6081, Remote: netip.MustParseAddr("10.244.1.2"), MTU: 1450,
-		MAC: tunnelMAC(netip.MustParseAddr("192.168.126.1")), Addr: netip.MustParsePrefix("192.168.126.1/30")}
+		MAC: tunnelMAC(netip.MustParseAddr("192.168.126.1")), Addrs: []netip.Prefix{netip.MustParsePrefix("192.168.126.1/30")}}
 }
 
 func TestGeneveLinkAttributes(t *testing.T) {

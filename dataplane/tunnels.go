@@ -6,31 +6,49 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
+// tunnelEnds are the node's (node) or the ztunnel netns's tunnel devices
+// towards zt: inner addresses for each family zt has, whatever the
+// underlay's family (zt.ip's).
 func (d *Dataplane) tunnelEnds(zt *ztRuntime, node bool) (in, out tunnelEnd) {
-	inNode, inZt := tunnelAddrs(d.cfg.InNet)
-	outNode, outZt := tunnelAddrs(d.cfg.OutNet)
-	mk := func(name string, vni uint32, self, peer netip.Addr, remote netip.Addr, mtu int) tunnelEnd {
-		return tunnelEnd{Name: name, Type: d.tunnel, VNI: vni, Port: d.port, Remote: remote, MTU: mtu - encapOverhead,
-			MAC: tunnelMAC(self), Addr: netip.PrefixFrom(self, 30), PeerAddr: peer, PeerMAC: tunnelMAC(peer)}
+	mk := func(name string, vni uint32, remote netip.Addr, mtu int, nets ...netip.Prefix) tunnelEnd {
+		t := tunnelEnd{Name: name, Type: d.tunnel, VNI: vni, Port: d.port, Remote: remote, MTU: mtu - encapOverhead(remote)}
+		for i, n := range nets {
+			self, peer := tunnelAddrs(n)
+			if !node {
+				self, peer = peer, self
+			}
+			if i == 0 {
+				// The MACs derive from the IPv4 addresses, whatever families
+				// are on, so the peer's static entries stay right.
+				t.MAC, t.PeerMAC = tunnelMAC(self), tunnelMAC(peer)
+			}
+			if zt.ips[FamilyOf(n.Addr())].IsValid() {
+				t.Addrs = append(t.Addrs, netip.PrefixFrom(self, n.Bits()))
+				t.PeerAddrs = append(t.PeerAddrs, peer)
+			}
+		}
+		return t
 	}
 	if node {
 		mtu := zt.veth.Attrs().MTU
-		return mk(NodeInLink, d.cfg.InVNI, inNode, inZt, zt.ip, mtu), mk(NodeOutLink, d.cfg.OutVNI, outNode, outZt, zt.ip, mtu)
+		return mk(NodeInLink, d.cfg.InVNI, zt.ip, mtu, d.cfg.InNet, d.cfg.InNet6), mk(NodeOutLink, d.cfg.OutVNI, zt.ip, mtu, d.cfg.OutNet, d.cfg.OutNet6)
 	}
 	mtu := zt.eth.Attrs().MTU
-	return mk(ZtunnelInLink, d.cfg.InVNI, inZt, inNode, zt.hostIP, mtu), mk(ZtunnelOutLink, d.cfg.OutVNI, outZt, outNode, zt.hostIP, mtu)
+	return mk(ZtunnelInLink, d.cfg.InVNI, zt.hostIP, mtu, d.cfg.InNet, d.cfg.InNet6), mk(ZtunnelOutLink, d.cfg.OutVNI, zt.hostIP, mtu, d.cfg.OutNet, d.cfg.OutNet6)
 }
 
 // syncTunnel converges one tunnel device, its address, its static neighbour
 // and (vxlan) its FDB entry. It returns the link (nil in a dry run when the
 // link does not exist yet).
-func syncTunnel(nl kernel.Netlink, t tunnelEnd, w *writer) (netlink.Link, error) {
+func syncTunnel(k *kernel.Kernel, t tunnelEnd, w *writer) (netlink.Link, error) {
+	nl := k.NL
 	l, err := nl.LinkByName(t.Name)
 	if err != nil && !isLinkNotFound(err) {
 		return nil, fmt.Errorf("link %s: %w", t.Name, err)
@@ -54,8 +72,10 @@ func syncTunnel(nl kernel.Netlink, t tunnelEnd, w *writer) (netlink.Link, error)
 		}
 	}
 	if l == nil {
+		// Created down: IPv6 duplicate address detection goes off before
+		// the device comes up, or its addresses (and the link-local that
+		// forwarding answers from) stay tentative for 1-2 s.
 		link := t.link()
-		link.Attrs().Flags = net.FlagUp
 		if err := w.do(KindLink, fmt.Sprintf("add %s %s vni %d port %d mtu %d", t.Name, t.Type, t.VNI, t.Port, t.MTU), func() error { return nl.LinkAdd(link) }); err != nil {
 			return nil, err
 		}
@@ -66,14 +86,14 @@ func syncTunnel(nl kernel.Netlink, t tunnelEnd, w *writer) (netlink.Link, error)
 			return nil, fmt.Errorf("link %s after add: %w", t.Name, err)
 		}
 	}
-	a := l.Attrs()
-	if a.MTU != t.MTU {
-		if err := w.do(KindLink, fmt.Sprintf("set %s mtu %d", t.Name, t.MTU), func() error { return nl.LinkSetMTU(l, t.MTU) }); err != nil {
+	if t.hasIPv6() {
+		if err := syncSysctls(k.Sysctl, [][2]string{{"net.ipv6.conf." + t.Name + ".accept_dad", "0"}}, w); err != nil {
 			return nil, err
 		}
 	}
-	if a.Flags&net.FlagUp == 0 {
-		if err := w.do(KindLink, "set "+t.Name+" up", func() error { return nl.LinkSetUp(l) }); err != nil {
+	a := l.Attrs()
+	if a.MTU != t.MTU {
+		if err := w.do(KindLink, fmt.Sprintf("set %s mtu %d", t.Name, t.MTU), func() error { return nl.LinkSetMTU(l, t.MTU) }); err != nil {
 			return nil, err
 		}
 	}
@@ -82,16 +102,24 @@ func syncTunnel(nl kernel.Netlink, t tunnelEnd, w *writer) (netlink.Link, error)
 		// re-create rather than carry two truths.
 		return nil, fmt.Errorf("link %s has MAC %s, want %s: delete it to let it be re-created", t.Name, a.HardwareAddr, t.MAC)
 	}
-	if err := syncAddr(nl, l, t.Addr, w); err != nil {
+	if err := syncAddrs(nl, l, t.Addrs, w); err != nil {
 		return nil, err
 	}
-	neighs, err := nl.NeighList(a.Index, netlink.FAMILY_V4)
-	if err != nil {
-		return nil, fmt.Errorf("list neighbours of %s: %w", t.Name, err)
+	for _, peer := range t.PeerAddrs {
+		fam := nlFamily(FamilyOf(peer))
+		neighs, err := nl.NeighList(a.Index, fam)
+		if err != nil {
+			return nil, fmt.Errorf("list neighbours of %s: %w", t.Name, err)
+		}
+		if !hasNeigh(neighs, ipOf(peer), t.PeerMAC) {
+			n := &netlink.Neigh{LinkIndex: a.Index, Family: fam, State: netlink.NUD_PERMANENT, IP: ipOf(peer), HardwareAddr: t.PeerMAC}
+			if err := w.do(KindNeigh, fmt.Sprintf("set %s lladdr %s dev %s", peer, t.PeerMAC, t.Name), func() error { return nl.NeighSet(n) }); err != nil {
+				return nil, err
+			}
+		}
 	}
-	if !hasNeigh(neighs, ipOf(t.PeerAddr), t.PeerMAC) {
-		n := &netlink.Neigh{LinkIndex: a.Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT, IP: ipOf(t.PeerAddr), HardwareAddr: t.PeerMAC}
-		if err := w.do(KindNeigh, fmt.Sprintf("set %s lladdr %s dev %s", t.PeerAddr, t.PeerMAC, t.Name), func() error { return nl.NeighSet(n) }); err != nil {
+	if a.Flags&net.FlagUp == 0 {
+		if err := w.do(KindLink, "set "+t.Name+" up", func() error { return nl.LinkSetUp(l) }); err != nil {
 			return nil, err
 		}
 	}
@@ -119,24 +147,37 @@ func hasNeigh(ns []netlink.Neigh, ip net.IP, mac net.HardwareAddr) bool {
 	return false
 }
 
-func syncAddr(nl kernel.Netlink, l netlink.Link, want netip.Prefix, w *writer) error {
-	addrs, err := nl.AddrList(l, netlink.FAMILY_V4)
+// syncAddrs makes the device's addresses exactly want, leaving IPv6
+// link-local ones (the kernel's) alone.
+func syncAddrs(nl kernel.Netlink, l netlink.Link, want []netip.Prefix, w *writer) error {
+	addrs, err := nl.AddrList(l, netlink.FAMILY_ALL)
 	if err != nil {
 		return fmt.Errorf("list addresses of %s: %w", l.Attrs().Name, err)
 	}
-	found := false
+	found := map[string]bool{}
 	for _, a := range addrs {
-		if a.IPNet.String() == want.String() {
-			found = true
+		if slices.ContainsFunc(want, func(p netip.Prefix) bool { return p.String() == a.IPNet.String() }) {
+			found[a.IPNet.String()] = true
+			continue
+		}
+		if a.IP.IsLinkLocalUnicast() {
 			continue
 		}
 		if err := w.do(KindAddr, fmt.Sprintf("del %s dev %s", a.IPNet, l.Attrs().Name), func() error { return ignoreNotExist(nl.AddrDel(l, &a)) }); err != nil {
 			return err
 		}
 	}
-	if found {
-		return nil
+	for _, p := range want {
+		if found[p.String()] {
+			continue
+		}
+		addr := &netlink.Addr{IPNet: ipNet(p)}
+		if p.Addr().Is6() {
+			addr.Flags = unix.IFA_F_NODAD
+		}
+		if err := w.do(KindAddr, fmt.Sprintf("add %s dev %s", p, l.Attrs().Name), func() error { return nl.AddrReplace(l, addr) }); err != nil {
+			return err
+		}
 	}
-	addr := &netlink.Addr{IPNet: ipNet(want)}
-	return w.do(KindAddr, fmt.Sprintf("add %s dev %s", want, l.Attrs().Name), func() error { return nl.AddrReplace(l, addr) })
+	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/netip"
 	"os/exec"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
@@ -15,16 +14,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func (d *Dataplane) ztSyncer(path string, k *kernel.Kernel) (*iptables.Syncer, error) {
-	if s, ok := d.ztIPT[path]; ok {
+func (d *Dataplane) ztSyncer(path string, f Family, k *kernel.Kernel) (*iptables.Syncer, error) {
+	if s, ok := d.ztIPT[path][f]; ok {
 		return s, nil
 	}
-	r, err := k.IPT(d.backend, 4)
+	r, err := k.IPT(d.backend, int(f))
 	if err != nil {
 		return nil, err
 	}
 	s := iptables.NewSyncer(r, ChainPrefix)
-	d.ztIPT[path] = s
+	if d.ztIPT[path] == nil {
+		d.ztIPT[path] = map[Family]*iptables.Syncer{}
+	}
+	d.ztIPT[path][f] = s
 	return s, nil
 }
 
@@ -35,42 +37,54 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer)
 	}
 	in, out := d.tunnelEnds(zt, false)
 	for _, t := range []tunnelEnd{in, out} {
-		if _, err := syncTunnel(k.NL, t, w); err != nil {
+		if _, err := syncTunnel(k, t, w); err != nil {
 			return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 		}
 	}
 	want := [][2]string{{"net.ipv4.conf.all.rp_filter", "0"}, {"net.ipv4.conf.default.rp_filter", "0"}}
 	want = append(want, ifSysctls(zt.eth.Attrs().Name, false)...)
 	if !w.dry {
-		want = append(want, ifSysctls(ZtunnelInLink, true)...)
-		want = append(want, ifSysctls(ZtunnelOutLink, true)...)
+		for _, l := range []string{ZtunnelInLink, ZtunnelOutLink} {
+			want = append(want, ifSysctls(l, true)...)
+			if _, ok := zt.ips[IPv6]; ok {
+				want = append(want, [2]string{"net.ipv6.conf." + l + ".accept_dad", "0"})
+			}
+		}
 	}
 	if err := syncSysctls(k.Sysctl, want, w); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
 	p, m, proto := d.cfg.Priorities, d.cfg.Marks, d.cfg.RouteProtocol
-	rules := []netlink.Rule{
-		newRule(p.ZtunnelTProxy, d.cfg.Tables.ZtunnelLocal, m.TProxy, m.ZtunnelMask, proto),
-		newRule(p.ZtunnelOrigSrc, d.cfg.Tables.ZtunnelLocal, m.OrigSrc, m.ZtunnelMask, proto),
-	}
-	if err := d.syncRules(k.NL, rules, false, w); err != nil {
-		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
-	}
 	lo, err := k.NL.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("ztunnel netns %s: lo: %w", zt.spec.NetNS, err)
 	}
-	local := netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(netip.MustParsePrefix("0.0.0.0/0")), LinkIndex: lo.Attrs().Index,
-		Type: unix.RTN_LOCAL, Scope: netlink.SCOPE_HOST, Protocol: netlink.RouteProtocol(proto)}
-	if err := syncRoutes(k.NL, proto, []netlink.Route{local}, w); err != nil {
-		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
+	var locals []netlink.Route
+	for _, f := range d.fams {
+		ip, ok := zt.ips[f]
+		if !ok {
+			continue
+		}
+		rules := []netlink.Rule{
+			newRule(f, p.ZtunnelTProxy, d.cfg.Tables.ZtunnelLocal, m.TProxy, m.ZtunnelMask, proto),
+			newRule(f, p.ZtunnelOrigSrc, d.cfg.Tables.ZtunnelLocal, m.OrigSrc, m.ZtunnelMask, proto),
+		}
+		if err := d.syncRules(k.NL, f, rules, false, w); err != nil {
+			return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
+		}
+		local := netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)), LinkIndex: lo.Attrs().Index,
+			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}
+		locals = append(locals, local)
+		s, err := d.ztSyncer(zt.spec.NetNS, f, k)
+		if err != nil {
+			return err
+		}
+		rs := ZtunnelRuleset(d.cfg, ZtunnelParams{Family: f, ZtunnelIP: ip, Eth: zt.eth.Attrs().Name})
+		if err := d.syncIPTables(ctx, s, rs, w); err != nil {
+			return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
+		}
 	}
-	s, err := d.ztSyncer(zt.spec.NetNS, k)
-	if err != nil {
-		return err
-	}
-	rs := ZtunnelRuleset(d.cfg, ZtunnelParams{ZtunnelIP: zt.ip, Eth: zt.eth.Attrs().Name})
-	if err := d.syncIPTables(ctx, s, rs, w); err != nil {
+	if err := syncRoutes(k.NL, proto, locals, w); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
 	return nil
@@ -78,8 +92,10 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer)
 
 // cleanupZtunnelNS removes everything we own from a ztunnel netns.
 func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, path string, w *writer) error {
-	if s, ok := d.ztIPT[path]; ok && !w.dry {
-		delete(d.applied, s)
+	if ss, ok := d.ztIPT[path]; ok && !w.dry {
+		for _, s := range ss {
+			delete(d.applied, s)
+		}
 		delete(d.ztIPT, path)
 	}
 	k, err := d.openNS(path)
@@ -94,20 +110,24 @@ func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, path string, w *writer
 // links from one netns.
 func (d *Dataplane) cleanupNS(ctx context.Context, k *kernel.Kernel, links []string, w *writer) error {
 	var errs []error
-	for _, b := range []string{d.backend, otherBackend(d.backend)} {
-		r, err := k.IPT(b, 4)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		// The other backend's tools may be absent; anything else is an error.
-		if err := runIPTables(ctx, iptables.NewSyncer(r, ChainPrefix), nil, w); err != nil && (b == d.backend || !errors.Is(err, exec.ErrNotFound)) {
-			errs = append(errs, err)
+	for _, f := range d.fams {
+		for _, b := range []string{d.backend, otherBackend(d.backend)} {
+			r, err := k.IPT(b, int(f))
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			// The other backend's tools may be absent; anything else is an error.
+			if err := runIPTables(ctx, iptables.NewSyncer(r, ChainPrefix), nil, w); err != nil && (b == d.backend || !errors.Is(err, exec.ErrNotFound)) {
+				errs = append(errs, err)
+			}
 		}
 	}
 	// syncRules puts the kernel's local rule back before removing ours.
-	if err := d.syncRules(k.NL, nil, false, w); err != nil {
-		errs = append(errs, err)
+	for _, f := range d.fams {
+		if err := d.syncRules(k.NL, f, nil, false, w); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := syncRoutes(k.NL, d.cfg.RouteProtocol, nil, w); err != nil {
 		errs = append(errs, err)
