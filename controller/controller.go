@@ -451,13 +451,7 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 		return st, statuses, nil, nil
 	}
 	zs := &ZtunnelStatus{Pod: zt.Namespace + "/" + zt.Name}
-	var ip netip.Addr
-	for _, a := range PodIPs(zt) {
-		if a.Is4() {
-			ip = a
-			break
-		}
-	}
+	ip := PodIPs(zt)[0] // its primary address (PickZtunnel: it has one)
 	zs.IP = ip.String()
 	veth, nsPath, err := c.dp.LocateZtunnel(net.IP(ip.AsSlice()))
 	zs.HostVeth, zs.NetNS = veth, nsPath
@@ -487,16 +481,15 @@ func (c *Controller) appliedDraining(pod string) *dataplane.Ztunnel {
 
 // locate finds a ztunnel pod's host veth and netns.
 func (c *Controller) locate(p *corev1.Pod) (*dataplane.Ztunnel, error) {
-	for _, a := range PodIPs(p) {
-		if a.Is4() {
-			veth, nsPath, err := c.dp.LocateZtunnel(net.IP(a.AsSlice()))
-			if err != nil {
-				return nil, err
-			}
-			return &dataplane.Ztunnel{Pod: p.Namespace + "/" + p.Name, IPs: PodIPs(p), HostVeth: veth, NetNS: nsPath}, nil
-		}
+	ips := PodIPs(p)
+	if len(ips) == 0 {
+		return nil, fmt.Errorf("ztunnel %s/%s has no address", p.Namespace, p.Name)
 	}
-	return nil, fmt.Errorf("ztunnel %s/%s has no IPv4 address", p.Namespace, p.Name)
+	veth, nsPath, err := c.dp.LocateZtunnel(net.IP(ips[0].AsSlice()))
+	if err != nil {
+		return nil, err
+	}
+	return &dataplane.Ztunnel{Pod: p.Namespace + "/" + p.Name, IPs: ips, HostVeth: veth, NetNS: nsPath}, nil
 }
 
 // dedupeIPs keeps the first pod claiming an IP (a stale pod object whose IP

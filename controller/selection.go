@@ -117,7 +117,7 @@ func podReady(pod *corev1.Pod) bool {
 }
 
 // PickZtunnel returns the newest Ready, running, non-terminating ztunnel pod
-// on this node with an IPv4 address, or nil.
+// on this node with an address, or nil.
 func PickZtunnel(pods []*corev1.Pod, o SelectionOptions) *corev1.Pod {
 	var best *corev1.Pod
 	var bestTime time.Time
@@ -126,11 +126,7 @@ func PickZtunnel(pods []*corev1.Pod, o SelectionOptions) *corev1.Pod {
 			p.Status.Phase != corev1.PodRunning || !podReady(p) || p.Spec.HostNetwork {
 			continue
 		}
-		hasV4 := false
-		for _, a := range PodIPs(p) {
-			hasV4 = hasV4 || a.Is4()
-		}
-		if !hasV4 {
+		if len(PodIPs(p)) == 0 {
 			continue
 		}
 		t := startTime(p)
@@ -153,11 +149,7 @@ func DrainingZtunnels(pods []*corev1.Pod, o SelectionOptions, active *corev1.Pod
 		if p == active || !o.IsZtunnel(p) || p.Spec.NodeName != o.NodeName || p.Status.Phase != corev1.PodRunning || p.Spec.HostNetwork {
 			continue
 		}
-		hasV4 := false
-		for _, a := range PodIPs(p) {
-			hasV4 = hasV4 || a.Is4()
-		}
-		if hasV4 {
+		if len(PodIPs(p)) > 0 {
 			out = append(out, p)
 		}
 	}
