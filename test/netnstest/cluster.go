@@ -3,16 +3,18 @@
 package netnstest
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -33,14 +35,60 @@ const LockDir = "/var/run/netnstest"
 // UnderlayBridge is the bridge inside the underlay namespace.
 const UnderlayBridge = "br0"
 
-var clusterNSRe = regexp.MustCompile(`^` + PrefixBase + `[0-9a-f]{6}-`)
+// CNIPath holds the CNI plugins (Debian's containernetworking-plugins).
+var CNIPath = "/usr/lib/cni"
+
+var (
+	clusterNSRe   = regexp.MustCompile(`^` + PrefixBase + `[0-9a-f]{6}-`)
+	clusterIPAMRe = regexp.MustCompile(`^` + PrefixBase + `[0-9a-f]{6}\.ipam$`)
+)
+
+// Family is the set of address families a cluster's pods get.
+type Family int
+
+const (
+	// DualStack pods get an IPv4 and an IPv6 address (the default).
+	DualStack Family = iota
+	// IPv4Only pods get an IPv4 address; nodes have no IPv6 underlay.
+	IPv4Only
+	// IPv6Only pods get an IPv6 address; nodes keep their IPv4 underlay
+	// next to the IPv6 one, but pod traffic between nodes is IPv6.
+	IPv6Only
+)
+
+// HasIPv4 reports whether pods get an IPv4 address.
+func (f Family) HasIPv4() bool { return f != IPv6Only }
+
+// HasIPv6 reports whether pods get an IPv6 address.
+func (f Family) HasIPv6() bool { return f != IPv4Only }
+
+func (f Family) String() string {
+	switch f {
+	case DualStack:
+		return "dual-stack"
+	case IPv4Only:
+		return "IPv4-only"
+	case IPv6Only:
+		return "IPv6-only"
+	}
+	return fmt.Sprintf("Family(%d)", int(f))
+}
+
+// Options customise NewClusterWith; the zero value is NewCluster's.
+type Options struct {
+	Family Family
+}
 
 // Cluster is a set of node namespaces joined by an underlay bridge network.
 type Cluster struct {
 	Prefix string
+	Family Family
 	Nodes  []*Node
 	// UnderlayNS is the namespace holding the underlay bridge (<prefix>-ul).
 	UnderlayNS string
+	// IPAMDir holds the host-local IPAM state of every node (one
+	// subdirectory each); Close removes it.
+	IPAMDir string
 
 	mu         sync.Mutex
 	created    []string // namespaces created, in order
@@ -53,12 +101,20 @@ type Cluster struct {
 
 // Node is a Kubernetes-node-shaped network namespace.
 type Node struct {
-	Name    string // "node<i>"
-	NS      string // "<prefix>-node<i>"
-	Index   int    // 1-based
-	IP      net.IP // underlay address 172.18.0.<i+1>
+	Name  string // "node<i>"
+	NS    string // "<prefix>-node<i>"
+	Index int    // 1-based
+	IP    net.IP // IPv4 underlay address 172.18.0.<i+1> (every family)
+	IP6   net.IP // IPv6 underlay address fd00:172:18::<i+1>; nil in IPv4-only clusters
+	// PodCIDR and Gateway are the first family's: 10.244.<i>.0/24 and
+	// 10.244.<i>.1, or in IPv6-only clusters fd00:10:244:<i>::/64 and ::1.
 	PodCIDR *net.IPNet
-	Gateway net.IP // 10.244.<i>.1, on every host-side veth
+	Gateway net.IP // on every host-side veth (/32, /128)
+	// PodCIDRs are all pod CIDRs, IPv4 first.
+	PodCIDRs []*net.IPNet
+	// PodCIDR6 and Gateway6 are the IPv6 ones; nil in IPv4-only clusters.
+	PodCIDR6 *net.IPNet
+	Gateway6 net.IP
 	// Handle is a netlink handle bound to the node namespace.
 	Handle *netlink.Handle
 	// NsHandle is an open fd of the node namespace.
@@ -66,16 +122,20 @@ type Node struct {
 	Pods     []*Pod
 
 	cluster *Cluster
-	used    map[int]bool // host octets in use in PodCIDR
 }
 
-// Pod is a pod network namespace attached to a node the way ptp does it.
+// Pod is a pod network namespace wired to its node by the real ptp CNI
+// plugin with host-local IPAM.
 type Pod struct {
-	Name          string
-	NS            string // "<prefix>-<node>-<name>"
-	IP            net.IP
-	HostVeth      string // host-side veth name in the node namespace
-	HostVethIndex int    // its ifindex in the node namespace
+	Name string
+	NS   string // "<prefix>-<node>-<name>"
+	// IP is the IPv4 address, or the IPv6 one in IPv6-only clusters.
+	IP  net.IP
+	IP6 net.IP   // the IPv6 address; nil in IPv4-only clusters
+	IPs []net.IP // every address, IPv4 first
+	// HostVeth is the host-side veth in the node namespace (named by ptp).
+	HostVeth      string
+	HostVethIndex int // its ifindex in the node namespace
 	Node          *Node
 	NsHandle      netns.NsHandle
 	// Handle is a netlink handle bound to the pod namespace.
@@ -88,26 +148,35 @@ type Pod struct {
 type PodOption func(*podConfig)
 
 type podConfig struct {
-	ip       net.IP
-	hostVeth string
+	ips []net.IP
 }
 
-// WithIP assigns a specific address from the node's pod CIDR instead of the
-// next free one.
-func WithIP(ip net.IP) PodOption { return func(c *podConfig) { c.ip = ip } }
+// WithIP requests a specific address from the node's pod CIDR of its
+// family instead of host-local's next one; give it once per family at
+// most. The other family's address is allocated as usual.
+func WithIP(ip net.IP) PodOption { return func(c *podConfig) { c.ips = append(c.ips, ip) } }
 
-// WithHostVeth names the host-side veth (at most 15 characters) instead of
-// the deterministic "veth<8 hex>" default.
-func WithHostVeth(name string) PodOption { return func(c *podConfig) { c.hostVeth = name } }
-
-// NewCluster creates n nodes (n in 1..200) and the underlay joining them.
-// Everything is torn down by Close, which is registered with t.Cleanup.
-// It first removes stale namespaces of crashed runs (CleanupStale).
+// NewCluster creates a dual-stack cluster of n nodes (n in 1..200) and the
+// underlay joining them. Everything is torn down by Close, which is
+// registered with t.Cleanup. It first removes stale namespaces of crashed
+// runs (CleanupStale).
 func NewCluster(t testing.TB, n int) *Cluster {
+	t.Helper()
+	return NewClusterWith(t, n, Options{})
+}
+
+// NewClusterWith is NewCluster with options (e.g. the address family).
+func NewClusterWith(t testing.TB, n int, o Options) *Cluster {
 	t.Helper()
 	RequireRoot(t)
 	if n < 1 || n > 200 {
 		t.Fatalf("netnstest: NewCluster: bad node count %d", n)
+	}
+	if o.Family < DualStack || o.Family > IPv6Only {
+		t.Fatalf("netnstest: NewCluster: bad family %v", o.Family)
+	}
+	if _, err := os.Stat(filepath.Join(CNIPath, "ptp")); err != nil {
+		t.Fatalf("netnstest: the ptp CNI plugin is missing (apt-get install containernetworking-plugins): %v", err)
 	}
 	if err := CleanupStale(PrefixBase); err != nil {
 		t.Logf("netnstest: CleanupStale: %v", err)
@@ -116,8 +185,10 @@ func NewCluster(t testing.TB, n int) *Cluster {
 	if _, err := rand.Read(rnd[:]); err != nil {
 		t.Fatal(err)
 	}
-	c := &Cluster{Prefix: PrefixBase + hex.EncodeToString(rnd[:]), ulNsHandle: -1}
+	c := &Cluster{Prefix: PrefixBase + hex.EncodeToString(rnd[:]), Family: o.Family, ulNsHandle: -1}
 	c.UnderlayNS = c.Prefix + "-ul"
+	// Next to the lock, so that CleanupStale finds it after a crash.
+	c.IPAMDir = filepath.Join(LockDir, c.Prefix+".ipam")
 	if err := c.takeLock(); err != nil {
 		t.Fatalf("netnstest: %v", err)
 	}
@@ -236,10 +307,21 @@ func (c *Cluster) setup(n int) error {
 			Name:    fmt.Sprintf("node%d", i),
 			Index:   i,
 			IP:      net.IPv4(172, 18, 0, byte(i+1)).To4(),
-			PodCIDR: &net.IPNet{IP: net.IPv4(10, 244, byte(i), 0).To4(), Mask: net.CIDRMask(24, 32)},
-			Gateway: net.IPv4(10, 244, byte(i), 1).To4(),
 			cluster: c,
-			used:    map[int]bool{},
+		}
+		if c.Family.HasIPv4() {
+			cidr := &net.IPNet{IP: net.IPv4(10, 244, byte(i), 0).To4(), Mask: net.CIDRMask(24, 32)}
+			node.PodCIDRs = append(node.PodCIDRs, cidr)
+			node.PodCIDR, node.Gateway = cidr, net.IPv4(10, 244, byte(i), 1).To4()
+		}
+		if c.Family.HasIPv6() {
+			node.IP6 = v6(0xfd00, 0x172, 0x18, 0, uint16(i+1))
+			node.PodCIDR6 = &net.IPNet{IP: v6(0xfd00, 0x10, 0x244, uint16(i), 0), Mask: net.CIDRMask(64, 128)}
+			node.Gateway6 = v6(0xfd00, 0x10, 0x244, uint16(i), 1)
+			node.PodCIDRs = append(node.PodCIDRs, node.PodCIDR6)
+			if node.PodCIDR == nil {
+				node.PodCIDR, node.Gateway = node.PodCIDR6, node.Gateway6
+			}
 		}
 		node.NS = c.Prefix + "-" + node.Name
 		node.NsHandle = -1
@@ -250,8 +332,14 @@ func (c *Cluster) setup(n int) error {
 		if node.Handle, err = newHandle(node.NsHandle); err != nil {
 			return err
 		}
-		if err := SetSysctl(node.NS, "net.ipv4.ip_forward", "1"); err != nil {
-			return fmt.Errorf("ip_forward in %s: %w", node.NS, err)
+		sysctls := []string{"net.ipv4.ip_forward"}
+		if node.IP6 != nil {
+			sysctls = append(sysctls, "net.ipv6.conf.all.forwarding")
+		}
+		for _, k := range sysctls {
+			if err := SetSysctl(node.NS, k, "1"); err != nil {
+				return fmt.Errorf("%s in %s: %w", k, node.NS, err)
+			}
 		}
 		h := node.Handle
 		if _, err := setUp(h, "lo"); err != nil {
@@ -280,12 +368,18 @@ func (c *Cluster) setup(n int) error {
 		if err != nil {
 			return err
 		}
-		addr := &netlink.Addr{IPNet: &net.IPNet{IP: node.IP, Mask: net.CIDRMask(16, 32)}}
-		if err := h.AddrAdd(eth0, addr); err != nil {
-			return fmt.Errorf("address %s on %s: %w", addr, node.Name, err)
+		addrs := []*netlink.Addr{{IPNet: &net.IPNet{IP: node.IP, Mask: net.CIDRMask(16, 32)}}}
+		if node.IP6 != nil {
+			addrs = append(addrs, &netlink.Addr{IPNet: &net.IPNet{IP: node.IP6, Mask: net.CIDRMask(64, 128)}, Flags: unix.IFA_F_NODAD})
+		}
+		for _, addr := range addrs {
+			if err := h.AddrAdd(eth0, addr); err != nil {
+				return fmt.Errorf("address %s on %s: %w", addr, node.Name, err)
+			}
 		}
 	}
-	// Pod CIDR routes between every pair of nodes.
+	// Pod CIDR routes between every pair of nodes, via the peer's underlay
+	// address of the same family.
 	for _, node := range c.Nodes {
 		eth0, err := node.Handle.LinkByName("eth0")
 		if err != nil {
@@ -295,21 +389,36 @@ func (c *Cluster) setup(n int) error {
 			if other == node {
 				continue
 			}
-			r := &netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: other.PodCIDR, Gw: other.IP}
-			if err := node.Handle.RouteAdd(r); err != nil {
-				return fmt.Errorf("route %s via %s in %s: %w", other.PodCIDR, other.IP, node.NS, err)
+			for _, cidr := range other.PodCIDRs {
+				gw := other.IP
+				if cidr.IP.To4() == nil {
+					gw = other.IP6
+				}
+				r := &netlink.Route{LinkIndex: eth0.Attrs().Index, Dst: cidr, Gw: gw}
+				if err := node.Handle.RouteAdd(r); err != nil {
+					return fmt.Errorf("route %s via %s in %s: %w", cidr, gw, node.NS, err)
+				}
 			}
 		}
 	}
 	return nil
 }
 
-// AddPod creates pod namespace <prefix>-<node>-<name> and connects it to the
-// node like the ptp CNI plugin: a veth pair (eth0 in the pod, veth<hex> on
-// the host), the pod address /24 with the connected route replaced by
-// "<podCIDR> via <gw> dev eth0 onlink" and "default via <gw> dev eth0
-// onlink", and on the host the gateway address /32 on the veth plus a
-// "<podIP>/32 dev veth scope host" route.
+// v6 builds a:b:c:d::e.
+func v6(a, b, c, d, e uint16) net.IP {
+	ip := make(net.IP, net.IPv6len)
+	for i, g := range []uint16{a, b, c, d} {
+		ip[2*i], ip[2*i+1] = byte(g>>8), byte(g)
+	}
+	ip[14], ip[15] = byte(e>>8), byte(e)
+	return ip
+}
+
+// AddPod creates pod namespace <prefix>-<node>-<name> and runs the real ptp
+// CNI plugin with host-local IPAM for it inside the node namespace, as
+// kindnet does: a veth pair (eth0 in the pod, veth<hex> on the host), the
+// pod addresses with routes via the gateways, and on the host the gateway
+// addresses (/32, /128) on the veth plus a host route per pod address.
 func (n *Node) AddPod(t testing.TB, name string, opts ...PodOption) *Pod {
 	t.Helper()
 	p, err := n.addPod(name, opts...)
@@ -328,9 +437,22 @@ func (n *Node) addPod(name string, opts ...PodOption) (*Pod, error) {
 	if name == "" || strings.ContainsAny(name, "/ ") {
 		return nil, fmt.Errorf("invalid pod name %q", name)
 	}
+	var v4, v6 int
+	for _, ip := range cfg.ips {
+		switch {
+		case ip.To4() != nil && c.Family.HasIPv4():
+			v4++
+		case ip.To4() == nil && len(ip) == net.IPv6len && c.Family.HasIPv6():
+			v6++
+		default:
+			return nil, fmt.Errorf("address %v unusable in a %v cluster", ip, c.Family)
+		}
+	}
+	if v4 > 1 || v6 > 1 {
+		return nil, fmt.Errorf("at most one requested address per family: %v", cfg.ips)
+	}
 	p := &Pod{Name: name, NS: n.NS + "-" + name, Node: n, NsHandle: -1}
 
-	// Allocate the address and record the pod under the cluster lock.
 	c.mu.Lock()
 	for _, other := range n.Pods {
 		if other.Name == name && !other.deleted {
@@ -338,105 +460,169 @@ func (n *Node) addPod(name string, opts ...PodOption) (*Pod, error) {
 			return nil, fmt.Errorf("pod %q already exists", name)
 		}
 	}
-	if cfg.ip != nil {
-		ip := cfg.ip.To4()
-		if ip == nil || !n.PodCIDR.Contains(ip) || ip[3] < 2 || ip[3] == 255 || n.used[int(ip[3])] {
-			c.mu.Unlock()
-			return nil, fmt.Errorf("address %s unusable in %s", cfg.ip, n.PodCIDR)
-		}
-		p.IP = ip
-	} else {
-		for k := 2; k < 255; k++ {
-			if !n.used[k] {
-				p.IP = net.IPv4(10, 244, byte(n.Index), byte(k)).To4()
-				break
-			}
-		}
-		if p.IP == nil {
-			c.mu.Unlock()
-			return nil, fmt.Errorf("pod CIDR %s exhausted", n.PodCIDR)
-		}
-	}
-	n.used[int(p.IP[3])] = true
 	n.Pods = append(n.Pods, p)
 	c.mu.Unlock()
-
-	p.HostVeth = cfg.hostVeth
-	if p.HostVeth == "" {
-		h := fnv.New32a()
-		h.Write([]byte(p.NS))
-		p.HostVeth = fmt.Sprintf("veth%08x", h.Sum32())
-	}
-	if len(p.HostVeth) > 15 {
-		return nil, fmt.Errorf("host veth name %q longer than 15", p.HostVeth)
-	}
-
-	var err error
-	if p.NsHandle, err = c.addNS(p.NS); err != nil {
+	if err := n.wirePod(p, cfg); err != nil {
+		c.mu.Lock()
+		n.removePod(p)
+		c.mu.Unlock()
+		p.closeHandles()
+		// ptp undoes a failed ADD itself; only the namespace remains.
+		if derr := deleteNS(p.NS); derr == nil {
+			c.forget(p.NS)
+		}
 		return nil, err
-	}
-	if p.Handle, err = newHandle(p.NsHandle); err != nil {
-		return nil, err
-	}
-	ph, hh := p.Handle, n.Handle
-	if _, err := setUp(ph, "lo"); err != nil {
-		return nil, err
-	}
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: "eth0"},
-		PeerName:      p.HostVeth,
-		PeerNamespace: netlink.NsFd(int(n.NsHandle)),
-	}
-	if err := ph.LinkAdd(veth); err != nil {
-		return nil, fmt.Errorf("add veth eth0/%s: %w", p.HostVeth, err)
-	}
-
-	// Pod side.
-	eth0, err := setUp(ph, "eth0")
-	if err != nil {
-		return nil, err
-	}
-	podNet := &net.IPNet{IP: p.IP, Mask: n.PodCIDR.Mask}
-	if err := ph.AddrAdd(eth0, &netlink.Addr{IPNet: podNet}); err != nil {
-		return nil, fmt.Errorf("pod address %s: %w", podNet, err)
-	}
-	idx := eth0.Attrs().Index
-	if err := ph.RouteDel(&netlink.Route{LinkIndex: idx, Dst: n.PodCIDR, Scope: netlink.SCOPE_LINK}); err != nil {
-		return nil, fmt.Errorf("delete connected route %s: %w", n.PodCIDR, err)
-	}
-	onlink := int(netlink.FLAG_ONLINK)
-	if err := ph.RouteAdd(&netlink.Route{LinkIndex: idx, Dst: n.PodCIDR, Gw: n.Gateway, Flags: onlink}); err != nil {
-		return nil, fmt.Errorf("route %s via %s: %w", n.PodCIDR, n.Gateway, err)
-	}
-	def := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
-	if err := ph.RouteAdd(&netlink.Route{LinkIndex: idx, Dst: def, Gw: n.Gateway, Flags: onlink}); err != nil {
-		return nil, fmt.Errorf("default route via %s: %w", n.Gateway, err)
-	}
-
-	// Host side.
-	hv, err := setUp(hh, p.HostVeth)
-	if err != nil {
-		return nil, err
-	}
-	p.HostVethIndex = hv.Attrs().Index
-	gw := &netlink.Addr{IPNet: &net.IPNet{IP: n.Gateway, Mask: net.CIDRMask(32, 32)}}
-	if err := hh.AddrAdd(hv, gw); err != nil {
-		return nil, fmt.Errorf("gateway address on %s: %w", p.HostVeth, err)
-	}
-	hr := &netlink.Route{
-		LinkIndex: p.HostVethIndex,
-		Dst:       &net.IPNet{IP: p.IP, Mask: net.CIDRMask(32, 32)},
-		Scope:     netlink.SCOPE_HOST,
-	}
-	if err := hh.RouteAdd(hr); err != nil {
-		return nil, fmt.Errorf("host route %s dev %s: %w", p.IP, p.HostVeth, err)
 	}
 	return p, nil
 }
 
-// Delete removes the pod namespace (the veth pair and the node's host route
-// disappear with it) and frees the pod's address. Listeners or connections
-// still open in the pod keep the kernel namespace alive until closed.
+// forget drops ns from the namespaces Close deletes.
+func (c *Cluster) forget(ns string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, n := range c.created {
+		if n == ns {
+			c.created = append(c.created[:i], c.created[i+1:]...)
+			return
+		}
+	}
+}
+
+// removePod drops p from n.Pods; the caller holds the cluster lock.
+func (n *Node) removePod(p *Pod) {
+	pods := n.Pods[:0]
+	for _, o := range n.Pods {
+		if o != p {
+			pods = append(pods, o)
+		}
+	}
+	n.Pods = pods
+}
+
+func (n *Node) wirePod(p *Pod, cfg podConfig) error {
+	var err error
+	if p.NsHandle, err = n.cluster.addNS(p.NS); err != nil {
+		return err
+	}
+	if p.Handle, err = newHandle(p.NsHandle); err != nil {
+		return err
+	}
+	// ptp leaves lo alone (the loopback plugin's job).
+	if _, err := setUp(p.Handle, "lo"); err != nil {
+		return err
+	}
+	out, err := n.cni("ADD", p, cfg.ips)
+	if err != nil {
+		return err
+	}
+	var res struct {
+		Interfaces []struct {
+			Name    string `json:"name"`
+			Sandbox string `json:"sandbox"`
+		} `json:"interfaces"`
+		IPs []struct {
+			Address string `json:"address"`
+		} `json:"ips"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		return fmt.Errorf("ptp result %q: %w", out, err)
+	}
+	for _, i := range res.Interfaces {
+		if i.Sandbox == "" {
+			p.HostVeth = i.Name
+		}
+	}
+	for _, a := range res.IPs {
+		ip, _, err := net.ParseCIDR(a.Address)
+		if err != nil {
+			return fmt.Errorf("ptp result address %q: %w", a.Address, err)
+		}
+		if ip4 := ip.To4(); ip4 != nil {
+			ip = ip4
+		}
+		p.IPs = append(p.IPs, ip)
+	}
+	sort.SliceStable(p.IPs, func(i, j int) bool { return p.IPs[i].To4() != nil && p.IPs[j].To4() == nil })
+	if p.HostVeth == "" || len(p.IPs) == 0 {
+		return fmt.Errorf("ptp result lacks the host veth or addresses: %s", out)
+	}
+	p.IP = p.IPs[0]
+	for _, ip := range p.IPs {
+		if ip.To4() == nil {
+			p.IP6 = ip
+			break
+		}
+	}
+	hv, err := n.Handle.LinkByName(p.HostVeth)
+	if err != nil {
+		return fmt.Errorf("host veth %s: %w", p.HostVeth, err)
+	}
+	p.HostVethIndex = hv.Attrs().Index
+	return nil
+}
+
+// cniConf is the node's kindnet-like ptp configuration; ips become
+// host-local's requested addresses ("args" → "cni" → "ips"; CNI_ARGS IP=
+// takes a single address only).
+func (n *Node) cniConf(ips []net.IP) []byte {
+	type subnet struct {
+		Subnet string `json:"subnet"`
+	}
+	type route struct {
+		Dst string `json:"dst"`
+	}
+	var ranges [][]subnet
+	var routes []route
+	for _, cidr := range n.PodCIDRs {
+		ranges = append(ranges, []subnet{{cidr.String()}})
+		if cidr.IP.To4() != nil {
+			routes = append(routes, route{"0.0.0.0/0"})
+		} else {
+			routes = append(routes, route{"::/0"})
+		}
+	}
+	conf := map[string]any{
+		"cniVersion": "0.4.0", "name": "kindnet", "type": "ptp", "ipMasq": false, "mtu": 1500,
+		"ipam": map[string]any{
+			"type": "host-local", "dataDir": filepath.Join(n.cluster.IPAMDir, n.Name),
+			"ranges": ranges, "routes": routes,
+		},
+	}
+	if len(ips) > 0 {
+		var s []string
+		for _, ip := range ips {
+			s = append(s, ip.String())
+		}
+		conf["args"] = map[string]any{"cni": map[string]any{"ips": s}}
+	}
+	b, err := json.Marshal(conf)
+	if err != nil {
+		panic(err) // only plain types above
+	}
+	return b
+}
+
+// cni runs the ptp plugin inside the node namespace for pod p (container ID
+// = the pod's namespace name) and returns its result.
+func (n *Node) cni(command string, p *Pod, ips []net.IP) ([]byte, error) {
+	cmd := exec.Command("ip", "netns", "exec", n.NS, filepath.Join(CNIPath, "ptp"))
+	cmd.Env = []string{
+		"CNI_COMMAND=" + command, "CNI_CONTAINERID=" + p.NS, "CNI_NETNS=" + NsPath(p.NS),
+		"CNI_IFNAME=eth0", "CNI_PATH=" + CNIPath, "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+	}
+	cmd.Stdin = bytes.NewReader(n.cniConf(ips))
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("ptp %s for %s: %v: %s %s", command, p.NS, err,
+			strings.TrimSpace(stdout.String()), strings.TrimSpace(stderr.String()))
+	}
+	return stdout.Bytes(), nil
+}
+
+// Delete runs CNI DEL for the pod (releasing its addresses) and removes its
+// namespace. Listeners or connections still open in the pod keep the kernel
+// namespace alive until closed.
 func (p *Pod) Delete(t testing.TB) {
 	t.Helper()
 	c := p.Node.cluster
@@ -446,29 +632,30 @@ func (p *Pod) Delete(t testing.TB) {
 		return
 	}
 	p.deleted = true
-	delete(p.Node.used, int(p.IP[3]))
-	pods := p.Node.Pods[:0]
-	for _, o := range p.Node.Pods {
-		if o != p {
-			pods = append(pods, o)
-		}
-	}
-	p.Node.Pods = pods
-	for i, ns := range c.created {
-		if ns == p.NS {
-			c.created = append(c.created[:i], c.created[i+1:]...)
-			break
-		}
-	}
+	p.Node.removePod(p)
 	c.mu.Unlock()
+	c.forget(p.NS)
 	p.closeHandles()
-	if err := deleteNS(p.NS); err != nil {
-		t.Fatalf("netnstest: delete pod %s: %v", p.NS, err)
+	var errs []error
+	// After Close the node and the IPAM state are gone already.
+	if Exists(p.Node.NS) {
+		if _, err := p.Node.cni("DEL", p, nil); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	// The host-side veth dies with the pod namespace; make it synchronous so
-	// callers observe a consistent node.
-	if l, err := p.Node.Handle.LinkByName(p.HostVeth); err == nil {
-		_ = p.Node.Handle.LinkDel(l)
+	if err := deleteNS(p.NS); err != nil {
+		errs = append(errs, err)
+	}
+	// ptp's DEL deletes the veth pair; without it (a failed DEL) the host
+	// side dies with the pod namespace, asynchronously: make it synchronous
+	// so callers observe a consistent node.
+	if h := p.Node.Handle; h != nil {
+		if l, err := h.LinkByName(p.HostVeth); err == nil {
+			_ = h.LinkDel(l)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		t.Fatalf("netnstest: delete pod %s: %v", p.NS, err)
 	}
 }
 
@@ -483,8 +670,9 @@ func (p *Pod) closeHandles() {
 	}
 }
 
-// Close deletes every namespace of the cluster. It is idempotent and is
-// registered with t.Cleanup by NewCluster, so calling it is optional.
+// Close deletes every namespace of the cluster and its IPAM state. It is
+// idempotent and is registered with t.Cleanup by NewCluster, so calling it
+// is optional.
 func (c *Cluster) Close() error {
 	c.closeOnce.Do(func() {
 		var errs []error
@@ -513,9 +701,15 @@ func (c *Cluster) Close() error {
 		created := c.created
 		c.created = nil
 		c.mu.Unlock()
-		// Pods first, then nodes, then the underlay.
+		// Pods first, then nodes, then the underlay. No CNI DEL: the veths
+		// die with the namespaces and the IPAM state goes as a whole.
 		for i := len(created) - 1; i >= 0; i-- {
 			if err := deleteNS(created[i]); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if c.IPAMDir != "" {
+			if err := os.RemoveAll(c.IPAMDir); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -555,31 +749,42 @@ func deleteNS(name string) error {
 // CleanupStale deletes namespaces under /var/run/netns whose names start
 // with prefix and that belong to a netnstest cluster ("ar" + 6 hex digits +
 // "-") whose owning process is gone (its lock in LockDir is free or
-// missing). Namespaces of live clusters, in this or any other process, are
-// left alone.
+// missing), and such clusters' IPAM state in LockDir. Namespaces of live
+// clusters, in this or any other process, are left alone.
 func CleanupStale(prefix string) error {
 	if prefix == "" {
 		return errors.New("netnstest: CleanupStale needs a non-empty prefix")
 	}
 	entries, err := os.ReadDir(NetnsDir)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	byCluster := map[string][]string{}
 	var order []string
+	add := func(cp string) {
+		if _, ok := byCluster[cp]; !ok {
+			order = append(order, cp)
+			byCluster[cp] = nil
+		}
+	}
 	for _, e := range entries {
 		name := e.Name()
 		if !strings.HasPrefix(name, prefix) || !clusterNSRe.MatchString(name) {
 			continue
 		}
 		cp := name[:len(PrefixBase)+6]
-		if _, ok := byCluster[cp]; !ok {
-			order = append(order, cp)
-		}
+		add(cp)
 		byCluster[cp] = append(byCluster[cp], name)
+	}
+	// IPAM state can outlive the namespaces (a crash during Close).
+	locks, err := os.ReadDir(LockDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	for _, e := range locks {
+		if name := e.Name(); strings.HasPrefix(name, prefix) && clusterIPAMRe.MatchString(name) {
+			add(strings.TrimSuffix(name, ".ipam"))
+		}
 	}
 	var errs []error
 	for _, cp := range order {
@@ -601,6 +806,10 @@ func CleanupStale(prefix string) error {
 				errs = append(errs, err)
 				failed = true
 			}
+		}
+		if err := os.RemoveAll(filepath.Join(LockDir, cp+".ipam")); err != nil {
+			errs = append(errs, err)
+			failed = true
 		}
 		if f != nil {
 			if !failed {

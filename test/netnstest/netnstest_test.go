@@ -152,8 +152,9 @@ func TestCluster(t *testing.T) {
 				t.Errorf("%s: gateway address on %d veths, want %d:\n%s", n.NS, got, len(n.Pods), addrs)
 			}
 		}
+		// ptp's shape: the connected /24 replaced by a route via the gateway.
 		got := Exec(t, n1.Pods[0].NS, "ip", "route")
-		want := "default via 10.244.1.1 dev eth0 onlink \n10.244.1.0/24 via 10.244.1.1 dev eth0 onlink \n"
+		want := "default via 10.244.1.1 dev eth0 \n10.244.1.0/24 via 10.244.1.1 dev eth0 src 10.244.1.2 \n10.244.1.1 dev eth0 scope link src 10.244.1.2 \n"
 		if got != want {
 			t.Errorf("pod routes:\n%q\nwant\n%q", got, want)
 		}
@@ -234,7 +235,7 @@ func TestCluster(t *testing.T) {
 			}
 		}
 		d := Dump(t, n1.Pods[0].NS)
-		for _, want := range []string{"default via 10.244.1.1 dev eth0 onlink", "eth0 <", "kind=veth", "10.244.1.2/24"} {
+		for _, want := range []string{"default via 10.244.1.1 dev eth0", "eth0 <", "kind=veth", "10.244.1.2/24", "fd00:10:244:1::2/64"} {
 			if !strings.Contains(d, want) {
 				t.Errorf("pod dump lacks %q:\n%s", want, d)
 			}
@@ -327,9 +328,16 @@ func TestCluster(t *testing.T) {
 		if r := Exec(t, n2.NS, "ip", "route"); strings.Contains(r, p.IP.String()+" ") {
 			t.Errorf("host route survived: %s", r)
 		}
-		q := n2.AddPod(t, "tmp2", WithHostVeth("vethcustom"))
-		if !q.IP.Equal(p.IP) || q.HostVeth != "vethcustom" {
+		// host-local hands out the next address, not the freed one.
+		q := n2.AddPod(t, "tmp2", WithIP(p.IP))
+		if !q.IP.Equal(p.IP) || q.HostVeth == p.HostVeth {
 			t.Errorf("reuse: %+v", q)
+		}
+		if q.IP6.Equal(p.IP6) || !n2.PodCIDR6.Contains(q.IP6) {
+			t.Errorf("reuse IP6 = %v (deleted pod had %v)", q.IP6, p.IP6)
+		}
+		if _, err := n2.addPod("tmp3", WithIP(p.IP)); err == nil {
+			t.Error("an address in use was handed out again")
 		}
 		namespaces = append(namespaces, q.NS)
 	})
@@ -432,6 +440,11 @@ func TestCloseAndCleanupStale(t *testing.T) {
 		}
 		t.Cleanup(func() { _ = deleteNS(ns) })
 	}
+	staleIPAM := filepath.Join(LockDir, "arfeed00.ipam")
+	if err := os.MkdirAll(filepath.Join(staleIPAM, "node1", "kindnet"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(staleIPAM) })
 	if err := CleanupStale("arfeed00"); err != nil {
 		t.Fatal(err)
 	}
@@ -439,6 +452,9 @@ func TestCloseAndCleanupStale(t *testing.T) {
 		if Exists(ns) {
 			t.Errorf("stale %s not removed", ns)
 		}
+	}
+	if _, err := os.Stat(staleIPAM); !os.IsNotExist(err) {
+		t.Errorf("stale IPAM state not removed: %v", err)
 	}
 }
 

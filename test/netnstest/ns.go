@@ -1,8 +1,9 @@
 //go:build linux
 
-// Package netnstest builds Kubernetes-node-shaped network namespaces, wired
-// like the ptp CNI plugin (as used by kindnet), for root-only integration
-// tests of the node traffic-redirection agent.
+// Package netnstest builds Kubernetes-node-shaped network namespaces, pods
+// wired by the real ptp CNI plugin with host-local IPAM (as kindnet does),
+// dual-stack by default, for root-only integration tests of the node
+// traffic-redirection agent.
 //
 // Everything it creates lives in network namespaces it creates itself
 // (bind-mounted under /var/run/netns, exactly like `ip netns add`); the root

@@ -1,9 +1,10 @@
 // Command test-ztunnel is a test double for Istio's ztunnel L4 proxy in
 // node-level ambient mode. It runs inside the ztunnel pod's network namespace,
-// accepts TPROXY-redirected connections and forwards them to their original
-// destination, spoofing the original client's source IP. Connections to pods
-// in --hbone-cidrs are tunnelled to <dst>:15008 with a one-line plaintext
-// "CONNECT <dst> <client>" header standing in for HBONE.
+// accepts TPROXY-redirected connections (IPv4 on 127.0.0.1, IPv6 on ::1) and
+// forwards them to their original destination, spoofing the original
+// client's source IP. Connections to pods in --hbone-cidrs are tunnelled to
+// <dst>:15008 with a one-line plaintext "CONNECT <dst> <client>" header
+// standing in for HBONE.
 //
 // Every accepted connection is appended as one JSON line to --record-file.
 package main
@@ -30,7 +31,7 @@ func main() {
 		recordFile = flag.String("record-file", "", "append one JSON line per accepted connection to this file (required)")
 		readyFile  = flag.String("ready-file", "", "create this (empty) file once all listeners are bound")
 		hboneCIDRs = flag.String("hbone-cidrs", "", "comma-separated CIDRs whose destinations are reached via <dst>:<hbone port> with a CONNECT header")
-		listenIP   = flag.String("listen-ip", "127.0.0.1", "IP the listeners bind to")
+		listenIP   = flag.String("listen-ip", "127.0.0.1,::1", "comma-separated IPs the listeners bind to; one the netns lacks (e.g. ::1 with IPv6 disabled) is skipped")
 		ports      = flag.String("ports", "15001,15006,15008", "outbound,inbound,hbone listener ports, in that order")
 		mark       = flag.Int("mark", 0, "SO_MARK to set on upstream sockets (0 = none)")
 	)
@@ -42,15 +43,14 @@ func main() {
 	}
 }
 
-func run(recordFile, readyFile, cidrs, listenIP, portList string, mark int, logger *log.Logger) error {
+func run(recordFile, readyFile, cidrs, listenIPs, portList string, mark int, logger *log.Logger) error {
 	if recordFile == "" {
 		return errors.New("--record-file is required")
 	}
-	ip, err := netip.ParseAddr(listenIP)
+	ips, err := parseIPs(listenIPs)
 	if err != nil {
 		return fmt.Errorf("--listen-ip: %w", err)
 	}
-	ip = ip.Unmap()
 	portNums, err := parsePorts(portList)
 	if err != nil {
 		return fmt.Errorf("--ports: %w", err)
@@ -84,44 +84,88 @@ func run(recordFile, readyFile, cidrs, listenIP, portList string, mark int, logg
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	lc := net.ListenConfig{Control: sockoptControl(true, false, 0)}
-	var lns []net.Listener
+	lns, err := listenAll(ctx, ips, portNums, logger)
+	if err != nil {
+		return err
+	}
 	defer func() {
-		for _, ln := range lns {
-			ln.Close()
+		for _, l := range lns {
+			l.Close()
 		}
 	}()
-	for _, p := range portNums {
-		addr := netip.AddrPortFrom(ip, p)
-		ln, err := lc.Listen(ctx, "tcp", addr.String())
-		if err != nil {
-			return fmt.Errorf("listen %s: %w", addr, err)
-		}
-		lns = append(lns, ln)
-		s.self[addr] = true
+	for _, l := range lns {
+		s.self[addrPort(l.Addr())] = true
 	}
 	if readyFile != "" {
 		if err := os.WriteFile(readyFile, nil, 0o644); err != nil {
 			return err
 		}
 	}
-	logger.Printf("listening on %s ports %v hbone-cidrs=%v", ip, portNums, prefixes)
+	logger.Printf("listening on %v ports %v hbone-cidrs=%v", ips, portNums, prefixes)
 
 	var wg sync.WaitGroup
-	for i, ln := range lns {
+	for _, l := range lns {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.serve(ctx, ln, role(i), int(portNums[i]))
+			s.serve(ctx, l.Listener, l.role, int(l.port))
 		}()
 	}
 	<-ctx.Done()
 	logger.Print("signal received, shutting down")
-	for _, ln := range lns {
-		ln.Close()
+	for _, l := range lns {
+		l.Close()
 	}
 	wg.Wait()
 	return nil
+}
+
+// listener is a bound transparent listener and what it serves.
+type listener struct {
+	net.Listener
+	role role
+	port uint16
+}
+
+// listenAll binds every port on every IP with IP(V6)_TRANSPARENT. An IP the
+// kernel refuses (EAFNOSUPPORT: no IPv6; EADDRNOTAVAIL) is skipped, so that
+// the default "127.0.0.1,::1" also works without IPv6.
+func listenAll(ctx context.Context, ips []netip.Addr, ports []uint16, logger *log.Logger) ([]listener, error) {
+	lc := net.ListenConfig{Control: sockoptControl(true, false, 0)}
+	var out []listener
+	closeAll := func(ls []listener) {
+		for _, l := range ls {
+			l.Close()
+		}
+	}
+	for _, ip := range ips {
+		var got []listener
+		var skip error
+		for i, p := range ports {
+			addr := netip.AddrPortFrom(ip, p)
+			ln, err := lc.Listen(ctx, "tcp", addr.String())
+			if errors.Is(err, syscall.EADDRNOTAVAIL) || errors.Is(err, syscall.EAFNOSUPPORT) {
+				skip = err
+				break
+			}
+			if err != nil {
+				closeAll(got)
+				closeAll(out)
+				return nil, fmt.Errorf("listen %s: %w", addr, err)
+			}
+			got = append(got, listener{Listener: ln, role: role(i), port: p})
+		}
+		if skip != nil {
+			closeAll(got)
+			logger.Printf("not listening on %s: %v", ip, skip)
+			continue
+		}
+		out = append(out, got...)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no usable listen IP in %v", ips)
+	}
+	return out, nil
 }
 
 // serve accepts until the listener is closed. In-flight connections are not
@@ -154,6 +198,18 @@ func parsePorts(s string) ([]uint16, error) {
 			return nil, fmt.Errorf("bad port %q", p)
 		}
 		out = append(out, uint16(n))
+	}
+	return out, nil
+}
+
+func parseIPs(s string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, f := range strings.Split(s, ",") {
+		ip, err := netip.ParseAddr(strings.TrimSpace(f))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ip.Unmap())
 	}
 	return out, nil
 }

@@ -10,6 +10,7 @@ import (
 	"log"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -163,10 +164,17 @@ func TestSpliceAbortOnReset(t *testing.T) {
 }
 
 // TestHandleChain runs outbound → HBONE → backend through real handlers on
-// loopback. Without TPROXY the "original destination" is the listener itself,
-// so spoofed dials are redirected to the backend by a fake dialFunc.
+// loopback, IPv4 and IPv6. Without TPROXY the "original destination" is the
+// listener itself, so spoofed dials are redirected to the backend by a fake
+// dialFunc.
 func TestHandleChain(t *testing.T) {
-	backend := listen(t)
+	for _, lo := range []string{"127.0.0.1", "::1"} {
+		t.Run(lo, func(t *testing.T) { testHandleChain(t, lo) })
+	}
+}
+
+func testHandleChain(t *testing.T, lo string) {
+	backend := listenOn(t, lo)
 	go func() {
 		for {
 			c, err := backend.Accept()
@@ -181,12 +189,12 @@ func TestHandleChain(t *testing.T) {
 		}
 	}()
 
-	outLn, hboneLn := listen(t), listen(t)
+	outLn, hboneLn := listenOn(t, lo), listenOn(t, lo)
 	var mu sync.Mutex
 	var spoofed []netip.Addr
 	lockedRec := &lockedBuffer{buf: new(bytes.Buffer)}
 	s := &server{
-		hboneCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
+		hboneCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")},
 		hbonePort:  lnPort(hboneLn),
 		rec:        &recorder{w: lockedRec},
 		log:        log.New(io.Discard, "", 0),
@@ -236,8 +244,12 @@ func TestHandleChain(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(spoofed) != 1 || spoofed[0].String() != "127.0.0.1" {
-		t.Errorf("spoofed sources = %v, want [127.0.0.1]", spoofed)
+	if len(spoofed) != 1 || spoofed[0].String() != lo {
+		t.Errorf("spoofed sources = %v, want [%s]", spoofed, lo)
+	}
+	// The CONNECT header carried a bracketed IPv6 client intact.
+	if lo == "::1" && !strings.HasPrefix(hb.HeaderClient, "[::1]:") {
+		t.Errorf("header client %q", hb.HeaderClient)
 	}
 }
 
@@ -305,7 +317,59 @@ func TestSelfDialRefused(t *testing.T) {
 	}
 }
 
+// TestListenAll binds transparent listeners on both loopbacks (root only:
+// IP(V6)_TRANSPARENT needs CAP_NET_ADMIN) and dials through the IPv6 one
+// with the transparent+freebind options of a spoofed dial.
+func TestListenAll(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("IP_TRANSPARENT needs root")
+	}
+	ips := []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1")}
+	lns, err := listenAll(context.Background(), ips, []uint16{0, 0, 0}, log.New(io.Discard, "", 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, l := range lns {
+			l.Close()
+		}
+	}()
+	if len(lns) != 6 {
+		t.Fatalf("%d listeners, want 6", len(lns))
+	}
+	for i, l := range lns {
+		a := addrPort(l.Addr())
+		if a.Addr() != ips[i/3] || l.role != role(i%3) {
+			t.Errorf("listener %d: %s role %v", i, a, l.role)
+		}
+	}
+	v6 := lns[3]
+	go func() {
+		c, err := v6.Accept()
+		if err == nil {
+			c.Write([]byte(c.RemoteAddr().String()))
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := systemDial(0)(ctx, netip.MustParseAddr("::1"), addrPort(v6.Addr()))
+	if err != nil {
+		t.Fatalf("spoof-style IPv6 dial: %v", err)
+	}
+	defer c.Close()
+	if got := readAll(t, c); !strings.HasPrefix(got, "[::1]:") {
+		t.Fatalf("listener saw client %q", got)
+	}
+}
+
 func TestParseFlags(t *testing.T) {
+	if ips, err := parseIPs("127.0.0.1, ::1"); err != nil || len(ips) != 2 || !ips[1].Is6() {
+		t.Errorf("parseIPs: %v %v", ips, err)
+	}
+	if _, err := parseIPs("127.0.0.1,"); err == nil {
+		t.Error("parseIPs accepted an empty element")
+	}
 	if p, err := parsePorts("15001, 15006,15008"); err != nil || p[0] != 15001 || p[2] != 15008 {
 		t.Errorf("parsePorts: %v %v", p, err)
 	}
@@ -353,9 +417,11 @@ func (b *lockedBuffer) records(t *testing.T) []record.Record {
 	return out
 }
 
-func listen(t *testing.T) net.Listener {
+func listen(t *testing.T) net.Listener { return listenOn(t, "127.0.0.1") }
+
+func listenOn(t *testing.T, ip string) net.Listener {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
 	if err != nil {
 		t.Fatal(err)
 	}
