@@ -129,7 +129,7 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 
 	natPre := []string{matchMark(m.Outbound) + " -j ACCEPT"} // skip kube-proxy DNAT: ztunnel sees the VIP
 	if p.DNS && zt {
-		natPre = append(natPre, fmt.Sprintf("-p udp -m set --match-set %s src -m udp --dport 53 -j DNAT --to-destination %s:%d", set, act.IP, cfg.DNSPort))
+		natPre = append(natPre, fmt.Sprintf("-p udp -m set --match-set %s src -m udp --dport 53 -j DNAT --to-destination %s", set, netip.AddrPortFrom(act.IP, uint16(cfg.DNSPort))))
 	}
 
 	// Accept captured traffic before kube-proxy's REJECT of endpoint-less VIPs.

@@ -37,7 +37,9 @@ type tunnelEnd struct {
 	// remote, so that a ztunnel change is one in-place FDB replace (vxlan
 	// cannot change its remote with changelink through netlink here).
 	Remote netip.Addr
-	MTU    int
+	// Local is our underlay address (set on vxlan devices over IPv6).
+	Local netip.Addr
+	MTU   int
 	MAC    net.HardwareAddr
 	// Addrs are our addresses (the IPv4 /30, the IPv6 /126);
 	// PeerAddrs/PeerMAC the other end's, in the same order.
@@ -70,7 +72,7 @@ func (t tunnelEnd) link() netlink.Link {
 			Dport:     uint16(t.Port),
 		}
 	default:
-		return &netlink.Vxlan{
+		v := &netlink.Vxlan{
 			LinkAttrs: attrs,
 			VxlanId:   int(t.VNI),
 			Port:      t.Port,
@@ -78,6 +80,13 @@ func (t tunnelEnd) link() netlink.Link {
 			// a MAC learnt against its old address.
 			Learning: false,
 		}
+		if t.Remote.Is6() {
+			// A vxlan device's underlay family is fixed at creation by its
+			// local address; without one it is IPv4 and refuses IPv6 FDB
+			// entries.
+			v.SrcAddr = ipOf(t.Local)
+		}
+		return v
 	}
 }
 
@@ -100,6 +109,8 @@ type tunnelInfo struct {
 	Remote netip.Addr // geneve only
 	// Learning is vxlan learning.
 	Learning bool
+	// Underlay6 says the device carries IPv6 underlay packets.
+	Underlay6 bool
 }
 
 func readTunnel(l netlink.Link) (tunnelInfo, bool) {
@@ -110,14 +121,14 @@ func readTunnel(l netlink.Link) (tunnelInfo, bool) {
 			r, _ = netip.AddrFromSlice(v.Group)
 			r = r.Unmap()
 		}
-		return tunnelInfo{Type: TunnelVXLAN, VNI: uint32(v.VxlanId), Port: v.Port, Remote: r, Learning: v.Learning}, true
+		return tunnelInfo{Type: TunnelVXLAN, VNI: uint32(v.VxlanId), Port: v.Port, Remote: r, Learning: v.Learning, Underlay6: v.SrcAddr.To4() == nil && v.SrcAddr != nil}, true
 	case *netlink.Geneve:
 		var r netip.Addr
 		if v.Remote != nil {
 			r, _ = netip.AddrFromSlice(v.Remote)
 			r = r.Unmap()
 		}
-		return tunnelInfo{Type: TunnelGeneve, VNI: v.ID, Port: int(v.Dport), Remote: r}, true
+		return tunnelInfo{Type: TunnelGeneve, VNI: v.ID, Port: int(v.Dport), Remote: r, Underlay6: r.Is6()}, true
 	}
 	return tunnelInfo{}, false
 }

@@ -17,8 +17,8 @@ import (
 // towards zt: inner addresses for each family zt has, whatever the
 // underlay's family (zt.ip's).
 func (d *Dataplane) tunnelEnds(zt *ztRuntime, node bool) (in, out tunnelEnd) {
-	mk := func(name string, vni uint32, remote netip.Addr, mtu int, nets ...netip.Prefix) tunnelEnd {
-		t := tunnelEnd{Name: name, Type: d.tunnel, VNI: vni, Port: d.port, Remote: remote, MTU: mtu - encapOverhead(remote)}
+	mk := func(name string, vni uint32, local, remote netip.Addr, mtu int, nets ...netip.Prefix) tunnelEnd {
+		t := tunnelEnd{Name: name, Type: d.tunnel, VNI: vni, Port: d.port, Local: local, Remote: remote, MTU: mtu - encapOverhead(remote)}
 		for i, n := range nets {
 			self, peer := tunnelAddrs(n)
 			if !node {
@@ -38,10 +38,10 @@ func (d *Dataplane) tunnelEnds(zt *ztRuntime, node bool) (in, out tunnelEnd) {
 	}
 	if node {
 		mtu := zt.veth.Attrs().MTU
-		return mk(NodeInLink, d.cfg.InVNI, zt.ip, mtu, d.cfg.InNet, d.cfg.InNet6), mk(NodeOutLink, d.cfg.OutVNI, zt.ip, mtu, d.cfg.OutNet, d.cfg.OutNet6)
+		return mk(NodeInLink, d.cfg.InVNI, zt.hostIP, zt.ip, mtu, d.cfg.InNet, d.cfg.InNet6), mk(NodeOutLink, d.cfg.OutVNI, zt.hostIP, zt.ip, mtu, d.cfg.OutNet, d.cfg.OutNet6)
 	}
 	mtu := zt.eth.Attrs().MTU
-	return mk(ZtunnelInLink, d.cfg.InVNI, zt.hostIP, mtu, d.cfg.InNet, d.cfg.InNet6), mk(ZtunnelOutLink, d.cfg.OutVNI, zt.hostIP, mtu, d.cfg.OutNet, d.cfg.OutNet6)
+	return mk(ZtunnelInLink, d.cfg.InVNI, zt.ip, zt.hostIP, mtu, d.cfg.InNet, d.cfg.InNet6), mk(ZtunnelOutLink, d.cfg.OutVNI, zt.ip, zt.hostIP, mtu, d.cfg.OutNet, d.cfg.OutNet6)
 }
 
 // syncTunnel converges one tunnel device, its address, its static neighbour
@@ -58,7 +58,7 @@ func syncTunnel(k *kernel.Kernel, t tunnelEnd, w *writer) (netlink.Link, error) 
 		if !ok {
 			return nil, fmt.Errorf("link %s exists and is a %s device, not a tunnel of ours: refusing to replace it", t.Name, l.Type())
 		}
-		if info.Type != t.Type || info.VNI != t.VNI || info.Port != t.Port || info.Learning {
+		if info.Type != t.Type || info.VNI != t.VNI || info.Port != t.Port || info.Learning || info.Underlay6 != t.Remote.Is6() {
 			// Not something we can change in place: re-create.
 			if err := w.do(KindLink, fmt.Sprintf("del %s (have %+v, want %s vni %d port %d)", t.Name, info, t.Type, t.VNI, t.Port), func() error { return nl.LinkDel(l) }); err != nil {
 				return nil, err

@@ -128,13 +128,21 @@ func (n *node) state(withZtunnel bool) dataplane.State {
 		st.Ztunnel = ztunnelOf(n.zt)
 	}
 	for _, p := range n.ambient {
-		st.Pods = append(st.Pods, dataplane.Pod{UID: "uid-" + p.Name, Name: "default/" + p.Name, IPs: []netip.Addr{addr(p.IP)}})
+		st.Pods = append(st.Pods, dataplane.Pod{UID: "uid-" + p.Name, Name: "default/" + p.Name, IPs: addrs(p.IPs)})
 	}
 	return st
 }
 
+func addrs(ips []net.IP) []netip.Addr {
+	var out []netip.Addr
+	for _, ip := range ips {
+		out = append(out, addr(ip))
+	}
+	return out
+}
+
 func ztunnelOf(p *netnstest.Pod) *dataplane.Ztunnel {
-	return &dataplane.Ztunnel{Pod: "istio-system/" + p.Name, IPs: []netip.Addr{addr(p.IP)}, HostVeth: p.HostVeth, NetNS: netnstest.NsPath(p.NS)}
+	return &dataplane.Ztunnel{Pod: "istio-system/" + p.Name, IPs: addrs(p.IPs), HostVeth: p.HostVeth, NetNS: netnstest.NsPath(p.NS)}
 }
 
 // nsDirFor makes a directory of symlinks to just this test's namespaces, so
@@ -177,11 +185,17 @@ func apply(t testing.TB, n *node, st dataplane.State) dataplane.Result {
 	return res
 }
 
-// cluster builds nodes with a ztunnel pod, ambient pods and plain pods.
+// cluster builds dual-stack nodes with a ztunnel pod, ambient pods and
+// plain pods.
 func cluster(t testing.TB, nodes, ambient, plain int) (*netnstest.Cluster, []*node) {
+	return clusterOf(t, netnstest.DualStack, nodes, ambient, plain)
+}
+
+// clusterOf is cluster with the pods' families chosen.
+func clusterOf(t testing.TB, fam netnstest.Family, nodes, ambient, plain int) (*netnstest.Cluster, []*node) {
 	t.Helper()
 	netnstest.RequireRoot(t)
-	c := netnstest.NewCluster(t, nodes)
+	c := netnstest.NewClusterWith(t, nodes, netnstest.Options{Family: fam})
 	var out []*node
 	for _, nn := range c.Nodes {
 		n := &node{Node: nn}
