@@ -40,7 +40,7 @@ type tunnelEnd struct {
 	// Local is our underlay address (set on vxlan devices over IPv6).
 	Local netip.Addr
 	MTU   int
-	MAC    net.HardwareAddr
+	MAC   net.HardwareAddr
 	// Addrs are our addresses (the IPv4 /30, the IPv6 /126);
 	// PeerAddrs/PeerMAC the other end's, in the same order.
 	Addrs     []netip.Prefix
