@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,23 +25,48 @@ func oneNode(t *testing.T, mutate func(*dataplane.Config)) (*node, *ztunnel) {
 	n := nodes[0]
 	z := startZtunnel(t, n.zt)
 	n.dp = newDataplane(t, n, mutate)
-	for _, p := range append(append([]*netnstest.Pod{}, n.ambient...), n.plain...) {
-		netnstest.EchoServer(t, p.NS, ipPort(p.IP, echoPort))
-	}
+	echoServers(t, append(append([]*netnstest.Pod{}, n.ambient...), n.plain...)...)
 	return n, z
 }
 
-// requireCaptured proves ambient -> ambient goes through z at 15001.
+// echoServers starts an echo server on every address of each pod.
+func echoServers(t *testing.T, pods ...*netnstest.Pod) {
+	for _, p := range pods {
+		for _, ip := range p.IPs {
+			netnstest.EchoServer(t, p.NS, ipPort(ip, echoPort))
+		}
+	}
+}
+
+// families are the two families of the dual-stack test nodes.
+var families = []struct {
+	name string
+	v6   bool
+}{{"IPv4", false}, {"IPv6", true}}
+
+// podIP is a pod's address of one family.
+func podIP(p *netnstest.Pod, v6 bool) net.IP {
+	if v6 {
+		return p.IP6
+	}
+	return p.IP
+}
+
+// requireCaptured proves ambient -> ambient goes through z at 15001, for
+// every family the pods have.
 func requireCaptured(t *testing.T, n *node, z *ztunnel) {
 	t.Helper()
 	a1, a2 := n.ambient[0], n.ambient[1]
-	dst := ipPort(a2.IP, echoPort)
-	before := len(z.all(t))
-	roundTrip(t, a1.NS, dst)
-	if _, ok := z.find(t, func(r record.Record) bool {
-		return r.Listener == 15001 && hostOf(r.Client) == a1.IP.String() && r.OrigDst == dst
-	}); !ok || len(z.all(t)) == before {
-		t.Fatalf("%s -> %s not captured at 15001: %+v", a1.IP, dst, z.all(t))
+	for i, ip := range a2.IPs {
+		src := a1.IPs[i]
+		dst := ipPort(ip, echoPort)
+		before := len(z.all(t))
+		roundTrip(t, a1.NS, dst)
+		if _, ok := z.find(t, func(r record.Record) bool {
+			return r.Listener == 15001 && hostOf(r.Client) == src.String() && r.OrigDst == dst
+		}); !ok || len(z.all(t)) == before {
+			t.Fatalf("%s -> %s not captured at 15001: %+v", src, dst, z.all(t))
+		}
 	}
 }
 
@@ -141,14 +167,24 @@ func countingServer(t *testing.T, ns, addr string) *atomic.Int64 {
 }
 
 func TestFailClosedFailsFastAndLeaksNothing(t *testing.T) {
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) { failClosed(t, fam.v6) })
+	}
+}
+
+func failClosed(t *testing.T, v6 bool) {
 	n, z := oneNode(t, nil)
 	apply(t, n, n.state(true))
 	requireCaptured(t, n, z)
 	apply(t, n, n.state(false)) // ztunnel gone
 
 	a1, p1 := n.ambient[0], n.plain[0]
-	hits := countingServer(t, p1.NS, ipPort(p1.IP, 7171))
-	for _, dst := range []string{ipPort(p1.IP, 7171), ipPort(n.ambient[1].IP, echoPort), ipPort(n.IP, 22)} {
+	hits := countingServer(t, p1.NS, ipPort(podIP(p1, v6), 7171))
+	nodeIP := n.IP
+	if v6 {
+		nodeIP = n.IP6
+	}
+	for _, dst := range []string{ipPort(podIP(p1, v6), 7171), ipPort(podIP(n.ambient[1], v6), echoPort), ipPort(nodeIP, 22)} {
 		start := time.Now()
 		c, err := netnstest.Dial(a1.NS, "tcp", dst, 3*time.Second)
 		took := time.Since(start)
@@ -162,7 +198,7 @@ func TestFailClosedFailsFastAndLeaksNothing(t *testing.T) {
 	}
 	// Inbound to an ambient pod fails fast too.
 	start := time.Now()
-	if c, err := netnstest.Dial(p1.NS, "tcp", ipPort(a1.IP, echoPort), 3*time.Second); err == nil {
+	if c, err := netnstest.Dial(p1.NS, "tcp", ipPort(podIP(a1, v6), echoPort), 3*time.Second); err == nil {
 		c.Close()
 		t.Fatal("non-ambient -> ambient connected with no ztunnel in fail-closed mode")
 	} else if time.Since(start) > time.Second {
@@ -173,22 +209,28 @@ func TestFailClosedFailsFastAndLeaksNothing(t *testing.T) {
 		t.Fatalf("destination reached %d times with no ztunnel", hits.Load())
 	}
 	// Non-ambient traffic is unaffected.
-	roundTrip(t, p1.NS, ipPort(n.plain[1].IP, echoPort))
+	roundTrip(t, p1.NS, ipPort(podIP(n.plain[1], v6), echoPort))
 
 	apply(t, n, n.state(true)) // ztunnel back
 	requireCaptured(t, n, z)
 }
 
 func TestFailOpenFlowsDirect(t *testing.T) {
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) { failOpen(t, fam.v6) })
+	}
+}
+
+func failOpen(t *testing.T, v6 bool) {
 	n, z := oneNode(t, func(c *dataplane.Config) { c.FailMode = dataplane.FailOpen })
 	apply(t, n, n.state(true))
 	requireCaptured(t, n, z)
 	apply(t, n, n.state(false))
 	before := len(z.all(t))
 	a1, p1 := n.ambient[0], n.plain[0]
-	roundTrip(t, a1.NS, ipPort(p1.IP, echoPort))
-	roundTrip(t, a1.NS, ipPort(n.ambient[1].IP, echoPort))
-	roundTrip(t, p1.NS, ipPort(a1.IP, echoPort))
+	roundTrip(t, a1.NS, ipPort(podIP(p1, v6), echoPort))
+	roundTrip(t, a1.NS, ipPort(podIP(n.ambient[1], v6), echoPort))
+	roundTrip(t, p1.NS, ipPort(podIP(a1, v6), echoPort))
 	if after := z.all(t); len(after) != before {
 		t.Fatalf("fail-open still captured: %+v", after[before:])
 	}
@@ -277,9 +319,7 @@ func TestCleanupLeavesNoResidue(t *testing.T) {
 			startZtunnel(t, old)
 			z := startZtunnel(t, n.zt)
 			n.dp = newDataplane(t, n, func(c *dataplane.Config) { c.IPTablesMode = backend; c.DNSCapture = true })
-			for _, p := range n.ambient {
-				netnstest.EchoServer(t, p.NS, ipPort(p.IP, echoPort))
-			}
+			echoServers(t, n.ambient...)
 			st := n.state(true)
 			st.Ztunnel = ztunnelOf(old)
 			apply(t, n, st)
@@ -349,9 +389,7 @@ func TestCleanupTouchesOnlyItsNode(t *testing.T) {
 	for _, n := range nodes {
 		zs[n] = startZtunnel(t, n.zt)
 		n.dp = newDataplane(t, n, nil)
-		for _, p := range n.ambient {
-			netnstest.EchoServer(t, p.NS, ipPort(p.IP, echoPort))
-		}
+		echoServers(t, n.ambient...)
 		apply(t, n, n.state(true))
 	}
 	if _, err := nodes[0].dp.Cleanup(context.Background()); err != nil {
