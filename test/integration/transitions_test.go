@@ -212,6 +212,12 @@ func (s *stream) run(stop <-chan struct{}, wg *sync.WaitGroup) {
 // connection: captured by a ztunnel, reset fast, or reaching its destination
 // directly — which only fail-open without a ztunnel, or cleanup, allows.
 func TestTransitionsNeverLeak(t *testing.T) {
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) { transitions(t, fam.v6) })
+	}
+}
+
+func transitions(t *testing.T, v6 bool) {
 	const rounds = 10
 	_, nodes := cluster(t, 1, 3, 1)
 	n := nodes[0]
@@ -245,11 +251,11 @@ func TestTransitionsNeverLeak(t *testing.T) {
 	n.zt = cur.pod
 
 	streams := []*stream{
-		{name: "ambient->ambient", ns: a1.NS, dst: ipPort(a2.IP, echoPort), seen: sightingEcho(t, a2.NS, ipPort(a2.IP, echoPort))},
-		{name: "plain->ambient", ns: p1.NS, dst: ipPort(a1.IP, echoPort)},
-		{name: "ambient->plain", ns: a2.NS, dst: ipPort(p1.IP, echoPort), seen: sightingEcho(t, p1.NS, ipPort(p1.IP, echoPort))},
+		{name: "ambient->ambient", ns: a1.NS, dst: ipPort(podIP(a2, v6), echoPort), seen: sightingEcho(t, a2.NS, ipPort(podIP(a2, v6), echoPort))},
+		{name: "plain->ambient", ns: p1.NS, dst: ipPort(podIP(a1, v6), echoPort)},
+		{name: "ambient->plain", ns: a2.NS, dst: ipPort(podIP(p1, v6), echoPort), seen: sightingEcho(t, p1.NS, ipPort(podIP(p1, v6), echoPort))},
 	}
-	streams[1].seen = sightingEcho(t, a1.NS, ipPort(a1.IP, echoPort))
+	streams[1].seen = sightingEcho(t, a1.NS, ipPort(podIP(a1, v6), echoPort))
 
 	state := func(zt *ztunnel, withA3 bool) dataplane.State {
 		n.ambient = []*netnstest.Pod{a1, a2}
