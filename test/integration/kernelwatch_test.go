@@ -64,6 +64,9 @@ func TestNetlinkDriftRepairedAtOnce(t *testing.T) {
 		{"ip rule 101", "ip rule del pref 101"},
 		{"ip rule 0 (ours)", "ip rule del pref 0 fwmark 0/0x140 lookup local"},
 		{"tunnel address", "ip addr del 192.168.126.1/30 dev istioin"},
+		{"IPv6 per-pod route", "ip -6 route del " + n.ambient[1].IP6.String() + "/128 table 100"},
+		{"IPv6 ip rule 102", "ip -6 rule del pref 102"},
+		{"IPv6 tunnel address", "ip addr del fd00:a17:127::1/126 dev istioout"},
 		{"tunnel down", "ip link set istioin down"},
 		{"tunnel deleted", "ip link del istioout"},
 	} {
