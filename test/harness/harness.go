@@ -95,6 +95,8 @@ type Pod struct {
 	Net  *netnstest.Pod
 	Obj  *corev1.Pod
 	IP   string
+	// IP6 is its IPv6 address on dual-stack nodes ("" otherwise).
+	IP6 string
 }
 
 func ctx() context.Context { return context.Background() }
@@ -299,6 +301,9 @@ func (e *Env) RunPod(t testing.TB, n *Node, namespace, name string, opts ...PodO
 	} else {
 		kp.Net = n.AddPod(t, strings.ReplaceAll(namespace+"-"+name, "istio-system", "is"))
 		kp.IP = kp.Net.IP.String()
+		if kp.Net.IP6 != nil && !kp.Net.IP6.Equal(kp.Net.IP) {
+			kp.IP6 = kp.Net.IP6.String()
+		}
 		e.Link(kp.Net.NS)
 	}
 	created, err := e.Client.CoreV1().Pods(namespace).Create(ctx(), p, metav1.CreateOptions{})
@@ -307,7 +312,7 @@ func (e *Env) RunPod(t testing.TB, n *Node, namespace, name string, opts ...PodO
 	}
 	now := metav1.Now()
 	created.Status = corev1.PodStatus{
-		Phase: corev1.PodRunning, PodIP: kp.IP, PodIPs: []corev1.PodIP{{IP: kp.IP}}, StartTime: &now,
+		Phase: corev1.PodRunning, PodIP: kp.IP, PodIPs: podIPs(kp), StartTime: &now,
 		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now}},
 	}
 	kp.Obj, err = e.Client.CoreV1().Pods(namespace).UpdateStatus(ctx(), created, metav1.UpdateOptions{})
@@ -315,9 +320,20 @@ func (e *Env) RunPod(t testing.TB, n *Node, namespace, name string, opts ...PodO
 		t.Fatal(err)
 	}
 	if kp.Net != nil {
-		netnstest.EchoServer(t, kp.Net.NS, net.JoinHostPort(kp.IP, fmt.Sprint(EchoPort)))
+		for _, ip := range kp.Net.IPs {
+			netnstest.EchoServer(t, kp.Net.NS, net.JoinHostPort(ip.String(), fmt.Sprint(EchoPort)))
+		}
 	}
 	return kp
+}
+
+// podIPs are a pod's status.podIPs, primary (IPv4) first.
+func podIPs(p *Pod) []corev1.PodIP {
+	out := []corev1.PodIP{{IP: p.IP}}
+	if p.IP6 != "" {
+		out = append(out, corev1.PodIP{IP: p.IP6})
+	}
+	return out
 }
 
 func (e *Env) DeletePod(t testing.TB, p *Pod) {
@@ -363,7 +379,11 @@ func Members(t testing.TB, n *Node) map[string]bool {
 
 func HasRoute(t testing.TB, n *Node, ip string) bool {
 	t.Helper()
-	out, _ := netnstest.ExecErr(n.NS, "ip", "route", "show", "table", "100", ip+"/32")
+	bits := "/32"
+	if strings.Contains(ip, ":") {
+		bits = "/128"
+	}
+	out, _ := netnstest.ExecErr(n.NS, "ip", "route", "show", "table", "100", ip+bits)
 	return strings.TrimSpace(out) != ""
 }
 
@@ -394,7 +414,9 @@ func (e *Env) StartZtunnel(t testing.TB, n *Node, name string) *Ztunnel {
 	var cidrs []string
 	for _, o := range e.C.Nodes {
 		if o.Name != n.Name {
-			cidrs = append(cidrs, o.PodCIDR.String())
+			for _, c := range o.PodCIDRs {
+				cidrs = append(cidrs, c.String())
+			}
 		}
 	}
 	z := &Ztunnel{}
@@ -423,7 +445,7 @@ func (z *Ztunnel) Records(t testing.TB) []record.Record {
 func (z *Ztunnel) Count(t testing.TB, listener int, client, dst string) int {
 	n := 0
 	for _, r := range z.Records(t) {
-		if r.Listener == listener && strings.HasPrefix(r.Client, client+":") && r.OrigDst == dst {
+		if h, _, err := net.SplitHostPort(r.Client); err == nil && r.Listener == listener && h == client && r.OrigDst == dst {
 			n++
 		}
 	}
@@ -445,42 +467,57 @@ func RoundTrip(from *Pod, dst string) error {
 	return nil
 }
 
-// Captured proves from -> to:echo round-trips and is seen by z at listener.
-func Captured(t testing.TB, z *Ztunnel, listener int, from, to *Pod) error {
-	dst := Hostport(to.IP, EchoPort)
-	before := z.Count(t, listener, from.IP, dst)
-	if err := RoundTrip(from, dst); err != nil {
-		return err
+// pairs are the (from, to) address pairs of every family both pods have.
+func pairs(from, to *Pod) [][2]string {
+	out := [][2]string{{from.IP, to.IP}}
+	if from.IP6 != "" && to.IP6 != "" {
+		out = append(out, [2]string{from.IP6, to.IP6})
 	}
-	deadline := time.Now().Add(time.Second)
-	for z.Count(t, listener, from.IP, dst) == before {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s -> %s not recorded at %d", from.IP, dst, listener)
+	return out
+}
+
+// Captured proves from -> to:echo round-trips and is seen by z at listener,
+// in every family both pods have.
+func Captured(t testing.TB, z *Ztunnel, listener int, from, to *Pod) error {
+	for _, p := range pairs(from, to) {
+		src, dst := p[0], Hostport(p[1], EchoPort)
+		before := z.Count(t, listener, src, dst)
+		if err := RoundTrip(from, dst); err != nil {
+			return err
 		}
-		time.Sleep(10 * time.Millisecond)
+		deadline := time.Now().Add(time.Second)
+		for z.Count(t, listener, src, dst) == before {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s -> %s not recorded at %d", src, dst, listener)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 	return nil
 }
 
-// Direct proves from -> to:echo round-trips and no ztunnel of zs saw it.
+// Direct proves from -> to:echo round-trips and no ztunnel of zs saw it, in
+// every family both pods have.
 func Direct(t testing.TB, from, to *Pod, zs ...*Ztunnel) error {
-	dst := Hostport(to.IP, EchoPort)
-	total := func() int {
-		n := 0
-		for _, z := range zs {
-			for _, l := range []int{15001, 15006, 15008} {
-				n += z.Count(t, l, from.IP, dst)
+	for _, p := range pairs(from, to) {
+		src, dst := p[0], Hostport(p[1], EchoPort)
+		total := func() int {
+			n := 0
+			for _, z := range zs {
+				for _, l := range []int{15001, 15006, 15008} {
+					n += z.Count(t, l, src, dst)
+				}
 			}
+			return n
 		}
-		return n
-	}
-	before := total()
-	if err := RoundTrip(from, dst); err != nil {
-		return err
-	}
-	time.Sleep(50 * time.Millisecond)
-	if total() != before {
-		return fmt.Errorf("%s -> %s was captured", from.IP, dst)
+		before := total()
+		if err := RoundTrip(from, dst); err != nil {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+		if total() != before {
+			return fmt.Errorf("%s -> %s was captured", src, dst)
+		}
 	}
 	return nil
 }
