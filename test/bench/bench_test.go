@@ -83,20 +83,37 @@ func spread(vals []time.Duration) string {
 // state (ipset member, table-100 route) is observed for them.
 func fakeIP(i int) string { return fmt.Sprintf("10.250.%d.%d", i/250, 1+i%250) }
 
-// programmed reports whether ip is an ipset member with a table-100 route.
+// v6Of is the IPv6 address a dual-stack bench pod gets next to ip.
+func v6Of(ip string) string {
+	b := net.ParseIP(ip).To4()
+	return net.IP{0xfd, 0, 0x02, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, b[0], b[1], b[2], b[3]}.String()
+}
+
+// programmed reports whether ip and its IPv6 twin are set members with a
+// table-100 route each (a dual-stack pod is 2 members + 2 routes).
 func programmed(h *netlink.Handle, ip string) bool {
-	a := net.ParseIP(ip)
-	ok, err := h.IpsetTest("ztunnel-pods-ips", &netlink.IPSetEntry{IP: a})
-	if err != nil || !ok {
-		return false
+	for _, c := range []struct {
+		set  string
+		ip   net.IP
+		fam  int
+		bits int
+	}{{"ztunnel-pods-ips", net.ParseIP(ip), netlink.FAMILY_V4, 32}, {"ztunnel-pods-ips-v6", net.ParseIP(v6Of(ip)), netlink.FAMILY_V6, 128}} {
+		ok, err := h.IpsetTest(c.set, &netlink.IPSetEntry{IP: c.ip})
+		if err != nil || !ok {
+			return false
+		}
+		rs, err := h.RouteListFiltered(c.fam, &netlink.Route{Table: 100, Dst: &net.IPNet{IP: c.ip, Mask: net.CIDRMask(c.bits, c.bits)}}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_DST)
+		if err != nil || len(rs) == 0 {
+			return false
+		}
 	}
-	rs, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: 100, Dst: &net.IPNet{IP: a, Mask: net.CIDRMask(32, 32)}}, netlink.RT_FILTER_TABLE|netlink.RT_FILTER_DST)
-	return err == nil && len(rs) > 0
+	return true
 }
 
 func gone(h *netlink.Handle, ip string) bool {
 	ok, err := h.IpsetTest("ztunnel-pods-ips", &netlink.IPSetEntry{IP: net.ParseIP(ip)})
-	return err == nil && !ok
+	ok6, err6 := h.IpsetTest("ztunnel-pods-ips-v6", &netlink.IPSetEntry{IP: net.ParseIP(v6Of(ip))})
+	return err == nil && !ok && err6 == nil && !ok6
 }
 
 // waitFor spins on cond, returning how long it took (or false on timeout).
@@ -125,7 +142,7 @@ func podObject(t testing.TB, e *harness.Env, n *harness.Node, name string) *core
 // setIP plays kubelet reporting the pod running with ip; it returns when the
 // status write was sent (the latency clock starts just before it).
 func setIP(t testing.TB, e *harness.Env, p *corev1.Pod, ip string) *corev1.Pod {
-	p.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}}
+	p.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}, {IP: v6Of(ip)}}}
 	up, err := e.Client.CoreV1().Pods(p.Namespace).UpdateStatus(context.Background(), p, metav1.UpdateOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -468,7 +485,7 @@ func writeMarkdown(t *testing.T, path string, res *results) {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "# Benchmarks\n\nNode-scale measurements of the real `ambient-redirect` binary against a real kube-apiserver, ")
-	fmt.Fprintf(&b, "one node in a network namespace, bench pods as API objects (their kernel state is observed through netlink from outside the agent).\n\n")
+	fmt.Fprintf(&b, "one node in a network namespace, dual-stack bench pods as API objects (each pod is 2 set members + 2 routes; their kernel state is observed through netlink from outside the agent).\n\n")
 	fmt.Fprintf(&b, "- date: %s\n- machine: %d cores (%s), kernel %s- Go: %s\n- %s- commit: %s- command: `bash hack/bench.sh`\n- runs per measurement: %d (spread shown as min..max of per-run values)\n\n",
 		time.Now().UTC().Format(time.RFC3339), runtime.NumCPU(), cpu, kernel, runtime.Version(), ipt, rev, *runs)
 	fmt.Fprintf(&b, "| measurement | value | target | |\n|---|---|---|---|\n")
