@@ -711,25 +711,49 @@ func (d *Dataplane) checkForwarding(st State) error {
 // applyPods writes the member and route differences between st and what
 // the last full apply left (kept current by every write since), in the
 // make-before-break order: members, routes in, routes out, members out.
+// Only the pods that changed cost anything beyond a map lookup.
 // A failed write fails the apply, which makes the next one a full read-back.
 func (d *Dataplane) applyPods(st State, f *fastPath, w *writer) error {
 	want := map[Family]map[netip.Addr]string{}
+	var in, out []netip.Addr // addresses joining and leaving
 	for _, fam := range []Family{IPv4, IPv6} {
 		m, err := st.members(fam)
 		if err != nil {
 			return err
 		}
 		want[fam] = m
-		if err := d.addMembers(d.setName(fam), m, f.members[fam], w); err != nil {
+		have := f.members[fam]
+		for a := range m {
+			if _, ok := have[a]; !ok {
+				in = append(in, a)
+			}
+		}
+		for a := range have {
+			if _, ok := m[a]; !ok {
+				out = append(out, a)
+			}
+		}
+		if err := d.addMembers(d.setName(fam), m, have, w); err != nil {
 			return err
 		}
 	}
-	rs := d.nodeRoutes(st, f.zt, f.live, f.in, f.out)
-	if err := addRoutes(d.node.NL, f.routes, rs, w); err != nil {
+	slices.SortFunc(in, netip.Addr.Compare)
+	slices.SortFunc(out, netip.Addr.Compare)
+	var add []netlink.Route
+	for _, a := range in {
+		if r, ok := d.podRoute(a, f.zt, f.in); ok {
+			add = append(add, r)
+		}
+	}
+	if err := addRoutes(d.node.NL, f.routes, add, w); err != nil {
 		return err
 	}
-	if err := pruneRoutes(d.node.NL, f.routes, rs, nil, w); err != nil {
-		return err
+	for _, a := range out {
+		if r, ok := d.podRoute(a, f.zt, f.in); ok {
+			if err := delRoute(d.node.NL, f.routes, r, w); err != nil {
+				return err
+			}
+		}
 	}
 	for _, fam := range []Family{IPv4, IPv6} {
 		if err := d.delMembers(d.setName(fam), want[fam], f.members[fam], w); err != nil {

@@ -57,7 +57,7 @@ func TestDualStackProgramsBothFamilies(t *testing.T) {
 	}
 	ip6, _ := f.ipt6.Save(context.Background(), "mangle")
 	for _, want := range []string{
-		"--match-set ztunnel-pods-ips-v6 src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100",
+		"--match-set ztunnel-pods-ips-v6 src -j MARK --set-xmark 0x100/0x100",
 		"! -s fd00:10:244:1::2/128 -i vethzt -j MARK --set-xmark 0x210/0x1210",
 	} {
 		if !strings.Contains(ip6, want) {

@@ -36,6 +36,16 @@ func (p NodeParams) active() (ZtunnelRef, bool) {
 	return p.Ztunnels[0], true
 }
 
+// syn matches a connection's opening packet (a pure SYN), as iptables-save
+// prints it. Capture is decided on it rather than on conntrack's NEW: a
+// pod reusing the 4-tuple of a connection still in TIME_WAIT sends a SYN
+// that conntrack files under the old entry (not NEW), old connmark
+// included.
+const syn = "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN"
+
+// notSyn is every TCP packet but a pure SYN.
+const notSyn = "-p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN"
+
 // mark renders "0x100/0x100" as iptables-save prints marks.
 func mark(v, mask uint32) string { return fmt.Sprintf("%#x/%#x", v, mask) }
 
@@ -63,6 +73,9 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 	// The tunnel copies the inner mark to the outer packet: never re-mark it.
 	pre = append(pre,
 		fmt.Sprintf("-p udp -m udp --dport %d -j RETURN", p.TunnelPort),
+		// A new connection starts with no connection mark of ours, even on
+		// a reused 4-tuple whose old entry conntrack still keeps.
+		fmt.Sprintf("%s -j CONNMARK --set-xmark 0x0/%#x", syn, m.ConnSkip|m.Proxy|m.Slot),
 		matchConnmark(m.ConnSkip)+" "+setMark(m.Skip),
 		matchMark(m.Skip)+" -j RETURN",
 	)
@@ -91,14 +104,15 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		// before its pod was enrolled, or mid-transition), so it stays
 		// direct, both ways, instead of going to a ztunnel that has no
 		// socket for it.
-		"-m conntrack ! --ctstate NEW "+setMark(m.Skip),
+		notSyn+" -m conntrack ! --ctstate NEW "+setMark(m.Skip),
+		"! -p tcp -m conntrack ! --ctstate NEW "+setMark(m.Skip),
 		"-p udp "+setMark(m.ConnSkip), // UDP is not captured
 		matchMark(m.Skip)+" -j RETURN",
 	)
 	if p.Capture {
 		// Capture is decided on a connection's first packet; later ones
 		// follow the connmark its ztunnel set (0x210 -> 0x040).
-		pre = append(pre, "-p tcp -m set --match-set "+set+" src -m conntrack --ctstate NEW "+setMark(m.Outbound))
+		pre = append(pre, syn+" -m set --match-set "+set+" src "+setMark(m.Outbound))
 	}
 
 	save := []string{saveMark(m.ConnSkip), saveProxy(m)}
@@ -110,7 +124,7 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		matchMark(m.ProxyReturn) + " -j RETURN",
 		// A node connection to an ambient pod keeps the path it began with
 		// (one opened before the pod was enrolled stays direct).
-		fmt.Sprintf("-p tcp -m set --match-set %s dst -m conntrack ! --ctstate NEW %s", set, setMark(m.Skip)),
+		fmt.Sprintf("%s -m set --match-set %s dst -m conntrack ! --ctstate NEW %s", notSyn, set, setMark(m.Skip)),
 	}
 	// TCP resets the node makes itself (REJECT; no socket) for an ambient
 	// pod go straight to it: through table 100 they would vanish into the
@@ -138,7 +152,7 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 		// A later packet of a connection no ztunnel carries (no proxy
 		// connmark): it began before its pod was enrolled.
 		for _, dir := range []string{"src", "dst"} {
-			filterFwd = append(filterFwd, fmt.Sprintf("-p tcp -m set --match-set %s %s -m conntrack ! --ctstate NEW -m connmark ! --mark %s -j REJECT --reject-with tcp-reset", set, dir, mark(m.Proxy, m.Proxy)))
+			filterFwd = append(filterFwd, fmt.Sprintf("%s -m set --match-set %s %s -m connmark ! --mark %s -j REJECT --reject-with tcp-reset", notSyn, set, dir, mark(m.Proxy, m.Proxy)))
 		}
 	}
 	if p.FailClosed {
@@ -148,7 +162,7 @@ func NodeRuleset(cfg Config, p NodeParams) iptables.Ruleset {
 			"-p tcp " + matchMark(m.Outbound) + " -j REJECT --reject-with tcp-reset",
 			// New connections only: a direct one begun while capture was
 			// off (fail open) keeps flowing, replies included.
-			"-p tcp -m set --match-set " + set + " dst -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset",
+			syn + " -m set --match-set " + set + " dst -j REJECT --reject-with tcp-reset",
 		}
 	}
 

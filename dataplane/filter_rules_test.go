@@ -28,6 +28,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -i istioout -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -i istioout -j RETURN
 -A ztunnel-PREROUTING -p udp -m udp --dport 4789 -j RETURN
+-A ztunnel-PREROUTING -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x0/0x1230
 -A ztunnel-PREROUTING -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING ! -i vethzt -m connmark --mark 0x1210/0x1210 -j MARK --set-xmark 0x1000/0x1000
@@ -36,10 +37,11 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING ! -s 10.244.1.2/32 -i vethzt -j MARK --set-xmark 0x210/0x1210
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -i vethzt -j MARK --set-xmark 0x220/0x220
--A ztunnel-PREROUTING -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
+-A ztunnel-PREROUTING -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
+-A ztunnel-PREROUTING ! -p tcp -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -p udp -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
--A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
+-A ztunnel-PREROUTING -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100
 -A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
 -A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x1210 --ctmask 0x1210
 -A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
@@ -47,7 +49,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-OUTPUT -m connmark --mark 0x1210/0x1210 -j MARK --set-xmark 0x1000/0x1000
 -A ztunnel-OUTPUT -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-OUTPUT -m mark --mark 0x40/0x40 -j RETURN
--A ztunnel-OUTPUT -p tcp -m set --match-set ztunnel-pods-ips dst -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
+-A ztunnel-OUTPUT -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips dst -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-OUTPUT -p tcp -m owner ! --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -s 10.244.1.1/32 -p tcp -m owner --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
@@ -75,14 +77,16 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-PREROUTING -i istioout -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -i istioout -j RETURN
 -A ztunnel-PREROUTING -p udp -m udp --dport 4790 -j RETURN
+-A ztunnel-PREROUTING -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x0/0x1230
 -A ztunnel-PREROUTING -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -m mark --mark 0x40/0x40 -j RETURN
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
--A ztunnel-PREROUTING -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
+-A ztunnel-PREROUTING -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
+-A ztunnel-PREROUTING ! -p tcp -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -p udp -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
--A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100
+-A ztunnel-PREROUTING -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100
 -A ztunnel-INPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
 -A ztunnel-INPUT -m mark --mark 0x210/0x210 -j CONNMARK --save-mark --nfmask 0x1210 --ctmask 0x1210
 -A ztunnel-FORWARD -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
@@ -90,7 +94,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 -A ztunnel-OUTPUT -m connmark --mark 0x1210/0x1210 -j MARK --set-xmark 0x1000/0x1000
 -A ztunnel-OUTPUT -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -A ztunnel-OUTPUT -m mark --mark 0x40/0x40 -j RETURN
--A ztunnel-OUTPUT -p tcp -m set --match-set ztunnel-pods-ips dst -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
+-A ztunnel-OUTPUT -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips dst -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-OUTPUT -p tcp -m owner ! --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -p tcp -m owner --socket-exists -m set --match-set ztunnel-pods-ips dst -j MARK --set-xmark 0x220/0x220
 -A ztunnel-OUTPUT -m mark --mark 0x220/0x220 -j CONNMARK --save-mark --nfmask 0x220 --ctmask 0x220
@@ -102,7 +106,7 @@ func TestNodeRulesetGolden(t *testing.T) {
 *filter
 -A FORWARD -m comment --comment ambient-redirect -j ztunnel-FORWARD
 -A ztunnel-FORWARD -p tcp -m mark --mark 0x100/0x100 -j REJECT --reject-with tcp-reset
--A ztunnel-FORWARD -p tcp -m set --match-set ztunnel-pods-ips dst -m conntrack --ctstate NEW -j REJECT --reject-with tcp-reset
+-A ztunnel-FORWARD -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips dst -j REJECT --reject-with tcp-reset
 `,
 	}}
 	for _, c := range cases {
@@ -143,7 +147,7 @@ func TestCustomMarksAreRendered(t *testing.T) {
 	cfg.Marks.Outbound = 0x1000
 	cfg.IPSetName = "my-set"
 	got := NodeRuleset(cfg, NodeParams{TunnelPort: 4789, Capture: true}).Render()
-	if !strings.Contains(got, "--match-set my-set src -m conntrack --ctstate NEW -j MARK --set-xmark 0x1000/0x1000") || strings.Contains(got, "0x100/0x100") {
+	if !strings.Contains(got, "--match-set my-set src -j MARK --set-xmark 0x1000/0x1000") || strings.Contains(got, "0x100/0x100") {
 		t.Fatalf("custom outbound mark or set name not used:\n%s", got)
 	}
 }
@@ -176,6 +180,7 @@ func TestNodeRulesetDuringSwitch(t *testing.T) {
 -i istioout -j MARK --set-xmark 0x200/0x200
 -i istioout -j RETURN
 -p udp -m udp --dport 4789 -j RETURN
+-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j CONNMARK --set-xmark 0x0/0x1230
 -m connmark --mark 0x220/0x220 -j MARK --set-xmark 0x200/0x200
 -m mark --mark 0x200/0x200 -j RETURN
 ! -s 10.244.1.9/32 -i vethnew -j MARK --set-xmark 0x1210/0x1210
@@ -187,10 +192,11 @@ func TestNodeRulesetDuringSwitch(t *testing.T) {
 -m connmark --mark 0x1210/0x1210 -j MARK --set-xmark 0x1000/0x1000
 -m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40
 -m mark --mark 0x40/0x40 -j RETURN
--m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
+-p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
+! -p tcp -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -p udp -j MARK --set-xmark 0x220/0x220
 -m mark --mark 0x200/0x200 -j RETURN
--p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100`
+-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100`
 	if got != want {
 		t.Fatalf("switch rules:\n%s", diffLines(want, got))
 	}
@@ -200,8 +206,8 @@ func TestResetUncapturedRules(t *testing.T) {
 	p := NodeParams{Ztunnels: []ZtunnelRef{{IP: netip.MustParseAddr("10.244.1.2"), Veth: "vethzt"}}, Active: true, TunnelPort: 4789, Capture: true, ResetUncaptured: true}
 	got := strings.Join(NodeRuleset(DefaultConfig(), p)[7].Rules, "\n")
 	want := `-m mark --mark 0x100/0x100 -j ACCEPT
--p tcp -m set --match-set ztunnel-pods-ips src -m conntrack ! --ctstate NEW -m connmark ! --mark 0x210/0x210 -j REJECT --reject-with tcp-reset
--p tcp -m set --match-set ztunnel-pods-ips dst -m conntrack ! --ctstate NEW -m connmark ! --mark 0x210/0x210 -j REJECT --reject-with tcp-reset`
+-p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips src -m connmark ! --mark 0x210/0x210 -j REJECT --reject-with tcp-reset
+-p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips dst -m connmark ! --mark 0x210/0x210 -j REJECT --reject-with tcp-reset`
 	if got != want {
 		t.Fatalf("filter FORWARD:\n%s", diffLines(want, got))
 	}

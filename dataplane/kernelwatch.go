@@ -51,7 +51,9 @@ func (d *Dataplane) aboutOurs(m syscall.NetlinkMessage) bool {
 		return true
 	case unix.RTM_NEWLINK:
 		return len(m.Data) >= unix.SizeofIfInfomsg && slices.Contains([]string{NodeInLink, NodeOutLink}, attrString(m.Data[unix.SizeofIfInfomsg:], unix.IFLA_IFNAME))
-	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
+	case unix.RTM_DELADDR:
+		return true // rare, and IPv6 addresses carry no label to filter on
+	case unix.RTM_NEWADDR:
 		return len(m.Data) >= unix.SizeofIfAddrmsg && slices.Contains([]string{NodeInLink, NodeOutLink}, attrString(m.Data[unix.SizeofIfAddrmsg:], unix.IFA_LABEL))
 	case unix.RTM_NEWROUTE, unix.RTM_DELROUTE:
 		if len(m.Data) < unix.SizeofRtMsg {

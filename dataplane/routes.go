@@ -83,13 +83,27 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, o
 			continue // no ztunnel for this family: as above
 		}
 		members, _ := st.members(f)
-		inPeer, outPeer := d.tunnelPeers(f)
 		for _, a := range sortedAddrs(members) {
-			rs = append(rs, netlink.Route{Table: t.Inbound, Dst: ipNet(netip.PrefixFrom(a, a.BitLen())), Gw: ipOf(inPeer), LinkIndex: linkIndex(in), Src: ipOf(zt.hostIPs[f]), Type: unix.RTN_UNICAST, Protocol: proto})
+			if r, ok := d.podRoute(a, zt, in); ok {
+				rs = append(rs, r)
+			}
 		}
+		_, outPeer := d.tunnelPeers(f)
 		rs = append(rs, netlink.Route{Table: t.Outbound, Dst: ipNet(defaultPrefix(f)), Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto})
 	}
 	return rs
+}
+
+// podRoute is a pod address's inbound route through istioin; none when the
+// ztunnel has no address of its family (or there is no ztunnel).
+func (d *Dataplane) podRoute(a netip.Addr, zt *ztRuntime, in netlink.Link) (netlink.Route, bool) {
+	f := FamilyOf(a)
+	if zt == nil || !zt.ips[f].IsValid() || !slices.Contains(d.fams, f) {
+		return netlink.Route{}, false
+	}
+	inPeer, _ := d.tunnelPeers(f)
+	return netlink.Route{Table: d.cfg.Tables.Inbound, Dst: ipNet(netip.PrefixFrom(a, a.BitLen())), Gw: ipOf(inPeer), LinkIndex: linkIndex(in),
+		Src: ipOf(zt.hostIPs[f]), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)}, true
 }
 
 // slotRoutes send the later packets of a ztunnel's connections
@@ -221,6 +235,20 @@ func addRoutes(nl kernel.Netlink, have map[string]netlink.Route, want []netlink.
 		}
 		have[k] = r
 	}
+	return nil
+}
+
+// delRoute deletes one route of ours, given that the kernel holds have.
+func delRoute(nl kernel.Netlink, have map[string]netlink.Route, r netlink.Route, w *writer) error {
+	k := routeKey(r)
+	cur, ok := have[k]
+	if !ok {
+		return nil
+	}
+	if err := w.do(KindRoute, "del "+routeString(cur), func() error { return ignoreNotExist(nl.RouteDel(&cur)) }); err != nil {
+		return err
+	}
+	delete(have, k)
 	return nil
 }
 

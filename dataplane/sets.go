@@ -76,11 +76,15 @@ func (d *Dataplane) readSets(w *writer) (map[Family]map[netip.Addr]string, error
 // addMembers adds (or re-labels) the members of want the set lacks, given
 // that it holds have (updated in place as writes succeed).
 func (d *Dataplane) addMembers(name string, want, have map[netip.Addr]string, w *writer) error {
-	for _, a := range sortedAddrs(want) {
-		uid := want[a]
-		if cur, ok := have[a]; ok && cur == uid {
-			continue
+	var todo []netip.Addr
+	for a, uid := range want {
+		if cur, ok := have[a]; !ok || cur != uid {
+			todo = append(todo, a)
 		}
+	}
+	slices.SortFunc(todo, netip.Addr.Compare)
+	for _, a := range todo {
+		uid := want[a]
 		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice()), Comment: uid, Replace: true}
 		if err := w.do(KindIPSet, fmt.Sprintf("add %s %s (%s)", name, a, uid), func() error { return d.node.NL.IpsetAdd(name, e) }); err != nil {
 			return err
@@ -92,10 +96,14 @@ func (d *Dataplane) addMembers(name string, want, have map[netip.Addr]string, w 
 
 // delMembers deletes the members of have that want lacks.
 func (d *Dataplane) delMembers(name string, want, have map[netip.Addr]string, w *writer) error {
-	for _, a := range sortedAddrs(have) {
-		if _, ok := want[a]; ok {
-			continue
+	var todo []netip.Addr
+	for a := range have {
+		if _, ok := want[a]; !ok {
+			todo = append(todo, a)
 		}
+	}
+	slices.SortFunc(todo, netip.Addr.Compare)
+	for _, a := range todo {
 		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice())}
 		if err := w.do(KindIPSet, fmt.Sprintf("del %s %s", name, a), func() error { return ignoreNotExist(d.node.NL.IpsetDel(name, e)) }); err != nil {
 			return err

@@ -89,7 +89,7 @@ func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]s
 	}
 	for _, r := range actual["filter"][ChainPrefix+"FORWARD"] {
 		switch {
-		case strings.Contains(r, "REJECT") && strings.Contains(r, "! --ctstate NEW"):
+		case strings.Contains(r, "REJECT") && strings.Contains(r, "-m connmark ! --mark"):
 			p.ResetUncaptured = true
 		case strings.Contains(r, "REJECT"):
 			p.FailClosed = true

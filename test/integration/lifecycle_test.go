@@ -107,7 +107,7 @@ func TestDriftIsRepaired(t *testing.T) {
 		ns   string
 		cmd  string
 	}{
-		{"mangle capture rule", n.NS, "iptables -t mangle -D ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100"},
+		{"mangle capture rule", n.NS, "iptables -t mangle -D ztunnel-PREROUTING -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100"},
 		{"jump from PREROUTING", n.NS, "iptables -t mangle -D PREROUTING -m comment --comment ambient-redirect -j ztunnel-PREROUTING"},
 		{"jump pushed from position 1", n.NS, "iptables -t mangle -I PREROUTING 1 -j ACCEPT"},
 		{"nat chain flushed", n.NS, "iptables -t nat -F ztunnel-PREROUTING"},
@@ -127,7 +127,7 @@ func TestDriftIsRepaired(t *testing.T) {
 		{"IPv6 per-pod route", n.NS, "ip -6 route del " + n.ambient[1].IP6.String() + "/128 table 100"},
 		{"IPv6 table 102 default", n.NS, "ip -6 route del default table 102"},
 		{"IPv6 ipset member", n.NS, "ipset del ztunnel-pods-ips-v6 " + n.ambient[1].IP6.String()},
-		{"IPv6 mangle capture rule", n.NS, "ip6tables -t mangle -D ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips-v6 src -m conntrack --ctstate NEW -j MARK --set-xmark 0x100/0x100"},
+		{"IPv6 mangle capture rule", n.NS, "ip6tables -t mangle -D ztunnel-PREROUTING -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m set --match-set ztunnel-pods-ips-v6 src -j MARK --set-xmark 0x100/0x100"},
 		{"IPv6 tunnel address", n.NS, "ip addr del fd00:a17:126::1/126 dev istioin"},
 		{"IPv6 static neighbour", n.NS, "ip -6 neigh del fd00:a17:127::2 dev istioout"},
 		{"ztunnel rule 20000", zns, "ip rule del pref 20000"},
