@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,7 +9,8 @@ import (
 	"net"
 	"net/netip"
 	"reflect"
-	"sort"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -416,8 +418,8 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 	if err != nil {
 		return dataplane.State{}, nil, nil, err
 	}
-	sort.Slice(pods, func(i, j int) bool {
-		return pods[i].Namespace+"/"+pods[i].Name < pods[j].Namespace+"/"+pods[j].Name
+	slices.SortFunc(pods, func(a, b *corev1.Pod) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
 	var st dataplane.State
 	var statuses []PodStatus
@@ -426,8 +428,11 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 		ok, why := Enrolled(p, ns, c.cfg.Selection)
 		ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[RedirectionAnno]}
 		ips := PodIPs(p)
-		for _, a := range ips {
-			ps.IPs = append(ps.IPs, a.String())
+		for _, a := range p.Status.PodIPs {
+			ps.IPs = append(ps.IPs, a.IP)
+		}
+		if len(ps.IPs) == 0 && p.Status.PodIP != "" {
+			ps.IPs = []string{p.Status.PodIP}
 		}
 		statuses = append(statuses, ps)
 		if ok {
@@ -495,17 +500,22 @@ func (c *Controller) locate(p *corev1.Pod) (*dataplane.Ztunnel, error) {
 // dedupeIPs keeps the first pod claiming an IP (a stale pod object whose IP
 // was reused must not block the new one; both cannot be programmed).
 func dedupeIPs(pods []dataplane.Pod, log *zap.Logger) []dataplane.Pod {
-	seen := map[netip.Addr]string{}
+	seen := make(map[netip.Addr]string, 2*len(pods))
 	out := pods[:0]
 	for _, p := range pods {
-		var ips []netip.Addr
-		for _, a := range p.IPs {
+		ips, dropped := p.IPs, false // copied only when one goes
+		for i, a := range p.IPs {
 			if other, ok := seen[a]; ok {
 				log.Warn("pod IP claimed by two enrolled pods; keeping the first", zap.String("ip", a.String()), zap.String("pod", p.Name), zap.String("other", other))
+				if !dropped {
+					ips, dropped = slices.Clone(p.IPs[:i]), true
+				}
 				continue
 			}
 			seen[a] = p.Name
-			ips = append(ips, a)
+			if dropped {
+				ips = append(ips, a)
+			}
 		}
 		if len(ips) > 0 {
 			p.IPs = ips
