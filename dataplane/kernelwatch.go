@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"net/netip"
 	"slices"
 	"syscall"
 
@@ -42,45 +43,105 @@ func (d *Dataplane) WatchNetlink(ctx context.Context, drifted func()) error {
 	return nil
 }
 
-// aboutOurs selects the netlink messages that may concern our objects.
+// aboutOurs selects the netlink messages that may concern our objects,
+// leaving out the echoes of our own writes: a route event that agrees with
+// what the last apply left (read under the lock, so an apply in progress
+// has finished), and device or address events of devices that are not
+// ours (pods coming and going).
 func (d *Dataplane) aboutOurs(m syscall.NetlinkMessage) bool {
 	switch m.Header.Type {
-	case unix.RTM_DELLINK:
-		// Any device: routes through it go with it, without route events
-		// (a ztunnel's veth).
-		return true
-	case unix.RTM_NEWLINK:
-		return len(m.Data) >= unix.SizeofIfInfomsg && slices.Contains([]string{NodeInLink, NodeOutLink}, attrString(m.Data[unix.SizeofIfInfomsg:], unix.IFLA_IFNAME))
-	case unix.RTM_DELADDR:
-		return true // rare, and IPv6 addresses carry no label to filter on
-	case unix.RTM_NEWADDR:
-		return len(m.Data) >= unix.SizeofIfAddrmsg && slices.Contains([]string{NodeInLink, NodeOutLink}, attrString(m.Data[unix.SizeofIfAddrmsg:], unix.IFA_LABEL))
+	case unix.RTM_NEWLINK, unix.RTM_DELLINK:
+		if len(m.Data) < unix.SizeofIfInfomsg {
+			return true
+		}
+		idx := int(binary.NativeEndian.Uint32(m.Data[4:8]))
+		name := attrString(m.Data[unix.SizeofIfInfomsg:], unix.IFLA_IFNAME)
+		return slices.Contains([]string{NodeInLink, NodeOutLink}, name) || d.ourDevice(idx)
+	case unix.RTM_NEWADDR, unix.RTM_DELADDR:
+		if len(m.Data) < unix.SizeofIfAddrmsg {
+			return true
+		}
+		return d.ourDevice(int(binary.NativeEndian.Uint32(m.Data[4:8])))
 	case unix.RTM_NEWROUTE, unix.RTM_DELROUTE:
 		if len(m.Data) < unix.SizeofRtMsg {
-			return false
+			return true
 		}
 		t := d.cfg.Tables
 		table, proto := int(m.Data[4]), int(m.Data[5])
-		return proto == d.cfg.RouteProtocol || slices.Contains([]int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2}, table)
+		if proto != d.cfg.RouteProtocol && !slices.Contains([]int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2}, table) {
+			return false
+		}
+		return !d.knownRoute(m, m.Header.Type == unix.RTM_NEWROUTE)
 	case unix.RTM_NEWRULE, unix.RTM_DELRULE:
 		return true // rare; the comparison decides
 	}
 	return false
 }
 
+// ourDevice reports a device the last apply uses: a tunnel or the veth of
+// a ztunnel that holds connections.
+func (d *Dataplane) ourDevice(idx int) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f := d.fast
+	if f == nil {
+		return false
+	}
+	for _, l := range []netlink.Link{f.in, f.out} {
+		if l != nil && l.Attrs().Index == idx {
+			return true
+		}
+	}
+	return slices.ContainsFunc(f.live, func(z *ztRuntime) bool { return z.veth.Attrs().Index == idx })
+}
+
+// knownRoute reports a route event that agrees with what the last apply
+// left: an added route of ours it holds, or a deleted one it no longer
+// holds. Anything it cannot tell is not known.
+func (d *Dataplane) knownRoute(m syscall.NetlinkMessage, added bool) bool {
+	family, dstLen, table, proto := int(m.Data[0]), int(m.Data[1]), int(m.Data[4]), int(m.Data[5])
+	dst := "0.0.0.0/0"
+	if family == unix.AF_INET6 {
+		dst = "::/0"
+	}
+	if raw := attrBytes(m.Data[unix.SizeofRtMsg:], unix.RTA_DST); raw != nil {
+		a, ok := netip.AddrFromSlice(raw)
+		if !ok {
+			return false
+		}
+		dst = netip.PrefixFrom(a.Unmap(), dstLen).String()
+	}
+	if t := attrBytes(m.Data[unix.SizeofRtMsg:], unix.RTA_TABLE); len(t) == 4 {
+		table = int(binary.NativeEndian.Uint32(t))
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.fast == nil {
+		return true // no apply to compare with: the next one reads everything
+	}
+	_, held := d.fast.routes[fmt.Sprintf("table %d %s", table, dst)]
+	return held == added && (proto == d.cfg.RouteProtocol || !added)
+}
+
 // attrString returns a string attribute of a netlink message body.
 func attrString(b []byte, typ uint16) string {
+	return string(trimNUL(attrBytes(b, typ)))
+}
+
+// attrBytes returns the payload of an attribute of a netlink message body,
+// nil when absent.
+func attrBytes(b []byte, typ uint16) []byte {
 	for len(b) >= 4 {
 		l := int(binary.NativeEndian.Uint16(b[0:2]))
 		if l < 4 || l > len(b) {
-			return ""
+			return nil
 		}
 		if binary.NativeEndian.Uint16(b[2:4])&0x3fff == typ {
-			return string(trimNUL(b[4:l]))
+			return b[4:l]
 		}
 		b = b[min(len(b), (l+3)&^3):]
 	}
-	return ""
+	return nil
 }
 
 // nodeDrift compares the node's links, addresses, routes and rules of ours
