@@ -75,7 +75,10 @@ func (tl *timeline) transition(t *testing.T, what string, next allowed, f func()
 	tl.mu.Lock()
 	cur := tl.segs[len(tl.segs)-1].ok
 	tl.mu.Unlock()
-	both := allowed{}
+	// While it is written, a connection may see either side, or be reset
+	// fast if it was mid-handshake through a ztunnel being taken away:
+	// never leak, never stall.
+	both := allowed{reset: true}
 	for o := range cur {
 		both[o] = true
 	}
@@ -397,7 +400,8 @@ func classify(p probe, seen *sightings, captures map[string][]time.Time) outcome
 		// listener accepts for another address (its record may be lost if
 		// it was killed before writing it).
 		return captured
-	case errors.Is(p.err, syscall.ECONNREFUSED) && p.took < resetWithin:
+	case (errors.Is(p.err, syscall.ECONNREFUSED) || errors.Is(p.err, syscall.ECONNRESET)) && p.took < resetWithin:
+		// A reset before or right after the handshake: failed fast.
 		return reset
 	}
 	return stalled
