@@ -166,9 +166,8 @@ func markedProcesses(marker string, grace time.Duration) []string {
 }
 
 var (
-	reCounters = regexp.MustCompile(`\[\d+:\d+\]`)
-	rePackets  = regexp.MustCompile(`packets \d+ bytes \d+`)
-	reExpires  = regexp.MustCompile(`expires \d+sec`)
+	rePackets = regexp.MustCompile(`packets \d+ bytes \d+`)
+	reExpires = regexp.MustCompile(`expires \d+sec`)
 )
 
 // rootState reads (never writes) the root netns: iptables and ip6tables
@@ -194,7 +193,9 @@ func rootState(t *testing.T) string {
 		s := string(o)
 		switch {
 		case strings.HasSuffix(c[0], "-save"):
-			s = normSave(s)
+			// Tables that hold nothing go: a module loaded for a netns
+			// instantiates empty tables in every netns, root too.
+			s = netnstest.NormIptables(s)
 		case c[0] == "nft":
 			s = rePackets.ReplaceAllString(s, "")
 		case c[1] == "-o":
@@ -209,33 +210,4 @@ func rootState(t *testing.T) string {
 		b.WriteString("### " + strings.Join(c, " ") + "\n" + reExpires.ReplaceAllString(s, "") + "\n")
 	}
 	return b.String()
-}
-
-// normSave drops comments, counters and tables that hold nothing (a module
-// loaded for a netns instantiates empty tables in every netns, root too).
-func normSave(s string) string {
-	var out, table []string
-	empty := true
-	for _, l := range strings.Split(s, "\n") {
-		l = strings.TrimSpace(l)
-		if l == "" || strings.HasPrefix(l, "#") {
-			continue
-		}
-		l = reCounters.ReplaceAllString(l, "[0:0]")
-		switch {
-		case strings.HasPrefix(l, "*"):
-			table, empty = []string{l}, true
-		case l == "COMMIT":
-			if !empty {
-				out = append(out, append(table, l)...)
-			}
-			table = nil
-		default:
-			if !(strings.HasPrefix(l, ":") && strings.HasSuffix(l, " ACCEPT [0:0]")) {
-				empty = false
-			}
-			table = append(table, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }

@@ -187,10 +187,10 @@ func Dump(t testing.TB, ns string) string {
 	section("ip link", normLinks, "ip", "-d", "-j", "link", "show")
 	section("ip neigh permanent", sortedLines, "ip", "neigh", "show", "nud", "permanent")
 	section("tc qdisc", sortedLines, "tc", "qdisc", "show")
-	section("iptables-nft-save", normIptables, "iptables-nft-save")
-	section("ip6tables-nft-save", normIptables, "ip6tables-nft-save")
-	section("iptables-legacy-save", normIptables, "iptables-legacy-save")
-	section("ip6tables-legacy-save", normIptables, "ip6tables-legacy-save")
+	section("iptables-nft-save", NormIptables, "iptables-nft-save")
+	section("ip6tables-nft-save", NormIptables, "ip6tables-nft-save")
+	section("iptables-legacy-save", NormIptables, "iptables-legacy-save")
+	section("ip6tables-legacy-save", NormIptables, "ip6tables-legacy-save")
 	section("nft list ruleset", normNft, "nft", "list", "ruleset")
 	section("ipset list", normIpset, "ipset", "list")
 	return b.String()
@@ -276,10 +276,10 @@ func normLinks(s string) string {
 	return strings.Join(out, "\n")
 }
 
-// normIptables drops comments and counters, and tables that hold nothing:
+// NormIptables drops comments and counters, and tables that hold nothing:
 // only built-in chains with policy ACCEPT and no rules. Such a table is no
 // state (a legacy table, once instantiated in a netns, cannot be removed).
-func normIptables(s string) string {
+func NormIptables(s string) string {
 	var out, table []string
 	empty := true
 	for _, l := range nonEmptyLines(s) {
@@ -306,7 +306,7 @@ func normIptables(s string) string {
 }
 
 // normNft drops comments, handles and counters, and tables whose chains are
-// only empty base chains with policy accept (see normIptables).
+// only empty base chains with policy accept (see NormIptables).
 func normNft(s string) string {
 	var out, table []string
 	empty := true
