@@ -18,13 +18,15 @@ if [[ "$(id -u)" -ne 0 ]]; then
 fi
 # Go's official tarball installs here; root's PATH often lacks it.
 PATH="$PATH:/usr/local/go/bin"
-missing=()
-for c in go ip iptables ipset; do
-	command -v "$c" >/dev/null 2>&1 || missing+=("$c")
-done
-if ((${#missing[@]})); then
-	echo "hack/demo.sh: missing ${missing[*]} (apt-get install iproute2 iptables ipset; Go from go.dev/dl)" >&2
+if ! command -v go >/dev/null 2>&1; then
+	echo "hack/demo.sh: Go is missing (go.dev/dl)" >&2
 	exit 1
+fi
+# The pods are wired by the real ptp + host-local CNI plugins, as kindnet does.
+if ! command -v iptables >/dev/null 2>&1 || ! command -v ipset >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1 || [[ ! -x /usr/lib/cni/ptp ]]; then
+	echo "[0/5] installing iproute2 iptables ipset containernetworking-plugins (apt-get)"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq && apt-get install -y -qq iproute2 iptables ipset containernetworking-plugins >/dev/null
 fi
 
 began=$SECONDS
@@ -35,7 +37,7 @@ go build -o bin/ar-demo ./test/demo
 echo "      done in $((SECONDS - began))s"
 
 began=$SECONDS
-echo "[2/5] control plane: etcd + kube-apiserver from the Go module proxy (hack/build-control-plane.sh; instant when cached, ~18 min the first time on 2 cores)"
+echo "[2/5] control plane: etcd, kube-apiserver and kube-proxy from the Go module proxy (hack/build-control-plane.sh; instant when cached, ~18 min the first time on 2 cores)"
 AR_CONTROL_PLANE_DIR="$(bash hack/build-control-plane.sh)"
 export AR_CONTROL_PLANE_DIR
 echo "      done in $((SECONDS - began))s: $AR_CONTROL_PLANE_DIR"
