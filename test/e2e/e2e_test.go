@@ -420,3 +420,67 @@ func cleanup(t *testing.T, n *harness.Node, args ...string) (stdout, stderr stri
 	t.Logf("cleanup stdout: %s\nstderr: %s", out.String(), errb.String())
 	return out.String(), errb.String()
 }
+
+// TestCleanupCommandOnEachNode: the uninstall Job runs cleanup with the
+// DaemonSet's arguments on every node; each run cleans its own node only
+// (kernel and annotations), the other node keeps capturing until its turn.
+func TestCleanupCommandOnEachNode(t *testing.T) {
+	e := harness.New(t, 2, bins)
+	type nodePods struct {
+		n      *harness.Node
+		a1, a2 *harness.Pod
+		before map[string]string // netns -> dump before the agent
+	}
+	var nodes []*nodePods
+	for _, n := range e.Nodes {
+		np := &nodePods{n: n, a1: e.RunPod(t, n, harness.AmbientNS, "a1-"+n.Name), a2: e.RunPod(t, n, harness.AmbientNS, "a2-"+n.Name)}
+		np.before = map[string]string{n.NS: netnstest.Dump(t, n.NS), n.ZT.Pod.Net.NS: netnstest.Dump(t, n.ZT.Pod.Net.NS)}
+		nodes = append(nodes, np)
+	}
+	enabled := func(np *nodePods) int {
+		c := 0
+		for _, p := range []*harness.Pod{np.a1, np.a2} {
+			if e.Annotation(t, p) == controller.RedirectionEnabled {
+				c++
+			}
+		}
+		return c
+	}
+	for _, np := range nodes {
+		e.StartAgent(t, np.n)
+		harness.Eventually(t, 5*time.Second, func() error {
+			if c := enabled(np); c != 2 {
+				return fmt.Errorf("%s: %d pods annotated", np.n.Name, c)
+			}
+			return harness.Captured(t, np.n.ZT, 15001, np.a1, np.a2)
+		})
+	}
+	for i, np := range nodes {
+		e.StopAgent(np.n)
+		stdout, _ := cleanup(t, np.n, "--node-name", np.n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir,
+			"--resync-period", "2s", "--debug-addr", harness.DebugAddr, "--fail-mode", "closed")
+		if !strings.Contains(stdout, "removed the redirection annotation from 2 pods") {
+			t.Fatalf("%s: cleanup stdout: %s", np.n.Name, stdout)
+		}
+		for ns, before := range np.before {
+			if after := netnstest.Dump(t, ns); after != before {
+				t.Fatalf("%s: residue in %s:\n%s", np.n.Name, ns, netnstest.LineDiff(before, after))
+			}
+		}
+		if c := enabled(np); c != 0 {
+			t.Fatalf("%s: %d pods keep the annotation after cleanup", np.n.Name, c)
+		}
+		if err := harness.Direct(t, np.a1, np.a2, np.n.ZT); err != nil {
+			t.Fatal(err)
+		}
+		for _, other := range nodes[i+1:] {
+			// Not yet cleaned: untouched, still captured and annotated.
+			if c := enabled(other); c != 2 {
+				t.Fatalf("cleanup of %s removed %s's annotations", np.n.Name, other.n.Name)
+			}
+			if err := harness.Captured(t, other.n.ZT, 15001, other.a1, other.a2); err != nil {
+				t.Fatalf("cleanup of %s broke %s: %v", np.n.Name, other.n.Name, err)
+			}
+		}
+	}
+}
