@@ -100,16 +100,16 @@ func (d *Dataplane) ourDevice(idx int) bool {
 // holds. Anything it cannot tell is not known.
 func (d *Dataplane) knownRoute(m syscall.NetlinkMessage, added bool) bool {
 	family, dstLen, table, proto := int(m.Data[0]), int(m.Data[1]), int(m.Data[4]), int(m.Data[5])
-	dst := "0.0.0.0/0"
+	dst := defaultPrefix(IPv4)
 	if family == unix.AF_INET6 {
-		dst = "::/0"
+		dst = defaultPrefix(IPv6)
 	}
 	if raw := attrBytes(m.Data[unix.SizeofRtMsg:], unix.RTA_DST); raw != nil {
 		a, ok := netip.AddrFromSlice(raw)
 		if !ok {
 			return false
 		}
-		dst = netip.PrefixFrom(a.Unmap(), dstLen).String()
+		dst = netip.PrefixFrom(a.Unmap(), dstLen)
 	}
 	if t := attrBytes(m.Data[unix.SizeofRtMsg:], unix.RTA_TABLE); len(t) == 4 {
 		table = int(binary.NativeEndian.Uint32(t))
@@ -119,7 +119,7 @@ func (d *Dataplane) knownRoute(m syscall.NetlinkMessage, added bool) bool {
 	if d.fast == nil {
 		return true // no apply to compare with: the next one reads everything
 	}
-	_, held := d.fast.routes[fmt.Sprintf("table %d %s", table, dst)]
+	_, held := d.fast.routes[routeKey(netlink.Route{Table: table, Dst: ipNet(dst)})]
 	return held == added && (proto == d.cfg.RouteProtocol || !added)
 }
 
