@@ -73,10 +73,8 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 // the directory (several nodes on one host) are never touched.
 func (d *Dataplane) ztunnelNamespaces() []string {
 	set := map[string]bool{}
-	for _, p := range append([]string{d.lastZtNS}, d.liveNS...) {
-		if p != "" {
-			set[p] = true
-		}
+	for _, p := range d.liveNS {
+		set[p] = true
 	}
 	peers := map[int]bool{}
 	if links, err := d.node.NL.LinkList(); err == nil {

@@ -457,10 +457,10 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	}
 	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
 	live := d.assignSlots(zt, draining, routes)
-	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*nodeRules{}
+	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*ruleWriter{}
 	for _, f := range d.fams {
 		next[f] = d.nodeParams(zt, live, f)
-		rules[f] = &nodeRules{d: d, f: f, ctx: ctx, w: w}
+		rules[f] = &ruleWriter{d: d, f: f, ctx: ctx, w: w}
 		switch {
 		case w.dry:
 			prev[f] = next[f]
@@ -571,8 +571,8 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		liveNS = append(liveNS, z.spec.NetNS)
 	}
 	if !w.dry {
-		for _, old := range append([]string{d.lastZtNS}, d.liveNS...) {
-			if old == "" || slices.Contains(liveNS, old) {
+		for _, old := range d.liveNS { // the active one's (lastZtNS) among them
+			if slices.Contains(liveNS, old) {
 				continue
 			}
 			// A ztunnel that holds no connections any more may still run:
@@ -657,9 +657,9 @@ func (d *Dataplane) slotTable(slot int) int {
 	return d.cfg.Tables.ProxyReturn
 }
 
-// nodeRules writes the node's iptables rules of one family for one step of
-// a transition, skipping a step whose rules equal the previous one's.
-type nodeRules struct {
+// ruleWriter writes the node's iptables rules of one family for one step
+// of a transition, skipping a step whose rules equal the previous one's.
+type ruleWriter struct {
 	d       *Dataplane
 	f       Family
 	ctx     context.Context
@@ -667,7 +667,7 @@ type nodeRules struct {
 	written string
 }
 
-func (r *nodeRules) write(p NodeParams) error {
+func (r *ruleWriter) write(p NodeParams) error {
 	rs := NodeRuleset(r.d.cfg, p)
 	rendered := rs.Render()
 	if rendered == r.written {
