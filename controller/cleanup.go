@@ -6,11 +6,24 @@ import (
 	"errors"
 	"fmt"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 )
+
+// patchRedirection sets the redirection annotation of pod to value (nil
+// removes it: JSON null); a resourceVersion makes the patch conditional.
+func patchRedirection(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, value any, resourceVersion string) error {
+	meta := map[string]any{"annotations": map[string]any{RedirectionAnno: value}}
+	if resourceVersion != "" {
+		meta["resourceVersion"] = resourceVersion
+	}
+	patch, _ := json.Marshal(map[string]any{"metadata": meta})
+	_, err := client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+	return err
+}
 
 // RemoveAnnotations removes RedirectionAnno=enabled from node's pods (for
 // `cleanup`, once the kernel no longer redirects them) and returns how many
@@ -36,11 +49,7 @@ func RemoveAnnotations(ctx context.Context, client kubernetes.Interface, node st
 			}
 			// The resourceVersion makes the patch conditional: a pod changed
 			// since the list (perhaps opted out) is listed again, not patched.
-			patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{
-				"resourceVersion": p.ResourceVersion,
-				"annotations":     map[string]any{RedirectionAnno: nil}, // JSON null removes the key
-			}})
-			_, err := client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+			err := patchRedirection(ctx, client, &p, nil, p.ResourceVersion)
 			switch {
 			case err == nil:
 				removed++

@@ -3,7 +3,6 @@ package controller
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -674,8 +673,7 @@ func (c *Controller) syncAnnotations(ctx context.Context) error {
 		default:
 			continue // in place, or an opt-out ("disabled") we never touch
 		}
-		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{RedirectionAnno: value}}})
-		_, err := c.client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+		err := patchRedirection(ctx, c.client, p, value, "")
 		if err != nil && !apierrors.IsNotFound(err) {
 			errs = append(errs, fmt.Errorf("annotate %s/%s: %w", p.Namespace, p.Name, err))
 		}
