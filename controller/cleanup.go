@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -16,7 +17,7 @@ import (
 // patchRedirection sets the redirection annotation of pod to value (nil
 // removes it: JSON null); a resourceVersion makes the patch conditional.
 func patchRedirection(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, value any, resourceVersion string) error {
-	meta := map[string]any{"annotations": map[string]any{RedirectionAnno: value}}
+	meta := map[string]any{"annotations": map[string]any{selection.RedirectionAnno: value}}
 	if resourceVersion != "" {
 		meta["resourceVersion"] = resourceVersion
 	}
@@ -25,7 +26,7 @@ func patchRedirection(ctx context.Context, client kubernetes.Interface, pod *cor
 	return err
 }
 
-// RemoveAnnotations removes RedirectionAnno=enabled from node's pods (for
+// RemoveAnnotations removes selection.RedirectionAnno=enabled from node's pods (for
 // `cleanup`, once the kernel no longer redirects them) and returns how many
 // pods lost it. An opt-out ("disabled") is never touched.
 func RemoveAnnotations(ctx context.Context, client kubernetes.Interface, node string) (int, error) {
@@ -41,7 +42,7 @@ func RemoveAnnotations(ctx context.Context, client kubernetes.Interface, node st
 		var errs []error
 		conflicts := 0
 		for _, p := range list.Items {
-			if p.Spec.NodeName != node || p.Annotations[RedirectionAnno] != RedirectionEnabled {
+			if p.Spec.NodeName != node || p.Annotations[selection.RedirectionAnno] != selection.RedirectionEnabled {
 				continue
 			}
 			if ctx.Err() != nil {

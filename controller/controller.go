@@ -24,6 +24,7 @@ import (
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
 
@@ -42,7 +43,7 @@ type Dataplane interface {
 
 // Config of the controller.
 type Config struct {
-	Selection    SelectionOptions
+	Selection    selection.Options
 	ResyncPeriod time.Duration
 	// MaxBackoff bounds the retry delay after a failed sync.
 	MaxBackoff time.Duration
@@ -261,9 +262,9 @@ func minimalPod(obj any) (any, error) {
 		return stripManagedFields(obj)
 	}
 	keep := map[string]string{}
-	for _, k := range []string{RedirectionAnno, SidecarStatusAnno} {
+	for _, k := range []string{selection.RedirectionAnno, selection.SidecarStatusAnno} {
 		if v, ok := p.Annotations[k]; ok {
-			if k == SidecarStatusAnno && v != "" {
+			if k == selection.SidecarStatusAnno && v != "" {
 				v = "present" // only its presence matters; the value can be large
 			}
 			keep[k] = v
@@ -424,9 +425,9 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 	var statuses []PodStatus
 	for _, p := range pods {
 		ns, _ := nsLister.Get(p.Namespace)
-		ok, why := Enrolled(p, ns, c.cfg.Selection)
-		ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[RedirectionAnno]}
-		ips := PodIPs(p)
+		ok, why := selection.Enrolled(p, ns, c.cfg.Selection)
+		ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[selection.RedirectionAnno]}
+		ips := selection.PodIPs(p)
 		for _, a := range p.Status.PodIPs {
 			ps.IPs = append(ps.IPs, a.IP)
 		}
@@ -439,8 +440,8 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 		}
 	}
 	st.Pods = dedupeIPs(st.Pods, c.log)
-	zt := PickZtunnel(pods, c.cfg.Selection)
-	for _, p := range DrainingZtunnels(pods, c.cfg.Selection, zt) {
+	zt := selection.PickZtunnel(pods, c.cfg.Selection)
+	for _, p := range selection.DrainingZtunnels(pods, c.cfg.Selection, zt) {
 		z, err := c.locate(p)
 		if err != nil {
 			// Gone (no veth or netns), or not found this time: keep what
@@ -455,7 +456,7 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 		return st, statuses, nil, nil
 	}
 	zs := &ZtunnelStatus{Pod: zt.Namespace + "/" + zt.Name}
-	ip := PodIPs(zt)[0] // its primary address (PickZtunnel: it has one)
+	ip := selection.PodIPs(zt)[0] // its primary address (selection.PickZtunnel: it has one)
 	zs.IP = ip.String()
 	veth, nsPath, err := c.dp.LocateZtunnel(net.IP(ip.AsSlice()))
 	zs.HostVeth, zs.NetNS = veth, nsPath
@@ -464,7 +465,7 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 		zs.Error = err.Error()
 		return st, statuses, zs, fmt.Errorf("ztunnel %s: %w", zs.Pod, err)
 	}
-	st.Ztunnel = &dataplane.Ztunnel{Pod: zs.Pod, IPs: PodIPs(zt), HostVeth: veth, NetNS: nsPath}
+	st.Ztunnel = &dataplane.Ztunnel{Pod: zs.Pod, IPs: selection.PodIPs(zt), HostVeth: veth, NetNS: nsPath}
 	return st, statuses, zs, nil
 }
 
@@ -485,7 +486,7 @@ func (c *Controller) appliedDraining(pod string) *dataplane.Ztunnel {
 
 // locate finds a ztunnel pod's host veth and netns.
 func (c *Controller) locate(p *corev1.Pod) (*dataplane.Ztunnel, error) {
-	ips := PodIPs(p)
+	ips := selection.PodIPs(p)
 	if len(ips) == 0 {
 		return nil, fmt.Errorf("ztunnel %s/%s has no address", p.Namespace, p.Name)
 	}
@@ -662,13 +663,13 @@ func (c *Controller) syncAnnotations(ctx context.Context) error {
 	c.mu.Unlock()
 	var errs []error
 	for _, p := range pods {
-		cur := p.Annotations[RedirectionAnno]
+		cur := p.Annotations[selection.RedirectionAnno]
 		want := programmed[p.UID]
 		var value any
 		switch {
 		case want && cur == "":
-			value = RedirectionEnabled
-		case !want && cur == RedirectionEnabled:
+			value = selection.RedirectionEnabled
+		case !want && cur == selection.RedirectionEnabled:
 			value = nil // JSON null removes the key
 		default:
 			continue // in place, or an opt-out ("disabled") we never touch

@@ -20,6 +20,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
 
@@ -85,7 +86,7 @@ func TestDriftRepairsCountOnlyRestoredState(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	client := fake.NewClientset(
-		ns("apps", map[string]string{DataplaneModeLabel: DataplaneModeAmbient}),
+		ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}),
 		pod(),
 	)
 	m := NewMetrics()
@@ -156,18 +157,18 @@ func TestDriftRepairsCountOnlyRestoredState(t *testing.T) {
 func TestRemoveAnnotations(t *testing.T) {
 	ctx := context.Background()
 	anno := func(v string) func(*corev1.Pod) {
-		return func(p *corev1.Pod) { p.Annotations = map[string]string{RedirectionAnno: v, "keep": "me"} }
+		return func(p *corev1.Pod) { p.Annotations = map[string]string{selection.RedirectionAnno: v, "keep": "me"} }
 	}
 	named := func(name string) func(*corev1.Pod) {
 		return func(p *corev1.Pod) { p.Name, p.UID, p.ResourceVersion = name, types.UID("uid-"+name), "1" }
 	}
 	client := fake.NewClientset(
-		pod(named("enabled-1"), anno(RedirectionEnabled)),
-		pod(named("enabled-2"), anno(RedirectionEnabled)),
-		pod(named("racing"), anno(RedirectionEnabled)), // opted out between list and patch
-		pod(named("disabled"), anno(RedirectionDisabled)),
+		pod(named("enabled-1"), anno(selection.RedirectionEnabled)),
+		pod(named("enabled-2"), anno(selection.RedirectionEnabled)),
+		pod(named("racing"), anno(selection.RedirectionEnabled)), // opted out between list and patch
+		pod(named("disabled"), anno(selection.RedirectionDisabled)),
 		pod(named("plain")),
-		pod(named("other-node"), anno(RedirectionEnabled), func(p *corev1.Pod) { p.Spec.NodeName = "n2" }),
+		pod(named("other-node"), anno(selection.RedirectionEnabled), func(p *corev1.Pod) { p.Spec.NodeName = "n2" }),
 	)
 	raced := false
 	client.PrependReactor("patch", "pods", func(a k8stesting.Action) (bool, runtime.Object, error) {
@@ -179,7 +180,7 @@ func TestRemoveAnnotations(t *testing.T) {
 		if err != nil {
 			return true, nil, err
 		}
-		p.(*corev1.Pod).Annotations[RedirectionAnno] = RedirectionDisabled
+		p.(*corev1.Pod).Annotations[selection.RedirectionAnno] = selection.RedirectionDisabled
 		if err := client.Tracker().Update(schema.GroupVersionResource{Version: "v1", Resource: "pods"}, p, "apps"); err != nil {
 			return true, nil, err
 		}
@@ -189,13 +190,13 @@ func TestRemoveAnnotations(t *testing.T) {
 	if err != nil || n != 2 {
 		t.Fatalf("removed %d, %v; want 2", n, err)
 	}
-	want := map[string]string{"enabled-1": "", "enabled-2": "", "racing": RedirectionDisabled, "disabled": RedirectionDisabled, "plain": "", "other-node": RedirectionEnabled}
+	want := map[string]string{"enabled-1": "", "enabled-2": "", "racing": selection.RedirectionDisabled, "disabled": selection.RedirectionDisabled, "plain": "", "other-node": selection.RedirectionEnabled}
 	for name, v := range want {
 		p, err := client.CoreV1().Pods("apps").Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got, ok := p.Annotations[RedirectionAnno]; got != v || (v == "" && ok) {
+		if got, ok := p.Annotations[selection.RedirectionAnno]; got != v || (v == "" && ok) {
 			t.Errorf("%s: annotation %q (present %v), want %q", name, got, ok, v)
 		}
 		if name != "plain" && p.Annotations["keep"] != "me" {

@@ -6,14 +6,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 )
 
-func selOpts() SelectionOptions {
+func selOpts() selection.Options {
 	sel, _ := labels.Parse("app=ztunnel")
-	return SelectionOptions{NodeName: "n1", ExcludeNamespaces: []string{"kube-system"}, ZtunnelNamespace: "istio-system", ZtunnelSelector: sel}
+	return selection.Options{NodeName: "n1", ExcludeNamespaces: []string{"kube-system"}, ZtunnelNamespace: "istio-system", ZtunnelSelector: sel}
 }
 
 func pod(mut ...func(*corev1.Pod)) *corev1.Pod {
@@ -33,7 +34,7 @@ func ns(name string, lbl map[string]string) *corev1.Namespace {
 }
 
 func TestEnrolled(t *testing.T) {
-	ambientNS := ns("apps", map[string]string{DataplaneModeLabel: DataplaneModeAmbient})
+	ambientNS := ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient})
 	plainNS := ns("apps", nil)
 	now := metav1.Now()
 	cases := []struct {
@@ -43,30 +44,30 @@ func TestEnrolled(t *testing.T) {
 		want   bool
 		reason string
 	}{
-		{"namespace label", pod(), ambientNS, true, ReasonEnrolledNamespace},
-		{"pod label in plain namespace", pod(func(p *corev1.Pod) { p.Labels = map[string]string{DataplaneModeLabel: "ambient"} }), plainNS, true, ReasonEnrolledPodLabel},
-		{"pod label with namespace not cached", pod(func(p *corev1.Pod) { p.Labels = map[string]string{DataplaneModeLabel: "ambient"} }), nil, true, ReasonEnrolledPodLabel},
-		{"plain namespace", pod(), plainNS, false, ReasonNotAmbient},
-		{"namespace unknown", pod(), nil, false, ReasonNamespaceUnknown},
-		{"other node", pod(func(p *corev1.Pod) { p.Spec.NodeName = "n2" }), ambientNS, false, ReasonOtherNode},
-		{"hostNetwork", pod(func(p *corev1.Pod) { p.Spec.HostNetwork = true }), ambientNS, false, ReasonHostNetwork},
-		{"terminating", pod(func(p *corev1.Pod) { p.DeletionTimestamp = &now }), ambientNS, false, ReasonTerminating},
-		{"succeeded", pod(func(p *corev1.Pod) { p.Status.Phase = corev1.PodSucceeded }), ambientNS, false, ReasonFinished},
-		{"failed", pod(func(p *corev1.Pod) { p.Status.Phase = corev1.PodFailed }), ambientNS, false, ReasonFinished},
-		{"no IP", pod(func(p *corev1.Pod) { p.Status.PodIP, p.Status.PodIPs = "", nil }), ambientNS, false, ReasonNoIP},
-		{"pending with IP", pod(func(p *corev1.Pod) { p.Status.Phase = corev1.PodPending }), ambientNS, true, ReasonEnrolledNamespace},
-		{"excluded namespace", pod(func(p *corev1.Pod) { p.Namespace = "kube-system" }), ns("kube-system", map[string]string{DataplaneModeLabel: "ambient"}), false, ReasonExcludedNamespace},
-		{"ztunnel", pod(func(p *corev1.Pod) { p.Namespace, p.Labels = "istio-system", map[string]string{"app": "ztunnel"} }), ns("istio-system", map[string]string{DataplaneModeLabel: "ambient"}), false, ReasonZtunnel},
-		{"app=ztunnel elsewhere is an ordinary pod", pod(func(p *corev1.Pod) { p.Labels = map[string]string{"app": "ztunnel"} }), ambientNS, true, ReasonEnrolledNamespace},
-		{"opt-out label", pod(func(p *corev1.Pod) { p.Labels = map[string]string{DataplaneModeLabel: "none"} }), ambientNS, false, ReasonOptOutLabel},
-		{"opt-out annotation", pod(func(p *corev1.Pod) { p.Annotations = map[string]string{RedirectionAnno: "disabled"} }), ambientNS, false, ReasonOptOutAnnotation},
-		{"our own annotation does not opt out", pod(func(p *corev1.Pod) { p.Annotations = map[string]string{RedirectionAnno: "enabled"} }), ambientNS, true, ReasonEnrolledNamespace},
+		{"namespace label", pod(), ambientNS, true, selection.ReasonEnrolledNamespace},
+		{"pod label in plain namespace", pod(func(p *corev1.Pod) { p.Labels = map[string]string{selection.DataplaneModeLabel: "ambient"} }), plainNS, true, selection.ReasonEnrolledPodLabel},
+		{"pod label with namespace not cached", pod(func(p *corev1.Pod) { p.Labels = map[string]string{selection.DataplaneModeLabel: "ambient"} }), nil, true, selection.ReasonEnrolledPodLabel},
+		{"plain namespace", pod(), plainNS, false, selection.ReasonNotAmbient},
+		{"namespace unknown", pod(), nil, false, selection.ReasonNamespaceUnknown},
+		{"other node", pod(func(p *corev1.Pod) { p.Spec.NodeName = "n2" }), ambientNS, false, selection.ReasonOtherNode},
+		{"hostNetwork", pod(func(p *corev1.Pod) { p.Spec.HostNetwork = true }), ambientNS, false, selection.ReasonHostNetwork},
+		{"terminating", pod(func(p *corev1.Pod) { p.DeletionTimestamp = &now }), ambientNS, false, selection.ReasonTerminating},
+		{"succeeded", pod(func(p *corev1.Pod) { p.Status.Phase = corev1.PodSucceeded }), ambientNS, false, selection.ReasonFinished},
+		{"failed", pod(func(p *corev1.Pod) { p.Status.Phase = corev1.PodFailed }), ambientNS, false, selection.ReasonFinished},
+		{"no IP", pod(func(p *corev1.Pod) { p.Status.PodIP, p.Status.PodIPs = "", nil }), ambientNS, false, selection.ReasonNoIP},
+		{"pending with IP", pod(func(p *corev1.Pod) { p.Status.Phase = corev1.PodPending }), ambientNS, true, selection.ReasonEnrolledNamespace},
+		{"excluded namespace", pod(func(p *corev1.Pod) { p.Namespace = "kube-system" }), ns("kube-system", map[string]string{selection.DataplaneModeLabel: "ambient"}), false, selection.ReasonExcludedNamespace},
+		{"ztunnel", pod(func(p *corev1.Pod) { p.Namespace, p.Labels = "istio-system", map[string]string{"app": "ztunnel"} }), ns("istio-system", map[string]string{selection.DataplaneModeLabel: "ambient"}), false, selection.ReasonZtunnel},
+		{"app=ztunnel elsewhere is an ordinary pod", pod(func(p *corev1.Pod) { p.Labels = map[string]string{"app": "ztunnel"} }), ambientNS, true, selection.ReasonEnrolledNamespace},
+		{"opt-out label", pod(func(p *corev1.Pod) { p.Labels = map[string]string{selection.DataplaneModeLabel: "none"} }), ambientNS, false, selection.ReasonOptOutLabel},
+		{"opt-out annotation", pod(func(p *corev1.Pod) { p.Annotations = map[string]string{selection.RedirectionAnno: "disabled"} }), ambientNS, false, selection.ReasonOptOutAnnotation},
+		{"our own annotation does not opt out", pod(func(p *corev1.Pod) { p.Annotations = map[string]string{selection.RedirectionAnno: "enabled"} }), ambientNS, true, selection.ReasonEnrolledNamespace},
 		{"sidecar", pod(func(p *corev1.Pod) {
-			p.Annotations = map[string]string{SidecarStatusAnno: `{"containers":["istio-proxy"]}`}
-		}), ambientNS, false, ReasonSidecar},
+			p.Annotations = map[string]string{selection.SidecarStatusAnno: `{"containers":["istio-proxy"]}`}
+		}), ambientNS, false, selection.ReasonSidecar},
 	}
 	for _, c := range cases {
-		got, why := Enrolled(c.pod, c.ns, selOpts())
+		got, why := selection.Enrolled(c.pod, c.ns, selOpts())
 		if got != c.want || why != c.reason {
 			t.Errorf("%s: got (%v, %q), want (%v, %q)", c.name, got, why, c.want, c.reason)
 		}
@@ -77,12 +78,12 @@ func TestPodIPsUsesAllFamilies(t *testing.T) {
 	p := pod(func(p *corev1.Pod) {
 		p.Status.PodIPs = []corev1.PodIP{{IP: "10.244.1.5"}, {IP: "fd00::5"}, {IP: "bogus"}}
 	})
-	got := PodIPs(p)
+	got := selection.PodIPs(p)
 	if len(got) != 2 || got[0] != netip.MustParseAddr("10.244.1.5") || got[1] != netip.MustParseAddr("fd00::5") {
-		t.Fatalf("PodIPs = %v", got)
+		t.Fatalf("selection.PodIPs = %v", got)
 	}
 	p.Status.PodIPs = nil
-	if got := PodIPs(p); len(got) != 1 {
+	if got := selection.PodIPs(p); len(got) != 1 {
 		t.Fatalf("fallback to podIP: %v", got)
 	}
 }
@@ -108,10 +109,10 @@ func TestPickZtunnel(t *testing.T) {
 	otherNode := ztunnelPod("zt-other-node", t0.Add(4*time.Minute), func(p *corev1.Pod) { p.Spec.NodeName = "n2" })
 	now := metav1.Now()
 	terminating := ztunnelPod("zt-terminating", t0.Add(5*time.Minute), func(p *corev1.Pod) { p.DeletionTimestamp = &now })
-	if got := PickZtunnel([]*corev1.Pod{old, newer, notReady, elsewhere, otherNode, terminating}, selOpts()); got != newer {
+	if got := selection.PickZtunnel([]*corev1.Pod{old, newer, notReady, elsewhere, otherNode, terminating}, selOpts()); got != newer {
 		t.Fatalf("picked %v, want zt-new", got)
 	}
-	if got := PickZtunnel([]*corev1.Pod{notReady, elsewhere}, selOpts()); got != nil {
+	if got := selection.PickZtunnel([]*corev1.Pod{notReady, elsewhere}, selOpts()); got != nil {
 		t.Fatalf("picked %s, want none", got.Name)
 	}
 }
@@ -125,7 +126,7 @@ func TestDrainingZtunnels(t *testing.T) {
 	flapping := ztunnelPod("zt-newer-unready", t0.Add(2*time.Minute), func(p *corev1.Pod) { p.Status.Conditions[0].Status = corev1.ConditionFalse })
 	finished := ztunnelPod("zt-finished", t0.Add(3*time.Minute), func(p *corev1.Pod) { p.Status.Phase = corev1.PodSucceeded })
 	otherNode := ztunnelPod("zt-other-node", t0, func(p *corev1.Pod) { p.Spec.NodeName = "n2" })
-	got := DrainingZtunnels([]*corev1.Pod{old, active, terminating, flapping, finished, otherNode}, selOpts(), active)
+	got := selection.DrainingZtunnels([]*corev1.Pod{old, active, terminating, flapping, finished, otherNode}, selOpts(), active)
 	var names []string
 	for _, p := range got {
 		names = append(names, p.Name)
@@ -138,8 +139,8 @@ func TestDrainingZtunnels(t *testing.T) {
 func TestMinimalPodKeepsWhatSelectionReads(t *testing.T) {
 	now := metav1.Now()
 	full := pod(func(p *corev1.Pod) {
-		p.Labels = map[string]string{DataplaneModeLabel: "ambient", "app": "x"}
-		p.Annotations = map[string]string{SidecarStatusAnno: `{"big":"json"}`, RedirectionAnno: "enabled", "other": "dropped"}
+		p.Labels = map[string]string{selection.DataplaneModeLabel: "ambient", "app": "x"}
+		p.Annotations = map[string]string{selection.SidecarStatusAnno: `{"big":"json"}`, selection.RedirectionAnno: "enabled", "other": "dropped"}
 		p.Spec.Containers = []corev1.Container{{Name: "c", Image: "img"}}
 		p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, Message: "m"}, {Type: corev1.PodScheduled, Status: corev1.ConditionTrue}}
 		p.Status.StartTime = &now
@@ -155,15 +156,15 @@ func TestMinimalPodKeepsWhatSelectionReads(t *testing.T) {
 	}
 	ns := ns("apps", nil)
 	for _, p := range []*corev1.Pod{full, min} {
-		if ok, why := Enrolled(p, ns, selOpts()); ok {
+		if ok, why := selection.Enrolled(p, ns, selOpts()); ok {
 			t.Fatalf("sidecar pod enrolled (%s)", why)
 		}
 	}
-	delete(full.Annotations, SidecarStatusAnno)
+	delete(full.Annotations, selection.SidecarStatusAnno)
 	obj, _ = minimalPod(full)
-	a, wa := Enrolled(full, ns, selOpts())
-	b, wb := Enrolled(obj.(*corev1.Pod), ns, selOpts())
-	if a != b || wa != wb || !podReady(obj.(*corev1.Pod)) || len(PodIPs(obj.(*corev1.Pod))) != 1 {
+	a, wa := selection.Enrolled(full, ns, selOpts())
+	b, wb := selection.Enrolled(obj.(*corev1.Pod), ns, selOpts())
+	if a != b || wa != wb || !selection.PodReady(obj.(*corev1.Pod)) || len(selection.PodIPs(obj.(*corev1.Pod))) != 1 {
 		t.Fatalf("selection differs after minimising: %v/%s vs %v/%s", a, wa, b, wb)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
@@ -21,7 +22,7 @@ import (
 func BenchmarkSyncOnce(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	objs := []runtime.Object{ns("apps", map[string]string{DataplaneModeLabel: DataplaneModeAmbient})}
+	objs := []runtime.Object{ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient})}
 	for i := range 250 {
 		objs = append(objs, pod(func(p *corev1.Pod) {
 			p.Name, p.UID = fmt.Sprintf("p%d", i), types.UID(fmt.Sprint("uid-", i))

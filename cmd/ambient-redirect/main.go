@@ -26,6 +26,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
 
@@ -192,7 +193,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return d, nil
 	}
 	ctl := controller.New(client, controller.Config{
-		Selection: controller.SelectionOptions{
+		Selection: selection.Options{
 			NodeName: o.NodeName, ExcludeNamespaces: o.excluded(),
 			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: sel,
 		},
@@ -268,7 +269,7 @@ func cmdCleanup(args []string, stdout, stderr io.Writer) int {
 	removed, err := removeAnnotations(o)
 	if err != nil {
 		fmt.Fprintf(stderr, "ambient-redirect cleanup: warning: the %s=%s annotations were left on this node's pods: %s\n",
-			controller.RedirectionAnno, controller.RedirectionEnabled, oneLine(err))
+			selection.RedirectionAnno, selection.RedirectionEnabled, oneLine(err))
 		fmt.Fprintf(stdout, "cleanup done: %d kernel writes\n", res.TotalWrites())
 		return 0
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 )
@@ -97,9 +98,9 @@ func (d *demo) command(args []string) string {
 		on := args[0] == "label"
 		err := d.t.try(func(t testing.TB) { d.e.LabelNamespace(t, args[1], on) })
 		what := fmt.Sprintf("namespace %s labelled %s=%s; its pods are enrolled within a moment",
-			args[1], controller.DataplaneModeLabel, controller.DataplaneModeAmbient)
+			args[1], selection.DataplaneModeLabel, selection.DataplaneModeAmbient)
 		if !on {
-			what = fmt.Sprintf("label %s removed from namespace %s; its pods are released within a moment", controller.DataplaneModeLabel, args[1])
+			what = fmt.Sprintf("label %s removed from namespace %s; its pods are released within a moment", selection.DataplaneModeLabel, args[1])
 		}
 		return reply(what, err)
 	case "restart-ztunnel":

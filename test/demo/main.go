@@ -30,7 +30,7 @@ import (
 	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 )
@@ -253,7 +253,7 @@ func (d *demo) run() int {
 	began = step(4, "pods %s/a1 %s/a2 %s/p1 on node1, %s/b1 %s/p2 on node2 with echo servers on :%d (%s is labelled %s=%s), "+
 		"an agent per node (expect ~2 s)",
 		harness.AmbientNS, harness.AmbientNS, harness.PlainNS, harness.AmbientNS, harness.PlainNS, harness.EchoPort,
-		harness.AmbientNS, controller.DataplaneModeLabel, controller.DataplaneModeAmbient)
+		harness.AmbientNS, selection.DataplaneModeLabel, selection.DataplaneModeAmbient)
 	a1 := e.RunPod(t, n1, harness.AmbientNS, "a1")
 	a2 := e.RunPod(t, n1, harness.AmbientNS, "a2")
 	p1 := e.RunPod(t, n1, harness.PlainNS, "p1")
@@ -348,7 +348,7 @@ func (d *demo) printPoke() {
 	lines := []string{
 		fmt.Sprintf("# a connection of your own from %s to %s's echo server: watch it appear below", name(a1), name(b1)),
 		fmt.Sprintf("ip netns exec %s bash -c 'exec 3<>/dev/tcp/%s/%d; echo hello >&3; head -n1 <&3'", a1.Net.NS, b1.IP, harness.EchoPort),
-		fmt.Sprintf("# enrol namespace %s (label %s=%s), and undo it", harness.PlainNS, controller.DataplaneModeLabel, controller.DataplaneModeAmbient),
+		fmt.Sprintf("# enrol namespace %s (label %s=%s), and undo it", harness.PlainNS, selection.DataplaneModeLabel, selection.DataplaneModeAmbient),
 		ctl + " label " + harness.PlainNS,
 		ctl + " unlabel " + harness.PlainNS,
 		"# restart node1's ztunnel as a DaemonSet rollout does: a new pod (new IP, new netns), then the old one goes",
@@ -376,7 +376,7 @@ func (d *demo) ambient() map[string]bool {
 	}
 	m := map[string]bool{}
 	for _, ns := range list.Items {
-		if ns.Labels[controller.DataplaneModeLabel] == controller.DataplaneModeAmbient {
+		if ns.Labels[selection.DataplaneModeLabel] == selection.DataplaneModeAmbient {
 			m[ns.Name] = true
 		}
 	}

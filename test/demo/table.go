@@ -14,7 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
@@ -281,7 +281,7 @@ func (d *demo) render(res []result, live bool) string {
 		amb = []string{"none"}
 	}
 	fmt.Fprintf(&b, "  ambient: the pods of namespaces labelled %s=%s, now: %s\n",
-		controller.DataplaneModeLabel, controller.DataplaneModeAmbient, strings.Join(amb, " "))
+		selection.DataplaneModeLabel, selection.DataplaneModeAmbient, strings.Join(amb, " "))
 	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  FLOW\tCLIENT\tORIGINAL DESTINATION\tZTUNNEL (NODE)\tPORT\tECHO")
 	for _, r := range res {

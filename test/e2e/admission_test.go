@@ -23,7 +23,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 )
@@ -131,7 +131,7 @@ func TestAdmission(t *testing.T) {
 
 	a1 := e.RunPod(t, n1, harness.AmbientNS, "a1")
 	a2 := e.RunPod(t, n1, harness.AmbientNS, "a2")
-	optout := e.RunPod(t, n1, harness.AmbientNS, "optout", harness.WithAnnotations(controller.RedirectionAnno, controller.RedirectionDisabled))
+	optout := e.RunPod(t, n1, harness.AmbientNS, "optout", harness.WithAnnotations(selection.RedirectionAnno, selection.RedirectionDisabled))
 	b1 := e.RunPod(t, n2, harness.AmbientNS, "b1")
 
 	// One "agent pod" per node, as the DaemonSet would run; its bound token
@@ -158,7 +158,7 @@ func TestAdmission(t *testing.T) {
 	c1 := tokenClient(t, e, tokens[n1])
 	// The apiserver enforces the policy once its admission informers have it.
 	harness.Eventually(t, 15*time.Second, func() error {
-		err := patchPod(c1, b1, annotation(controller.RedirectionEnabled), true)
+		err := patchPod(c1, b1, annotation(selection.RedirectionEnabled), true)
 		if err == nil || !strings.Contains(err.Error(), admissionPolicy) || !strings.Contains(err.Error(), "is on node") {
 			return fmt.Errorf("policy not enforced yet: %v", err)
 		}
@@ -172,7 +172,7 @@ func TestAdmission(t *testing.T) {
 		}
 		harness.Eventually(t, 10*time.Second, func() error {
 			for _, p := range []*harness.Pod{a1, a2, b1} {
-				if a := e.Annotation(t, p); a != controller.RedirectionEnabled {
+				if a := e.Annotation(t, p); a != selection.RedirectionEnabled {
 					return fmt.Errorf("%s annotation %q", p.Obj.Name, a)
 				}
 			}
@@ -189,7 +189,7 @@ func TestAdmission(t *testing.T) {
 		}
 		// Removing "enabled" is allowed too: opt a2 out.
 		if err := patchPod(e.Client, a2, map[string]any{"metadata": map[string]any{"labels": map[string]any{
-			controller.DataplaneModeLabel: controller.DataplaneModeNone}}}, false); err != nil {
+			selection.DataplaneModeLabel: selection.DataplaneModeNone}}}, false); err != nil {
 			t.Fatal(err)
 		}
 		harness.Eventually(t, 10*time.Second, func() error {
@@ -198,7 +198,7 @@ func TestAdmission(t *testing.T) {
 			}
 			return nil
 		})
-		if a := e.Annotation(t, optout); a != controller.RedirectionDisabled {
+		if a := e.Annotation(t, optout); a != selection.RedirectionDisabled {
 			t.Fatalf("opt-out annotation %q", a)
 		}
 		for _, n := range e.Nodes {
@@ -222,13 +222,13 @@ func TestAdmission(t *testing.T) {
 			want  string
 		}{
 			{"remove the annotation of the other node's pod", b1, annotation(nil), `pod apps/b1 is on node "` + n2.Name + `", but the token is bound to node "` + n1.Name + `"`},
-			{"set the annotation of the other node's pod", b1, annotation(controller.RedirectionEnabled), "is on node"},
+			{"set the annotation of the other node's pod", b1, annotation(selection.RedirectionEnabled), "is on node"},
 			{"add a label", a1, meta(map[string]any{"labels": map[string]any{"app": "x"}}), "may not change a pod's labels"},
-			{"remove the opt-out label", a2, meta(map[string]any{"labels": map[string]any{controller.DataplaneModeLabel: nil}}), "may not change a pod's labels"},
+			{"remove the opt-out label", a2, meta(map[string]any{"labels": map[string]any{selection.DataplaneModeLabel: nil}}), "may not change a pod's labels"},
 			{"the annotation together with a label", a1, meta(map[string]any{"labels": map[string]any{"app": "x"},
-				"annotations": map[string]any{controller.RedirectionAnno: nil}}), "may not change a pod's labels"},
+				"annotations": map[string]any{selection.RedirectionAnno: nil}}), "may not change a pod's labels"},
 			{"add another annotation", a1, meta(map[string]any{"annotations": map[string]any{"example.com/x": "y"}}), "may change no annotation but"},
-			{"write another value", a1, annotation(controller.RedirectionDisabled), `may only set ambient.istio.io/redirection to "enabled"`},
+			{"write another value", a1, annotation(selection.RedirectionDisabled), `may only set ambient.istio.io/redirection to "enabled"`},
 			{"remove a user's opt-out", optout, annotation(nil), `may only set ambient.istio.io/redirection to "enabled"`},
 			{"change the spec", a1, map[string]any{"spec": map[string]any{"activeDeadlineSeconds": 60}}, "may not change a pod's spec"},
 			{"add a finalizer", a1, meta(map[string]any{"finalizers": []string{"example.com/keep"}}), "ownerReferences or finalizers"},
@@ -253,7 +253,7 @@ func TestAdmission(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), admissionPolicy) || !strings.Contains(err.Error(), "no node claim") {
 			t.Fatalf("unbound token: %v; want a denial for the missing node claim", err)
 		}
-		if a := e.Annotation(t, a1); a != controller.RedirectionEnabled {
+		if a := e.Annotation(t, a1); a != selection.RedirectionEnabled {
 			t.Fatalf("a1 annotation %q", a)
 		}
 	})
@@ -375,7 +375,7 @@ func tokenClient(t *testing.T, e *harness.Env, token string) kubernetes.Interfac
 
 // annotation is the agent's merge patch: value "enabled", or nil to remove.
 func annotation(value any) map[string]any {
-	return map[string]any{"metadata": map[string]any{"annotations": map[string]any{controller.RedirectionAnno: value}}}
+	return map[string]any{"metadata": map[string]any{"annotations": map[string]any{selection.RedirectionAnno: value}}}
 }
 
 func patchPod(c kubernetes.Interface, p *harness.Pod, patch map[string]any, dryRun bool, subresources ...string) error {

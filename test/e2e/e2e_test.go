@@ -13,7 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 )
@@ -36,7 +36,7 @@ func TestAgent(t *testing.T) {
 
 	t.Run("ambient namespace pods are captured and annotated", func(t *testing.T) {
 		harness.Eventually(t, 5*time.Second, func() error {
-			if a := e.Annotation(t, a1); a != controller.RedirectionEnabled {
+			if a := e.Annotation(t, a1); a != selection.RedirectionEnabled {
 				return fmt.Errorf("a1 annotation %q", a)
 			}
 			return harness.Captured(t, zt1, 15001, a1, a2)
@@ -82,11 +82,11 @@ func TestAgent(t *testing.T) {
 
 	t.Run("opt-outs, harness.HostNetwork, sidecar and kube-system are never enrolled", func(t *testing.T) {
 		pods := []*harness.Pod{
-			e.RunPod(t, n1, harness.AmbientNS, "optout-label", harness.WithLabels(controller.DataplaneModeLabel, controller.DataplaneModeNone)),
-			e.RunPod(t, n1, harness.AmbientNS, "optout-anno", harness.WithAnnotations(controller.RedirectionAnno, controller.RedirectionDisabled)),
-			e.RunPod(t, n1, harness.AmbientNS, "sidecar", harness.WithAnnotations(controller.SidecarStatusAnno, `{"containers":["istio-proxy"]}`)),
+			e.RunPod(t, n1, harness.AmbientNS, "optout-label", harness.WithLabels(selection.DataplaneModeLabel, selection.DataplaneModeNone)),
+			e.RunPod(t, n1, harness.AmbientNS, "optout-anno", harness.WithAnnotations(selection.RedirectionAnno, selection.RedirectionDisabled)),
+			e.RunPod(t, n1, harness.AmbientNS, "sidecar", harness.WithAnnotations(selection.SidecarStatusAnno, `{"containers":["istio-proxy"]}`)),
 			e.RunPod(t, n1, harness.AmbientNS, "hostnet", harness.HostNetwork),
-			e.RunPod(t, n1, "kube-system", "sys", harness.WithLabels(controller.DataplaneModeLabel, controller.DataplaneModeAmbient)),
+			e.RunPod(t, n1, "kube-system", "sys", harness.WithLabels(selection.DataplaneModeLabel, selection.DataplaneModeAmbient)),
 		}
 		probe := e.RunPod(t, n1, harness.AmbientNS, "probe") // an enrolled pod proves the agent saw the batch
 		harness.Eventually(t, 5*time.Second, func() error {
@@ -104,7 +104,7 @@ func TestAgent(t *testing.T) {
 			} else if m[p.IP] || harness.HasRoute(t, n1, p.IP) {
 				t.Errorf("%s enrolled", p.Obj.Name)
 			}
-			if a := e.Annotation(t, p); a == controller.RedirectionEnabled {
+			if a := e.Annotation(t, p); a == selection.RedirectionEnabled {
 				t.Errorf("%s annotated enabled", p.Obj.Name)
 			}
 		}
@@ -113,8 +113,8 @@ func TestAgent(t *testing.T) {
 		for _, ps := range st.Pods {
 			reasons[ps.Name] = ps.Reason
 		}
-		for name, want := range map[string]string{"optout-label": controller.ReasonOptOutLabel, "optout-anno": controller.ReasonOptOutAnnotation,
-			"sidecar": controller.ReasonSidecar, "hostnet": controller.ReasonHostNetwork, "sys": controller.ReasonExcludedNamespace} {
+		for name, want := range map[string]string{"optout-label": selection.ReasonOptOutLabel, "optout-anno": selection.ReasonOptOutAnnotation,
+			"sidecar": selection.ReasonSidecar, "hostnet": selection.ReasonHostNetwork, "sys": selection.ReasonExcludedNamespace} {
 			if reasons[name] != want {
 				t.Errorf("%s: reason %q, want %q", name, reasons[name], want)
 			}
@@ -322,7 +322,7 @@ func TestCleanupCommand(t *testing.T) {
 	n := e.Nodes[0]
 	a1 := e.RunPod(t, n, harness.AmbientNS, "a1")
 	a2 := e.RunPod(t, n, harness.AmbientNS, "a2")
-	optout := e.RunPod(t, n, harness.AmbientNS, "optout", harness.WithAnnotations(controller.RedirectionAnno, controller.RedirectionDisabled))
+	optout := e.RunPod(t, n, harness.AmbientNS, "optout", harness.WithAnnotations(selection.RedirectionAnno, selection.RedirectionDisabled))
 	nodeBefore, ztBefore := netnstest.Dump(t, n.NS), netnstest.Dump(t, n.ZT.Pod.Net.NS)
 	// LaunchAgent's arguments, as a DaemonSet and an uninstall Job would share them.
 	args := func(kubeconfig string) []string {
@@ -334,7 +334,7 @@ func TestCleanupCommand(t *testing.T) {
 		e.StartAgent(t, n)
 		harness.Eventually(t, 5*time.Second, func() error {
 			for _, p := range []*harness.Pod{a1, a2} {
-				if a := e.Annotation(t, p); a != controller.RedirectionEnabled {
+				if a := e.Annotation(t, p); a != selection.RedirectionEnabled {
 					return fmt.Errorf("%s annotation %q", p.Obj.Name, a)
 				}
 			}
@@ -360,7 +360,7 @@ func TestCleanupCommand(t *testing.T) {
 		}
 		out := map[string]string{}
 		for _, p := range pods.Items {
-			if v, ok := p.Annotations[controller.RedirectionAnno]; ok {
+			if v, ok := p.Annotations[selection.RedirectionAnno]; ok {
 				out[p.Name] = v
 			}
 		}
@@ -374,7 +374,7 @@ func TestCleanupCommand(t *testing.T) {
 			t.Fatalf("cleanup stdout: %s\nstderr: %s", stdout, stderr)
 		}
 		noResidue(t)
-		if got := annotations(t); len(got) != 1 || got[optout.Obj.Name] != controller.RedirectionDisabled {
+		if got := annotations(t); len(got) != 1 || got[optout.Obj.Name] != selection.RedirectionDisabled {
 			t.Fatalf("annotations left on the node's pods: %v", got)
 		}
 	})
@@ -401,7 +401,7 @@ func TestCleanupCommand(t *testing.T) {
 			t.Errorf("cleanup took %s", d)
 		}
 		noResidue(t)
-		if got := annotations(t); got[a1.Obj.Name] != controller.RedirectionEnabled || got[a2.Obj.Name] != controller.RedirectionEnabled {
+		if got := annotations(t); got[a1.Obj.Name] != selection.RedirectionEnabled || got[a2.Obj.Name] != selection.RedirectionEnabled {
 			t.Fatalf("annotations: %v", got)
 		}
 	})
@@ -440,7 +440,7 @@ func TestCleanupCommandOnEachNode(t *testing.T) {
 	enabled := func(np *nodePods) int {
 		c := 0
 		for _, p := range []*harness.Pod{np.a1, np.a2} {
-			if e.Annotation(t, p) == controller.RedirectionEnabled {
+			if e.Annotation(t, p) == selection.RedirectionEnabled {
 				c++
 			}
 		}

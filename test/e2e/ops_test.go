@@ -13,7 +13,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
-	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 )
@@ -26,7 +26,7 @@ func TestOperations(t *testing.T) {
 	n := e.Nodes[0]
 	a1 := e.RunPod(t, n, harness.AmbientNS, "a1")
 	a2 := e.RunPod(t, n, harness.AmbientNS, "a2")
-	skipped := e.RunPod(t, n, harness.AmbientNS, "skipped", harness.WithLabels(controller.DataplaneModeLabel, controller.DataplaneModeNone))
+	skipped := e.RunPod(t, n, harness.AmbientNS, "skipped", harness.WithLabels(selection.DataplaneModeLabel, selection.DataplaneModeNone))
 
 	t.Run("manifests pass server-side dry run", func(t *testing.T) {
 		dir := t.TempDir()
@@ -91,7 +91,7 @@ func TestOperations(t *testing.T) {
 		for _, p := range st.Pods {
 			reasons[p.Name] = p.Reason
 		}
-		if reasons[skipped.Obj.Name] != controller.ReasonOptOutLabel || reasons[a1.Obj.Name] != controller.ReasonEnrolledNamespace {
+		if reasons[skipped.Obj.Name] != selection.ReasonOptOutLabel || reasons[a1.Obj.Name] != selection.ReasonEnrolledNamespace {
 			t.Fatalf("reasons: %v", reasons)
 		}
 		if st.Tunnel["type"] != "vxlan" || st.IPTables["backend"] == "" || st.Ztunnel == nil || st.Ztunnel.NetNS == "" || st.Config["failMode"] != "closed" {
@@ -101,7 +101,7 @@ func TestOperations(t *testing.T) {
 			t.Fatalf("kernel read-back missing or wrong: %+v", st.Kernel)
 		}
 		out, err := netnstest.ExecErr(n.NS, bins.Agent, "status", "--debug-addr", harness.DebugAddr, "-v")
-		if err != nil || !strings.Contains(out, "converged") || !strings.Contains(out, controller.ReasonOptOutLabel) {
+		if err != nil || !strings.Contains(out, "converged") || !strings.Contains(out, selection.ReasonOptOutLabel) {
 			t.Fatalf("status: %v\n%s", err, out)
 		}
 	})

@@ -26,6 +26,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
@@ -161,9 +162,9 @@ func (e *Env) LabelNamespace(t testing.TB, name string, ambient bool) {
 		ns.Labels = map[string]string{}
 	}
 	if ambient {
-		ns.Labels[controller.DataplaneModeLabel] = controller.DataplaneModeAmbient
+		ns.Labels[selection.DataplaneModeLabel] = selection.DataplaneModeAmbient
 	} else {
-		delete(ns.Labels, controller.DataplaneModeLabel)
+		delete(ns.Labels, selection.DataplaneModeLabel)
 	}
 	if _, err := e.Client.CoreV1().Namespaces().Update(ctx(), ns, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
@@ -353,7 +354,7 @@ func (e *Env) Annotation(t testing.TB, p *Pod) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return obj.Annotations[controller.RedirectionAnno]
+	return obj.Annotations[selection.RedirectionAnno]
 }
 
 // Members lists the node's ipset members.

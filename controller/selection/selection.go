@@ -1,7 +1,6 @@
-// Package controller watches this node's pods, decides which are ambient,
-// finds the ztunnel, and keeps the dataplane converged to the desired state
-// it computes from the informer caches.
-package controller
+// Package selection decides which pods of a node are ambient and which
+// pod is its ztunnel. It imports no client-go: the CNI plugin uses it too.
+package selection
 
 import (
 	"net/netip"
@@ -42,8 +41,8 @@ const (
 	ReasonNamespaceUnknown  = "namespace not found in cache"
 )
 
-// SelectionOptions configure Enrolled.
-type SelectionOptions struct {
+// Options configure Enrolled.
+type Options struct {
 	NodeName          string
 	ExcludeNamespaces []string
 	ZtunnelNamespace  string
@@ -52,13 +51,13 @@ type SelectionOptions struct {
 
 // IsZtunnel reports whether pod is a ztunnel pod (selector in the ztunnel
 // namespace). A pod with the label elsewhere is an ordinary pod.
-func (o SelectionOptions) IsZtunnel(pod *corev1.Pod) bool {
+func (o Options) IsZtunnel(pod *corev1.Pod) bool {
 	return pod.Namespace == o.ZtunnelNamespace && o.ZtunnelSelector != nil && o.ZtunnelSelector.Matches(labels.Set(pod.Labels))
 }
 
 // Enrolled decides whether pod is an ambient pod on this node, and why.
 // ns may be nil when the namespace is not (yet) in the cache.
-func Enrolled(pod *corev1.Pod, ns *corev1.Namespace, o SelectionOptions) (bool, string) {
+func Enrolled(pod *corev1.Pod, ns *corev1.Namespace, o Options) (bool, string) {
 	switch {
 	case pod.Spec.NodeName != o.NodeName:
 		return false, ReasonOtherNode
@@ -70,6 +69,15 @@ func Enrolled(pod *corev1.Pod, ns *corev1.Namespace, o SelectionOptions) (bool, 
 		return false, ReasonFinished
 	case len(PodIPs(pod)) == 0:
 		return false, ReasonNoIP
+	}
+	return Ambient(pod, ns, o)
+}
+
+// Ambient decides from labels, annotations and namespace alone whether pod
+// is meant to be captured: what the CNI plugin can know of a pod whose
+// sandbox is being created (no status yet).
+func Ambient(pod *corev1.Pod, ns *corev1.Namespace, o Options) (bool, string) {
+	switch {
 	case slices.Contains(o.ExcludeNamespaces, pod.Namespace):
 		return false, ReasonExcludedNamespace
 	case o.IsZtunnel(pod):
@@ -107,7 +115,8 @@ func PodIPs(pod *corev1.Pod) []netip.Addr {
 	return out
 }
 
-func podReady(pod *corev1.Pod) bool {
+// PodReady reports the pod's Ready condition.
+func PodReady(pod *corev1.Pod) bool {
 	for _, c := range pod.Status.Conditions {
 		if c.Type == corev1.PodReady {
 			return c.Status == corev1.ConditionTrue
@@ -118,12 +127,12 @@ func podReady(pod *corev1.Pod) bool {
 
 // PickZtunnel returns the newest Ready, running, non-terminating ztunnel pod
 // on this node with an address, or nil.
-func PickZtunnel(pods []*corev1.Pod, o SelectionOptions) *corev1.Pod {
+func PickZtunnel(pods []*corev1.Pod, o Options) *corev1.Pod {
 	var best *corev1.Pod
 	var bestTime time.Time
 	for _, p := range pods {
 		if !o.IsZtunnel(p) || p.Spec.NodeName != o.NodeName || p.DeletionTimestamp != nil ||
-			p.Status.Phase != corev1.PodRunning || !podReady(p) || p.Spec.HostNetwork {
+			p.Status.Phase != corev1.PodRunning || !PodReady(p) || p.Spec.HostNetwork {
 			continue
 		}
 		if len(PodIPs(p)) == 0 {
@@ -143,7 +152,7 @@ func PickZtunnel(pods []*corev1.Pod, o SelectionOptions) *corev1.Pod {
 // old ztunnel keeps its connections while it runs, and so does a newer one
 // whose readiness flaps. Those that hold no connections (no slot in the
 // kernel) are ignored by the dataplane.
-func DrainingZtunnels(pods []*corev1.Pod, o SelectionOptions, active *corev1.Pod) []*corev1.Pod {
+func DrainingZtunnels(pods []*corev1.Pod, o Options, active *corev1.Pod) []*corev1.Pod {
 	var out []*corev1.Pod
 	for _, p := range pods {
 		if p == active || !o.IsZtunnel(p) || p.Spec.NodeName != o.NodeName || p.Status.Phase != corev1.PodRunning || p.Spec.HostNetwork {
