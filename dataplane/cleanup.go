@@ -34,10 +34,11 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 	// capture goes before the marks that keep a pod's replies out of it,
 	// the marks before the routes and tunnels they lead to.
 	var errs []error
-	if routes, err := ourRoutesByKey(d.node.NL, d.cfg.RouteProtocol); err != nil {
+	routes := newRouteManager(d.node.NL, d.cfg.RouteProtocol)
+	if err := routes.readBack(); err != nil {
 		errs = append(errs, err)
 	} else {
-		errs = append(errs, pruneRoutes(d.node.NL, routes, nil, d.isInbound, w))
+		errs = append(errs, routes.applyDeletes(d.isInbound, w))
 	}
 	errs = append(errs, d.cleanupNS(ctx, d.node, []string{NodeInLink, NodeOutLink}, w))
 	for _, f := range []Family{IPv4, IPv6} {

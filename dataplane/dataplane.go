@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -95,13 +97,22 @@ type Dataplane struct {
 	// fast holds what a pod-only apply needs from the last full one; nil
 	// forces a full apply.
 	fast *fastPath
+	// pods are the desired pods by UID; sets and routes are the managers
+	// of the objects pod changes touch (see managers.go).
+	pods   map[string]Pod
+	// wanted is the ztunnel part of the last Apply's state (UpdatePods
+	// builds on it).
+	wanted State
+	sets   map[Family]*setManager
+	routes *routeManager
 
 	locMu   sync.Mutex
 	located *located
 }
 
 // fastPath is the ztunnel-dependent input of per-pod routes, as of the last
-// successful full apply.
+// successful full apply: with it, a pod change is rendered and written
+// without reading anything back.
 type fastPath struct {
 	spec     *Ztunnel
 	draining []*Ztunnel
@@ -109,11 +120,6 @@ type fastPath struct {
 	live     []*ztRuntime // likewise
 	in       netlink.Link
 	out      netlink.Link
-	// members and routes are what the kernel holds as of the last full
-	// apply plus every write since: pod churn diffs against them instead of
-	// dumping the set and the route tables on each event.
-	members map[Family]map[netip.Addr]string
-	routes  map[string]netlink.Route
 }
 
 // Options are the dependencies of a Dataplane; zero values mean the real kernel.
@@ -152,7 +158,8 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 		return nil, err
 	}
 	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, ztIPT: map[string]map[Family]*iptables.Syncer{},
-		nodeIPT: map[Family]*iptables.Syncer{}, last: map[Family]*NodeParams{}, resync: true, applied: map[*iptables.Syncer]string{}}
+		nodeIPT: map[Family]*iptables.Syncer{}, last: map[Family]*NodeParams{}, resync: true, applied: map[*iptables.Syncer]string{},
+		pods: map[string]Pod{}, sets: map[Family]*setManager{}}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -199,6 +206,10 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	if err := d.resolveTunnel(); err != nil {
 		return nil, err
 	}
+	for _, f := range []Family{IPv4, IPv6} {
+		d.sets[f] = newSetManager(cfg, f, d.node.NL)
+	}
+	d.routes = newRouteManager(d.node.NL, cfg.RouteProtocol)
 	if !o.SkipConflictCheck {
 		if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
 			return nil, err
@@ -293,6 +304,14 @@ func (w *writer) do(kind, what string, f func() error) error {
 func (d *Dataplane) Apply(ctx context.Context, st State) (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	return d.applyLocked(ctx, st)
+}
+
+func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
+	d.wanted = State{Ztunnel: cloneZtunnel(st.Ztunnel)}
+	for _, z := range st.Draining {
+		d.wanted.Draining = append(d.wanted.Draining, cloneZtunnel(z))
+	}
 	start := time.Now()
 	w := newWriter(false)
 	err := d.converge(ctx, st, w)
@@ -407,6 +426,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	}
 	if !w.dry {
 		d.fast = nil
+		d.pods = podsByUID(st.Pods)
 	}
 	if err := d.checkForwarding(st); err != nil {
 		return err
@@ -437,18 +457,25 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		defer r.k.Close()
 		draining = append(draining, r)
 	}
-	want := map[Family]map[netip.Addr]string{}
-	for _, f := range []Family{IPv4, IPv6} {
-		if want[f], err = st.members(f); err != nil {
-			return err
+	sets, routes := d.sets, d.routes
+	if w.dry {
+		// A dry run works on copies: what the next apply starts from stays.
+		sets, routes = map[Family]*setManager{}, routes.clone()
+		for f, m := range d.sets {
+			sets[f] = m.clone()
 		}
 	}
-	members, err := d.readSets(w)
-	if err != nil {
-		return err
+	for _, f := range []Family{IPv4, IPv6} {
+		want, err := st.members(f)
+		if err != nil {
+			return err
+		}
+		if err := sets[f].readBack(d, w); err != nil {
+			return err
+		}
+		sets[f].t.ReplaceDesired(want)
 	}
-	routes, err := ourRoutesByKey(d.node.NL, d.cfg.RouteProtocol)
-	if err != nil {
+	if err := routes.readBack(); err != nil {
 		return err
 	}
 	links, err := d.node.NL.LinkList()
@@ -456,7 +483,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		return fmt.Errorf("list links: %w", err)
 	}
 	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
-	live := d.assignSlots(zt, draining, routes)
+	live := d.assignSlots(zt, draining, routes.t.actual)
 	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*ruleWriter{}
 	for _, f := range d.fams {
 		next[f] = d.nodeParams(zt, live, f)
@@ -498,7 +525,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 
 	// Make: the order is explained in transition.go.
 	for _, f := range []Family{IPv4, IPv6} {
-		if err := d.addMembers(d.setName(f), want[f], members[f], w); err != nil {
+		if err := sets[f].applyAdds(w); err != nil {
 			return err
 		}
 	}
@@ -512,7 +539,9 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 			return err
 		}
 		// Its return path too (slot table), before the tunnels point at it.
-		if err := addRoutes(d.node.NL, routes, append(d.ztunnelRoutes(z), d.slotRoutes(z)...), w); err != nil {
+		reach := append(d.ztunnelRoutes(z), d.slotRoutes(z)...)
+		routes.want(reach)
+		if err := routes.applyUpdates(func(r netlink.Route) bool { return slices.ContainsFunc(reach, sameRoute(r)) }, w); err != nil {
 			return err
 		}
 	}
@@ -533,34 +562,38 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 			return err
 		}
 	}
-	if err := d.syncNodeSysctls(zt, live, w); err != nil {
+	want, err := d.render(st, facts{zt: zt, live: live, in: inLink, out: outLink})
+	if err != nil {
 		return err
 	}
-	wantRoutes := d.nodeRoutes(st, zt, live, inLink, outLink)
-	reach, inbound := d.splitInbound(wantRoutes)
-	if err := addRoutes(d.node.NL, routes, reach, w); err != nil {
+	if err := d.syncNodeSysctls(want.Sysctls, w); err != nil {
+		return err
+	}
+	routes.replaceDesired(want.Routes)
+	notInbound := func(r netlink.Route) bool { return !d.isInbound(r) }
+	if err := routes.applyUpdates(notInbound, w); err != nil {
 		return err
 	}
 	if err := writeRules(true, false); err != nil {
 		return err
 	}
-	if err := addRoutes(d.node.NL, routes, inbound, w); err != nil {
+	if err := routes.applyUpdates(d.isInbound, w); err != nil {
 		return err
 	}
 
 	// Break.
-	if err := pruneRoutes(d.node.NL, routes, wantRoutes, d.isInbound, w); err != nil {
+	if err := routes.applyDeletes(d.isInbound, w); err != nil {
 		return err
 	}
 	if err := writeRules(false, true); err != nil {
 		return err
 	}
 	for _, f := range []Family{IPv4, IPv6} {
-		if err := d.delMembers(d.setName(f), want[f], members[f], w); err != nil {
+		if err := sets[f].applyDeletes(w); err != nil {
 			return err
 		}
 	}
-	if err := pruneRoutes(d.node.NL, routes, wantRoutes, nil, w); err != nil {
+	if err := routes.applyDeletes(nil, w); err != nil {
 		return err
 	}
 	newNS, liveNS := "", []string{}
@@ -587,7 +620,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		for i, z := range st.Draining {
 			drain[i] = cloneZtunnel(z)
 		}
-		d.fast = &fastPath{spec: cloneZtunnel(st.Ztunnel), draining: drain, zt: zt, live: live, in: inLink, out: outLink, members: members, routes: routes}
+		d.fast = &fastPath{spec: cloneZtunnel(st.Ztunnel), draining: drain, zt: zt, live: live, in: inLink, out: outLink}
 	}
 	return nil
 }
@@ -708,59 +741,128 @@ func (d *Dataplane) checkForwarding(st State) error {
 	return nil
 }
 
-// applyPods writes the member and route differences between st and what
-// the last full apply left (kept current by every write since), in the
-// make-before-break order: members, routes in, routes out, members out.
-// Only the pods that changed cost anything beyond a map lookup.
-// A failed write fails the apply, which makes the next one a full read-back.
+// applyPods writes the difference between st's pods and the desired ones.
+// Comparing them is the only work proportional to the node's pods; the
+// writes and the rendering cost only the pods that changed.
 func (d *Dataplane) applyPods(st State, f *fastPath, w *writer) error {
-	want := map[Family]map[netip.Addr]string{}
-	var in, out []netip.Addr // addresses joining and leaving
+	var upsert []Pod
+	var remove []string
+	seen := make(map[string]bool, len(st.Pods))
+	for _, p := range st.Pods {
+		seen[p.UID] = true
+		if old, ok := d.pods[p.UID]; !ok || !slices.Equal(old.IPs, p.IPs) {
+			upsert = append(upsert, p)
+		}
+	}
+	for uid := range d.pods {
+		if !seen[uid] {
+			remove = append(remove, uid)
+		}
+	}
+	return d.updatePods(upsert, remove, f, w)
+}
+
+// updatePods makes the pods of upsert desired (replacing the same UID's)
+// and those of remove (UIDs) undesired, then writes what that changed in
+// the make-before-break order: members in, routes in, routes out, members
+// out. A failed write fails the apply, which makes the next one a full
+// read-back.
+func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *writer) error {
+	drop := func(p Pod) {
+		for _, a := range p.IPs {
+			a = a.Unmap()
+			if uid, _ := d.sets[FamilyOf(a)].t.Desired(a); uid == p.UID {
+				d.sets[FamilyOf(a)].t.DeleteDesired(a)
+				d.routes.t.DeleteDesired(d.podRouteKey(a))
+			}
+		}
+	}
+	for _, uid := range remove {
+		drop(d.pods[uid])
+		delete(d.pods, uid)
+	}
+	for _, p := range upsert {
+		drop(d.pods[p.UID])
+	}
+	for _, p := range upsert {
+		for _, a := range p.IPs {
+			a = a.Unmap()
+			set := d.sets[FamilyOf(a)]
+			if other, ok := set.t.Desired(a); ok && other != p.UID {
+				return fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, other, p.UID)
+			}
+			set.t.SetDesired(a, p.UID)
+			if r, ok := d.podRoute(a, f.zt, f.in); ok {
+				d.routes.want([]netlink.Route{r})
+			}
+		}
+		d.pods[p.UID] = p
+	}
 	for _, fam := range []Family{IPv4, IPv6} {
-		m, err := st.members(fam)
-		if err != nil {
-			return err
-		}
-		want[fam] = m
-		have := f.members[fam]
-		for a := range m {
-			if _, ok := have[a]; !ok {
-				in = append(in, a)
-			}
-		}
-		for a := range have {
-			if _, ok := m[a]; !ok {
-				out = append(out, a)
-			}
-		}
-		if err := d.addMembers(d.setName(fam), m, have, w); err != nil {
+		if err := d.sets[fam].applyAdds(w); err != nil {
 			return err
 		}
 	}
-	slices.SortFunc(in, netip.Addr.Compare)
-	slices.SortFunc(out, netip.Addr.Compare)
-	var add []netlink.Route
-	for _, a := range in {
-		if r, ok := d.podRoute(a, f.zt, f.in); ok {
-			add = append(add, r)
-		}
-	}
-	if err := addRoutes(d.node.NL, f.routes, add, w); err != nil {
+	if err := d.routes.applyUpdates(nil, w); err != nil {
 		return err
 	}
-	for _, a := range out {
-		if r, ok := d.podRoute(a, f.zt, f.in); ok {
-			if err := delRoute(d.node.NL, f.routes, r, w); err != nil {
-				return err
-			}
-		}
+	if err := d.routes.applyDeletes(nil, w); err != nil {
+		return err
 	}
 	for _, fam := range []Family{IPv4, IPv6} {
-		if err := d.delMembers(d.setName(fam), want[fam], f.members[fam], w); err != nil {
+		if err := d.sets[fam].applyDeletes(w); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// UpdatePods programs pod changes alone, on top of the last Apply: the
+// pods of upsert (replacing any of the same UID) and the removal of the
+// UIDs of remove. Its cost does not grow with the node's pods. When the
+// last apply failed, or a resync is queued, it applies the whole desired
+// state instead.
+func (d *Dataplane) UpdatePods(ctx context.Context, upsert []Pod, remove []string) (Result, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f := d.fast
+	if f == nil || d.resync {
+		pods := maps.Clone(d.pods)
+		for _, uid := range remove {
+			delete(pods, uid)
+		}
+		for _, p := range upsert {
+			pods[p.UID] = p
+		}
+		st := d.wanted
+		st.Pods = slices.SortedFunc(maps.Values(pods), func(a, b Pod) int { return strings.Compare(a.UID, b.UID) })
+		return d.applyLocked(ctx, st)
+	}
+	start := time.Now()
+	w := newWriter(false)
+	err := d.updatePods(upsert, remove, f, w)
+	d.resync = err != nil
+	w.res.Elapsed = time.Since(start)
+	return *w.res, err
+}
+
+func podsByUID(pods []Pod) map[string]Pod {
+	m := make(map[string]Pod, len(pods))
+	for _, p := range pods {
+		m[p.UID] = p
+	}
+	return m
+}
+
+// podRouteKey is the key of a pod address's inbound route.
+func (d *Dataplane) podRouteKey(a netip.Addr) string {
+	return routeKey(netlink.Route{Table: d.cfg.Tables.Inbound, Dst: ipNet(netip.PrefixFrom(a, a.BitLen()))})
+}
+
+// sameRoute matches routes of one key.
+func sameRoute(r netlink.Route) func(netlink.Route) bool {
+	k := routeKey(r)
+	return func(o netlink.Route) bool { return routeKey(o) == k }
 }
 
 func cloneZtunnel(z *Ztunnel) *Ztunnel {

@@ -4,10 +4,10 @@ package dataplane
 
 import (
 	"fmt"
-	"maps"
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/vishvananda/netlink"
@@ -198,16 +198,95 @@ func ourRoutes(nl kernel.Netlink, proto int) ([]netlink.Route, error) {
 	return rs, nil
 }
 
-// syncRoutes makes our routes (by protocol, all tables) exactly want.
-func syncRoutes(nl kernel.Netlink, proto int, want []netlink.Route, w *writer) error {
-	have, err := ourRoutesByKey(nl, proto)
+// routeManager owns our routes (by protocol, in every table) of one netns.
+type routeManager struct {
+	nl    kernel.Netlink
+	proto int
+	t     *deltaTracker[string, netlink.Route]
+}
+
+func newRouteManager(nl kernel.Netlink, proto int) *routeManager {
+	return &routeManager{nl: nl, proto: proto, t: newDeltaTracker(routeEqual, strings.Compare)}
+}
+
+func (m *routeManager) clone() *routeManager {
+	c := *m
+	c.t = m.t.clone()
+	return &c
+}
+
+// readBack records our routes as the kernel holds them.
+func (m *routeManager) readBack() error {
+	have, err := ourRoutesByKey(m.nl, m.proto)
 	if err != nil {
 		return err
 	}
-	if err := addRoutes(nl, have, want, w); err != nil {
+	m.t.ReplaceActual(have)
+	return nil
+}
+
+// want makes rs desired, besides what already is.
+func (m *routeManager) want(rs []netlink.Route) {
+	for _, r := range rs {
+		m.t.SetDesired(routeKey(r), r)
+	}
+}
+
+// replaceDesired makes rs the only desired routes.
+func (m *routeManager) replaceDesired(rs []netlink.Route) {
+	want := make(map[string]netlink.Route, len(rs))
+	for _, r := range rs {
+		want[routeKey(r)] = r
+	}
+	m.t.ReplaceDesired(want)
+}
+
+// applyUpdates writes the pending routes sel (nil: all) selects.
+func (m *routeManager) applyUpdates(sel func(netlink.Route) bool, w *writer) error {
+	for _, k := range m.t.PendingUpdates() {
+		r, _ := m.t.Desired(k)
+		if sel != nil && !sel(r) {
+			continue
+		}
+		if err := w.do(KindRoute, "replace "+routeString(r), func() error { return m.nl.RouteReplace(&r) }); err != nil {
+			return err
+		}
+		if !w.dry {
+			m.t.Written(k, r)
+		}
+	}
+	return nil
+}
+
+// applyDeletes deletes the undesired routes sel (nil: all) selects.
+func (m *routeManager) applyDeletes(sel func(netlink.Route) bool, w *writer) error {
+	for _, k := range m.t.PendingDeletes() {
+		r, _ := m.t.Actual(k)
+		if sel != nil && !sel(r) {
+			continue
+		}
+		if err := w.do(KindRoute, "del "+routeString(r), func() error { return ignoreNotExist(m.nl.RouteDel(&r)) }); err != nil {
+			return err
+		}
+		if !w.dry {
+			m.t.Removed(k)
+		}
+	}
+	return nil
+}
+
+// syncRoutes makes our routes (by protocol, all tables) of a netns exactly
+// want.
+func syncRoutes(nl kernel.Netlink, proto int, want []netlink.Route, w *writer) error {
+	m := newRouteManager(nl, proto)
+	if err := m.readBack(); err != nil {
 		return err
 	}
-	return pruneRoutes(nl, have, want, nil, w)
+	m.replaceDesired(want)
+	if err := m.applyUpdates(nil, w); err != nil {
+		return err
+	}
+	return m.applyDeletes(nil, w)
 }
 
 func ourRoutesByKey(nl kernel.Netlink, proto int) (map[string]netlink.Route, error) {
@@ -220,56 +299,6 @@ func ourRoutesByKey(nl kernel.Netlink, proto int) (map[string]netlink.Route, err
 		have[routeKey(r)] = r
 	}
 	return have, nil
-}
-
-// addRoutes replaces every route of want that the kernel lacks or holds
-// differently, given that it holds have (updated in place as writes succeed).
-func addRoutes(nl kernel.Netlink, have map[string]netlink.Route, want []netlink.Route, w *writer) error {
-	for _, r := range want {
-		k := routeKey(r)
-		if cur, ok := have[k]; ok && routeEqual(r, cur) {
-			continue
-		}
-		if err := w.do(KindRoute, "replace "+routeString(r), func() error { return nl.RouteReplace(&r) }); err != nil {
-			return err
-		}
-		have[k] = r
-	}
-	return nil
-}
-
-// delRoute deletes one route of ours, given that the kernel holds have.
-func delRoute(nl kernel.Netlink, have map[string]netlink.Route, r netlink.Route, w *writer) error {
-	k := routeKey(r)
-	cur, ok := have[k]
-	if !ok {
-		return nil
-	}
-	if err := w.do(KindRoute, "del "+routeString(cur), func() error { return ignoreNotExist(nl.RouteDel(&cur)) }); err != nil {
-		return err
-	}
-	delete(have, k)
-	return nil
-}
-
-// pruneRoutes deletes the routes of have that want lacks and sel (nil: all)
-// selects.
-func pruneRoutes(nl kernel.Netlink, have map[string]netlink.Route, want []netlink.Route, sel func(netlink.Route) bool, w *writer) error {
-	keep := make(map[string]bool, len(want))
-	for _, r := range want {
-		keep[routeKey(r)] = true
-	}
-	for _, k := range slices.Sorted(maps.Keys(have)) {
-		r := have[k]
-		if keep[k] || (sel != nil && !sel(r)) {
-			continue
-		}
-		if err := w.do(KindRoute, "del "+routeString(r), func() error { return ignoreNotExist(nl.RouteDel(&r)) }); err != nil {
-			return err
-		}
-		delete(have, k)
-	}
-	return nil
 }
 
 // isInbound reports a per-pod table-100 route: the inbound capture layer

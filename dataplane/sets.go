@@ -50,65 +50,72 @@ func (d *Dataplane) ipsetMembers(nl kernel.Netlink, f Family) (map[netip.Addr]st
 	return out, true, nil
 }
 
-// readSets returns the members of our sets, creating a set that is missing.
-func (d *Dataplane) readSets(w *writer) (map[Family]map[netip.Addr]string, error) {
-	out := map[Family]map[netip.Addr]string{}
-	for _, f := range []Family{IPv4, IPv6} {
-		name := d.setName(f)
-		have, exists, err := d.ipsetMembers(d.node.NL, f)
-		if err != nil {
-			return nil, err
-		}
-		if !exists {
-			opts := netlink.IpsetCreateOptions{Family: familyNum(f), Comments: true}
-			if err := w.do(KindIPSet, "create "+name, func() error { return d.node.NL.IpsetCreate(name, "hash:ip", opts) }); err != nil {
-				return nil, err
-			}
-		}
-		if have == nil {
-			have = map[netip.Addr]string{}
-		}
-		out[f] = have
-	}
-	return out, nil
+// setManager owns one family's ipset: its members are pod addresses,
+// labelled with the pod's UID.
+type setManager struct {
+	fam  Family
+	name string
+	nl   kernel.Netlink
+	t    *deltaTracker[netip.Addr, string]
 }
 
-// addMembers adds (or re-labels) the members of want the set lacks, given
-// that it holds have (updated in place as writes succeed).
-func (d *Dataplane) addMembers(name string, want, have map[netip.Addr]string, w *writer) error {
-	var todo []netip.Addr
-	for a, uid := range want {
-		if cur, ok := have[a]; !ok || cur != uid {
-			todo = append(todo, a)
-		}
+func newSetManager(cfg Config, f Family, nl kernel.Netlink) *setManager {
+	return &setManager{fam: f, name: setName(cfg, f), nl: nl,
+		t: newDeltaTracker(func(a, b string) bool { return a == b }, netip.Addr.Compare)}
+}
+
+// clone is a copy for a dry run (Diff), which must not disturb what the
+// next apply starts from.
+func (m *setManager) clone() *setManager {
+	c := *m
+	c.t = m.t.clone()
+	return &c
+}
+
+// readBack records the set's members, creating the set when it is missing.
+func (m *setManager) readBack(d *Dataplane, w *writer) error {
+	have, exists, err := d.ipsetMembers(m.nl, m.fam)
+	if err != nil {
+		return err
 	}
-	slices.SortFunc(todo, netip.Addr.Compare)
-	for _, a := range todo {
-		uid := want[a]
-		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice()), Comment: uid, Replace: true}
-		if err := w.do(KindIPSet, fmt.Sprintf("add %s %s (%s)", name, a, uid), func() error { return d.node.NL.IpsetAdd(name, e) }); err != nil {
+	if !exists {
+		opts := netlink.IpsetCreateOptions{Family: familyNum(m.fam), Comments: true}
+		if err := w.do(KindIPSet, "create "+m.name, func() error { return m.nl.IpsetCreate(m.name, "hash:ip", opts) }); err != nil {
 			return err
 		}
-		have[a] = uid
+	}
+	if have == nil {
+		have = map[netip.Addr]string{}
+	}
+	m.t.ReplaceActual(have)
+	return nil
+}
+
+// applyAdds adds (or re-labels) every pending member.
+func (m *setManager) applyAdds(w *writer) error {
+	for _, a := range m.t.PendingUpdates() {
+		uid, _ := m.t.Desired(a)
+		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice()), Comment: uid, Replace: true}
+		if err := w.do(KindIPSet, fmt.Sprintf("add %s %s (%s)", m.name, a, uid), func() error { return m.nl.IpsetAdd(m.name, e) }); err != nil {
+			return err
+		}
+		if !w.dry {
+			m.t.Written(a, uid)
+		}
 	}
 	return nil
 }
 
-// delMembers deletes the members of have that want lacks.
-func (d *Dataplane) delMembers(name string, want, have map[netip.Addr]string, w *writer) error {
-	var todo []netip.Addr
-	for a := range have {
-		if _, ok := want[a]; !ok {
-			todo = append(todo, a)
-		}
-	}
-	slices.SortFunc(todo, netip.Addr.Compare)
-	for _, a := range todo {
+// applyDeletes deletes every member nothing desires.
+func (m *setManager) applyDeletes(w *writer) error {
+	for _, a := range m.t.PendingDeletes() {
 		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice())}
-		if err := w.do(KindIPSet, fmt.Sprintf("del %s %s", name, a), func() error { return ignoreNotExist(d.node.NL.IpsetDel(name, e)) }); err != nil {
+		if err := w.do(KindIPSet, fmt.Sprintf("del %s %s", m.name, a), func() error { return ignoreNotExist(m.nl.IpsetDel(m.name, e)) }); err != nil {
 			return err
 		}
-		delete(have, a)
+		if !w.dry {
+			m.t.Removed(a)
+		}
 	}
 	return nil
 }

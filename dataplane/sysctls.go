@@ -2,7 +2,12 @@ package dataplane
 
 // The sysctls the tunnels and the ztunnel veth need.
 
-import "github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
+import (
+	"slices"
+	"strings"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
+)
 
 func syncSysctls(s kernel.Sysctl, want [][2]string, w *writer) error {
 	for _, kv := range want {
@@ -25,16 +30,26 @@ func ifSysctls(dev string, acceptLocal bool) [][2]string {
 	return kv
 }
 
-func (d *Dataplane) syncNodeSysctls(zt *ztRuntime, live []*ztRuntime, w *writer) error {
+// nodeSysctls are the node's sysctls for the ztunnels holding slots and
+// the tunnels towards the active one.
+func (d *Dataplane) nodeSysctls(zt *ztRuntime, live []*ztRuntime) [][2]string {
 	want := [][2]string{{"net.ipv4.conf.all.rp_filter", "0"}, {"net.ipv4.conf.default.rp_filter", "0"}}
 	for _, z := range live {
 		want = append(want, ifSysctls(z.veth.Attrs().Name, true)...)
 	}
 	if zt != nil {
-		if !w.dry {
-			want = append(want, ifSysctls(NodeInLink, true)...)
-			want = append(want, ifSysctls(NodeOutLink, true)...)
-		}
+		want = append(want, ifSysctls(NodeInLink, true)...)
+		want = append(want, ifSysctls(NodeOutLink, true)...)
+	}
+	return want
+}
+
+func (d *Dataplane) syncNodeSysctls(want [][2]string, w *writer) error {
+	if w.dry {
+		// The tunnels' sysctls cannot be read before the devices exist.
+		want = slices.DeleteFunc(slices.Clone(want), func(kv [2]string) bool {
+			return strings.Contains(kv[0], "."+NodeInLink+".") || strings.Contains(kv[0], "."+NodeOutLink+".")
+		})
 	}
 	return syncSysctls(d.node.Sysctl, want, w)
 }

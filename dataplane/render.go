@@ -1,0 +1,87 @@
+package dataplane
+
+// The pure render: a State plus the facts read from the kernel become the
+// node's desired objects, per family. Nothing here reads or writes the
+// kernel; converge hands the result to the managers.
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+	"github.com/vishvananda/netlink"
+)
+
+// facts are what the render needs from the kernel: the ztunnels as found
+// (addresses, HOSTIP per family, veth, slot) and the tunnel devices.
+type facts struct {
+	zt   *ztRuntime   // the active ztunnel; nil: none
+	live []*ztRuntime // every ztunnel holding a slot, the active one first
+	in   netlink.Link // istioin and istioout (nil before they exist)
+	out  netlink.Link
+}
+
+// nodeObjects are the node's desired kernel objects.
+type nodeObjects struct {
+	Members map[Family]map[netip.Addr]string
+	Routes  []netlink.Route
+	Rules   map[Family][]netlink.Rule
+	Filter  map[Family]iptables.Ruleset
+	Tunnels []tunnelEnd
+	Sysctls [][2]string
+}
+
+// render computes the node's desired objects for st given fx.
+func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
+	o := nodeObjects{Members: map[Family]map[netip.Addr]string{}, Rules: map[Family][]netlink.Rule{}, Filter: map[Family]iptables.Ruleset{}}
+	for _, f := range []Family{IPv4, IPv6} {
+		m, err := st.members(f)
+		if err != nil {
+			return o, err
+		}
+		o.Members[f] = m
+	}
+	for _, f := range d.fams {
+		o.Rules[f] = d.nodeRules(f)
+		o.Filter[f] = NodeRuleset(d.cfg, d.nodeParams(fx.zt, fx.live, f))
+	}
+	if fx.zt != nil {
+		in, out := d.tunnelEnds(fx.zt, true)
+		o.Tunnels = []tunnelEnd{in, out}
+	}
+	o.Sysctls = d.nodeSysctls(fx.zt, fx.live)
+	o.Routes = d.nodeRoutes(st, fx.zt, fx.live, fx.in, fx.out)
+	return o, nil
+}
+
+// String is a stable dump of the objects (golden tests).
+func (o nodeObjects) String() string {
+	var b strings.Builder
+	for _, f := range []Family{IPv4, IPv6} {
+		for _, a := range sortedAddrs(o.Members[f]) {
+			fmt.Fprintf(&b, "member %v %s %s\n", f, a, o.Members[f][a])
+		}
+	}
+	for _, t := range o.Tunnels {
+		fmt.Fprintf(&b, "tunnel %s %s vni %d port %d local %v remote %v mtu %d mac %s peer-mac %s addrs %v peers %v\n",
+			t.Name, t.Type, t.VNI, t.Port, t.Local, t.Remote, t.MTU, t.MAC, t.PeerMAC, t.Addrs, t.PeerAddrs)
+	}
+	for _, kv := range o.Sysctls {
+		fmt.Fprintf(&b, "sysctl %s=%s\n", kv[0], kv[1])
+	}
+	for _, f := range []Family{IPv4, IPv6} {
+		for _, r := range o.Rules[f] {
+			fmt.Fprintf(&b, "rule %s\n", ruleString(r))
+		}
+	}
+	for _, r := range o.Routes {
+		fmt.Fprintf(&b, "route %s\n", routeString(r))
+	}
+	for _, f := range []Family{IPv4, IPv6} {
+		if rs, ok := o.Filter[f]; ok {
+			fmt.Fprintf(&b, "filter %v\n%s", f, rs.Render())
+		}
+	}
+	return b.String()
+}
