@@ -99,7 +99,7 @@ type Dataplane struct {
 	fast *fastPath
 	// pods are the desired pods by UID; sets and routes are the managers
 	// of the objects pod changes touch (see managers.go).
-	pods   map[string]Pod
+	pods map[string]Pod
 	// wanted is the ztunnel part of the last Apply's state (UpdatePods
 	// builds on it).
 	wanted State

@@ -75,10 +75,14 @@ func (t *deltaTracker[K, V]) Desired(k K) (V, bool) {
 }
 
 // PendingUpdates are the keys to write, sorted (writes are deterministic).
-func (t *deltaTracker[K, V]) PendingUpdates() []K { return slices.SortedFunc(maps.Keys(t.updates), t.compare) }
+func (t *deltaTracker[K, V]) PendingUpdates() []K {
+	return slices.SortedFunc(maps.Keys(t.updates), t.compare)
+}
 
 // PendingDeletes are the keys to delete, sorted.
-func (t *deltaTracker[K, V]) PendingDeletes() []K { return slices.SortedFunc(maps.Keys(t.deletes), t.compare) }
+func (t *deltaTracker[K, V]) PendingDeletes() []K {
+	return slices.SortedFunc(maps.Keys(t.deletes), t.compare)
+}
 
 // InSync reports that nothing is pending.
 func (t *deltaTracker[K, V]) InSync() bool { return len(t.updates) == 0 && len(t.deletes) == 0 }
