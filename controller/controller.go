@@ -31,6 +31,9 @@ import (
 // Dataplane is what the controller needs of the dataplane.
 type Dataplane interface {
 	Apply(ctx context.Context, st dataplane.State) (dataplane.Result, error)
+	// UpdatePods programs pod changes on top of the last Apply, at a cost
+	// that does not grow with the node's pods.
+	UpdatePods(ctx context.Context, upsert []dataplane.Pod, remove []string) (dataplane.Result, error)
 	QueueResync()
 	LocateZtunnel(ip net.IP) (veth, netnsPath string, err error)
 	// WatchIPTables repairs our jumps as soon as another agent moves them
@@ -127,13 +130,33 @@ type Controller struct {
 	// driftKick asks for a resync at once: the kernel changed under us.
 	driftKick chan struct{}
 
-	mu          sync.Mutex
-	status      Status
-	lastDesired *dataplane.State
-	// applied is the state of the last successful apply (nil after a failure).
+	mu     sync.Mutex
+	status Status
+	// pods are every pod of the node as the last sync saw it, by
+	// namespace/name: its status and, when enrolled, what is programmed.
+	pods map[string]podEntry
+	// wantZt is the ztunnel part of the last sync's desired state.
+	wantZt dataplane.State
+	// applied is the ztunnel part of the last successful apply (nil after
+	// a failure); with pods it is what the kernel holds.
 	applied      *dataplane.State
 	pendingSince time.Time // oldest event not yet programmed
 	programmed   map[types.UID]bool
+	// dirty are the pods (namespace/name) changed since the last sync;
+	// dirtyAll asks for a full one (a namespace or ztunnel changed).
+	dirty    map[string]bool
+	dirtyAll bool
+	// conflicted counts the enrolled pods that lost an address to another
+	// pod claiming it (dedupeIPs): a pod leaving may hand it back, which
+	// only a full sync decides.
+	conflicted int
+}
+
+// podEntry is one pod as the last sync saw it.
+type podEntry struct {
+	status PodStatus
+	// pod is what is programmed for it; nil when it is not enrolled.
+	pod *dataplane.Pod
 }
 
 // New builds a controller. newDP is called after the caches synced.
@@ -147,7 +170,7 @@ func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context
 	c := &Controller{
 		cfg: cfg, client: client, log: log, hooks: hooks, newDP: newDP,
 		kick: make(chan struct{}, 1), annoKick: make(chan struct{}, 1), driftKick: make(chan struct{}, 1),
-		programmed: map[types.UID]bool{},
+		programmed: map[types.UID]bool{}, dirty: map[string]bool{},
 	}
 	c.status.DriftRepairs = map[string]int{}
 	return c
@@ -170,13 +193,16 @@ func (c *Controller) newInformers(ctx context.Context) *informerSet {
 	nsFactory := informers.NewSharedInformerFactoryWithOptions(c.client, 0, informers.WithTransform(stripManagedFields))
 	podInf := podFactory.Core().V1().Pods()
 	nsInf := nsFactory.Core().V1().Namespaces()
-	handler := cache.ResourceEventHandlerFuncs{
+	_, _ = podInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { c.podEvent(nil, obj) },
+		UpdateFunc: func(old, cur any) { c.onUpdate(old, cur, c.podEvent) },
+		DeleteFunc: func(obj any) { c.podEvent(nil, obj) },
+	})
+	_, _ = nsInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { c.queue() },
-		UpdateFunc: func(old, cur any) { c.onUpdate(old, cur) },
+		UpdateFunc: func(old, cur any) { c.onUpdate(old, cur, func(any, any) { c.queue() }) },
 		DeleteFunc: func(any) { c.queue() },
-	}
-	_, _ = podInf.Informer().AddEventHandler(handler)
-	_, _ = nsInf.Informer().AddEventHandler(handler)
+	})
 	set := &informerSet{
 		factories: []informers.SharedInformerFactory{podFactory, nsFactory},
 		pods:      podInf.Lister(), nss: nsInf.Lister(),
@@ -290,21 +316,40 @@ func minimalPod(obj any) (any, error) {
 }
 
 // onUpdate ignores periodic relists that change nothing.
-func (c *Controller) onUpdate(old, cur any) {
+func (c *Controller) onUpdate(old, cur any, changed func(old, cur any)) {
 	o, ok1 := old.(metav1.Object)
 	n, ok2 := cur.(metav1.Object)
-	if ok1 && ok2 && o.GetResourceVersion() == n.GetResourceVersion() {
+	if ok1 && ok2 && o.GetResourceVersion() != "" && o.GetResourceVersion() == n.GetResourceVersion() {
 		return
 	}
 	if ok2 && c.log.Core().Enabled(zap.DebugLevel) {
 		c.log.Debug("update event", zap.String("namespace", n.GetNamespace()), zap.String("name", n.GetName()), zap.String("resourceVersion", n.GetResourceVersion()))
 	}
-	c.queue()
+	changed(old, cur)
 }
 
-// queue marks work; the sync loop coalesces any number of marks.
-func (c *Controller) queue() {
+// podEvent queues one pod, or everything when a ztunnel pod changed (it
+// may become or stop being the active one).
+func (c *Controller) podEvent(old, cur any) {
+	key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(cur)
+	if d, ok := cur.(cache.DeletedFinalStateUnknown); ok {
+		cur = d.Obj
+	}
+	p, ok := cur.(*corev1.Pod)
+	o, _ := old.(*corev1.Pod)
+	if err != nil || !ok || c.cfg.Selection.IsZtunnel(p) || o != nil && c.cfg.Selection.IsZtunnel(o) {
+		c.queue()
+		return
+	}
+	c.mark(func() { c.dirty[key] = true })
+}
+
+// queue asks for a full sync; the sync loop coalesces any number of marks.
+func (c *Controller) queue() { c.mark(func() { c.dirtyAll = true }) }
+
+func (c *Controller) mark(what func()) {
 	c.mu.Lock()
+	what()
 	if c.pendingSince.IsZero() {
 		c.pendingSince = time.Now()
 	}
@@ -320,7 +365,13 @@ func (c *Controller) Status() Status {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := c.status
-	s.Pods = append([]PodStatus(nil), c.status.Pods...)
+	s.Pods = make([]PodStatus, 0, len(c.pods))
+	for _, e := range c.pods {
+		s.Pods = append(s.Pods, e.status)
+	}
+	slices.SortFunc(s.Pods, func(a, b PodStatus) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+	})
 	s.DriftRepairs = map[string]int{}
 	for k, v := range c.status.DriftRepairs {
 		s.DriftRepairs[k] = v
@@ -336,7 +387,29 @@ func (c *Controller) Status() Status {
 func (c *Controller) LastDesired() *dataplane.State {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.lastDesired
+	if c.pods == nil {
+		return nil
+	}
+	st := c.stateOf(c.wantZt)
+	return &st
+}
+
+// stateOf is zt's ztunnels with the pods of the last sync, in the order
+// desired() gives them. Called with c.mu held.
+func (c *Controller) stateOf(zt dataplane.State) dataplane.State {
+	var es []podEntry
+	for _, e := range c.pods {
+		if e.pod != nil {
+			es = append(es, e)
+		}
+	}
+	slices.SortFunc(es, func(a, b podEntry) int { // desired()'s order
+		return cmp.Or(strings.Compare(a.status.Namespace, b.status.Namespace), strings.Compare(a.status.Name, b.status.Name))
+	})
+	for _, e := range es {
+		zt.Pods = append(zt.Pods, *e.pod)
+	}
+	return zt
 }
 
 // Run syncs until ctx ends. It returns after the loop stopped; the kernel
@@ -411,8 +484,8 @@ func (c *Controller) Run(ctx context.Context) error {
 	}
 }
 
-// desired builds the desired state from the caches.
-func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, error) {
+// desired builds the desired state from the caches, and every pod's entry.
+func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelStatus, error) {
 	podLister, nsLister := c.listers()
 	pods, err := podLister.List(labels.Everything())
 	if err != nil {
@@ -422,24 +495,22 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
 	var st dataplane.State
-	var statuses []PodStatus
+	entries := make(map[string]podEntry, len(pods))
 	for _, p := range pods {
 		ns, _ := nsLister.Get(p.Namespace)
-		ok, why := selection.Enrolled(p, ns, c.cfg.Selection)
-		ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[selection.RedirectionAnno]}
-		ips := selection.PodIPs(p)
-		for _, a := range p.Status.PodIPs {
-			ps.IPs = append(ps.IPs, a.IP)
+		e := c.entry(p, ns)
+		if e.pod != nil {
+			st.Pods = append(st.Pods, *e.pod)
+			e.pod = nil // set again below unless dedupe drops it
 		}
-		if len(ps.IPs) == 0 && p.Status.PodIP != "" {
-			ps.IPs = []string{p.Status.PodIP}
-		}
-		statuses = append(statuses, ps)
-		if ok {
-			st.Pods = append(st.Pods, dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips})
-		}
+		entries[p.Namespace+"/"+p.Name] = e
 	}
 	st.Pods = dedupeIPs(st.Pods, c.log)
+	for i := range st.Pods {
+		e := entries[st.Pods[i].Name]
+		e.pod = &st.Pods[i]
+		entries[st.Pods[i].Name] = e
+	}
 	zt := selection.PickZtunnel(pods, c.cfg.Selection)
 	for _, p := range selection.DrainingZtunnels(pods, c.cfg.Selection, zt) {
 		z, err := c.locate(p)
@@ -453,7 +524,7 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 		}
 	}
 	if zt == nil {
-		return st, statuses, nil, nil
+		return st, entries, nil, nil
 	}
 	zs := &ZtunnelStatus{Pod: zt.Namespace + "/" + zt.Name}
 	ip := selection.PodIPs(zt)[0] // its primary address (selection.PickZtunnel: it has one)
@@ -463,10 +534,10 @@ func (c *Controller) desired() (dataplane.State, []PodStatus, *ZtunnelStatus, er
 	if err != nil {
 		// Treat it as absent (the fail mode applies) and retry.
 		zs.Error = err.Error()
-		return st, statuses, zs, fmt.Errorf("ztunnel %s: %w", zs.Pod, err)
+		return st, entries, zs, fmt.Errorf("ztunnel %s: %w", zs.Pod, err)
 	}
 	st.Ztunnel = &dataplane.Ztunnel{Pod: zs.Pod, IPs: selection.PodIPs(zt), HostVeth: veth, NetNS: nsPath}
-	return st, statuses, zs, nil
+	return st, entries, zs, nil
 }
 
 // appliedDraining is the draining ztunnel pod of the last successful apply.
@@ -529,24 +600,189 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	c.mu.Lock()
 	pending := c.pendingSince
 	c.pendingSince = time.Time{}
+	dirty, all := c.dirty, c.dirtyAll
+	c.dirty, c.dirtyAll = map[string]bool{}, false
+	incremental := !resync && !all && c.applied != nil
 	c.mu.Unlock()
+	if incremental {
+		if done, err := c.syncPods(ctx, dirty, pending); done {
+			return err
+		}
+	}
+	return c.syncAll(ctx, resync, pending)
+}
 
-	st, statuses, zs, zerr := c.desired()
-	if statuses == nil && zerr != nil {
+// syncPods programs the changes of the dirty pods alone: its cost grows
+// with them, not with the node's pods. It is not done (the caller makes a
+// full sync) when an address moves between pods.
+func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pending time.Time) (bool, error) {
+	podLister, nsLister := c.listers()
+	var upsert []dataplane.Pod
+	var remove []string
+	next := map[string]podEntry{}
+	c.mu.Lock()
+	owners := map[netip.Addr]string{} // addresses that change hands, within this batch
+	for key := range dirty {
+		old, had := c.pods[key]
+		ns, name, _ := cache.SplitMetaNamespaceKey(key)
+		p, err := podLister.Pods(ns).Get(name)
+		var e podEntry
+		if err == nil {
+			nsObj, _ := nsLister.Get(ns)
+			e = c.entry(p, nsObj)
+		}
+		if had && old.pod != nil && (e.pod == nil || e.pod.UID != old.pod.UID || !slices.Equal(e.pod.IPs, old.pod.IPs)) {
+			remove = append(remove, old.pod.UID)
+		}
+		if e.pod != nil && (!had || old.pod == nil || e.pod.UID != old.pod.UID || !slices.Equal(e.pod.IPs, old.pod.IPs)) {
+			for _, a := range e.pod.IPs {
+				if o := c.ownerOf(a, key, dirty); o != "" || owners[a] != "" {
+					c.mu.Unlock()
+					return false, nil // claimed twice: the full sync decides who keeps it
+				}
+				owners[a] = key
+			}
+			upsert = append(upsert, *e.pod)
+		}
+		if err == nil || !apierrors.IsNotFound(err) {
+			next[key] = e
+		}
+	}
+	conflicted := c.conflicted > 0 && len(remove) > 0
+	c.mu.Unlock()
+	if conflicted {
+		return false, nil
+	}
+	var res dataplane.Result
+	var err error
+	start := time.Now()
+	if len(upsert) > 0 || len(remove) > 0 {
+		res, err = c.dp.UpdatePods(ctx, upsert, remove)
+	}
+	c.mu.Lock()
+	for key := range dirty {
+		if e, ok := next[key]; ok {
+			c.pods[key] = e
+		} else {
+			delete(c.pods, key)
+		}
+	}
+	if len(upsert) > 0 || len(remove) > 0 {
+		c.recordSync(start, res, err)
+	}
+	if err != nil {
+		c.applied = nil // the next sync is a full one
+		if !pending.IsZero() && c.pendingSince.IsZero() {
+			c.pendingSince = pending
+		}
+	} else {
+		for _, uid := range remove {
+			delete(c.programmed, types.UID(uid))
+		}
+		for _, p := range upsert {
+			c.programmed[types.UID(p.UID)] = true
+		}
+	}
+	enrolled := len(c.programmed)
+	c.mu.Unlock()
+	if len(upsert) > 0 || len(remove) > 0 {
+		c.log.Debug("pods synced", zap.Int("upsert", len(upsert)), zap.Int("remove", len(remove)), zap.Error(err))
+		if c.hooks.OnSync != nil {
+			c.hooks.OnSync(res, false, enrolled, err)
+		}
+	}
+	if err == nil {
+		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
+			c.hooks.OnProgrammed(time.Since(pending))
+		}
+		c.kickAnnotations()
+	}
+	return true, err
+}
+
+// conflicts counts the enrolled pods programmed without some of their
+// addresses.
+func conflicts(pods map[string]podEntry) int {
+	n := 0
+	for _, e := range pods {
+		if e.status.Enrolled && (e.pod == nil || len(e.pod.IPs) < len(e.status.IPs)) {
+			n++
+		}
+	}
+	return n
+}
+
+// ownerOf is the enrolled pod (key) other than key, and not about to
+// change, that holds address a. Called with c.mu held; it costs a scan
+// only when a pod's addresses change, which is when a pod starts.
+func (c *Controller) ownerOf(a netip.Addr, key string, dirty map[string]bool) string {
+	for k, e := range c.pods {
+		if k != key && !dirty[k] && e.pod != nil && slices.Contains(e.pod.IPs, a) {
+			return k
+		}
+	}
+	return ""
+}
+
+// entry is a pod's selection outcome and, when enrolled, what to program.
+func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
+	ok, why := selection.Enrolled(p, ns, c.cfg.Selection)
+	ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[selection.RedirectionAnno]}
+	for _, a := range p.Status.PodIPs {
+		ps.IPs = append(ps.IPs, a.IP)
+	}
+	if len(ps.IPs) == 0 && p.Status.PodIP != "" {
+		ps.IPs = []string{p.Status.PodIP}
+	}
+	e := podEntry{status: ps}
+	if ok {
+		e.pod = &dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: selection.PodIPs(p)}
+	}
+	return e
+}
+
+// recordSync records a sync's outcome for the debug endpoint. Called
+// with c.mu held.
+func (c *Controller) recordSync(start time.Time, res dataplane.Result, err error) {
+	ss := &SyncStatus{Time: start, Duration: time.Since(start).String(), Writes: res.Writes, Changes: res.Changes}
+	if err != nil {
+		ss.Error = err.Error()
+		c.status.Failures++
+	} else {
+		c.status.LastSuccess = time.Now()
+		c.status.FirstSyncDone = true
+	}
+	c.status.Syncs++
+	c.status.LastSync = ss
+}
+
+// syncAll recomputes the node's whole desired state from the caches and
+// applies it.
+func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time) error {
+	st, pods, zs, zerr := c.desired()
+	if pods == nil && zerr != nil {
 		return zerr
 	}
-	if zerr != nil && c.applied != nil && c.applied.Ztunnel != nil && zs != nil && c.applied.Ztunnel.Pod == zs.Pod {
+	c.mu.Lock()
+	var applied *dataplane.State
+	if c.applied != nil {
+		a := c.stateOf(*c.applied)
+		applied = &a
+	}
+	c.mu.Unlock()
+	if zerr != nil && applied != nil && applied.Ztunnel != nil && zs != nil && applied.Ztunnel.Pod == zs.Pod {
 		// The running ztunnel could not be re-located (a transient netlink
 		// or netns-scan failure): keep it rather than tear capture down;
 		// the error still shows and the sync is retried.
-		st.Ztunnel = c.applied.Ztunnel
+		st.Ztunnel = applied.Ztunnel
 	}
-	if !resync && zerr == nil && c.applied != nil && reflect.DeepEqual(st, *c.applied) {
+	zt := dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining}
+	if !resync && zerr == nil && applied != nil && reflect.DeepEqual(st, *applied) {
 		// The event changed nothing the kernel carries (a plain pod, a
 		// status or annotation update): no kernel work. Drift is the
 		// resync's job.
 		c.mu.Lock()
-		c.status.Pods, c.status.Ztunnel = statuses, zs
+		c.pods, c.status.Ztunnel, c.wantZt, c.conflicted = pods, zs, zt, conflicts(pods)
 		c.mu.Unlock()
 		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
 			c.hooks.OnProgrammed(time.Since(pending))
@@ -557,32 +793,23 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	// Only a resync towards the state the kernel already held after the last
 	// successful apply repairs drift; the first sync on a fresh node, or one
 	// that also carries a change, creates rather than restores.
-	drift := resync && c.applied != nil && reflect.DeepEqual(st, *c.applied)
+	drift := resync && applied != nil && reflect.DeepEqual(st, *applied)
 	start := time.Now()
 	res, applyErr := c.dp.Apply(ctx, st)
 	err := errors.Join(zerr, applyErr)
-	ss := &SyncStatus{Time: start, Duration: time.Since(start).String(), Writes: res.Writes, Changes: res.Changes}
-	if err != nil {
-		ss.Error = err.Error()
-	}
 	c.mu.Lock()
-	c.lastDesired = &st
+	c.pods, c.wantZt, c.conflicted = pods, zt, conflicts(pods)
 	c.status.Draining = nil
 	for _, z := range st.Draining {
 		c.status.Draining = append(c.status.Draining, z.Pod)
 	}
-	c.status.Syncs++
-	c.status.LastSync = ss
-	c.status.Pods = statuses
 	c.status.Ztunnel = zs
+	c.recordSync(start, res, err)
 	if err != nil {
-		c.status.Failures++
 		if !pending.IsZero() && c.pendingSince.IsZero() {
 			c.pendingSince = pending // still not programmed
 		}
 	} else {
-		c.status.LastSuccess = time.Now()
-		c.status.FirstSyncDone = true
 		if drift {
 			for k, v := range res.Writes {
 				c.status.DriftRepairs[k] += v
@@ -597,8 +824,7 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	// lookup failed and the previous one was kept), unknown otherwise.
 	c.applied = nil
 	if applyErr == nil {
-		applied := st
-		c.applied = &applied
+		c.applied = &zt
 	}
 	c.mu.Unlock()
 	if c.hooks.OnSync != nil {
@@ -658,23 +884,28 @@ func (c *Controller) syncAnnotations(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	c.mu.Lock()
-	programmed := c.programmed
-	c.mu.Unlock()
-	var errs []error
+	type patch struct {
+		pod   *corev1.Pod
+		value any
+	}
+	var todo []patch
+	c.mu.Lock() // programmed changes in place
 	for _, p := range pods {
 		cur := p.Annotations[selection.RedirectionAnno]
-		want := programmed[p.UID]
-		var value any
+		want := c.programmed[p.UID]
 		switch {
 		case want && cur == "":
-			value = selection.RedirectionEnabled
+			todo = append(todo, patch{p, selection.RedirectionEnabled})
 		case !want && cur == selection.RedirectionEnabled:
-			value = nil // JSON null removes the key
-		default:
-			continue // in place, or an opt-out ("disabled") we never touch
+			todo = append(todo, patch{p, nil}) // JSON null removes the key
 		}
-		err := patchRedirection(ctx, c.client, p, value, "")
+		// Otherwise in place, or an opt-out ("disabled") we never touch.
+	}
+	c.mu.Unlock()
+	var errs []error
+	for _, t := range todo {
+		p := t.pod
+		err := patchRedirection(ctx, c.client, p, t.value, "")
 		if err != nil && !apierrors.IsNotFound(err) {
 			errs = append(errs, fmt.Errorf("annotate %s/%s: %w", p.Namespace, p.Name, err))
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"reflect"
 	"sync"
 	"testing"
 	"time"
@@ -24,20 +25,46 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
 
-// fakeDP returns the queued writes from each Apply.
+// fakeDP returns the queued writes from each Apply and keeps the pods it
+// was given.
 type fakeDP struct {
 	mu     sync.Mutex
 	writes []map[string]int
+	pods   map[string]dataplane.Pod
+	// applies and updates count full and pod-only applies.
+	applies, updates int
 }
 
-func (f *fakeDP) Apply(_ context.Context, _ dataplane.State) (dataplane.Result, error) {
+func (f *fakeDP) Apply(_ context.Context, st dataplane.State) (dataplane.Result, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.applies++
+	f.pods = map[string]dataplane.Pod{}
+	for _, p := range st.Pods {
+		f.pods[p.UID] = p
+	}
+	return dataplane.Result{Writes: f.nextWrites()}, nil
+}
+
+func (f *fakeDP) UpdatePods(_ context.Context, upsert []dataplane.Pod, remove []string) (dataplane.Result, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.updates++
+	for _, uid := range remove {
+		delete(f.pods, uid)
+	}
+	for _, p := range upsert {
+		f.pods[p.UID] = p
+	}
+	return dataplane.Result{Writes: f.nextWrites()}, nil
+}
+
+func (f *fakeDP) nextWrites() map[string]int {
 	var w map[string]int
 	if len(f.writes) > 0 {
 		w, f.writes = f.writes[0], f.writes[1:]
 	}
-	return dataplane.Result{Writes: w}, nil
+	return w
 }
 func (f *fakeDP) QueueResync() {}
 func (f *fakeDP) WatchIPTables(ctx context.Context, _ func(dataplane.Result)) error {
@@ -209,4 +236,113 @@ func TestRemoveAnnotations(t *testing.T) {
 	if n, err := RemoveAnnotations(ctx, client, "n1"); err != nil || n != 0 {
 		t.Fatalf("second run removed %d, %v", n, err)
 	}
+}
+
+// TestPodEventsSyncIncrementally: pod events are programmed as pod-only
+// updates, namespace and address-conflict events as full applies, and
+// after every step the dataplane holds exactly what a full recomputation
+// from the caches gives.
+func TestPodEventsSyncIncrementally(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	client := fake.NewClientset(ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}), ns("plain", nil), pod())
+	dp := &fakeDP{}
+	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), Hooks{})
+	c.inf, c.dp = c.newInformers(ctx), dp
+	defer c.inf.cancel()
+	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
+		t.Fatal("caches did not sync")
+	}
+	if err := c.syncOnce(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	pods := client.CoreV1().Pods("apps")
+	// step makes a change, waits for its event, syncs, and checks what
+	// the dataplane holds and how it got there.
+	step := func(name string, change func() error, wantApplies, wantUpdates int) {
+		t.Helper()
+		c.mu.Lock()
+		c.pendingSince = time.Time{}
+		c.mu.Unlock()
+		if err := change(); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			c.mu.Lock()
+			seen := !c.pendingSince.IsZero()
+			c.mu.Unlock()
+			if seen {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: no event", name)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		applies, updates := dp.applies, dp.updates
+		if err := c.syncOnce(ctx, false); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if dp.applies-applies != wantApplies || dp.updates-updates != wantUpdates {
+			t.Errorf("%s: %d full applies and %d pod updates, want %d and %d", name, dp.applies-applies, dp.updates-updates, wantApplies, wantUpdates)
+		}
+		st, _, _, _ := c.desired()
+		want := map[string]dataplane.Pod{}
+		for _, p := range st.Pods {
+			want[p.UID] = p
+		}
+		if !reflect.DeepEqual(dp.pods, want) {
+			t.Fatalf("%s: dataplane holds %+v, a full sync gives %+v", name, dp.pods, want)
+		}
+		if got := c.LastDesired(); !reflect.DeepEqual(got.Pods, st.Pods) && len(st.Pods) > 0 {
+			t.Fatalf("%s: last desired %+v, want %+v", name, got.Pods, st.Pods)
+		}
+	}
+	mk := func(name, uid, ip string, mut ...func(*corev1.Pod)) func() error {
+		return func() error {
+			p := pod(append([]func(*corev1.Pod){func(p *corev1.Pod) {
+				p.Name, p.UID, p.Status.PodIP, p.Status.PodIPs = name, types.UID(uid), ip, []corev1.PodIP{{IP: ip}}
+			}}, mut...)...)
+			_, err := pods.Create(ctx, p, metav1.CreateOptions{})
+			return err
+		}
+	}
+	update := func(name string, mut func(*corev1.Pod)) func() error {
+		return func() error {
+			p, err := pods.Get(ctx, name, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			before := p.Status.DeepCopy()
+			mut(p)
+			if reflect.DeepEqual(before, &p.Status) {
+				_, err = pods.Update(ctx, p, metav1.UpdateOptions{})
+			} else {
+				_, err = pods.UpdateStatus(ctx, p, metav1.UpdateOptions{})
+			}
+			return err // one event per step
+		}
+	}
+	step("pod added", mk("p2", "u2", "10.244.1.6"), 0, 1)
+	step("pod gets a second family", update("p2", func(p *corev1.Pod) {
+		p.Status.PodIPs = append(p.Status.PodIPs, corev1.PodIP{IP: "fd00::6"})
+	}), 0, 1)
+	step("pod opts out", update("p2", func(p *corev1.Pod) { p.Labels = map[string]string{selection.DataplaneModeLabel: "none"} }), 0, 1)
+	step("pod opts in again", update("p2", func(p *corev1.Pod) { p.Labels = nil }), 0, 1)
+	step("status-only change", update("p2", func(p *corev1.Pod) { p.Status.Message = "x" }), 0, 0)
+	// The first by namespace/name keeps it: nothing to program.
+	step("address claimed twice", mk("p3", "u3", "10.244.1.6"), 0, 0)
+	// p3 takes the address over, which only a full sync sees.
+	step("pod holding a contested address deleted", func() error { return pods.Delete(ctx, "p2", metav1.DeleteOptions{}) }, 1, 0)
+	step("pod deleted", func() error { return pods.Delete(ctx, "p3", metav1.DeleteOptions{}) }, 0, 1)
+	step("namespace label removed", func() error {
+		n, err := client.CoreV1().Namespaces().Get(ctx, "apps", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		n.Labels = nil
+		_, err = client.CoreV1().Namespaces().Update(ctx, n, metav1.UpdateOptions{})
+		return err
+	}, 1, 0)
 }

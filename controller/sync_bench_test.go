@@ -17,11 +17,9 @@ import (
 	"k8s.io/client-go/tools/cache"
 )
 
-// BenchmarkSyncOnce is the controller's own share of a pod event on a node
-// with 250 dual-stack ambient pods (the dataplane is a fake).
-func BenchmarkSyncOnce(b *testing.B) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+// benchController is a controller synced once over 250 dual-stack ambient
+// pods, with a fake dataplane.
+func benchController(ctx context.Context, b *testing.B) (*Controller, *fakeDP) {
 	objs := []runtime.Object{ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient})}
 	for i := range 250 {
 		objs = append(objs, pod(func(p *corev1.Pod) {
@@ -30,20 +28,55 @@ func BenchmarkSyncOnce(b *testing.B) {
 			p.Status.PodIP = p.Status.PodIPs[0].IP
 		}))
 	}
-	client := fake.NewClientset(objs...)
-	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), Hooks{})
-	c.inf, c.dp = c.newInformers(ctx), &fakeDP{}
-	defer c.inf.cancel()
+	dp := &fakeDP{}
+	c := New(fake.NewClientset(objs...), Config{Selection: selOpts()}, nil, zap.NewNop(), Hooks{})
+	c.inf, c.dp = c.newInformers(ctx), dp
 	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
 		b.Fatal("caches did not sync")
 	}
 	if err := c.syncOnce(ctx, true); err != nil {
 		b.Fatal(err)
 	}
+	return c, dp
+}
+
+// BenchmarkSyncOnce is the controller's own share of a pod event on a node
+// with 250 dual-stack ambient pods (the dataplane is a fake).
+func BenchmarkSyncOnce(b *testing.B) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c, dp := benchController(ctx, b)
+	defer c.inf.cancel()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		// As after the event of a pod that just got its address: the
+		// controller has not seen it enrolled yet.
+		key := fmt.Sprintf("apps/p%d", i%250)
+		c.mu.Lock()
+		delete(c.pods, key)
+		c.dirty[key] = true
+		c.mu.Unlock()
+		if err := c.syncOnce(ctx, false); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if dp.applies != 1 || dp.updates != b.N {
+		b.Fatalf("%d full applies and %d pod updates over %d events", dp.applies, dp.updates, b.N)
+	}
+}
+
+// BenchmarkFullSync is a full recomputation (resync, namespace event) at
+// 250 pods, for comparison.
+func BenchmarkFullSync(b *testing.B) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c, _ := benchController(ctx, b)
+	defer c.inf.cancel()
 	b.ReportAllocs()
 	b.ResetTimer()
 	for range b.N {
-		c.applied = nil // as after a pod event that changed the state
+		c.applied = nil // as after a change: no short cut
 		if err := c.syncOnce(ctx, false); err != nil {
 			b.Fatal(err)
 		}

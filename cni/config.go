@@ -1,0 +1,143 @@
+package cni
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+)
+
+// Fail modes: what ADD does when the agent cannot be reached and the pod is
+// (or may be) ambient.
+const (
+	FailClosed = "closed" // ADD fails; the kubelet retries until the agent is back
+	FailOpen   = "open"   // ADD passes; the pod starts uncaptured until the agent catches up
+)
+
+// DefaultTimeout is how long ADD waits for the agent to program a pod.
+const DefaultTimeout = 30 * time.Second
+
+// Defaults the agent's flags have too, so that the plugin's fallback decides
+// as the agent would when the entry does not spell them out.
+const (
+	DefaultZtunnelNamespace = "istio-system"
+	DefaultZtunnelSelector  = "app=ztunnel"
+)
+
+// DefaultExcludeNamespaces mirrors the agent's --exclude-namespaces default.
+var DefaultExcludeNamespaces = []string{"kube-system"}
+
+// SupportedVersions are the CNI spec versions the plugin speaks: every one
+// with chaining (prevResult). The installer refuses a conflist of another
+// version, since the runtime would then fail every pod's ADD on our entry.
+var SupportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+
+// PluginConf is the plugin's network configuration: our entry in the
+// conflist, as the runtime hands it to the plugin (with cniVersion, name and
+// prevResult filled in).
+type PluginConf struct {
+	types.PluginConf
+
+	Socket   string `json:"socket,omitempty"`   // default DefaultSocket
+	FailMode string `json:"failMode,omitempty"` // FailClosed (default) or FailOpen
+	// Timeout is a Go duration: how long ADD waits for the agent. Default DefaultTimeout.
+	Timeout string `json:"timeout,omitempty"`
+	// Kubeconfig is read only when the agent is unreachable, to tell a
+	// non-ambient pod (which may start) from an ambient one.
+	Kubeconfig        string   `json:"kubeconfig,omitempty"`
+	ExcludeNamespaces []string `json:"excludeNamespaces,omitempty"` // nil: DefaultExcludeNamespaces
+	ZtunnelNamespace  string   `json:"ztunnelNamespace,omitempty"`
+	ZtunnelSelector   string   `json:"ztunnelSelector,omitempty"`
+}
+
+// ParseConf decodes the plugin's stdin config, fills in defaults and
+// validates it. prevResult stays raw (see version.ParsePrevResult).
+func ParseConf(data []byte) (*PluginConf, error) {
+	c := &PluginConf{}
+	if err := json.Unmarshal(data, c); err != nil {
+		return nil, fmt.Errorf("ambient-redirect: decoding network config: %w", err)
+	}
+	c.Defaults()
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("ambient-redirect: network config: %w", err)
+	}
+	return c, nil
+}
+
+// Defaults fills in every unset field.
+func (c *PluginConf) Defaults() {
+	if c.Socket == "" {
+		c.Socket = DefaultSocket
+	}
+	if c.FailMode == "" {
+		c.FailMode = FailClosed
+	}
+	if c.Timeout == "" {
+		c.Timeout = DefaultTimeout.String()
+	}
+	if c.ExcludeNamespaces == nil {
+		c.ExcludeNamespaces = slices.Clone(DefaultExcludeNamespaces)
+	}
+	if c.ZtunnelNamespace == "" {
+		c.ZtunnelNamespace = DefaultZtunnelNamespace
+	}
+	if c.ZtunnelSelector == "" {
+		c.ZtunnelSelector = DefaultZtunnelSelector
+	}
+}
+
+// Validate checks the fields that are set; run Defaults first for a complete
+// config.
+func (c *PluginConf) Validate() error {
+	var errs []error
+	if c.Socket != "" && !filepath.IsAbs(c.Socket) {
+		errs = append(errs, fmt.Errorf("socket %q: must be an absolute path", c.Socket))
+	}
+	switch c.FailMode {
+	case "", FailClosed, FailOpen:
+	default:
+		errs = append(errs, fmt.Errorf("failMode %q: must be %q or %q", c.FailMode, FailClosed, FailOpen))
+	}
+	if c.Timeout != "" {
+		if d, err := time.ParseDuration(c.Timeout); err != nil || d <= 0 {
+			errs = append(errs, fmt.Errorf("timeout %q: must be a positive Go duration such as \"30s\"", c.Timeout))
+		}
+	}
+	if c.Kubeconfig != "" && !filepath.IsAbs(c.Kubeconfig) {
+		errs = append(errs, fmt.Errorf("kubeconfig %q: must be an absolute path", c.Kubeconfig))
+	}
+	if c.ZtunnelSelector != "" {
+		if _, err := labels.Parse(c.ZtunnelSelector); err != nil {
+			errs = append(errs, fmt.Errorf("ztunnelSelector %q: %w", c.ZtunnelSelector, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// TimeoutDuration is Timeout parsed; DefaultTimeout when unset or invalid.
+func (c *PluginConf) TimeoutDuration() time.Duration {
+	if d, err := time.ParseDuration(c.Timeout); err == nil && d > 0 {
+		return d
+	}
+	return DefaultTimeout
+}
+
+// SelectionOptions are the options the fallback lookup decides with.
+func (c *PluginConf) SelectionOptions() (selection.Options, error) {
+	sel, err := labels.Parse(c.ZtunnelSelector)
+	if err != nil {
+		return selection.Options{}, fmt.Errorf("ztunnelSelector %q: %w", c.ZtunnelSelector, err)
+	}
+	return selection.Options{
+		ExcludeNamespaces: c.ExcludeNamespaces,
+		ZtunnelNamespace:  c.ZtunnelNamespace,
+		ZtunnelSelector:   sel,
+	}, nil
+}

@@ -1,0 +1,85 @@
+package cni
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+)
+
+// LookupTimeout bounds the whole fallback lookup: it runs while a pod's
+// sandbox waits, and only when the agent is down.
+const LookupTimeout = 5 * time.Second
+
+// Lookup decides from the API server, as the agent would, whether a pod is
+// ambient: the plugin's fallback when the agent is unreachable, so that a
+// non-ambient pod can start without it. A pod that is not found is an error
+// (undecided), not "not ambient".
+func Lookup(ctx context.Context, kubeconfigPath, namespace, name string, o selection.Options) (ambient bool, reason string, err error) {
+	a, err := LoadKubeconfig(kubeconfigPath)
+	if err != nil {
+		return false, "", err
+	}
+	client, err := a.HTTPClient(LookupTimeout)
+	if err != nil {
+		return false, "", err
+	}
+	ctx, cancel := context.WithTimeout(ctx, LookupTimeout)
+	defer cancel()
+
+	var pod corev1.Pod
+	if err := a.get(ctx, client, "/api/v1/namespaces/"+url.PathEscape(namespace)+"/pods/"+url.PathEscape(name), &pod); err != nil {
+		return false, "", fmt.Errorf("pod %s/%s: %w", namespace, name, err)
+	}
+	// The pod's own labels often decide; the namespace is read only if not.
+	if ambient, reason := selection.Ambient(&pod, nil, o); reason != selection.ReasonNamespaceUnknown {
+		return ambient, reason, nil
+	}
+	var ns corev1.Namespace
+	if err := a.get(ctx, client, "/api/v1/namespaces/"+url.PathEscape(namespace), &ns); err != nil {
+		return false, "", fmt.Errorf("namespace %s: %w", namespace, err)
+	}
+	ambient, reason = selection.Ambient(&pod, &ns, o)
+	return ambient, reason, nil
+}
+
+// get decodes the JSON object at path into out; any status but 200 is an
+// error carrying the API server's message.
+func (a *APIServer) get(ctx context.Context, client *http.Client, path string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.Server+path, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Accept", "application/json")
+	if a.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+a.Token)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK {
+		var st struct {
+			Message string `json:"message"`
+		}
+		msg := strings.TrimSpace(string(data))
+		if json.Unmarshal(data, &st) == nil && st.Message != "" {
+			msg = st.Message
+		}
+		return fmt.Errorf("API server: %s: %s", resp.Status, msg)
+	}
+	return json.Unmarshal(data, out)
+}
