@@ -48,6 +48,26 @@ func BenchmarkPodChurn(b *testing.B) {
 		b.ReportMetric(float64(writes[dataplane.KindRoute])/float64(b.N), "route-writes/op")
 		b.ReportMetric(float64(writes[dataplane.KindIPTables])/float64(b.N), "iptables-restores/op")
 	})
+	// What a pod event costs in the agent: UpdatePods with the pod alone,
+	// dual-stack (2 members and 2 routes each way).
+	b.Run("update-pods add+remove", func(b *testing.B) {
+		pod := dataplane.Pod{UID: "churn6", IPs: []netip.Addr{netip.MustParseAddr("10.250.9.10"), netip.MustParseAddr("fd00:250::9:10")}}
+		writes := 0
+		for b.Loop() {
+			for _, up := range [][]dataplane.Pod{{pod}, nil} {
+				var rm []string
+				if up == nil {
+					rm = []string{pod.UID}
+				}
+				res, err := n.dp.UpdatePods(ctx, up, rm)
+				if err != nil {
+					b.Fatal(err)
+				}
+				writes += res.TotalWrites()
+			}
+		}
+		b.ReportMetric(float64(writes)/float64(b.N), "writes/op")
+	})
 	b.Run("no-change", func(b *testing.B) {
 		writes := 0
 		for b.Loop() {
