@@ -61,6 +61,8 @@ type PodStatus struct {
 	Enrolled   bool     `json:"enrolled"`
 	Reason     string   `json:"reason"`
 	Annotation string   `json:"annotation,omitempty"`
+	// ViaCNI: the CNI plugin handed this pod's sandbox over.
+	ViaCNI bool `json:"viaCNI,omitempty"`
 }
 
 // ZtunnelStatus is the active ztunnel.
@@ -150,6 +152,10 @@ type Controller struct {
 	// pod claiming it (dedupeIPs): a pod leaving may hand it back, which
 	// only a full sync decides.
 	conflicted int
+	// cni are the pods the CNI plugin handed over, by namespace/name.
+	cni map[string]cniPod
+	// synced is closed (and replaced) after every sync: CNI ADDs wait on it.
+	synced chan struct{}
 }
 
 // podEntry is one pod as the last sync saw it.
@@ -170,7 +176,7 @@ func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context
 	c := &Controller{
 		cfg: cfg, client: client, log: log, hooks: hooks, newDP: newDP,
 		kick: make(chan struct{}, 1), annoKick: make(chan struct{}, 1), driftKick: make(chan struct{}, 1),
-		programmed: map[types.UID]bool{}, dirty: map[string]bool{},
+		programmed: map[types.UID]bool{}, dirty: map[string]bool{}, cni: map[string]cniPod{}, synced: make(chan struct{}),
 	}
 	c.status.DriftRepairs = map[string]int{}
 	return c
@@ -491,11 +497,29 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 	if err != nil {
 		return dataplane.State{}, nil, nil, err
 	}
+	var st dataplane.State
+	entries := make(map[string]podEntry, len(pods))
+	c.mu.Lock()
+	if len(c.cni) > 0 {
+		cached := make(map[string]bool, len(pods))
+		for _, p := range pods {
+			cached[p.Namespace+"/"+p.Name] = true
+		}
+		for key, cp := range c.cni {
+			switch {
+			case cached[key] && cp.pod != nil:
+				cp.pod = nil // the cache has it now
+				c.cni[key] = cp
+			case cp.pod != nil:
+				pods = append(pods, cp.pod) // handed over by CNI before the cache saw it
+			case !cached[key]:
+				delete(c.cni, key) // the pod is gone
+			}
+		}
+	}
 	slices.SortFunc(pods, func(a, b *corev1.Pod) int {
 		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
-	var st dataplane.State
-	entries := make(map[string]podEntry, len(pods))
 	for _, p := range pods {
 		ns, _ := nsLister.Get(p.Namespace)
 		e := c.entry(p, ns)
@@ -505,6 +529,7 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 		}
 		entries[p.Namespace+"/"+p.Name] = e
 	}
+	c.mu.Unlock()
 	st.Pods = dedupeIPs(st.Pods, c.log)
 	for i := range st.Pods {
 		e := entries[st.Pods[i].Name]
@@ -626,6 +651,17 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 		old, had := c.pods[key]
 		ns, name, _ := cache.SplitMetaNamespaceKey(key)
 		p, err := podLister.Pods(ns).Get(name)
+		if cp, ok := c.cni[key]; ok {
+			switch {
+			case err == nil && cp.pod != nil:
+				cp.pod = nil // the cache has it now
+				c.cni[key] = cp
+			case apierrors.IsNotFound(err) && cp.pod != nil:
+				p, err = cp.pod, nil // handed over by CNI before the cache saw it
+			case apierrors.IsNotFound(err):
+				delete(c.cni, key) // the pod is gone
+			}
+		}
 		var e podEntry
 		if err == nil {
 			nsObj, _ := nsLister.Get(ns)
@@ -684,6 +720,7 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 		}
 	}
 	enrolled := len(c.programmed)
+	c.notifySynced()
 	c.mu.Unlock()
 	if len(upsert) > 0 || len(remove) > 0 {
 		c.log.Debug("pods synced", zap.Int("upsert", len(upsert)), zap.Int("remove", len(remove)), zap.Error(err))
@@ -698,6 +735,12 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 		c.kickAnnotations()
 	}
 	return true, err
+}
+
+// notifySynced wakes whoever waits for a sync. Called with c.mu held.
+func (c *Controller) notifySynced() {
+	close(c.synced)
+	c.synced = make(chan struct{})
 }
 
 // conflicts counts the enrolled pods programmed without some of their
@@ -725,8 +768,13 @@ func (c *Controller) ownerOf(a netip.Addr, key string, dirty map[string]bool) st
 }
 
 // entry is a pod's selection outcome and, when enrolled, what to program.
+// Called with c.mu held.
 func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
+	p, viaCNI, deleted := c.withCNI(p)
 	ok, why := selection.Enrolled(p, ns, c.cfg.Selection)
+	if deleted {
+		ok, why = false, ReasonSandboxDeleted
+	}
 	ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[selection.RedirectionAnno]}
 	for _, a := range p.Status.PodIPs {
 		ps.IPs = append(ps.IPs, a.IP)
@@ -734,6 +782,7 @@ func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
 	if len(ps.IPs) == 0 && p.Status.PodIP != "" {
 		ps.IPs = []string{p.Status.PodIP}
 	}
+	ps.ViaCNI = viaCNI
 	e := podEntry{status: ps}
 	if ok {
 		e.pod = &dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: selection.PodIPs(p)}
@@ -783,6 +832,7 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 		// resync's job.
 		c.mu.Lock()
 		c.pods, c.status.Ztunnel, c.wantZt, c.conflicted = pods, zs, zt, conflicts(pods)
+		c.notifySynced()
 		c.mu.Unlock()
 		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
 			c.hooks.OnProgrammed(time.Since(pending))
@@ -826,6 +876,7 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 	if applyErr == nil {
 		c.applied = &zt
 	}
+	c.notifySynced()
 	c.mu.Unlock()
 	if c.hooks.OnSync != nil {
 		c.hooks.OnSync(res, drift && err == nil, len(st.Pods), err)

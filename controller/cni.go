@@ -1,0 +1,183 @@
+package controller
+
+// The agent's side of the chained CNI plugin: a pod handed over in CNI ADD
+// is decided from the caches (or a GET when the cache has not seen it yet)
+// and programmed through the same sync as every other pod, before its
+// containers start. Its status IPs, when they arrive, change nothing.
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// ReasonSandboxDeleted: CNI DEL tore the pod's network down.
+const ReasonSandboxDeleted = "sandbox deleted (CNI DEL)"
+
+// cniPod is what CNI told us about a pod's sandbox.
+type cniPod struct {
+	uid         types.UID
+	containerID string
+	ips         []netip.Addr
+	// pod is the object a GET returned when the cache had not seen it.
+	pod *corev1.Pod
+	// deleted: DEL came for the sandbox; nothing is captured until ADD.
+	deleted bool
+}
+
+// HandleCNI implements cni.Handler.
+func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Response, error) {
+	key := req.PodNamespace + "/" + req.PodName
+	switch req.Command {
+	case cni.CommandDel:
+		c.mu.Lock()
+		e, ok := c.cni[key]
+		if ok && (req.ContainerID == "" || e.containerID == req.ContainerID) {
+			e.deleted, e.ips, e.pod = true, nil, nil
+			c.cni[key] = e
+		}
+		c.mu.Unlock()
+		if ok {
+			c.podKey(key)
+		}
+		return cni.Response{Reason: "forgotten"}, nil
+	case cni.CommandCheck:
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		pe, ok := c.pods[key]
+		if !ok {
+			return cni.Response{Reason: "pod not known to the agent"}, nil
+		}
+		return cni.Response{Ambient: pe.status.Enrolled, Programmed: pe.pod != nil && c.programmed[types.UID(pe.pod.UID)], Reason: pe.status.Reason}, nil
+	case cni.CommandAdd:
+	default:
+		return cni.Response{}, fmt.Errorf("unknown CNI command %q", req.Command)
+	}
+	if len(req.IPs) == 0 {
+		return cni.Response{}, fmt.Errorf("pod %s: CNI ADD without addresses (no prevResult IPs)", key)
+	}
+	pod, ns, err := c.cniLookup(ctx, req)
+	if err != nil {
+		return cni.Response{}, err
+	}
+	withIPs := withPodIPs(pod, req.IPs)
+	if ok, why := selection.Enrolled(withIPs, ns, c.cfg.Selection); !ok {
+		return cni.Response{Reason: why}, nil
+	}
+	cp := cniPod{uid: pod.UID, containerID: req.ContainerID, ips: slices.Clone(req.IPs)}
+	podLister, _ := c.listers()
+	if _, err := podLister.Pods(pod.Namespace).Get(pod.Name); err != nil {
+		cp.pod = pod // the cache has not seen it yet
+	}
+	c.mu.Lock()
+	c.cni[key] = cp
+	c.mu.Unlock()
+	c.podKey(key)
+	for {
+		c.mu.Lock()
+		pe, ok := c.pods[key]
+		done := ok && pe.pod != nil && pe.pod.UID == string(pod.UID) && c.programmed[pod.UID] && containsAll(pe.pod.IPs, req.IPs)
+		notAmbient := ok && !pe.status.Enrolled && pe.status.UID == string(pod.UID)
+		wait := c.synced
+		c.mu.Unlock()
+		switch {
+		case done:
+			c.log.Debug("pod programmed through CNI", zap.String("pod", key), zap.Any("ips", req.IPs))
+			return cni.Response{Ambient: true, Programmed: true, Reason: pe.status.Reason}, nil
+		case notAmbient:
+			return cni.Response{Reason: pe.status.Reason}, nil
+		}
+		select {
+		case <-ctx.Done():
+			return cni.Response{Ambient: true}, fmt.Errorf("pod %s not programmed before the plugin gave up: %w", key, ctx.Err())
+		case <-wait:
+		}
+	}
+}
+
+// cniLookup finds the pod and its namespace, from the caches or the API.
+func (c *Controller) cniLookup(ctx context.Context, req cni.Request) (*corev1.Pod, *corev1.Namespace, error) {
+	podLister, nsLister := c.listers()
+	pod, err := podLister.Pods(req.PodNamespace).Get(req.PodName)
+	if err != nil || (req.PodUID != "" && string(pod.UID) != req.PodUID) {
+		pod, err = c.client.CoreV1().Pods(req.PodNamespace).Get(ctx, req.PodName, metav1.GetOptions{})
+		if err != nil {
+			return nil, nil, fmt.Errorf("pod %s/%s: %w", req.PodNamespace, req.PodName, err)
+		}
+		if req.PodUID != "" && string(pod.UID) != req.PodUID {
+			return nil, nil, fmt.Errorf("pod %s/%s is UID %s, not the sandbox's %s", req.PodNamespace, req.PodName, pod.UID, req.PodUID)
+		}
+		pod = minimalPodOf(pod)
+	}
+	ns, err := nsLister.Get(req.PodNamespace)
+	if err != nil {
+		ns, err = c.client.CoreV1().Namespaces().Get(ctx, req.PodNamespace, metav1.GetOptions{})
+		if err != nil && !apierrors.IsNotFound(err) {
+			return nil, nil, fmt.Errorf("namespace %s: %w", req.PodNamespace, err)
+		}
+		if err != nil {
+			ns = nil
+		}
+	}
+	return pod, ns, nil
+}
+
+// podKey queues one pod.
+func (c *Controller) podKey(key string) { c.mark(func() { c.dirty[key] = true }) }
+
+// withCNI applies what CNI said about p's sandbox: its addresses until the
+// status has them, or that it is gone. Called with c.mu held.
+func (c *Controller) withCNI(p *corev1.Pod) (*corev1.Pod, bool, bool) {
+	e, ok := c.cni[p.Namespace+"/"+p.Name]
+	if !ok || e.uid != p.UID {
+		return p, false, false
+	}
+	if e.deleted {
+		return p, true, true
+	}
+	if len(selection.PodIPs(p)) == 0 {
+		p = withPodIPs(p, e.ips)
+	}
+	return p, true, false
+}
+
+// withPodIPs is a copy of p with ips as its status addresses.
+func withPodIPs(p *corev1.Pod, ips []netip.Addr) *corev1.Pod {
+	cp := *p
+	cp.Status.PodIPs = nil
+	for _, a := range ips {
+		cp.Status.PodIPs = append(cp.Status.PodIPs, corev1.PodIP{IP: a.String()})
+	}
+	if len(ips) > 0 {
+		cp.Status.PodIP = ips[0].String()
+	}
+	return &cp
+}
+
+func containsAll(have, want []netip.Addr) bool {
+	for _, a := range want {
+		if !slices.Contains(have, a.Unmap()) {
+			return false
+		}
+	}
+	return true
+}
+
+// minimalPodOf applies the cache's transform to a pod from a GET.
+func minimalPodOf(p *corev1.Pod) *corev1.Pod {
+	if m, err := minimalPod(p); err == nil {
+		if mp, ok := m.(*corev1.Pod); ok {
+			return mp
+		}
+	}
+	return p
+}
