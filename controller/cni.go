@@ -37,6 +37,19 @@ type cniPod struct {
 // HandleCNI implements cni.Handler.
 func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Response, error) {
 	key := req.PodNamespace + "/" + req.PodName
+	for { // nothing is known before the first sync
+		c.mu.Lock()
+		ready, wait := c.pods != nil, c.synced
+		c.mu.Unlock()
+		if ready {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return cni.Response{}, fmt.Errorf("pod %s: the agent has not synced yet: %w", key, ctx.Err())
+		case <-wait:
+		}
+	}
 	switch req.Command {
 	case cni.CommandDel:
 		c.mu.Lock()

@@ -212,6 +212,10 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 	}
+	if err := serveCNI(ctx, o, ctl, restCfg, log.Named("cni")); err != nil {
+		log.Error("CNI plugin", zap.Error(err))
+		return 1
+	}
 	if err := ctl.Run(ctx); err != nil {
 		log.Error("agent stopped", zap.Error(err))
 		return 1
@@ -229,6 +233,7 @@ func configView(o *Options) map[string]any {
 		"excludeNamespaces": o.excluded(), "tunnel": o.Tunnel, "tunnelPort": o.TunnelPort, "failMode": o.FailMode,
 		"iptablesMode": o.IPTablesMode, "netnsDir": o.NetNSDir, "resyncPeriod": o.ResyncPeriod.String(),
 		"debugAddr": o.DebugAddr, "dnsCapture": o.DNSCapture, "onEnroll": o.OnEnroll,
+		"cniSocket": o.CNISocket, "cniInstall": o.CNIInstall, "cniBinDir": o.CNIBinDir, "cniConfDir": o.CNIConfDir,
 	}
 }
 
@@ -258,6 +263,11 @@ func cmdCleanup(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer dp.Close()
+	// The plugin first: no new sandbox may wait for an agent that is going.
+	if err := uninstallCNI(o, log); err != nil {
+		log.Error("uninstall the CNI plugin", zap.Error(err))
+		return 1
+	}
 	res, err := dp.Cleanup(ctx)
 	if err != nil {
 		// Pods keep the annotation while the kernel may still redirect them.

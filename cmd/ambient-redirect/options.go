@@ -7,6 +7,7 @@ import (
 	"math"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/validation"
 
+	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
 
@@ -60,6 +62,11 @@ type Options struct {
 	LogLevel          string
 	KubeAPIQPS        float64
 	KubeAPIBurst      int
+	CNISocket         string
+	CNIInstall        bool
+	CNIBinDir         string
+	CNIConfDir        string
+	CNIPluginBinary   string
 }
 
 func defaultOptions() *Options {
@@ -78,6 +85,9 @@ func defaultOptions() *Options {
 		LogLevel:          "info",
 		KubeAPIQPS:        20,
 		KubeAPIBurst:      50,
+		CNIBinDir:         "/opt/cni/bin",
+		CNIConfDir:        "/etc/cni/net.d",
+		CNIPluginBinary:   pluginBinary(),
 	}
 }
 
@@ -100,6 +110,11 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "client-side burst towards the API server")
 	fs.Var(choice{&o.IPTablesMode, []string{"auto", "nft", "legacy"}}, "iptables-mode", "iptables backend: auto (detect kubelet's), nft or legacy")
 	fs.StringVar(&o.NetNSDir, "netns-dir", o.NetNSDir, "directory of named network namespaces (where the CRI puts pod netns)")
+	fs.StringVar(&o.CNISocket, "cni-socket", o.CNISocket, "unix socket the ambient-redirect CNI plugin hands pods over on (default with --cni-install: "+cni.DefaultSocket+"); empty and no --cni-install: no plugin")
+	fs.BoolVar(&o.CNIInstall, "cni-install", o.CNIInstall, "install the CNI plugin (binary into --cni-bin-dir, entry at the end of the primary conflist in --cni-conf-dir); cleanup uninstalls it")
+	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", o.CNIBinDir, "the host's CNI plugin directory (with --cni-install)")
+	fs.StringVar(&o.CNIConfDir, "cni-conf-dir", o.CNIConfDir, "the host's CNI config directory (with --cni-install)")
+	fs.StringVar(&o.CNIPluginBinary, "cni-plugin-binary", o.CNIPluginBinary, "the plugin binary to install (with --cni-install)")
 	fs.Var(choice{&o.LogLevel, []string{"debug", "info", "warn", "error"}}, "log-level", "log level")
 }
 
@@ -135,6 +150,19 @@ func (o *Options) Validate(requireNode bool) error {
 	}
 	if o.TunnelPort < 0 || o.TunnelPort > 65535 {
 		errs = append(errs, fmt.Errorf("--tunnel-port %d out of range", o.TunnelPort))
+	}
+	if o.CNISocket != "" && !filepath.IsAbs(o.CNISocket) {
+		errs = append(errs, fmt.Errorf("--cni-socket %q must be an absolute path", o.CNISocket))
+	}
+	if o.CNIInstall {
+		if o.CNISocket == "" {
+			o.CNISocket = cni.DefaultSocket
+		}
+		for _, d := range []string{o.CNIBinDir, o.CNIConfDir, o.CNIPluginBinary} {
+			if !filepath.IsAbs(d) {
+				errs = append(errs, fmt.Errorf("--cni-bin-dir, --cni-conf-dir and --cni-plugin-binary must be absolute paths (%q)", d))
+			}
+		}
 	}
 	if o.DebugAddr != "" {
 		if err := validHostPort(o.DebugAddr); err != nil {

@@ -1,0 +1,119 @@
+package main
+
+// The agent's CNI side: the socket the plugin talks to, and the plugin's
+// installation into the host's CNI directories.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.uber.org/zap"
+	"k8s.io/client-go/rest"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
+)
+
+// pluginBinary is the plugin shipped next to this binary (the image has both).
+func pluginBinary() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return cni.BinaryName
+	}
+	return filepath.Join(filepath.Dir(exe), cni.BinaryName)
+}
+
+// installer is the plugin's installer for o.
+func (o *Options) installer(restCfg *rest.Config, log *zap.Logger) (*cni.Installer, error) {
+	in := &cni.Installer{BinDir: o.CNIBinDir, ConfDir: o.CNIConfDir, Binary: o.CNIPluginBinary, Log: log,
+		Conf: cni.PluginConf{Socket: o.CNISocket, FailMode: o.FailMode, ExcludeNamespaces: o.excluded(),
+			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: o.ZtunnelSelector}}
+	in.Conf.Type = cni.PluginType
+	if restCfg != nil {
+		kc, err := pluginKubeconfig(restCfg)
+		if err != nil {
+			return nil, err
+		}
+		in.Kubeconfig = kc
+	}
+	return in, nil
+}
+
+// pluginKubeconfig is the agent's own API access, for the plugin to tell a
+// non-ambient pod from an ambient one while the agent is down.
+func pluginKubeconfig(c *rest.Config) ([]byte, error) {
+	read := func(data []byte, file string) ([]byte, error) {
+		if len(data) > 0 || file == "" {
+			return data, nil
+		}
+		return os.ReadFile(file)
+	}
+	ca, err := read(c.CAData, c.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("CA of the API server: %w", err)
+	}
+	cert, err := read(c.CertData, c.CertFile)
+	if err != nil {
+		return nil, fmt.Errorf("client certificate: %w", err)
+	}
+	key, err := read(c.KeyData, c.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("client key: %w", err)
+	}
+	token := c.BearerToken
+	if token == "" && c.BearerTokenFile != "" {
+		b, err := os.ReadFile(c.BearerTokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("token: %w", err)
+		}
+		token = string(b)
+	}
+	return cni.Kubeconfig(c.Host, ca, token, cert, key), nil
+}
+
+// serveCNI listens on the plugin's socket and, with --cni-install, installs
+// the plugin once the agent answers. It returns once listening.
+func serveCNI(ctx context.Context, o *Options, h cni.Handler, restCfg *rest.Config, log *zap.Logger) error {
+	if o.CNISocket == "" {
+		return nil
+	}
+	srv, err := cni.Listen(o.CNISocket)
+	if err != nil {
+		return fmt.Errorf("CNI socket: %w", err)
+	}
+	go func() {
+		if err := srv.Serve(ctx, h, log); err != nil {
+			log.Error("CNI socket server stopped", zap.Error(err))
+		}
+	}()
+	if !o.CNIInstall {
+		return nil
+	}
+	in, err := o.installer(restCfg, log)
+	if err != nil {
+		return err
+	}
+	if _, err := in.Install(); err != nil && !errors.Is(err, cni.ErrNoConfig) {
+		return fmt.Errorf("install the CNI plugin: %w", err)
+	}
+	go in.Watch(ctx, time.Second) // the primary plugin may write or rewrite its conflist later
+	return nil
+}
+
+// uninstallCNI takes the plugin out of the host's CNI config (cleanup).
+func uninstallCNI(o *Options, log *zap.Logger) error {
+	if !o.CNIInstall {
+		return nil
+	}
+	in, err := o.installer(nil, log)
+	if err != nil {
+		return err
+	}
+	if err := in.Uninstall(); err != nil && !errors.Is(err, cni.ErrNotInstalled) {
+		return err
+	}
+	return nil
+}
