@@ -146,6 +146,9 @@ func TestInstallUninstallRoundTrip(t *testing.T) {
 			if !isInsertion(orig, installed) {
 				t.Errorf("install changed more than it inserted:\n%s", installed)
 			}
+			if bytes.Contains(orig, []byte("\r\n")) && bytes.Count(installed, []byte("\n")) != bytes.Count(installed, []byte("\r\n")) {
+				t.Errorf("a CRLF file got LF line ends:\n%q", installed)
+			}
 			if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o644 {
 				t.Errorf("conflist mode = %v, want 0644 (kept)", fi.Mode().Perm())
 			}
@@ -277,6 +280,9 @@ func TestInstallKeepsEquivalentEntryDropsDuplicates(t *testing.T) {
 	in, path, _ := testInstaller(t, fixtures(t)["compact"])
 	in.Kubeconfig = nil
 	in.Conf = PluginConf{FailMode: FailOpen}
+	if _, err := in.Install(); err != nil {
+		t.Fatal(err)
+	}
 	reformatted := []byte(`{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"ptp"},{ "failMode" : "open", "type" : "ambient-redirect" }]}`)
 	if err := os.WriteFile(path, reformatted, 0o644); err != nil {
 		t.Fatal(err)

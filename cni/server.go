@@ -68,8 +68,11 @@ func (s *Server) Path() string { return s.path }
 
 // Serve answers requests with h until ctx is done, then stops (in-flight
 // handlers see their context cancelled) and removes the socket. A request's
-// context also ends when the plugin hangs up.
+// context also ends when the plugin hangs up. log may be nil.
 func (s *Server) Serve(ctx context.Context, h Handler, log *zap.Logger) error {
+	if log == nil {
+		log = zap.NewNop()
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+apiPath, func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()

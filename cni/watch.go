@@ -16,7 +16,7 @@ const settle = 100 * time.Millisecond
 // Watch keeps the plugin installed until ctx ends: the primary plugin may
 // rewrite its conflist without our entry (kindnet does when it starts), and
 // until the entry is back, new pods start uncaptured. It re-runs the install
-// when ConfDir changes (inotify) and every period (in case inotify is
+// at once, when ConfDir changes (inotify) and every period (in case inotify is
 // unavailable or missed something), and logs each re-insert. Errors are
 // logged when they first occur and when they clear; Watch keeps going.
 // Stop Watch (cancel ctx and wait for it to return) before Uninstall.
@@ -47,6 +47,8 @@ func (in *Installer) Watch(ctx context.Context, period time.Duration) {
 			log.Info("re-installed the ambient-redirect CNI plugin after a change on the node")
 		}
 	}
+	// After the watch is set up, so that no change goes unseen.
+	check()
 	for {
 		select {
 		case <-ctx.Done():

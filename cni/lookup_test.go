@@ -1,0 +1,136 @@
+package cni_test
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
+	"github.com/ambient-redirect/ambient-redirect/cni/cnitest"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+)
+
+func pod(ns, name string, lbls map[string]string) *corev1.Pod {
+	return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: lbls}}
+}
+
+func namespace(name string, lbls map[string]string) *corev1.Namespace {
+	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: lbls}}
+}
+
+func TestLookup(t *testing.T) {
+	ambientNS := map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}
+	api := cnitest.NewAPI(t,
+		namespace("mesh", ambientNS), namespace("plain", nil), namespace("istio-system", ambientNS),
+		pod("mesh", "a", nil),
+		pod("mesh", "opted-out", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeNone}),
+		pod("plain", "b", nil),
+		pod("plain", "labelled", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}),
+		pod("istio-system", "ztunnel-x", map[string]string{"app": "ztunnel"}),
+	)
+	o := selection.Options{
+		ExcludeNamespaces: []string{"kube-system"},
+		ZtunnelNamespace:  "istio-system",
+		ZtunnelSelector:   labels.SelectorFromSet(labels.Set{"app": "ztunnel"}),
+	}
+	cases := []struct {
+		ns, name   string
+		want       bool
+		wantReason string
+	}{
+		{"mesh", "a", true, selection.ReasonEnrolledNamespace},
+		{"mesh", "opted-out", false, selection.ReasonOptOutLabel},
+		{"plain", "b", false, selection.ReasonNotAmbient},
+		{"plain", "labelled", true, selection.ReasonEnrolledPodLabel},
+		{"istio-system", "ztunnel-x", false, selection.ReasonZtunnel},
+	}
+	for _, tc := range cases {
+		got, reason, err := cni.Lookup(context.Background(), api.Kubeconfig, tc.ns, tc.name, o)
+		if err != nil || got != tc.want || reason != tc.wantReason {
+			t.Errorf("Lookup(%s/%s) = %v, %q, %v; want %v, %q", tc.ns, tc.name, got, reason, err, tc.want, tc.wantReason)
+		}
+	}
+	if _, _, err := cni.Lookup(context.Background(), api.Kubeconfig, "mesh", "gone", o); err == nil || !strings.Contains(err.Error(), "404") {
+		t.Errorf("Lookup of a missing pod: %v; want a 404 error", err)
+	}
+}
+
+func TestLookupUnauthorized(t *testing.T) {
+	api := cnitest.NewAPI(t, pod("mesh", "a", nil))
+	a, err := cni.LoadKubeconfig(api.Kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc := filepath.Join(t.TempDir(), "kc")
+	if err := os.WriteFile(kc, cni.Kubeconfig(a.Server, a.CAData, "wrong", nil, nil), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = cni.Lookup(context.Background(), kc, "mesh", "a", selection.Options{})
+	if err == nil || !strings.Contains(err.Error(), "Unauthorized") {
+		t.Errorf("Lookup with a bad token: %v; want the API server's Unauthorized", err)
+	}
+}
+
+func TestLoadKubeconfig(t *testing.T) {
+	dir := t.TempDir()
+	kc := filepath.Join(dir, "kc.json")
+	if err := os.WriteFile(kc, cni.Kubeconfig("https://10.96.0.1:443/", []byte("CA"), "tok", []byte("CERT"), []byte("KEY")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a, err := cni.LoadKubeconfig(kc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Server != "https://10.96.0.1:443" || string(a.CAData) != "CA" || a.Token != "tok" || string(a.CertData) != "CERT" || string(a.KeyData) != "KEY" {
+		t.Errorf("LoadKubeconfig = %+v", a)
+	}
+
+	// A hand-written YAML one, with files relative to it and a context to pick.
+	for name, content := range map[string]string{"ca.crt": "CA2", "token": "tok2\n"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	yml := []byte(`apiVersion: v1
+kind: Config
+current-context: second
+clusters:
+- name: one
+  cluster: {server: "https://one"}
+- name: two
+  cluster:
+    server: https://two:6443
+    certificate-authority: ca.crt
+contexts:
+- name: first
+  context: {cluster: one, user: u1}
+- name: second
+  context: {cluster: two, user: u2}
+users:
+- name: u1
+  user: {token: nope}
+- name: u2
+  user: {tokenFile: token}
+`)
+	kc = filepath.Join(dir, "kc.yaml")
+	if err := os.WriteFile(kc, yml, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a, err = cni.LoadKubeconfig(kc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Server != "https://two:6443" || !bytes.Equal(a.CAData, []byte("CA2")) || a.Token != "tok2" {
+		t.Errorf("LoadKubeconfig(yaml) = %+v", a)
+	}
+	if _, err := cni.LoadKubeconfig(filepath.Join(dir, "missing")); err == nil {
+		t.Error("LoadKubeconfig of a missing file succeeded")
+	}
+}
