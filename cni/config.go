@@ -71,6 +71,27 @@ func ParseConf(data []byte) (*PluginConf, error) {
 	return c, nil
 }
 
+// MarshalJSON writes every field. Without it, the embedded
+// types.PluginConf's MarshalJSON would be promoted and leave ours out.
+func (c PluginConf) MarshalJSON() ([]byte, error) {
+	base, err := c.PluginConf.MarshalJSON()
+	if err != nil {
+		return nil, err
+	}
+	own, err := json.Marshal(ownFieldsOf(&c))
+	if err != nil {
+		return nil, err
+	}
+	m := map[string]json.RawMessage{}
+	if err := json.Unmarshal(base, &m); err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(own, &m); err != nil {
+		return nil, err
+	}
+	return json.Marshal(m)
+}
+
 // Defaults fills in every unset field.
 func (c *PluginConf) Defaults() {
 	if c.Socket == "" {

@@ -1,6 +1,8 @@
 package cni
 
 import (
+	"encoding/json"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -60,5 +62,28 @@ func TestConfDefaults(t *testing.T) {
 	c, err = ParseConf([]byte(`{"excludeNamespaces":[]}`))
 	if err != nil || c.ExcludeNamespaces == nil || len(c.ExcludeNamespaces) != 0 {
 		t.Errorf("excludeNamespaces [] became %v (%v)", c.ExcludeNamespaces, err)
+	}
+}
+
+// Marshalling a PluginConf (say, to show the effective config) keeps our
+// fields, which the embedded types.PluginConf's MarshalJSON would drop.
+func TestConfMarshalRoundTrip(t *testing.T) {
+	in := `{"cniVersion":"1.0.0","name":"n","type":"ambient-redirect","failMode":"open","timeout":"3s","excludeNamespaces":[]}`
+	c, err := ParseConf([]byte(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []any{c, *c} {
+		out, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		back, err := ParseConf(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(back, c) {
+			t.Errorf("round trip through %s:\n got %+v\nwant %+v", out, back, c)
+		}
 	}
 }

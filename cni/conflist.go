@@ -124,7 +124,12 @@ func (c *conflist) others() []span {
 // entry is our element of the plugins array: the plugin's own fields, none
 // of what the runtime fills in (cniVersion, name, prevResult).
 type entry struct {
-	Type       string `json:"type"`
+	Type string `json:"type"`
+	ownFields
+}
+
+// ownFields are PluginConf's fields beyond types.PluginConf, as written.
+type ownFields struct {
 	Socket     string `json:"socket,omitempty"`
 	FailMode   string `json:"failMode,omitempty"`
 	Timeout    string `json:"timeout,omitempty"`
@@ -136,15 +141,15 @@ type entry struct {
 	ZtunnelSelector   string    `json:"ztunnelSelector,omitempty"`
 }
 
-func entryFor(c *PluginConf) entry {
-	e := entry{
-		Type: PluginType, Socket: c.Socket, FailMode: c.FailMode, Timeout: c.Timeout, Kubeconfig: c.Kubeconfig,
+func ownFieldsOf(c *PluginConf) ownFields {
+	f := ownFields{
+		Socket: c.Socket, FailMode: c.FailMode, Timeout: c.Timeout, Kubeconfig: c.Kubeconfig,
 		ZtunnelNamespace: c.ZtunnelNamespace, ZtunnelSelector: c.ZtunnelSelector,
 	}
 	if c.ExcludeNamespaces != nil {
-		e.ExcludeNamespaces = &c.ExcludeNamespaces
+		f.ExcludeNamespaces = &c.ExcludeNamespaces
 	}
-	return e
+	return f
 }
 
 // layout is how the file lays out the plugins array, so that our entry looks

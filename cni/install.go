@@ -95,7 +95,7 @@ func (in *Installer) entry() (entry, error) {
 	if err := check.Validate(); err != nil {
 		return entry{}, fmt.Errorf("ambient-redirect plugin config: %w", err)
 	}
-	return entryFor(&c), nil
+	return entry{Type: PluginType, ownFields: ownFieldsOf(&c)}, nil
 }
 
 func (in *Installer) log() *zap.Logger {
@@ -107,23 +107,33 @@ func (in *Installer) log() *zap.Logger {
 
 func (in *Installer) installBinary(compare bool) (bool, error) {
 	dst := filepath.Join(in.BinDir, BinaryName)
-	src, err := os.ReadFile(in.Binary)
+	si, err := os.Stat(in.Binary)
 	if err != nil {
 		return false, fmt.Errorf("plugin binary: %w", err)
 	}
-	if fi, err := os.Stat(dst); err == nil && fi.Mode().Perm() == 0o755 && fi.Size() == int64(len(src)) {
-		if !compare {
+	if fi, err := os.Stat(dst); err == nil && fi.Mode().Perm() == 0o755 && fi.Size() == si.Size() {
+		if !compare || sameContent(in.Binary, dst) {
 			return false, nil
 		}
-		if cur, err := os.ReadFile(dst); err == nil && bytes.Equal(cur, src) {
-			return false, nil
-		}
+	}
+	src, err := os.ReadFile(in.Binary)
+	if err != nil {
+		return false, fmt.Errorf("plugin binary: %w", err)
 	}
 	if err := writeFileAtomic(dst, src, 0o755, nil); err != nil {
 		return false, fmt.Errorf("installing the plugin binary: %w", err)
 	}
 	in.log().Info("installed the CNI plugin binary", zap.String("path", dst))
 	return true, nil
+}
+
+func sameContent(a, b string) bool {
+	da, err := os.ReadFile(a)
+	if err != nil {
+		return false
+	}
+	db, err := os.ReadFile(b)
+	return err == nil && bytes.Equal(da, db)
 }
 
 func (in *Installer) installKubeconfig() (bool, error) {
@@ -334,8 +344,8 @@ type fileState struct {
 // writeFileAtomic replaces path with data: readers see the old file or the
 // new one, never a partial or missing one. The temp file's name ends in .tmp
 // and starts with a dot, so no runtime loads it as a config. With was set,
-// the rename happens only if path still holds was (same inode, same bytes);
-// otherwise errConcurrentWrite. The owner of the file replaced is kept.
+// path must still hold was (same inode, same bytes) just before the rename,
+// or it is errConcurrentWrite. The owner of the file replaced is kept.
 func writeFileAtomic(path string, data []byte, mode fs.FileMode, was *fileState) error {
 	dir := filepath.Dir(path)
 	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")

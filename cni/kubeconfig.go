@@ -146,7 +146,9 @@ func LoadKubeconfig(path string) (*APIServer, error) {
 		if kc.Users[i].Name != userName && (userName != "" || len(kc.Users) != 1) {
 			continue
 		}
-		a.Token, a.CertData, a.KeyData = u.Token, u.ClientCertificateData, u.ClientKeyData
+		// A token read from a file often ends in a newline, which is not
+		// valid in a header.
+		a.Token, a.CertData, a.KeyData = strings.TrimSpace(u.Token), u.ClientCertificateData, u.ClientKeyData
 		if a.Token == "" && u.TokenFile != "" {
 			var tok []byte
 			tok, err = readRel(u.TokenFile)

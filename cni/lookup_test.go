@@ -81,7 +81,7 @@ func TestLookupUnauthorized(t *testing.T) {
 func TestLoadKubeconfig(t *testing.T) {
 	dir := t.TempDir()
 	kc := filepath.Join(dir, "kc.json")
-	if err := os.WriteFile(kc, cni.Kubeconfig("https://10.96.0.1:443/", []byte("CA"), "tok", []byte("CERT"), []byte("KEY")), 0o600); err != nil {
+	if err := os.WriteFile(kc, cni.Kubeconfig("https://10.96.0.1:443/", []byte("CA"), "tok\n", []byte("CERT"), []byte("KEY")), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	a, err := cni.LoadKubeconfig(kc)

@@ -19,8 +19,12 @@ const settle = 100 * time.Millisecond
 // at once, when ConfDir changes (inotify) and every period (in case inotify is
 // unavailable or missed something), and logs each re-insert. Errors are
 // logged when they first occur and when they clear; Watch keeps going.
-// Stop Watch (cancel ctx and wait for it to return) before Uninstall.
+// A period <= 0 is one second. Stop Watch (cancel ctx and wait for it to
+// return) before Uninstall.
 func (in *Installer) Watch(ctx context.Context, period time.Duration) {
+	if period <= 0 {
+		period = time.Second
+	}
 	log := in.log().With(zap.String("confDir", in.ConfDir))
 	changes := make(chan struct{}, 1)
 	if stop, err := notify(in.ConfDir, changes); err != nil {

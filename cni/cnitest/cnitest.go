@@ -113,7 +113,7 @@ func NewAPI(t testing.TB, objs ...metav1.Object) *API {
 		}
 		mux.HandleFunc("GET "+path, func(w http.ResponseWriter, _ *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
-			w.Write(body)
+			_, _ = w.Write(body)
 		})
 	}
 	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -125,7 +125,7 @@ func NewAPI(t testing.TB, objs ...metav1.Object) *API {
 		if _, pattern := mux.Handler(r); pattern == "" {
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(http.StatusNotFound)
-			w.Write([]byte(`{"kind":"Status","status":"Failure","message":"` + r.URL.Path + ` not found","reason":"NotFound","code":404}`))
+			_, _ = w.Write([]byte(`{"kind":"Status","status":"Failure","message":"` + r.URL.Path + ` not found","reason":"NotFound","code":404}`))
 			return
 		}
 		mux.ServeHTTP(w, r)

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -33,13 +34,14 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
 
-// Binaries are the agent and the test ztunnel, built once per test binary.
-type Binaries struct{ Agent, Ztunnel string }
+// Binaries are the agent, its CNI plugin and the test ztunnel, built once
+// per test binary.
+type Binaries struct{ Agent, CNI, Ztunnel string }
 
-// Build compiles both binaries into dir; repo is the module root.
+// Build compiles the binaries into dir; repo is the module root.
 func Build(repo, dir string) (Binaries, error) {
-	b := Binaries{Agent: filepath.Join(dir, "ambient-redirect"), Ztunnel: filepath.Join(dir, "test-ztunnel")}
-	for bin, pkg := range map[string]string{b.Agent: "./cmd/ambient-redirect", b.Ztunnel: "./test/ztunnel"} {
+	b := Binaries{Agent: filepath.Join(dir, "ambient-redirect"), CNI: filepath.Join(dir, "ambient-redirect-cni"), Ztunnel: filepath.Join(dir, "test-ztunnel")}
+	for bin, pkg := range map[string]string{b.Agent: "./cmd/ambient-redirect", b.CNI: "./cmd/ambient-redirect-cni", b.Ztunnel: "./test/ztunnel"} {
 		// auto: stamp the VCS revision (version prints it) even where
 		// GOFLAGS says -buildvcs=false, without failing outside a checkout.
 		args := []string{"build", "-buildvcs=auto", "-o", bin}
@@ -326,6 +328,59 @@ func (e *Env) RunPod(t testing.TB, n *Node, namespace, name string, opts ...PodO
 		}
 	}
 	return kp
+}
+
+// CNIPod plays the kubelet with the agent's CNI plugin chained after ptp:
+// the pod object (no status yet), then CNI ADD through ptp and the plugin
+// (conf is the plugin's conflist entry). It returns as soon as ADD does, or
+// ADD's error; WriteStatus then plays the status write.
+func (e *Env) CNIPod(t testing.TB, n *Node, namespace, name string, conf map[string]any, opts ...PodOpt) (*Pod, error) {
+	t.Helper()
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
+		Spec:       corev1.PodSpec{NodeName: n.Name, Containers: []corev1.Container{{Name: "c", Image: "x"}}},
+	}
+	for _, o := range opts {
+		o(p)
+	}
+	created, err := e.Client.CoreV1().Pods(namespace).Create(ctx(), p, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) { // the kubelet retrying a sandbox
+		created, err = e.Client.CoreV1().Pods(namespace).Get(ctx(), name, metav1.GetOptions{})
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	kp := &Pod{Node: n, Obj: created}
+	conf = maps.Clone(conf)
+	conf["type"] = "ambient-redirect"
+	args := fmt.Sprintf("IgnoreUnknown=1;K8S_POD_NAMESPACE=%s;K8S_POD_NAME=%s;K8S_POD_UID=%s", namespace, name, created.UID)
+	net, err := n.AddPodE(strings.ReplaceAll(namespace+"-"+name, "istio-system", "is"),
+		netnstest.WithChain(netnstest.Chain{Plugin: e.Bins.CNI, Conf: conf, Args: args}))
+	if err != nil {
+		return kp, err
+	}
+	kp.Net, kp.IP = net, net.IP.String()
+	if net.IP6 != nil && !net.IP6.Equal(net.IP) {
+		kp.IP6 = net.IP6.String()
+	}
+	e.Link(net.NS)
+	return kp, nil
+}
+
+// WriteStatus writes a CNIPod's status (addresses, Running, Ready) and
+// starts its echo servers.
+func (e *Env) WriteStatus(t testing.TB, kp *Pod) {
+	t.Helper()
+	now := metav1.Now()
+	kp.Obj.Status = corev1.PodStatus{
+		Phase: corev1.PodRunning, PodIP: kp.IP, PodIPs: podIPs(kp), StartTime: &now,
+		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now}},
+	}
+	var err error
+	kp.Obj, err = e.Client.CoreV1().Pods(kp.Obj.Namespace).UpdateStatus(ctx(), kp.Obj, metav1.UpdateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // podIPs are a pod's status.podIPs, primary (IPv4) first.

@@ -18,6 +18,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -136,8 +137,10 @@ type Pod struct {
 	// HostVeth is the host-side veth in the node namespace (named by ptp).
 	HostVeth      string
 	HostVethIndex int // its ifindex in the node namespace
-	Node          *Node
-	NsHandle      netns.NsHandle
+	// ChainTook is how long the chained plugin's ADD took (WithChain).
+	ChainTook time.Duration
+	Node      *Node
+	NsHandle  netns.NsHandle
 	// Handle is a netlink handle bound to the pod namespace.
 	Handle *netlink.Handle
 
@@ -148,8 +151,24 @@ type Pod struct {
 type PodOption func(*podConfig)
 
 type podConfig struct {
-	ips []net.IP
+	ips   []net.IP
+	chain *Chain
 }
+
+// Chain is a plugin chained after ptp in the node's conflist, run the way a
+// container runtime runs one: after ptp's ADD, with ptp's result as
+// prevResult and the Kubernetes CNI_ARGS.
+type Chain struct {
+	Plugin string
+	// Conf is the plugin's entry in the conflist ("type" included).
+	Conf map[string]any
+	// Args is CNI_ARGS (K8S_POD_NAMESPACE=...;K8S_POD_NAME=...;...).
+	Args string
+}
+
+// WithChain runs c after ptp. A failed chained ADD fails AddPod (ptp's
+// part is undone with DEL, as a runtime does).
+func WithChain(c Chain) PodOption { return func(pc *podConfig) { pc.chain = &c } }
 
 // WithIP requests a specific address from the node's pod CIDR of its
 // family instead of host-local's next one; give it once per family at
@@ -428,6 +447,10 @@ func (n *Node) AddPod(t testing.TB, name string, opts ...PodOption) *Pod {
 	return p
 }
 
+// AddPodE is AddPod returning its error (a chained plugin's ADD may fail
+// on purpose).
+func (n *Node) AddPodE(name string, opts ...PodOption) (*Pod, error) { return n.addPod(name, opts...) }
+
 func (n *Node) addPod(name string, opts ...PodOption) (*Pod, error) {
 	c := n.cluster
 	var cfg podConfig
@@ -514,6 +537,15 @@ func (n *Node) wirePod(p *Pod, cfg podConfig) error {
 	out, err := n.cni("ADD", p, cfg.ips)
 	if err != nil {
 		return err
+	}
+	if cfg.chain != nil {
+		start := time.Now()
+		_, err := n.runChained(cfg.chain, "ADD", p, out)
+		p.ChainTook = time.Since(start)
+		if err != nil {
+			_, _ = n.cni("DEL", p, nil)
+			return err
+		}
 	}
 	var res struct {
 		Interfaces []struct {
@@ -615,6 +647,34 @@ func (n *Node) cni(command string, p *Pod, ips []net.IP) ([]byte, error) {
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		return nil, fmt.Errorf("ptp %s for %s: %v: %s %s", command, p.NS, err,
+			strings.TrimSpace(stdout.String()), strings.TrimSpace(stderr.String()))
+	}
+	return stdout.Bytes(), nil
+}
+
+// runChained runs a chained plugin for p with prevResult.
+func (n *Node) runChained(c *Chain, command string, p *Pod, prevResult []byte) ([]byte, error) {
+	conf := map[string]any{"cniVersion": "0.4.0", "name": "kindnet"}
+	for k, v := range c.Conf {
+		conf[k] = v
+	}
+	if prevResult != nil {
+		conf["prevResult"] = json.RawMessage(prevResult)
+	}
+	stdin, err := json.Marshal(conf)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("ip", "netns", "exec", n.NS, c.Plugin)
+	cmd.Env = []string{
+		"CNI_COMMAND=" + command, "CNI_CONTAINERID=" + p.NS, "CNI_NETNS=" + NsPath(p.NS),
+		"CNI_IFNAME=eth0", "CNI_PATH=" + CNIPath, "CNI_ARGS=" + c.Args, "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+	}
+	cmd.Stdin = bytes.NewReader(stdin)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("%s %s for %s: %v: %s %s", filepath.Base(c.Plugin), command, p.NS, err,
 			strings.TrimSpace(stdout.String()), strings.TrimSpace(stderr.String()))
 	}
 	return stdout.Bytes(), nil

@@ -1,0 +1,134 @@
+package e2e
+
+import (
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ambient-redirect/ambient-redirect/test/harness"
+)
+
+// TestCNIPluginCapturesFromFirstPacket: pods created the kubelet's way on a
+// ptp node (the pod object, then CNI ADD through the real ptp and
+// host-local plugins with ours chained, then the status) are captured from
+// the first SYN they send once ADD returns, before any status exists; a
+// non-ambient pod never waits for the agent; with the agent stopped, fail
+// closed refuses an ambient pod's sandbox until the agent is back, and fail
+// open lets it start and enrols it when the agent returns.
+func TestCNIPluginCapturesFromFirstPacket(t *testing.T) {
+	e := harness.New(t, 1, bins)
+	n := e.Nodes[0]
+	sock := filepath.Join(t.TempDir(), "cni.sock")
+	e.StartAgent(t, n, "--cni-socket", sock)
+	server := e.RunPod(t, n, harness.PlainNS, "server")
+	dst := harness.Hostport(server.IP, harness.EchoPort)
+	conf := func(failMode string) map[string]any {
+		return map[string]any{"socket": sock, "failMode": failMode, "timeout": "10s", "kubeconfig": e.KC}
+	}
+	// firstCaptured sends p's first connection and reports whether the
+	// ztunnel saw it.
+	firstCaptured := func(t *testing.T, p *harness.Pod) bool {
+		t.Helper()
+		before := n.ZT.Count(t, 15001, p.IP, dst)
+		if err := harness.RoundTrip(p, dst); err != nil {
+			t.Fatalf("%s -> %s: %v", p.IP, dst, err)
+		}
+		for range 20 { // the record trails the round trip by a little
+			if n.ZT.Count(t, 15001, p.IP, dst) > before {
+				return true
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		return false
+	}
+
+	t.Run("first SYN after ADD is captured", func(t *testing.T) {
+		var took []time.Duration
+		for i := range 50 {
+			p, err := e.CNIPod(t, n, harness.AmbientNS, fmt.Sprintf("cni%d", i), conf("closed"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			took = append(took, p.Net.ChainTook)
+			if !firstCaptured(t, p) {
+				t.Fatalf("pod %d: the first connection right after ADD was not captured", i)
+			}
+			e.WriteStatus(t, p)
+		}
+		slices.Sort(took)
+		t.Logf("ADD of the chained plugin (exec through ip netns exec included), 50 pods: p50 %v, p99 %v, max %v",
+			took[len(took)/2].Round(time.Microsecond), took[len(took)*99/100].Round(time.Microsecond), took[len(took)-1].Round(time.Microsecond))
+		harness.Eventually(t, 5*time.Second, func() error {
+			st := e.State(t, n)
+			via := 0
+			for _, p := range st.Pods {
+				if p.ViaCNI && p.Enrolled {
+					via++
+				}
+			}
+			if via != 50 || !st.Converged {
+				return fmt.Errorf("%d pods enrolled through CNI, converged %v, diff %v", via, st.Converged, st.Diff)
+			}
+			return nil
+		})
+	})
+
+	t.Run("a non-ambient pod is not captured and does not wait", func(t *testing.T) {
+		p, err := e.CNIPod(t, n, harness.PlainNS, "plain-cni", conf("closed"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if firstCaptured(t, p) {
+			t.Fatal("a plain pod's connection was captured")
+		}
+	})
+
+	e.StopAgent(n)
+	t.Run("agent stopped: non-ambient pods start at once", func(t *testing.T) {
+		p, err := e.CNIPod(t, n, harness.PlainNS, "plain-down", conf("closed"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Net.ChainTook > time.Second {
+			t.Fatalf("ADD of a plain pod took %v with the agent down", p.Net.ChainTook)
+		}
+		t.Logf("plain pod ADD with the agent down: %v", p.Net.ChainTook.Round(time.Microsecond))
+	})
+	t.Run("agent stopped: fail closed refuses an ambient pod until the agent is back", func(t *testing.T) {
+		_, err := e.CNIPod(t, n, harness.AmbientNS, "closed-down", conf("closed"))
+		if err == nil || !strings.Contains(err.Error(), "not reachable") || !strings.Contains(err.Error(), "closed") {
+			t.Fatalf("ADD with the agent down in fail-closed mode: %v", err)
+		}
+		t.Logf("ADD refused: %v", err)
+		e.StartAgent(t, n, "--cni-socket", sock)
+		p, err := e.CNIPod(t, n, harness.AmbientNS, "closed-down", conf("closed")) // the kubelet retries
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !firstCaptured(t, p) {
+			t.Fatal("retried pod's first connection not captured")
+		}
+		e.WriteStatus(t, p)
+	})
+	e.StopAgent(n)
+	t.Run("agent stopped: fail open starts an ambient pod, enrolled when the agent returns", func(t *testing.T) {
+		p, err := e.CNIPod(t, n, harness.AmbientNS, "open-down", conf("open"))
+		if err != nil {
+			t.Fatalf("ADD in fail-open mode with the agent down: %v", err)
+		}
+		e.WriteStatus(t, p)
+		e.StartAgent(t, n, "--cni-socket", sock)
+		harness.Eventually(t, 5*time.Second, func() error {
+			if !harness.Members(t, n)[p.IP] {
+				return fmt.Errorf("%s not enrolled", p.IP)
+			}
+			return nil
+		})
+		if !firstCaptured(t, p) {
+			t.Fatal("fail-open pod not captured once the agent is back")
+		}
+	})
+}
