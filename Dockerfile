@@ -8,7 +8,7 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 RUN CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH \
-    go build -trimpath -ldflags="-s -w" -o /out/ambient-redirect ./cmd/ambient-redirect
+    go build -trimpath -ldflags="-s -w" -o /out/ ./cmd/ambient-redirect ./cmd/ambient-redirect-cni
 
 FROM debian:bookworm-slim
 # iptables brings iptables-nft-* and iptables-legacy-*; ipset is for operators
@@ -16,7 +16,7 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables ipset iproute2 \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/ambient-redirect /usr/local/bin/ambient-redirect
+COPY --from=build /out/ambient-redirect /out/ambient-redirect-cni /usr/local/bin/
 # Runs as root with NET_ADMIN (netlink, iptables, ipset), SYS_ADMIN (setns
 # into the ztunnel pod's network namespace) and NET_RAW (iptables): the
 # DaemonSet grants exactly these instead of privileged.

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -32,6 +33,9 @@ func (o *Options) installer(restCfg *rest.Config, log *zap.Logger) (*cni.Install
 		Conf: cni.PluginConf{Socket: o.CNISocket, FailMode: o.FailMode, ExcludeNamespaces: o.excluded(),
 			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: o.ZtunnelSelector}}
 	in.Conf.Type = cni.PluginType
+	if o.CNIHostConfDir != "" {
+		in.Conf.Kubeconfig = filepath.Join(o.CNIHostConfDir, cni.KubeconfigName)
+	}
 	if restCfg != nil {
 		kc, err := pluginKubeconfig(restCfg)
 		if err != nil {
@@ -112,7 +116,7 @@ func uninstallCNI(o *Options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	if err := in.Uninstall(); err != nil && !errors.Is(err, cni.ErrNotInstalled) {
+	if err := in.Uninstall(); err != nil && !errors.Is(err, cni.ErrNotInstalled) && !errors.Is(err, cni.ErrNoConfig) && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
 	return nil

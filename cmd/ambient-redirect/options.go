@@ -66,6 +66,7 @@ type Options struct {
 	CNIInstall        bool
 	CNIBinDir         string
 	CNIConfDir        string
+	CNIHostConfDir    string
 	CNIPluginBinary   string
 }
 
@@ -114,6 +115,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&o.CNIInstall, "cni-install", o.CNIInstall, "install the CNI plugin (binary into --cni-bin-dir, entry at the end of the primary conflist in --cni-conf-dir); cleanup uninstalls it")
 	fs.StringVar(&o.CNIBinDir, "cni-bin-dir", o.CNIBinDir, "the host's CNI plugin directory (with --cni-install)")
 	fs.StringVar(&o.CNIConfDir, "cni-conf-dir", o.CNIConfDir, "the host's CNI config directory (with --cni-install)")
+	fs.StringVar(&o.CNIHostConfDir, "cni-host-conf-dir", o.CNIHostConfDir, "--cni-conf-dir as the host sees it, when mounted elsewhere (the plugin reads its kubeconfig there); default --cni-conf-dir")
 	fs.StringVar(&o.CNIPluginBinary, "cni-plugin-binary", o.CNIPluginBinary, "the plugin binary to install (with --cni-install)")
 	fs.Var(choice{&o.LogLevel, []string{"debug", "info", "warn", "error"}}, "log-level", "log level")
 }

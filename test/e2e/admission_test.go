@@ -107,7 +107,7 @@ func TestAdmission(t *testing.T) {
 				}
 			}
 			sort.Strings(got)
-			want := []string{"/namespaces:list", "/namespaces:watch", "/pods:list", "/pods:patch", "/pods:watch"}
+			want := []string{"/namespaces:get", "/namespaces:list", "/namespaces:watch", "/pods:get", "/pods:list", "/pods:patch", "/pods:watch"}
 			if !slices.Equal(got, want) {
 				t.Errorf("namespace %s: agent may %v, want %v", ns, got, want)
 			}

@@ -25,6 +25,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
 	"github.com/ambient-redirect/ambient-redirect/controller/selection"
@@ -372,12 +373,22 @@ func (e *Env) CNIPod(t testing.TB, n *Node, namespace, name string, conf map[str
 func (e *Env) WriteStatus(t testing.TB, kp *Pod) {
 	t.Helper()
 	now := metav1.Now()
-	kp.Obj.Status = corev1.PodStatus{
+	status := corev1.PodStatus{
 		Phase: corev1.PodRunning, PodIP: kp.IP, PodIPs: podIPs(kp), StartTime: &now,
 		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now}},
 	}
-	var err error
-	kp.Obj, err = e.Client.CoreV1().Pods(kp.Obj.Namespace).UpdateStatus(ctx(), kp.Obj, metav1.UpdateOptions{})
+	pods, name := e.Client.CoreV1().Pods(kp.Obj.Namespace), kp.Obj.Name
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error { // the agent annotates it meanwhile
+		cur, err := pods.Get(ctx(), name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		cur.Status = status
+		if cur, err = pods.UpdateStatus(ctx(), cur, metav1.UpdateOptions{}); err == nil {
+			kp.Obj = cur
+		}
+		return err
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
