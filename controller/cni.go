@@ -20,7 +20,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 )
 
-// ReasonSandboxDeleted: CNI DEL tore the pod's network down.
+// ReasonSandboxDeleted is the reason of a pod whose network CNI DEL tore down.
 const ReasonSandboxDeleted = "sandbox deleted (CNI DEL)"
 
 // cniPod is what CNI told us about a pod's sandbox.

@@ -98,7 +98,7 @@ type Dataplane struct {
 	// forces a full apply.
 	fast *fastPath
 	// pods are the desired pods by UID; sets and routes are the managers
-	// of the objects pod changes touch (see managers.go).
+	// of the objects pod changes touch (sets.go, routes.go).
 	pods map[string]Pod
 	// wanted is the ztunnel part of the last Apply's state (UpdatePods
 	// builds on it).

@@ -306,15 +306,3 @@ func ourRoutesByKey(nl kernel.Netlink, proto int) (map[string]netlink.Route, err
 func (d *Dataplane) isInbound(r netlink.Route) bool {
 	return r.Table == d.cfg.Tables.Inbound && r.Gw != nil
 }
-
-// splitInbound separates the per-pod inbound routes from the rest.
-func (d *Dataplane) splitInbound(rs []netlink.Route) (reach, inbound []netlink.Route) {
-	for _, r := range rs {
-		if d.isInbound(r) {
-			inbound = append(inbound, r)
-		} else {
-			reach = append(reach, r)
-		}
-	}
-	return reach, inbound
-}
