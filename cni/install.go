@@ -53,6 +53,9 @@ type Installer struct {
 	Conf PluginConf
 	// Kubeconfig, when non-nil, is written to ConfDir/KubeconfigName (0600).
 	Kubeconfig []byte
+	// KubeconfigFunc, when set, is called on every install instead (Watch
+	// then keeps a rotating token current).
+	KubeconfigFunc func() ([]byte, error)
 	Log        *zap.Logger
 }
 
@@ -87,7 +90,7 @@ func (in *Installer) install(compareBinary bool) (bool, error) {
 func (in *Installer) entry() (entry, error) {
 	c := in.Conf
 	c.Type = PluginType
-	if c.Kubeconfig == "" && in.Kubeconfig != nil {
+	if c.Kubeconfig == "" && (in.Kubeconfig != nil || in.KubeconfigFunc != nil) {
 		c.Kubeconfig = filepath.Join(in.ConfDir, KubeconfigName)
 	}
 	check := c
@@ -137,16 +140,23 @@ func sameContent(a, b string) bool {
 }
 
 func (in *Installer) installKubeconfig() (bool, error) {
-	if in.Kubeconfig == nil {
+	kc := in.Kubeconfig
+	if in.KubeconfigFunc != nil {
+		var err error
+		if kc, err = in.KubeconfigFunc(); err != nil {
+			return false, fmt.Errorf("the plugin's kubeconfig: %w", err)
+		}
+	}
+	if kc == nil {
 		return false, nil
 	}
 	path := filepath.Join(in.ConfDir, KubeconfigName)
-	if cur, err := os.ReadFile(path); err == nil && bytes.Equal(cur, in.Kubeconfig) {
+	if cur, err := os.ReadFile(path); err == nil && bytes.Equal(cur, kc) {
 		if fi, err := os.Stat(path); err == nil && fi.Mode().Perm() == 0o600 {
 			return false, nil
 		}
 	}
-	if err := writeFileAtomic(path, in.Kubeconfig, 0o600, nil); err != nil {
+	if err := writeFileAtomic(path, kc, 0o600, nil); err != nil {
 		return false, fmt.Errorf("writing the plugin's kubeconfig: %w", err)
 	}
 	return true, nil

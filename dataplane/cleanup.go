@@ -58,10 +58,11 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		}
 	}
 	d.lastZtNS, d.liveNS = "", nil
-	clear(d.last)
+	for _, m := range d.nodeFilter {
+		m.forget()
+	}
 	d.fast = nil
 	d.resync = true
-	clear(d.applied)
 	w.res.Elapsed = time.Since(start)
 	err := errors.Join(errs...)
 	d.log.Info("dataplane cleanup", zap.Any("writes", w.res.Writes), zap.Duration("elapsed", w.res.Elapsed), zap.Error(err))

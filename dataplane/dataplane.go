@@ -74,26 +74,20 @@ type Dataplane struct {
 	fams []Family
 
 	mu sync.Mutex
-	// nodeIPT holds the node's chains per family (iptables, ip6tables).
-	nodeIPT map[Family]*iptables.Syncer
-	// ztIPT holds each ztunnel netns's chains, by path and family.
-	ztIPT    map[string]map[Family]*iptables.Syncer
+	// nodeFilter owns the node's chains per family (iptables, ip6tables).
+	nodeFilter map[Family]*filterManager
+	// ztFilter owns each ztunnel netns's chains, by path and family.
+	ztFilter map[string]map[Family]*filterManager
 	lastZtNS string
 	// liveNS are the netns of every ztunnel programmed by the last apply
 	// (the active one and a draining one).
 	liveNS []string
-	// last is what the node's iptables rules of each family were last
-	// written from (absent: not known to this process); transitions start
-	// from it.
-	last map[Family]*NodeParams
 	port int
 	// resync makes the next Apply verify the iptables chains even when the
 	// rendered rules did not change. Reading them back costs a process per
 	// table, so per-pod applies skip it (they only touch ipset members and
 	// routes); the periodic resync repairs iptables drift.
 	resync bool
-	// applied maps a syncer to the rendered rules it last converged to.
-	applied map[*iptables.Syncer]string
 	// fast holds what a pod-only apply needs from the last full one; nil
 	// forces a full apply.
 	fast *fastPath
@@ -157,8 +151,8 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, ztIPT: map[string]map[Family]*iptables.Syncer{},
-		nodeIPT: map[Family]*iptables.Syncer{}, last: map[Family]*NodeParams{}, resync: true, applied: map[*iptables.Syncer]string{},
+	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, ztFilter: map[string]map[Family]*filterManager{},
+		nodeFilter: map[Family]*filterManager{}, resync: true,
 		pods: map[string]Pod{}, sets: map[Family]*setManager{}}
 	if d.log == nil {
 		d.log = zap.NewNop()
@@ -201,7 +195,7 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 		if err != nil {
 			return nil, err
 		}
-		d.nodeIPT[f] = iptables.NewSyncer(r, ChainPrefix)
+		d.nodeFilter[f] = newFilterManager(r)
 	}
 	if err := d.resolveTunnel(); err != nil {
 		return nil, err
@@ -491,12 +485,12 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		switch {
 		case w.dry:
 			prev[f] = next[f]
-		case d.last[f] != nil:
-			prev[f] = *d.last[f]
+		case d.nodeFilter[f].params != nil:
+			prev[f] = *d.nodeFilter[f].params
 		default:
 			// Written by another process (or not at all): read them back.
-			// Not kept as d.last: that is only ever what this process wrote.
-			actual, err := d.nodeIPT[f].Actual(ctx)
+			// Not kept as params: that is only ever what this process wrote.
+			actual, err := d.nodeFilter[f].s.Actual(ctx)
 			if err != nil {
 				return err
 			}
@@ -706,15 +700,16 @@ func (r *ruleWriter) write(p NodeParams) error {
 	if rendered == r.written {
 		return nil
 	}
-	if err := r.d.syncIPTables(r.ctx, r.d.nodeIPT[r.f], rs, r.w); err != nil {
+	m := r.d.nodeFilter[r.f]
+	if err := m.apply(r.ctx, rs, r.d.resync, r.w); err != nil {
 		if !r.w.dry {
-			delete(r.d.last, r.f) // a table may be written, another not: read back next time
+			m.params = nil // a table may be written, another not: read back next time
 		}
 		return err
 	}
 	r.written = rendered
 	if !r.w.dry {
-		r.d.last[r.f] = &p // what the kernel holds now
+		m.params = &p // what the kernel holds now
 	}
 	return nil
 }

@@ -9,22 +9,43 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 )
 
-func (d *Dataplane) syncIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w *writer) error {
+// filterManager owns our iptables chains of one family in one netns: the
+// ruleset last converged to (what the kernel holds as far as this process
+// knows; "" unknown) and, on the node, the parameters it was rendered
+// from, which a transition starts from. The chains themselves (ownership
+// by prefix, read-back, learned kernel formats) are the Syncer's.
+type filterManager struct {
+	s       *iptables.Syncer
+	written string
+	params  *NodeParams
+}
+
+func newFilterManager(r iptables.Runner) *filterManager {
+	return &filterManager{s: iptables.NewSyncer(r, ChainPrefix)}
+}
+
+// apply converges the chains to rs. A ruleset equal to the one last
+// converged to costs nothing unless verify (the resync reads back: reading
+// costs a process per table).
+func (m *filterManager) apply(ctx context.Context, rs iptables.Ruleset, verify bool, w *writer) error {
 	rendered := rs.Render()
-	if !w.dry && !d.resync && d.applied[s] == rendered {
+	if !w.dry && !verify && m.written == rendered {
 		return nil
 	}
 	if !w.dry {
-		delete(d.applied, s)
+		m.written = "" // a table may be written, another not
 	}
-	if err := runIPTables(ctx, s, rs, w); err != nil {
+	if err := runIPTables(ctx, m.s, rs, w); err != nil {
 		return err
 	}
 	if !w.dry {
-		d.applied[s] = rendered
+		m.written = rendered
 	}
 	return nil
 }
+
+// forget makes the next apply read back.
+func (m *filterManager) forget() { m.written, m.params = "", nil }
 
 // runIPTables syncs s to rs (nil removes all our chains) and records the changes.
 func runIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w *writer) error {

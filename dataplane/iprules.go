@@ -5,6 +5,7 @@ package dataplane
 import (
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/vishvananda/netlink"
@@ -103,49 +104,77 @@ func (d *Dataplane) checkRuleConflicts(nl kernel.Netlink, prios []int) error {
 	return nil
 }
 
-// syncRules makes our rules of family f exactly want, replacing the
-// kernel's local rule by ours when swapLocal (and putting it back first when
-// ours goes).
-func (d *Dataplane) syncRules(nl kernel.Netlink, f Family, want []netlink.Rule, swapLocal bool, w *writer) error {
-	all, err := nl.RuleList(nlFamily(f))
+// ruleManager owns our ip rules (by protocol) of one family in one netns,
+// and the swap of the kernel's unconditional local rule for ours.
+type ruleManager struct {
+	nl    kernel.Netlink
+	fam   Family
+	proto int
+	t     *deltaTracker[string, netlink.Rule]
+	// all is every rule of the family as last read back (the local rule
+	// swap looks at the ones that are not ours).
+	all []netlink.Rule
+}
+
+func newRuleManager(nl kernel.Netlink, f Family, proto int) *ruleManager {
+	return &ruleManager{nl: nl, fam: f, proto: proto,
+		t: newDeltaTracker(func(_, _ netlink.Rule) bool { return true }, strings.Compare)} // the key is the whole rule
+}
+
+// readBack records our rules as the kernel holds them.
+func (m *ruleManager) readBack() error {
+	all, err := m.nl.RuleList(nlFamily(m.fam))
 	if err != nil {
-		return fmt.Errorf("list %v rules: %w", f, err)
+		return fmt.Errorf("list %v rules: %w", m.fam, err)
 	}
-	var ours []netlink.Rule
+	ours := map[string]netlink.Rule{}
 	for _, r := range all {
-		if int(r.Protocol) == d.cfg.RouteProtocol {
-			ours = append(ours, r)
+		if int(r.Protocol) == m.proto {
+			ours[ruleString(r)] = r
 		}
 	}
-	haveKeys := map[string]bool{}
-	for _, r := range ours {
-		haveKeys[ruleString(r)] = true
+	m.all = all
+	m.t.ReplaceActual(ours)
+	return nil
+}
+
+func (m *ruleManager) replaceDesired(rules []netlink.Rule) {
+	want := make(map[string]netlink.Rule, len(rules))
+	for _, r := range rules {
+		want[ruleString(r)] = r
 	}
-	wantKeys := map[string]bool{}
-	for _, r := range want {
-		wantKeys[ruleString(r)] = true
-		if haveKeys[ruleString(r)] {
-			continue
-		}
-		if err := w.do(KindRule, "add "+ruleString(r), func() error { return nl.RuleAdd(&r) }); err != nil {
+	m.t.ReplaceDesired(want)
+}
+
+// apply adds the pending rules, then deletes ours that are not desired
+// (putting the kernel's local rule back first when ours goes), then, with
+// swapLocal, removes the kernel's unconditional local rule ours replaces.
+func (m *ruleManager) apply(swapLocal bool, w *writer) error {
+	for _, k := range m.t.PendingUpdates() {
+		r, _ := m.t.Desired(k)
+		if err := w.do(KindRule, "add "+k, func() error { return m.nl.RuleAdd(&r) }); err != nil {
 			return err
+		}
+		if !w.dry {
+			m.t.Written(k, r)
 		}
 	}
 	restored := false
-	for _, r := range ours {
-		if wantKeys[ruleString(r)] {
-			continue
-		}
+	for _, k := range m.t.PendingDeletes() {
+		r, _ := m.t.Actual(k)
 		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL && !restored {
 			restored = true
 			// Ours replaced the kernel's local rule: put that back first,
 			// so the node is never without one.
-			if err := restoreLocalRule(nl, f, all, d.cfg.RouteProtocol, w); err != nil {
+			if err := restoreLocalRule(m.nl, m.fam, m.all, m.proto, w); err != nil {
 				return err
 			}
 		}
-		if err := w.do(KindRule, "del "+ruleString(r), func() error { return ignoreNotExist(nl.RuleDel(&r)) }); err != nil {
+		if err := w.do(KindRule, "del "+k, func() error { return ignoreNotExist(m.nl.RuleDel(&r)) }); err != nil {
 			return err
+		}
+		if !w.dry {
+			m.t.Removed(k)
 		}
 	}
 	if !swapLocal {
@@ -153,19 +182,30 @@ func (d *Dataplane) syncRules(nl kernel.Netlink, f Family, want []netlink.Rule, 
 	}
 	// Ours is in place now; remove the kernel's unconditional local rule.
 	// The delete names the rule's protocol so it cannot match ours.
-	for _, r := range all {
-		if int(r.Protocol) == d.cfg.RouteProtocol || !isLocalRule(r) {
+	for _, r := range m.all {
+		if int(r.Protocol) == m.proto || !isLocalRule(r) {
 			continue
 		}
-		del := newRule(f, 0, unix.RT_TABLE_LOCAL, 0, 0, int(r.Protocol))
+		del := newRule(m.fam, 0, unix.RT_TABLE_LOCAL, 0, 0, int(r.Protocol))
 		if r.Protocol == 0 {
 			return fmt.Errorf("the unconditional local rule has no protocol; cannot delete it without risking ours")
 		}
-		if err := w.do(KindRule, "del "+ruleString(r)+" (replaced by ours)", func() error { return ignoreNotExist(nl.RuleDel(&del)) }); err != nil {
+		if err := w.do(KindRule, "del "+ruleString(r)+" (replaced by ours)", func() error { return ignoreNotExist(m.nl.RuleDel(&del)) }); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// syncRules makes our rules of family f in a netns exactly want (see
+// ruleManager.apply).
+func (d *Dataplane) syncRules(nl kernel.Netlink, f Family, want []netlink.Rule, swapLocal bool, w *writer) error {
+	m := newRuleManager(nl, f, d.cfg.RouteProtocol)
+	if err := m.readBack(); err != nil {
+		return err
+	}
+	m.replaceDesired(want)
+	return m.apply(swapLocal, w)
 }
 
 // restoreLocalRule adds `0: from all lookup local` unless a rule that is not

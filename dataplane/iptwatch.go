@@ -69,16 +69,13 @@ func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
 	defer d.mu.Unlock()
 	w := newWriter(false)
 	for _, f := range d.fams {
-		last, s := d.last[f], d.nodeIPT[f]
-		if last == nil {
+		m := d.nodeFilter[f]
+		if m.params == nil {
 			continue // nothing converged yet: the next Apply writes
 		}
-		rs := NodeRuleset(d.cfg, *last)
-		delete(d.applied, s)
-		if err := runIPTables(ctx, s, rs, w); err != nil {
+		if err := m.apply(ctx, NodeRuleset(d.cfg, *m.params), true, w); err != nil {
 			return *w.res, err
 		}
-		d.applied[s] = rs.Render()
 	}
 	return *w.res, nil
 }

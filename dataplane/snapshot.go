@@ -52,7 +52,11 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 		s.IPSets[d.setName(f)] = out
 	}
 	var errs []string
-	s.NS, errs = d.nsSnapshot(ctx, d.node, d.nodeIPT, []string{NodeInLink, NodeOutLink})
+	node := map[Family]*iptables.Syncer{}
+	for f, m := range d.nodeFilter {
+		node[f] = m.s
+	}
+	s.NS, errs = d.nsSnapshot(ctx, d.node, node, []string{NodeInLink, NodeOutLink})
 	s.Errors = append(s.Errors, errs...)
 	if d.lastZtNS != "" {
 		k, err := d.openNS(d.lastZtNS)
@@ -61,8 +65,8 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 		} else {
 			syncers := map[Family]*iptables.Syncer{}
 			for _, f := range d.fams {
-				if s, err := d.ztSyncer(d.lastZtNS, f, k); err == nil {
-					syncers[f] = s
+				if m, err := d.ztFilterManager(d.lastZtNS, f, k); err == nil {
+					syncers[f] = m.s
 				}
 			}
 			{

@@ -9,17 +9,49 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 )
 
-func syncSysctls(s kernel.Sysctl, want [][2]string, w *writer) error {
-	for _, kv := range want {
-		cur, err := s.Get(kv[0])
-		if err == nil && cur == kv[1] {
-			continue
+// sysctlManager owns the sysctls we set in one netns. We never unset one
+// (their previous values are unknown after a restart), so nothing is ever
+// pending deletion; the read-back covers the desired keys only.
+type sysctlManager struct {
+	s kernel.Sysctl
+	t *deltaTracker[string, string]
+}
+
+func newSysctlManager(s kernel.Sysctl) *sysctlManager {
+	return &sysctlManager{s: s, t: newDeltaTracker(func(a, b string) bool { return a == b }, strings.Compare)}
+}
+
+// want makes kv desired and reads their current values back.
+func (m *sysctlManager) want(kv [][2]string) {
+	have := map[string]string{}
+	want := map[string]string{}
+	for _, p := range kv {
+		want[p[0]] = p[1]
+		if cur, err := m.s.Get(p[0]); err == nil {
+			have[p[0]] = cur
 		}
-		if err := w.do(KindSysctl, kv[0]+"="+kv[1], func() error { return s.Set(kv[0], kv[1]) }); err != nil {
+	}
+	m.t.ReplaceActual(have)
+	m.t.ReplaceDesired(want)
+}
+
+func (m *sysctlManager) apply(w *writer) error {
+	for _, k := range m.t.PendingUpdates() {
+		v, _ := m.t.Desired(k)
+		if err := w.do(KindSysctl, k+"="+v, func() error { return m.s.Set(k, v) }); err != nil {
 			return err
+		}
+		if !w.dry {
+			m.t.Written(k, v)
 		}
 	}
 	return nil
+}
+
+func syncSysctls(s kernel.Sysctl, want [][2]string, w *writer) error {
+	m := newSysctlManager(s)
+	m.want(want)
+	return m.apply(w)
 }
 
 func ifSysctls(dev string, acceptLocal bool) [][2]string {

@@ -14,20 +14,22 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func (d *Dataplane) ztSyncer(path string, f Family, k *kernel.Kernel) (*iptables.Syncer, error) {
-	if s, ok := d.ztIPT[path][f]; ok {
-		return s, nil
+// ztFilterManager is the filter manager of a ztunnel netns's chains of
+// family f.
+func (d *Dataplane) ztFilterManager(path string, f Family, k *kernel.Kernel) (*filterManager, error) {
+	if m, ok := d.ztFilter[path][f]; ok {
+		return m, nil
 	}
 	r, err := k.IPT(d.backend, int(f))
 	if err != nil {
 		return nil, err
 	}
-	s := iptables.NewSyncer(r, ChainPrefix)
-	if d.ztIPT[path] == nil {
-		d.ztIPT[path] = map[Family]*iptables.Syncer{}
+	m := newFilterManager(r)
+	if d.ztFilter[path] == nil {
+		d.ztFilter[path] = map[Family]*filterManager{}
 	}
-	d.ztIPT[path][f] = s
-	return s, nil
+	d.ztFilter[path][f] = m
+	return m, nil
 }
 
 func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer) error {
@@ -75,12 +77,12 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer)
 		local := netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)), LinkIndex: lo.Attrs().Index,
 			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}
 		locals = append(locals, local)
-		s, err := d.ztSyncer(zt.spec.NetNS, f, k)
+		m, err := d.ztFilterManager(zt.spec.NetNS, f, k)
 		if err != nil {
 			return err
 		}
 		rs := ZtunnelRuleset(d.cfg, ZtunnelParams{Family: f, ZtunnelIP: ip, Eth: zt.eth.Attrs().Name})
-		if err := d.syncIPTables(ctx, s, rs, w); err != nil {
+		if err := m.apply(ctx, rs, d.resync, w); err != nil {
 			return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 		}
 	}
@@ -92,11 +94,8 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer)
 
 // cleanupZtunnelNS removes everything we own from a ztunnel netns.
 func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, path string, w *writer) error {
-	if ss, ok := d.ztIPT[path]; ok && !w.dry {
-		for _, s := range ss {
-			delete(d.applied, s)
-		}
-		delete(d.ztIPT, path)
+	if !w.dry {
+		delete(d.ztFilter, path)
 	}
 	k, err := d.openNS(path)
 	if err != nil {

@@ -37,11 +37,11 @@ func (o *Options) installer(restCfg *rest.Config, log *zap.Logger) (*cni.Install
 		in.Conf.Kubeconfig = filepath.Join(o.CNIHostConfDir, cni.KubeconfigName)
 	}
 	if restCfg != nil {
-		kc, err := pluginKubeconfig(restCfg)
-		if err != nil {
+		if _, err := pluginKubeconfig(restCfg); err != nil {
 			return nil, err
 		}
-		in.Kubeconfig = kc
+		// Read on every check: a projected token rotates (about hourly).
+		in.KubeconfigFunc = func() ([]byte, error) { return pluginKubeconfig(restCfg) }
 	}
 	return in, nil
 }

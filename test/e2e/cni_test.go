@@ -1,7 +1,10 @@
 package e2e
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -131,4 +134,99 @@ func TestCNIPluginCapturesFromFirstPacket(t *testing.T) {
 			t.Fatal("fail-open pod not captured once the agent is back")
 		}
 	})
+}
+
+// kindnetConflist is what kindnet writes on a node (ptp + portmap).
+const kindnetConflist = `{
+	"cniVersion": "0.4.0",
+	"name": "kindnet",
+	"plugins": [
+	{
+		"type": "ptp",
+		"ipMasq": false,
+		"ipam": {
+			"type": "host-local",
+			"dataDir": "/run/cni-ipam-state",
+			"routes": [ { "dst": "0.0.0.0/0" } ],
+			"ranges": [ [ { "subnet": "10.244.1.0/24" } ] ]
+		},
+		"mtu": 1500
+	},
+	{
+		"type": "portmap",
+		"capabilities": { "portMappings": true }
+	}
+	]
+}
+`
+
+// TestCNIInstallThroughTheAgent: `run --cni-install` puts the plugin binary
+// into the CNI bin dir and its entry at the end of the primary conflist,
+// whose entry then enrols a pod from its first packet; `cleanup` with the
+// same arguments gives the conflist back byte for byte and removes the
+// binary and the plugin's kubeconfig.
+func TestCNIInstallThroughTheAgent(t *testing.T) {
+	e := harness.New(t, 1, bins)
+	n := e.Nodes[0]
+	binDir, confDir := t.TempDir(), t.TempDir()
+	conflist := filepath.Join(confDir, "10-kindnet.conflist")
+	if err := os.WriteFile(conflist, []byte(kindnetConflist), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--cni-install", "--cni-socket", filepath.Join(t.TempDir(), "cni.sock"), "--cni-bin-dir", binDir,
+		"--cni-conf-dir", confDir, "--cni-plugin-binary", bins.CNI}
+	e.StartAgent(t, n, args...)
+	var entry map[string]any
+	harness.Eventually(t, 5*time.Second, func() error {
+		b, err := os.ReadFile(conflist)
+		if err != nil {
+			return err
+		}
+		var c struct {
+			Plugins []map[string]any `json:"plugins"`
+		}
+		if err := json.Unmarshal(b, &c); err != nil {
+			return fmt.Errorf("conflist is not valid JSON: %v\n%s", err, b)
+		}
+		if len(c.Plugins) != 3 || c.Plugins[2]["type"] != "ambient-redirect" {
+			return fmt.Errorf("our entry is not last: %s", b)
+		}
+		entry = c.Plugins[2]
+		return nil
+	})
+	if fi, err := os.Stat(filepath.Join(binDir, "ambient-redirect-cni")); err != nil || fi.Mode().Perm() != 0o755 {
+		t.Fatalf("plugin binary: %v %v", fi, err)
+	}
+	if fi, err := os.Stat(filepath.Join(confDir, "ambient-redirect-kubeconfig")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("plugin kubeconfig: %v %v", fi, err)
+	}
+	t.Logf("installed entry: %v", entry)
+
+	server := e.RunPod(t, n, harness.PlainNS, "server")
+	dst := harness.Hostport(server.IP, harness.EchoPort)
+	p, err := e.CNIPod(t, n, harness.AmbientNS, "installed", entry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := n.ZT.Count(t, 15001, p.IP, dst)
+	if err := harness.RoundTrip(p, dst); err != nil {
+		t.Fatal(err)
+	}
+	harness.Eventually(t, time.Second, func() error {
+		if n.ZT.Count(t, 15001, p.IP, dst) == before {
+			return fmt.Errorf("first connection of a pod added through the installed entry not captured")
+		}
+		return nil
+	})
+
+	e.StopAgent(n)
+	cleanup(t, n, append([]string{"--node-name", n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir}, args...)...)
+	if b, err := os.ReadFile(conflist); err != nil || string(b) != kindnetConflist {
+		t.Fatalf("conflist after cleanup differs from the original (%v):\n%s", err, b)
+	}
+	for _, f := range []string{filepath.Join(binDir, "ambient-redirect-cni"), filepath.Join(confDir, "ambient-redirect-kubeconfig")} {
+		if _, err := os.Stat(f); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("%s left after cleanup: %v", f, err)
+		}
+	}
 }
