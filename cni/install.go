@@ -56,7 +56,7 @@ type Installer struct {
 	// KubeconfigFunc, when set, is called on every install instead (Watch
 	// then keeps a rotating token current).
 	KubeconfigFunc func() ([]byte, error)
-	Log        *zap.Logger
+	Log            *zap.Logger
 }
 
 // Install copies the binary, writes the kubeconfig and inserts our entry

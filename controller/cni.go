@@ -91,13 +91,18 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 	if _, err := podLister.Pods(pod.Namespace).Get(pod.Name); err != nil {
 		cp.pod = pod // the cache has not seen it yet
 	}
-	c.mu.Lock()
-	c.cni[key] = cp
-	c.mu.Unlock()
-	c.podKey(key)
+	var after uint64
+	c.mark(func() {
+		c.cni[key] = cp
+		c.dirty[key] = true
+		// Only a sync that starts after this has seen the sandbox: an
+		// earlier one may have decided the pod has no address yet.
+		after = c.started + 1
+	})
 	for {
 		c.mu.Lock()
 		pe, ok := c.pods[key]
+		ok = ok && c.done >= after
 		done := ok && pe.pod != nil && pe.pod.UID == string(pod.UID) && c.programmed[pod.UID] && containsAll(pe.pod.IPs, req.IPs)
 		notAmbient := ok && !pe.status.Enrolled && pe.status.UID == string(pod.UID)
 		wait := c.synced

@@ -156,6 +156,9 @@ type Controller struct {
 	cni map[string]cniPod
 	// synced is closed (and replaced) after every sync: CNI ADDs wait on it.
 	synced chan struct{}
+	// started numbers the syncs (each takes the dirty set when it starts);
+	// done is the number of the last one that finished.
+	started, done uint64
 }
 
 // podEntry is one pod as the last sync saw it.
@@ -627,6 +630,7 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	c.pendingSince = time.Time{}
 	dirty, all := c.dirty, c.dirtyAll
 	c.dirty, c.dirtyAll = map[string]bool{}, false
+	c.started++
 	incremental := !resync && !all && c.applied != nil
 	c.mu.Unlock()
 	if incremental {
@@ -739,6 +743,7 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 
 // notifySynced wakes whoever waits for a sync. Called with c.mu held.
 func (c *Controller) notifySynced() {
+	c.done = c.started
 	close(c.synced)
 	c.synced = make(chan struct{})
 }

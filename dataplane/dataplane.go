@@ -82,7 +82,7 @@ type Dataplane struct {
 	// liveNS are the netns of every ztunnel programmed by the last apply
 	// (the active one and a draining one).
 	liveNS []string
-	port int
+	port   int
 	// resync makes the next Apply verify the iptables chains even when the
 	// rendered rules did not change. Reading them back costs a process per
 	// table, so per-pod applies skip it (they only touch ipset members and
