@@ -625,7 +625,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 // ztunnels at once, the oldest draining one's (whose connections then
 // fail). A draining ztunnel without a slot holds none of our connections.
 // The active one comes first.
-func (d *Dataplane) assignSlots(zt *ztRuntime, draining []*ztRuntime, routes map[string]netlink.Route) []*ztRuntime {
+func (d *Dataplane) assignSlots(zt *ztRuntime, draining []*ztRuntime, routes map[string]*netlink.Route) []*ztRuntime {
 	// A slot's owner is the gateway of its table's default route(s).
 	var owner [Slots]map[Family]netip.Addr
 	for s := range Slots {

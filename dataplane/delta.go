@@ -87,6 +87,8 @@ func (t *deltaTracker[K, V]) PendingDeletes() []K {
 // InSync reports that nothing is pending.
 func (t *deltaTracker[K, V]) InSync() bool { return len(t.updates) == 0 && len(t.deletes) == 0 }
 
+// An actual value equal to the desired one is replaced by it: with pointer
+// values, both states then share one object.
 func (t *deltaTracker[K, V]) recompute(k K) {
 	want, desired := t.desired[k]
 	have, present := t.actual[k]
@@ -95,7 +97,9 @@ func (t *deltaTracker[K, V]) recompute(k K) {
 	switch {
 	case desired && (!present || !t.equal(want, have)):
 		t.updates[k] = want
-	case !desired && present:
+	case desired:
+		t.actual[k] = want
+	case present:
 		t.deletes[k] = have
 	}
 }
@@ -106,6 +110,8 @@ func (t *deltaTracker[K, V]) recomputeAll() {
 	for k, want := range t.desired {
 		if have, ok := t.actual[k]; !ok || !t.equal(want, have) {
 			t.updates[k] = want
+		} else {
+			t.actual[k] = want
 		}
 	}
 	for k, have := range t.actual {

@@ -160,8 +160,8 @@ func (d *Dataplane) nodeDrift() string {
 		return err.Error()
 	}
 	for k, r := range d.routes.t.desired {
-		if cur, ok := have[k]; !ok || !routeEqual(r, cur) {
-			return "route " + routeString(r)
+		if cur, ok := have[k]; !ok || !routeEqual(*r, cur) {
+			return "route " + routeString(*r)
 		}
 	}
 	for k := range have {

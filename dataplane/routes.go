@@ -199,14 +199,17 @@ func ourRoutes(nl kernel.Netlink, proto int) ([]netlink.Route, error) {
 }
 
 // routeManager owns our routes (by protocol, in every table) of one netns.
+// Its routes are pointers: a route the kernel holds as desired is then one
+// object in both the desired and the actual state (a node's pod routes are
+// most of the agent's memory after its caches).
 type routeManager struct {
 	nl    kernel.Netlink
 	proto int
-	t     *deltaTracker[string, netlink.Route]
+	t     *deltaTracker[string, *netlink.Route]
 }
 
 func newRouteManager(nl kernel.Netlink, proto int) *routeManager {
-	return &routeManager{nl: nl, proto: proto, t: newDeltaTracker(routeEqual, strings.Compare)}
+	return &routeManager{nl: nl, proto: proto, t: newDeltaTracker(func(want, have *netlink.Route) bool { return routeEqual(*want, *have) }, strings.Compare)}
 }
 
 func (m *routeManager) clone() *routeManager {
@@ -221,22 +224,26 @@ func (m *routeManager) readBack() error {
 	if err != nil {
 		return err
 	}
-	m.t.ReplaceActual(have)
+	actual := make(map[string]*netlink.Route, len(have))
+	for k, r := range have {
+		actual[k] = &r
+	}
+	m.t.ReplaceActual(actual)
 	return nil
 }
 
 // want makes rs desired, besides what already is.
 func (m *routeManager) want(rs []netlink.Route) {
 	for _, r := range rs {
-		m.t.SetDesired(routeKey(r), r)
+		m.t.SetDesired(routeKey(r), &r)
 	}
 }
 
 // replaceDesired makes rs the only desired routes.
 func (m *routeManager) replaceDesired(rs []netlink.Route) {
-	want := make(map[string]netlink.Route, len(rs))
+	want := make(map[string]*netlink.Route, len(rs))
 	for _, r := range rs {
-		want[routeKey(r)] = r
+		want[routeKey(r)] = &r
 	}
 	m.t.ReplaceDesired(want)
 }
@@ -245,10 +252,10 @@ func (m *routeManager) replaceDesired(rs []netlink.Route) {
 func (m *routeManager) applyUpdates(sel func(netlink.Route) bool, w *writer) error {
 	for _, k := range m.t.PendingUpdates() {
 		r, _ := m.t.Desired(k)
-		if sel != nil && !sel(r) {
+		if sel != nil && !sel(*r) {
 			continue
 		}
-		if err := w.do(KindRoute, "replace "+routeString(r), func() error { return m.nl.RouteReplace(&r) }); err != nil {
+		if err := w.do(KindRoute, "replace "+routeString(*r), func() error { return m.nl.RouteReplace(r) }); err != nil {
 			return err
 		}
 		if !w.dry {
@@ -262,10 +269,10 @@ func (m *routeManager) applyUpdates(sel func(netlink.Route) bool, w *writer) err
 func (m *routeManager) applyDeletes(sel func(netlink.Route) bool, w *writer) error {
 	for _, k := range m.t.PendingDeletes() {
 		r, _ := m.t.Actual(k)
-		if sel != nil && !sel(r) {
+		if sel != nil && !sel(*r) {
 			continue
 		}
-		if err := w.do(KindRoute, "del "+routeString(r), func() error { return ignoreNotExist(m.nl.RouteDel(&r)) }); err != nil {
+		if err := w.do(KindRoute, "del "+routeString(*r), func() error { return ignoreNotExist(m.nl.RouteDel(r)) }); err != nil {
 			return err
 		}
 		if !w.dry {

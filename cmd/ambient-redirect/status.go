@@ -101,7 +101,11 @@ func printStatus(w io.Writer, st controller.DebugState, verbose bool) {
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "NAMESPACE\tPOD\tIPS\tENROLLED\tREASON")
 		for _, p := range pods {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", p.Namespace, p.Name, strings.Join(p.IPs, ","), p.Enrolled, p.Reason)
+			reason := p.Reason
+			if p.ViaCNI {
+				reason += " (handed over by the CNI plugin)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", p.Namespace, p.Name, strings.Join(p.IPs, ","), p.Enrolled, reason)
 		}
 		_ = tw.Flush()
 	}
