@@ -58,7 +58,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		}
 	}
 	d.lastZtNS, d.liveNS = "", nil
-	for _, m := range d.nodeFilter {
+	for _, m := range d.mgr.nodeFilter {
 		m.forget()
 	}
 	d.fast = nil

@@ -74,10 +74,8 @@ type Dataplane struct {
 	fams []Family
 
 	mu sync.Mutex
-	// nodeFilter owns the node's chains per family (iptables, ip6tables).
-	nodeFilter map[Family]*filterManager
-	// ztFilter owns each ztunnel netns's chains, by path and family.
-	ztFilter map[string]map[Family]*filterManager
+	// mgr are the managers of what the agent keeps across applies.
+	mgr managers
 	lastZtNS string
 	// liveNS are the netns of every ztunnel programmed by the last apply
 	// (the active one and a draining one).
@@ -91,14 +89,11 @@ type Dataplane struct {
 	// fast holds what a pod-only apply needs from the last full one; nil
 	// forces a full apply.
 	fast *fastPath
-	// pods are the desired pods by UID; sets and routes are the managers
-	// of the objects pod changes touch (sets.go, routes.go).
+	// pods are the desired pods by UID.
 	pods map[string]Pod
 	// wanted is the ztunnel part of the last Apply's state (UpdatePods
 	// builds on it).
 	wanted State
-	sets   map[Family]*setManager
-	routes *routeManager
 
 	locMu   sync.Mutex
 	located *located
@@ -151,9 +146,8 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, ztFilter: map[string]map[Family]*filterManager{},
-		nodeFilter: map[Family]*filterManager{}, resync: true,
-		pods: map[string]Pod{}, sets: map[Family]*setManager{}}
+	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, mgr: newManagers(), resync: true,
+		pods: map[string]Pod{}}
 	if d.log == nil {
 		d.log = zap.NewNop()
 	}
@@ -195,15 +189,15 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 		if err != nil {
 			return nil, err
 		}
-		d.nodeFilter[f] = newFilterManager(r)
+		d.mgr.nodeFilter[f] = newFilterManager(r)
 	}
 	if err := d.resolveTunnel(); err != nil {
 		return nil, err
 	}
 	for _, f := range []Family{IPv4, IPv6} {
-		d.sets[f] = newSetManager(cfg, f, d.node.NL)
+		d.mgr.sets[f] = newSetManager(cfg, f, d.node.NL)
 	}
-	d.routes = newRouteManager(d.node.NL, cfg.RouteProtocol)
+	d.mgr.routes = newRouteManager(d.node.NL, cfg.RouteProtocol)
 	if !o.SkipConflictCheck {
 		if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
 			return nil, err
@@ -451,14 +445,11 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		defer r.k.Close()
 		draining = append(draining, r)
 	}
-	sets, routes := d.sets, d.routes
+	m := &d.mgr
 	if w.dry {
-		// A dry run works on copies: what the next apply starts from stays.
-		sets, routes = map[Family]*setManager{}, routes.clone()
-		for f, m := range d.sets {
-			sets[f] = m.clone()
-		}
+		m = d.mgr.clone() // see managers.clone
 	}
+	sets, routes := m.sets, m.routes
 	for _, f := range []Family{IPv4, IPv6} {
 		want, err := st.members(f)
 		if err != nil {
@@ -481,16 +472,16 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*ruleWriter{}
 	for _, f := range d.fams {
 		next[f] = d.nodeParams(zt, live, f)
-		rules[f] = &ruleWriter{d: d, f: f, ctx: ctx, w: w}
+		rules[f] = &ruleWriter{d: d, m: m.nodeFilter[f], ctx: ctx, w: w}
 		switch {
 		case w.dry:
 			prev[f] = next[f]
-		case d.nodeFilter[f].params != nil:
-			prev[f] = *d.nodeFilter[f].params
+		case m.nodeFilter[f].params != nil:
+			prev[f] = *m.nodeFilter[f].params
 		default:
 			// Written by another process (or not at all): read them back.
 			// Not kept as params: that is only ever what this process wrote.
-			actual, err := d.nodeFilter[f].s.Actual(ctx)
+			actual, err := m.nodeFilter[f].s.Actual(ctx)
 			if err != nil {
 				return err
 			}
@@ -529,7 +520,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		// ztunnel that cannot answer yet. Each one's IP stays on its veth
 		// in our tables: encapsulated packets carry the inner mark and
 		// must not loop into the tunnel.
-		if err := d.syncZtunnelNS(ctx, z, w); err != nil {
+		if err := d.syncZtunnelNS(ctx, m, z, w); err != nil {
 			return err
 		}
 		// Its return path too (slot table), before the tunnels point at it.
@@ -688,7 +679,7 @@ func (d *Dataplane) slotTable(slot int) int {
 // of a transition, skipping a step whose rules equal the previous one's.
 type ruleWriter struct {
 	d       *Dataplane
-	f       Family
+	m       *filterManager
 	ctx     context.Context
 	w       *writer
 	written string
@@ -700,17 +691,12 @@ func (r *ruleWriter) write(p NodeParams) error {
 	if rendered == r.written {
 		return nil
 	}
-	m := r.d.nodeFilter[r.f]
-	if err := m.apply(r.ctx, rs, r.d.resync, r.w); err != nil {
-		if !r.w.dry {
-			m.params = nil // a table may be written, another not: read back next time
-		}
+	if err := r.m.apply(r.ctx, rs, r.d.resync, r.w); err != nil {
+		r.m.params = nil // a table may be written, another not: read back next time
 		return err
 	}
 	r.written = rendered
-	if !r.w.dry {
-		m.params = &p // what the kernel holds now
-	}
+	r.m.params = &p // what the kernel holds now
 	return nil
 }
 
@@ -766,9 +752,9 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 	drop := func(p Pod) {
 		for _, a := range p.IPs {
 			a = a.Unmap()
-			if uid, _ := d.sets[FamilyOf(a)].t.Desired(a); uid == p.UID {
-				d.sets[FamilyOf(a)].t.DeleteDesired(a)
-				d.routes.t.DeleteDesired(d.podRouteKey(a))
+			if uid, _ := d.mgr.sets[FamilyOf(a)].t.Desired(a); uid == p.UID {
+				d.mgr.sets[FamilyOf(a)].t.DeleteDesired(a)
+				d.mgr.routes.t.DeleteDesired(d.podRouteKey(a))
 			}
 		}
 	}
@@ -782,30 +768,30 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 	for _, p := range upsert {
 		for _, a := range p.IPs {
 			a = a.Unmap()
-			set := d.sets[FamilyOf(a)]
+			set := d.mgr.sets[FamilyOf(a)]
 			if other, ok := set.t.Desired(a); ok && other != p.UID {
 				return fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, other, p.UID)
 			}
 			set.t.SetDesired(a, p.UID)
 			if r, ok := d.podRoute(a, f.zt, f.in); ok {
-				d.routes.want([]netlink.Route{r})
+				d.mgr.routes.want([]netlink.Route{r})
 			}
 		}
 		d.pods[p.UID] = p
 	}
 	for _, fam := range []Family{IPv4, IPv6} {
-		if err := d.sets[fam].applyAdds(w); err != nil {
+		if err := d.mgr.sets[fam].applyAdds(w); err != nil {
 			return err
 		}
 	}
-	if err := d.routes.applyUpdates(nil, w); err != nil {
+	if err := d.mgr.routes.applyUpdates(nil, w); err != nil {
 		return err
 	}
-	if err := d.routes.applyDeletes(nil, w); err != nil {
+	if err := d.mgr.routes.applyDeletes(nil, w); err != nil {
 		return err
 	}
 	for _, fam := range []Family{IPv4, IPv6} {
-		if err := d.sets[fam].applyDeletes(w); err != nil {
+		if err := d.mgr.sets[fam].applyDeletes(w); err != nil {
 			return err
 		}
 	}

@@ -29,19 +29,22 @@ func newFilterManager(r iptables.Runner) *filterManager {
 // costs a process per table).
 func (m *filterManager) apply(ctx context.Context, rs iptables.Ruleset, verify bool, w *writer) error {
 	rendered := rs.Render()
-	if !w.dry && !verify && m.written == rendered {
+	if !verify && m.written == rendered {
 		return nil
 	}
-	if !w.dry {
-		m.written = "" // a table may be written, another not
-	}
+	m.written = "" // a table may be written, another not
 	if err := runIPTables(ctx, m.s, rs, w); err != nil {
 		return err
 	}
-	if !w.dry {
-		m.written = rendered
-	}
+	m.written = rendered
 	return nil
+}
+
+// clone is a copy that verifies the chains on its first apply (Diff).
+func (m *filterManager) clone() *filterManager {
+	c := *m
+	c.written = ""
+	return &c
 }
 
 // forget makes the next apply read back.

@@ -155,9 +155,7 @@ func (m *ruleManager) apply(swapLocal bool, w *writer) error {
 		if err := w.do(KindRule, "add "+k, func() error { return m.nl.RuleAdd(&r) }); err != nil {
 			return err
 		}
-		if !w.dry {
-			m.t.Written(k, r)
-		}
+		m.t.Written(k, r)
 	}
 	restored := false
 	for _, k := range m.t.PendingDeletes() {
@@ -173,9 +171,7 @@ func (m *ruleManager) apply(swapLocal bool, w *writer) error {
 		if err := w.do(KindRule, "del "+k, func() error { return ignoreNotExist(m.nl.RuleDel(&r)) }); err != nil {
 			return err
 		}
-		if !w.dry {
-			m.t.Removed(k)
-		}
+		m.t.Removed(k)
 	}
 	if !swapLocal {
 		return nil

@@ -69,7 +69,7 @@ func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
 	defer d.mu.Unlock()
 	w := newWriter(false)
 	for _, f := range d.fams {
-		m := d.nodeFilter[f]
+		m := d.mgr.nodeFilter[f]
 		if m.params == nil {
 			continue // nothing converged yet: the next Apply writes
 		}

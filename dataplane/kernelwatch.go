@@ -119,7 +119,7 @@ func (d *Dataplane) knownRoute(m syscall.NetlinkMessage, added bool) bool {
 	if d.fast == nil {
 		return true // no apply to compare with: the next one reads everything
 	}
-	_, held := d.routes.t.Actual(routeKey(netlink.Route{Table: table, Dst: ipNet(dst)}))
+	_, held := d.mgr.routes.t.Actual(routeKey(netlink.Route{Table: table, Dst: ipNet(dst)}))
 	return held == added && (proto == d.cfg.RouteProtocol || !added)
 }
 
@@ -159,13 +159,13 @@ func (d *Dataplane) nodeDrift() string {
 	if err != nil {
 		return err.Error()
 	}
-	for k, r := range d.routes.t.desired {
+	for k, r := range d.mgr.routes.t.desired {
 		if cur, ok := have[k]; !ok || !routeEqual(*r, cur) {
 			return "route " + routeString(*r)
 		}
 	}
 	for k := range have {
-		if _, ok := d.routes.t.Desired(k); !ok {
+		if _, ok := d.mgr.routes.t.Desired(k); !ok {
 			return "route " + k + " is not ours to have"
 		}
 	}

@@ -258,9 +258,7 @@ func (m *routeManager) applyUpdates(sel func(netlink.Route) bool, w *writer) err
 		if err := w.do(KindRoute, "replace "+routeString(*r), func() error { return m.nl.RouteReplace(r) }); err != nil {
 			return err
 		}
-		if !w.dry {
-			m.t.Written(k, r)
-		}
+		m.t.Written(k, r)
 	}
 	return nil
 }
@@ -275,9 +273,7 @@ func (m *routeManager) applyDeletes(sel func(netlink.Route) bool, w *writer) err
 		if err := w.do(KindRoute, "del "+routeString(*r), func() error { return ignoreNotExist(m.nl.RouteDel(r)) }); err != nil {
 			return err
 		}
-		if !w.dry {
-			m.t.Removed(k)
-		}
+		m.t.Removed(k)
 	}
 	return nil
 }

@@ -99,9 +99,7 @@ func (m *setManager) applyAdds(w *writer) error {
 		if err := w.do(KindIPSet, fmt.Sprintf("add %s %s (%s)", m.name, a, uid), func() error { return m.nl.IpsetAdd(m.name, e) }); err != nil {
 			return err
 		}
-		if !w.dry {
-			m.t.Written(a, uid)
-		}
+		m.t.Written(a, uid)
 	}
 	return nil
 }
@@ -113,9 +111,7 @@ func (m *setManager) applyDeletes(w *writer) error {
 		if err := w.do(KindIPSet, fmt.Sprintf("del %s %s", m.name, a), func() error { return ignoreNotExist(m.nl.IpsetDel(m.name, e)) }); err != nil {
 			return err
 		}
-		if !w.dry {
-			m.t.Removed(a)
-		}
+		m.t.Removed(a)
 	}
 	return nil
 }

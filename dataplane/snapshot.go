@@ -53,7 +53,7 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 	}
 	var errs []string
 	node := map[Family]*iptables.Syncer{}
-	for f, m := range d.nodeFilter {
+	for f, m := range d.mgr.nodeFilter {
 		node[f] = m.s
 	}
 	s.NS, errs = d.nsSnapshot(ctx, d.node, node, []string{NodeInLink, NodeOutLink})
@@ -65,7 +65,7 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 		} else {
 			syncers := map[Family]*iptables.Syncer{}
 			for _, f := range d.fams {
-				if m, err := d.ztFilterManager(d.lastZtNS, f, k); err == nil {
+				if m, err := d.mgr.ztFilterManager(d.lastZtNS, f, k, d.backend); err == nil {
 					syncers[f] = m.s
 				}
 			}

@@ -3,7 +3,6 @@ package dataplane
 // The sysctls the tunnels and the ztunnel veth need.
 
 import (
-	"slices"
 	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
@@ -41,9 +40,7 @@ func (m *sysctlManager) apply(w *writer) error {
 		if err := w.do(KindSysctl, k+"="+v, func() error { return m.s.Set(k, v) }); err != nil {
 			return err
 		}
-		if !w.dry {
-			m.t.Written(k, v)
-		}
+		m.t.Written(k, v)
 	}
 	return nil
 }
@@ -77,11 +74,5 @@ func (d *Dataplane) nodeSysctls(zt *ztRuntime, live []*ztRuntime) [][2]string {
 }
 
 func (d *Dataplane) syncNodeSysctls(want [][2]string, w *writer) error {
-	if w.dry {
-		// The tunnels' sysctls cannot be read before the devices exist.
-		want = slices.DeleteFunc(slices.Clone(want), func(kv [2]string) bool {
-			return strings.Contains(kv[0], "."+NodeInLink+".") || strings.Contains(kv[0], "."+NodeOutLink+".")
-		})
-	}
 	return syncSysctls(d.node.Sysctl, want, w)
 }

@@ -16,23 +16,23 @@ import (
 
 // ztFilterManager is the filter manager of a ztunnel netns's chains of
 // family f.
-func (d *Dataplane) ztFilterManager(path string, f Family, k *kernel.Kernel) (*filterManager, error) {
-	if m, ok := d.ztFilter[path][f]; ok {
-		return m, nil
+func (m *managers) ztFilterManager(path string, f Family, k *kernel.Kernel, backend string) (*filterManager, error) {
+	if fm, ok := m.ztFilter[path][f]; ok {
+		return fm, nil
 	}
-	r, err := k.IPT(d.backend, int(f))
+	r, err := k.IPT(backend, int(f))
 	if err != nil {
 		return nil, err
 	}
-	m := newFilterManager(r)
-	if d.ztFilter[path] == nil {
-		d.ztFilter[path] = map[Family]*filterManager{}
+	fm := newFilterManager(r)
+	if m.ztFilter[path] == nil {
+		m.ztFilter[path] = map[Family]*filterManager{}
 	}
-	d.ztFilter[path][f] = m
-	return m, nil
+	m.ztFilter[path][f] = fm
+	return fm, nil
 }
 
-func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer) error {
+func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRuntime, w *writer) error {
 	k := zt.k
 	if err := d.checkRuleConflicts(k.NL, d.ztunnelPriorities()); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
@@ -45,12 +45,10 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer)
 	}
 	want := [][2]string{{"net.ipv4.conf.all.rp_filter", "0"}, {"net.ipv4.conf.default.rp_filter", "0"}}
 	want = append(want, ifSysctls(zt.eth.Attrs().Name, false)...)
-	if !w.dry {
-		for _, l := range []string{ZtunnelInLink, ZtunnelOutLink} {
-			want = append(want, ifSysctls(l, true)...)
-			if _, ok := zt.ips[IPv6]; ok {
-				want = append(want, [2]string{"net.ipv6.conf." + l + ".accept_dad", "0"})
-			}
+	for _, l := range []string{ZtunnelInLink, ZtunnelOutLink} {
+		want = append(want, ifSysctls(l, true)...)
+		if _, ok := zt.ips[IPv6]; ok {
+			want = append(want, [2]string{"net.ipv6.conf." + l + ".accept_dad", "0"})
 		}
 	}
 	if err := syncSysctls(k.Sysctl, want, w); err != nil {
@@ -77,7 +75,7 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer)
 		local := netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)), LinkIndex: lo.Attrs().Index,
 			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}
 		locals = append(locals, local)
-		m, err := d.ztFilterManager(zt.spec.NetNS, f, k)
+		m, err := mgr.ztFilterManager(zt.spec.NetNS, f, k, d.backend)
 		if err != nil {
 			return err
 		}
@@ -94,9 +92,7 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, zt *ztRuntime, w *writer)
 
 // cleanupZtunnelNS removes everything we own from a ztunnel netns.
 func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, path string, w *writer) error {
-	if !w.dry {
-		delete(d.ztFilter, path)
-	}
+	delete(d.mgr.ztFilter, path)
 	k, err := d.openNS(path)
 	if err != nil {
 		return err
