@@ -75,7 +75,7 @@ type Dataplane struct {
 
 	mu sync.Mutex
 	// mgr are the managers of what the agent keeps across applies.
-	mgr managers
+	mgr      managers
 	lastZtNS string
 	// liveNS are the netns of every ztunnel programmed by the last apply
 	// (the active one and a draining one).
