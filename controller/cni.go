@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/controller/selection"
@@ -54,9 +55,15 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 	case cni.CommandDel:
 		c.mu.Lock()
 		e, ok := c.cni[key]
-		if ok && (req.ContainerID == "" || e.containerID == req.ContainerID) {
+		switch {
+		case ok && (req.ContainerID == "" || e.containerID == req.ContainerID):
 			e.deleted, e.ips, e.pod = true, nil, nil
 			c.cni[key] = e
+		case !ok && req.PodUID != "":
+			// A sandbox set up before the plugin (or before this agent
+			// started): its addresses go with it.
+			c.cni[key] = cniPod{uid: types.UID(req.PodUID), containerID: req.ContainerID, deleted: true}
+			ok = true
 		}
 		c.mu.Unlock()
 		if ok {
@@ -88,8 +95,8 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 	}
 	cp := cniPod{uid: pod.UID, containerID: req.ContainerID, ips: slices.Clone(req.IPs)}
 	podLister, _ := c.listers()
-	if _, err := podLister.Pods(pod.Namespace).Get(pod.Name); err != nil {
-		cp.pod = pod // the cache has not seen it yet
+	if cached, err := podLister.Pods(pod.Namespace).Get(pod.Name); err != nil || cached.UID != pod.UID {
+		cp.pod = pod // the cache has not seen it (this UID) yet
 	}
 	var after uint64
 	c.mark(func() {
@@ -149,6 +156,36 @@ func (c *Controller) cniLookup(ctx context.Context, req cni.Request) (*corev1.Po
 	return pod, ns, nil
 }
 
+// withHandedOver is the pod to decide for key, given the cache's answer
+// (p, err): the object CNI ADD looked up when the cache has not seen that
+// pod (UID) yet. It forgets what CNI said about a pod that is gone. Called
+// with c.mu held.
+func (c *Controller) withHandedOver(key string, p *corev1.Pod, err error) (*corev1.Pod, error) {
+	cp, ok := c.cni[key]
+	if !ok {
+		return p, err
+	}
+	switch {
+	case err == nil && p.UID == cp.uid:
+		if cp.pod != nil {
+			cp.pod = nil // the cache has it now
+			c.cni[key] = cp
+		}
+		return p, nil
+	case cp.pod != nil && (err == nil || apierrors.IsNotFound(err)):
+		return cp.pod, nil // the cache has an older pod of that name, or none yet
+	case apierrors.IsNotFound(err):
+		ns, name, _ := strings.Cut(key, "/")
+		if podLister, _ := c.listers(); podLister != nil {
+			if cur, gerr := podLister.Pods(ns).Get(name); gerr == nil && cur.UID == cp.uid {
+				return cur, nil // it arrived since the caller listed
+			}
+		}
+		delete(c.cni, key) // the pod is gone
+	}
+	return p, err
+}
+
 // podKey queues one pod.
 func (c *Controller) podKey(key string) { c.mark(func() { c.dirty[key] = true }) }
 
@@ -162,10 +199,8 @@ func (c *Controller) withCNI(p *corev1.Pod) (*corev1.Pod, bool, bool) {
 	if e.deleted {
 		return p, true, true
 	}
-	if len(selection.PodIPs(p)) == 0 {
-		p = withPodIPs(p, e.ips)
-	}
-	return p, true, false
+	// The sandbox's addresses: a status may still show an earlier one's.
+	return withPodIPs(p, e.ips), true, false
 }
 
 // withPodIPs is a copy of p with ips as its status addresses.

@@ -504,19 +504,23 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 	entries := make(map[string]podEntry, len(pods))
 	c.mu.Lock()
 	if len(c.cni) > 0 {
-		cached := make(map[string]bool, len(pods))
-		for _, p := range pods {
-			cached[p.Namespace+"/"+p.Name] = true
+		cached := make(map[string]int, len(pods))
+		for i, p := range pods {
+			cached[p.Namespace+"/"+p.Name] = i
 		}
-		for key, cp := range c.cni {
+		for key := range c.cni {
+			i, ok := cached[key]
+			var p *corev1.Pod
+			var err error = apierrors.NewNotFound(corev1.Resource("pods"), key)
+			if ok {
+				p, err = pods[i], nil
+			}
+			p, err = c.withHandedOver(key, p, err)
 			switch {
-			case cached[key] && cp.pod != nil:
-				cp.pod = nil // the cache has it now
-				c.cni[key] = cp
-			case cp.pod != nil:
-				pods = append(pods, cp.pod) // handed over by CNI before the cache saw it
-			case !cached[key]:
-				delete(c.cni, key) // the pod is gone
+			case ok && err == nil:
+				pods[i] = p // the sandbox's pod, when the cache still has an older one
+			case err == nil:
+				pods = append(pods, p)
 			}
 		}
 	}
@@ -649,43 +653,46 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 	var upsert []dataplane.Pod
 	var remove []string
 	next := map[string]podEntry{}
+	gone := map[string]bool{}
 	c.mu.Lock()
-	owners := map[netip.Addr]string{} // addresses that change hands, within this batch
 	for key := range dirty {
-		old, had := c.pods[key]
 		ns, name, _ := cache.SplitMetaNamespaceKey(key)
 		p, err := podLister.Pods(ns).Get(name)
-		if cp, ok := c.cni[key]; ok {
-			switch {
-			case err == nil && cp.pod != nil:
-				cp.pod = nil // the cache has it now
-				c.cni[key] = cp
-			case apierrors.IsNotFound(err) && cp.pod != nil:
-				p, err = cp.pod, nil // handed over by CNI before the cache saw it
-			case apierrors.IsNotFound(err):
-				delete(c.cni, key) // the pod is gone
-			}
+		p, err = c.withHandedOver(key, p, err)
+		if apierrors.IsNotFound(err) {
+			gone[key] = true
+			continue
 		}
 		var e podEntry
 		if err == nil {
 			nsObj, _ := nsLister.Get(ns)
 			e = c.entry(p, nsObj)
 		}
+		next[key] = e
+	}
+	// Every address the batch's pods hold, changed or not: one that two
+	// pods claim is for the full sync to decide.
+	owners := map[netip.Addr]string{}
+	for key, e := range next {
+		if e.pod == nil {
+			continue
+		}
+		for _, a := range e.pod.IPs {
+			if o := owners[a]; o != "" || c.ownerOf(a, key, dirty) != "" {
+				c.mu.Unlock()
+				return false, nil
+			}
+			owners[a] = key
+		}
+	}
+	for key := range dirty {
+		old, had := c.pods[key]
+		e := next[key] // zero when gone
 		if had && old.pod != nil && (e.pod == nil || e.pod.UID != old.pod.UID || !slices.Equal(e.pod.IPs, old.pod.IPs)) {
 			remove = append(remove, old.pod.UID)
 		}
 		if e.pod != nil && (!had || old.pod == nil || e.pod.UID != old.pod.UID || !slices.Equal(e.pod.IPs, old.pod.IPs)) {
-			for _, a := range e.pod.IPs {
-				if o := c.ownerOf(a, key, dirty); o != "" || owners[a] != "" {
-					c.mu.Unlock()
-					return false, nil // claimed twice: the full sync decides who keeps it
-				}
-				owners[a] = key
-			}
 			upsert = append(upsert, *e.pod)
-		}
-		if err == nil || !apierrors.IsNotFound(err) {
-			next[key] = e
 		}
 	}
 	conflicted := c.conflicted > 0 && len(remove) > 0
@@ -701,10 +708,10 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 	}
 	c.mu.Lock()
 	for key := range dirty {
-		if e, ok := next[key]; ok {
-			c.pods[key] = e
-		} else {
+		if gone[key] {
 			delete(c.pods, key)
+		} else {
+			c.pods[key] = next[key]
 		}
 	}
 	if len(upsert) > 0 || len(remove) > 0 {
@@ -790,7 +797,9 @@ func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
 	ps.ViaCNI = viaCNI
 	e := podEntry{status: ps}
 	if ok {
-		e.pod = &dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: selection.PodIPs(p)}
+		ips := selection.PodIPs(p)
+		slices.SortFunc(ips, netip.Addr.Compare) // the status's and CNI's orders may differ
+		e.pod = &dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips}
 	}
 	return e
 }
@@ -864,12 +873,13 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 		if !pending.IsZero() && c.pendingSince.IsZero() {
 			c.pendingSince = pending // still not programmed
 		}
-	} else {
-		if drift {
-			for k, v := range res.Writes {
-				c.status.DriftRepairs[k] += v
-			}
+		c.dirtyAll = true // the retry recomputes everything (and re-locates the ztunnel)
+	} else if drift {
+		for k, v := range res.Writes {
+			c.status.DriftRepairs[k] += v
 		}
+	}
+	if applyErr == nil { // programmed, even if the ztunnel lookup failed
 		c.programmed = map[types.UID]bool{}
 		for _, p := range st.Pods {
 			c.programmed[types.UID(p.UID)] = true

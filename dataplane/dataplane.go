@@ -749,6 +749,28 @@ func (d *Dataplane) applyPods(st State, f *fastPath, w *writer) error {
 // out. A failed write fails the apply, which makes the next one a full
 // read-back.
 func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *writer) error {
+	// Refuse a batch that claims an address twice before changing anything.
+	leaving := map[string]bool{}
+	for _, uid := range remove {
+		leaving[uid] = true
+	}
+	for _, p := range upsert {
+		leaving[p.UID] = true
+	}
+	claimed := map[netip.Addr]string{}
+	for _, p := range upsert {
+		for _, a := range p.IPs {
+			a = a.Unmap()
+			other, ok := d.mgr.sets[FamilyOf(a)].t.Desired(a)
+			if !ok || leaving[other] {
+				other, ok = claimed[a]
+			}
+			if ok && other != p.UID {
+				return fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, other, p.UID)
+			}
+			claimed[a] = p.UID
+		}
+	}
 	drop := func(p Pod) {
 		for _, a := range p.IPs {
 			a = a.Unmap()
@@ -768,11 +790,7 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 	for _, p := range upsert {
 		for _, a := range p.IPs {
 			a = a.Unmap()
-			set := d.mgr.sets[FamilyOf(a)]
-			if other, ok := set.t.Desired(a); ok && other != p.UID {
-				return fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, other, p.UID)
-			}
-			set.t.SetDesired(a, p.UID)
+			d.mgr.sets[FamilyOf(a)].t.SetDesired(a, p.UID)
 			if r, ok := d.podRoute(a, f.zt, f.in); ok {
 				d.mgr.routes.want([]netlink.Route{r})
 			}

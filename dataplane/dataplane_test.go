@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -581,5 +583,54 @@ func TestForeignDeviceNamedLikeOurTunnelIsNotReplaced(t *testing.T) {
 	}
 	if l, err := f.nl.LinkByName(NodeOutLink); err != nil || l.Type() != "veth" {
 		t.Fatalf("foreign %s replaced: %v %v", NodeOutLink, l, err)
+	}
+}
+
+// TestUpdatePods: pod changes alone cost their own writes; a batch that
+// claims an address twice is refused before anything changes; an address
+// handed from a leaving pod to a new one in one batch is fine.
+func TestUpdatePods(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	ctx := context.Background()
+	base := pods(3)
+	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: base}); err != nil {
+		t.Fatal(err)
+	}
+	newPod := Pod{UID: "new", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.99")}}
+	res, err := d.UpdatePods(ctx, []Pod{newPod}, nil)
+	if err != nil || res.Writes[KindIPSet] != 1 || res.Writes[KindRoute] != 1 || res.TotalWrites() != 2 {
+		t.Fatalf("add one pod: %v %v", res.Writes, err)
+	}
+	thief := Pod{UID: "thief", IPs: []netip.Addr{base[0].IPs[0]}}
+	before := f.writes()
+	if _, err := d.UpdatePods(ctx, []Pod{thief}, nil); err == nil || !strings.Contains(err.Error(), "claimed by two pods") {
+		t.Fatalf("a second claim of %s: %v", base[0].IPs[0], err)
+	}
+	if f.writes() != before || d.pods[base[0].UID].UID == "" || d.pods["thief"].UID != "" {
+		t.Fatalf("a refused batch changed something: %d writes, pods %v", f.writes()-before, d.pods)
+	}
+	if uid, _ := d.mgr.sets[IPv4].t.Desired(base[0].IPs[0]); uid != base[0].UID {
+		t.Fatalf("a refused batch moved %s to %q", base[0].IPs[0], uid)
+	}
+	// The next call is a full apply (the failure queued one): it must carry
+	// every pod, the refused one excepted.
+	if _, err := d.UpdatePods(ctx, []Pod{{UID: thief.UID, IPs: []netip.Addr{netip.MustParseAddr("10.244.1.98")}}}, []string{base[0].UID}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.UpdatePods(ctx, []Pod{{UID: "heir", IPs: base[1].IPs}}, []string{base[1].UID}); err != nil {
+		t.Fatalf("an address handed over within one batch: %v", err)
+	}
+	want := map[string]bool{base[2].UID: true, "new": true, thief.UID: true, "heir": true}
+	if len(d.pods) != len(want) {
+		t.Fatalf("pods %v, want %v", d.pods, want)
+	}
+	for uid := range d.pods {
+		if !want[uid] {
+			t.Fatalf("pods %v, want %v", d.pods, want)
+		}
+	}
+	if diff, err := d.Diff(ctx, State{Ztunnel: f.zt, Pods: slices.Collect(maps.Values(d.pods))}); err != nil || len(diff) != 0 {
+		t.Fatalf("kernel differs from the pods after the updates: %v %v", diff, err)
 	}
 }

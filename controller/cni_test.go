@@ -1,0 +1,246 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"reflect"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
+	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+)
+
+func ambientNS() *corev1.Namespace {
+	return ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient})
+}
+
+func startController(t *testing.T, ctx context.Context, client *fake.Clientset, dp Dataplane) *Controller {
+	t.Helper()
+	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), Hooks{})
+	c.inf, c.dp = c.newInformers(ctx), dp
+	t.Cleanup(c.inf.cancel)
+	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
+		t.Fatal("caches did not sync")
+	}
+	if err := c.syncOnce(ctx, true); err != nil && !errors.Is(err, errLocate) {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
+func (c *Controller) handedOver(key string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.cni[key]
+	return ok
+}
+
+// matchesFullSync fails unless the dataplane holds what a full recompute gives.
+func matchesFullSync(t *testing.T, c *Controller, dp *fakeDP) {
+	t.Helper()
+	st, _, _, _ := c.desired()
+	want := map[string]dataplane.Pod{}
+	for _, p := range st.Pods {
+		want[p.UID] = p
+	}
+	if !reflect.DeepEqual(dp.pods, want) {
+		t.Fatalf("dataplane holds %v; a full sync gives %v", dp.pods, want)
+	}
+}
+
+// TestUnchangedDirtyPodKeepsItsAddress: a pod whose event changed nothing
+// it is programmed with still owns its address when another pod of the
+// same batch claims it.
+func TestUnchangedDirtyPodKeepsItsAddress(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	client := fake.NewClientset(ambientNS(), pod()) // apps/p, 10.244.1.5
+	dp := &fakeDP{}
+	c := startController(t, ctx, client, dp)
+	pods := client.CoreV1().Pods("apps")
+	p, _ := pods.Get(ctx, "p", metav1.GetOptions{})
+	p.Labels = map[string]string{"x": "y"}
+	if _, err := pods.Update(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pods.Create(ctx, pod(func(p *corev1.Pod) { p.Name, p.UID = "q", "u2" }), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "both events", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return c.dirty["apps/p"] && c.dirty["apps/q"] })
+	if err := c.syncOnce(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	matchesFullSync(t, c, dp)
+}
+
+var errLocate = errors.New("transient netns scan failure")
+
+// flakyDP fails LocateZtunnel while fail is set.
+type flakyDP struct {
+	*fakeDP
+	mu     sync.Mutex
+	fail   bool
+	lastZt *dataplane.Ztunnel
+}
+
+func (f *flakyDP) LocateZtunnel(net.IP) (string, string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fail {
+		return "", "", errLocate
+	}
+	return "veth-zt", "/run/netns/zt", nil
+}
+
+func (f *flakyDP) Apply(ctx context.Context, st dataplane.State) (dataplane.Result, error) {
+	f.mu.Lock()
+	f.lastZt = st.Ztunnel
+	f.mu.Unlock()
+	return f.fakeDP.Apply(ctx, st)
+}
+
+// TestZtunnelLookupFailureIsRetried: a sync whose apply worked but whose
+// ztunnel lookup failed counts its pods as programmed, and its retry is a
+// full sync that finds the ztunnel.
+func TestZtunnelLookupFailureIsRetried(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	zt := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "istio-system", Name: "ztunnel-a", UID: "zt", Labels: map[string]string{"app": "ztunnel"}},
+		Spec:       corev1.PodSpec{NodeName: "n1"},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.244.1.2", PodIPs: []corev1.PodIP{{IP: "10.244.1.2"}},
+			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
+	}
+	dp := &flakyDP{fakeDP: &fakeDP{}, fail: true}
+	c := startController(t, ctx, fake.NewClientset(ambientNS(), ns("istio-system", nil), zt, pod()), dp)
+	c.mu.Lock()
+	programmed := c.programmed[types.UID("u1")]
+	c.mu.Unlock()
+	if !programmed {
+		t.Fatal("a pod applied while the ztunnel lookup failed is not counted as programmed")
+	}
+	dp.mu.Lock()
+	dp.fail = false
+	dp.mu.Unlock()
+	if err := c.syncOnce(ctx, false); err != nil { // what Run does after the backoff
+		t.Fatal(err)
+	}
+	if dp.lastZt == nil {
+		t.Fatal("the retry did not re-locate the ztunnel")
+	}
+}
+
+// TestCNIAddForARecreatedPod: a pod recreated under the same name (new
+// UID) while the cache still holds the old one is handed over by ADD; the
+// old pod's deletion must not make ADD answer "not ambient".
+func TestCNIAddForARecreatedPod(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	client := fake.NewClientset(ambientNS(), pod()) // old apps/p, UID u1
+	newPod := pod(func(p *corev1.Pod) {
+		p.UID, p.Status.PodIP, p.Status.PodIPs, p.Status.Phase = "u-new", "", nil, corev1.PodPending
+	})
+	client.PrependReactor("get", "pods", func(a k8stesting.Action) (bool, runtime.Object, error) { // the API is ahead of our watch
+		if a.(k8stesting.GetAction).GetName() == "p" {
+			return true, newPod.DeepCopy(), nil
+		}
+		return false, nil, nil
+	})
+	dp := &fakeDP{}
+	c := startController(t, ctx, client, dp)
+	got := make(chan cni.Response, 1)
+	go func() {
+		res, _ := c.HandleCNI(ctx, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "p", PodUID: "u-new",
+			ContainerID: "c2", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.7")}})
+		got <- res
+	}()
+	waitFor(t, "ADD handed over", func() bool { return c.handedOver("apps/p") })
+	podsGVR := schema.GroupVersionResource{Version: "v1", Resource: "pods"}
+	if err := client.Tracker().Delete(podsGVR, "apps", "p"); err != nil {
+		t.Fatal(err)
+	}
+	pods, _ := c.listers()
+	waitFor(t, "old pod gone", func() bool { _, err := pods.Pods("apps").Get("p"); return err != nil })
+	if err := c.syncOnce(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.Tracker().Add(newPod); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "new pod cached", func() bool { p, err := pods.Pods("apps").Get("p"); return err == nil && p.UID == "u-new" })
+	if err := c.syncOnce(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if res := <-got; !res.Ambient || !res.Programmed {
+		t.Fatalf("ADD of the recreated pod: %+v", res)
+	}
+	if p := dp.pods["u-new"]; !slices.Equal(p.IPs, []netip.Addr{netip.MustParseAddr("10.244.1.7")}) {
+		t.Fatalf("dataplane holds %v", dp.pods)
+	}
+}
+
+// TestCNIAddForARecreatedSandbox: a running pod whose sandbox is recreated
+// with a new address (its DEL found nothing: it predates the plugin) is
+// programmed with the new address at ADD, not the stale status one.
+func TestCNIAddForARecreatedSandbox(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dp := &fakeDP{}
+	c := startController(t, ctx, fake.NewClientset(ambientNS(), pod()), dp) // apps/p u1 10.244.1.5
+	if _, err := c.HandleCNI(ctx, cni.Request{Command: cni.CommandDel, PodNamespace: "apps", PodName: "p", PodUID: "u1", ContainerID: "c1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.syncOnce(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := dp.pods["u1"]; ok {
+		t.Fatal("the deleted sandbox's address is still programmed")
+	}
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer rcancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.HandleCNI(rctx, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "p", PodUID: "u1",
+			ContainerID: "c2", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.8")}})
+		done <- err
+	}()
+	waitFor(t, "ADD handed over", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.cni["apps/p"].containerID == "c2"
+	})
+	if err := c.syncOnce(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("ADD of the new sandbox: %v", err)
+	}
+	if p := dp.pods["u1"]; !slices.Equal(p.IPs, []netip.Addr{netip.MustParseAddr("10.244.1.8")}) {
+		t.Fatalf("dataplane holds %v, want the new sandbox's address", dp.pods)
+	}
+}
