@@ -244,3 +244,41 @@ func TestCNIAddForARecreatedSandbox(t *testing.T) {
 		t.Fatalf("dataplane holds %v, want the new sandbox's address", dp.pods)
 	}
 }
+
+// TestCNIPodWinsItsAddressFromAStaleObject: a stale pod object still
+// claims the address IPAM just gave to a sandbox; the pod handed over by
+// CNI is programmed with it, whatever the names' order.
+func TestCNIPodWinsItsAddressFromAStaleObject(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stale := pod(func(p *corev1.Pod) { p.Name, p.UID = "a-stale", "u-stale" }) // 10.244.1.5, sorts first
+	fresh := pod(func(p *corev1.Pod) {
+		p.Name, p.UID, p.Status.PodIP, p.Status.PodIPs, p.Status.Phase = "b-fresh", "u-fresh", "", nil, corev1.PodPending
+	})
+	dp := &fakeDP{}
+	c := startController(t, ctx, fake.NewClientset(ambientNS(), stale, fresh), dp)
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer rcancel()
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.HandleCNI(rctx, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "b-fresh", PodUID: "u-fresh",
+			ContainerID: "c1", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.5")}})
+		done <- err
+	}()
+	waitFor(t, "ADD handed over", func() bool { return c.handedOver("apps/b-fresh") })
+	for range 2 { // the incremental sync sees the claim and falls back to a full one
+		if err := c.syncOnce(ctx, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	if _, ok := dp.pods["u-fresh"]; !ok {
+		t.Fatalf("dataplane holds %v", dp.pods)
+	}
+	if _, ok := dp.pods["u-stale"]; ok {
+		t.Fatalf("the stale object kept the address: %v", dp.pods)
+	}
+	matchesFullSync(t, c, dp)
+}

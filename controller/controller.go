@@ -537,7 +537,17 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 		entries[p.Namespace+"/"+p.Name] = e
 	}
 	c.mu.Unlock()
+	// A pod the CNI plugin handed over holds its sandbox's addresses now: a
+	// stale object still claiming one loses it, whatever their names.
+	viaCNI := func(p dataplane.Pod) bool { return entries[p.Name].status.ViaCNI }
+	slices.SortStableFunc(st.Pods, func(a, b dataplane.Pod) int {
+		return cmp.Compare(boolRank(!viaCNI(a)), boolRank(!viaCNI(b)))
+	})
 	st.Pods = dedupeIPs(st.Pods, c.log)
+	slices.SortStableFunc(st.Pods, func(a, b dataplane.Pod) int { // back to namespace/name order
+		ea, eb := entries[a.Name].status, entries[b.Name].status
+		return cmp.Or(strings.Compare(ea.Namespace, eb.Namespace), strings.Compare(ea.Name, eb.Name))
+	})
 	for i := range st.Pods {
 		e := entries[st.Pods[i].Name]
 		e.pod = &st.Pods[i]
@@ -598,6 +608,13 @@ func (c *Controller) locate(p *corev1.Pod) (*dataplane.Ztunnel, error) {
 		return nil, err
 	}
 	return &dataplane.Ztunnel{Pod: p.Namespace + "/" + p.Name, IPs: ips, HostVeth: veth, NetNS: nsPath}, nil
+}
+
+func boolRank(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // dedupeIPs keeps the first pod claiming an IP (a stale pod object whose IP
