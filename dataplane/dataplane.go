@@ -358,6 +358,12 @@ type ztRuntime struct {
 	eth     netlink.Link
 }
 
+// owner identifies this ztunnel's netns beyond its path (see
+// managers.ztFilterManager).
+func (z *ztRuntime) owner() string {
+	return fmt.Sprintf("%s %s#%d", z.spec.Pod, z.veth.Attrs().Name, z.veth.Attrs().Index)
+}
+
 func (d *Dataplane) resolveZtunnel(z *Ztunnel) (*ztRuntime, error) {
 	if z == nil {
 		return nil, nil

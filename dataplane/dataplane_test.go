@@ -634,3 +634,75 @@ func TestUpdatePods(t *testing.T) {
 		t.Fatalf("kernel differs from the pods after the updates: %v %v", diff, err)
 	}
 }
+
+// ruleOrderNL records the priorities of the rules added.
+type ruleOrderNL struct {
+	*kerneltest.FakeNetlink
+	added *[]int
+}
+
+func (n ruleOrderNL) RuleAdd(r *netlink.Rule) error {
+	*n.added = append(*n.added, r.Priority)
+	return n.FakeNetlink.RuleAdd(r)
+}
+
+// TestRulesAddedInPriorityOrder: rule 99 (slot 1's return) is in place
+// before rule 102 (slot 0's), which would otherwise take its packets.
+func TestRulesAddedInPriorityOrder(t *testing.T) {
+	f := newFakeNode(t)
+	var added []int
+	node := kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6)
+	node.NL = ruleOrderNL{f.nl, &added}
+	cfg := DefaultConfig()
+	cfg.IPTablesMode, cfg.NetNSDir = IPTablesNFT, t.TempDir()
+	d, err := New(context.Background(), cfg, Options{Node: node, OpenNS: f.open})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.IsSorted(added) {
+		t.Fatalf("rules added in order %v", added)
+	}
+}
+
+// TestZtunnelNetnsSamePathNewNamespace: another ztunnel behind a reused
+// netns path gets its chains although the path's were already written.
+func TestZtunnelNetnsSamePathNewNamespace(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	ctx := context.Background()
+	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	ztNL := kerneltest.NewFakeNetlink()
+	eth := ztNL.AddVeth("eth0", 1500, 0)
+	f.nl.AddVeth("vethzt-b", 1500, eth)
+	ztIPT := iptables.NewFake()
+	f.ztPaths["/run/netns/zt"] = kerneltest.NewFakeKernel(ztNL, kerneltest.NewFakeSysctl(), ztIPT, iptables.NewFake())
+	zt2 := &Ztunnel{Pod: "istio-system/ztunnel-b", IPs: f.zt.IPs, HostVeth: "vethzt-b", NetNS: "/run/netns/zt"}
+	if _, err := d.Apply(ctx, State{Ztunnel: zt2, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := ztIPT.Save(ctx, "mangle"); !strings.Contains(got, "TPROXY") {
+		t.Fatalf("no TPROXY rules in the new netns:\n%s", got)
+	}
+}
+
+// TestLocalRuleKeyChange: when our local rule changes (new marks), the
+// kernel's unconditional one is not put back next to ours.
+func TestLocalRuleKeyChange(t *testing.T) {
+	f := newFakeNode(t)
+	ctx := context.Background()
+	if _, err := f.dataplane(t, nil).Apply(ctx, State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	d2 := f.dataplane(t, func(c *Config) { c.Marks.Outbound = 0x2000 })
+	if _, err := d2.Apply(ctx, State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if dump := f.nl.Dump(); strings.Contains(dump, "rule inet 0: lookup 255 proto 2") {
+		t.Fatalf("the kernel's local rule is back next to ours:\n%s", dump)
+	}
+}

@@ -18,6 +18,8 @@ type filterManager struct {
 	s       *iptables.Syncer
 	written string
 	params  *NodeParams
+	// owner is the ztunnel whose netns holds the chains ("" on the node).
+	owner string
 }
 
 func newFilterManager(r iptables.Runner) *filterManager {

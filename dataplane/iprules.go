@@ -3,8 +3,10 @@ package dataplane
 // Our ip rules, and the replacement of the kernel's unconditional local rule.
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
@@ -118,7 +120,19 @@ type ruleManager struct {
 
 func newRuleManager(nl kernel.Netlink, f Family, proto int) *ruleManager {
 	return &ruleManager{nl: nl, fam: f, proto: proto,
-		t: newDeltaTracker(func(_, _ netlink.Rule) bool { return true }, strings.Compare)} // the key is the whole rule
+		t: newDeltaTracker(func(_, _ netlink.Rule) bool { return true }, compareRuleKeys)} // the key is the whole rule
+}
+
+// compareRuleKeys orders rule keys (ruleString) by priority: rules are
+// added lowest first, so a more specific one (99) is in place before the
+// one it must precede (102) matches.
+func compareRuleKeys(a, b string) int {
+	prio := func(k string) int {
+		k = strings.TrimPrefix(k, "-6 ")
+		p, _ := strconv.Atoi(k[:max(strings.IndexByte(k, ':'), 0)])
+		return p
+	}
+	return cmp.Or(cmp.Compare(prio(a), prio(b)), strings.Compare(a, b))
 }
 
 // readBack records our rules as the kernel holds them.
@@ -157,7 +171,9 @@ func (m *ruleManager) apply(swapLocal bool, w *writer) error {
 		}
 		m.t.Written(k, r)
 	}
-	restored := false
+	// A local rule of ours that stays (added above with a new key, say)
+	// keeps the node covered: the kernel's is not put back for it.
+	restored := slices.ContainsFunc(m.desiredRules(), func(r netlink.Rule) bool { return r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL })
 	for _, k := range m.t.PendingDeletes() {
 		r, _ := m.t.Actual(k)
 		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL && !restored {
@@ -191,6 +207,14 @@ func (m *ruleManager) apply(swapLocal bool, w *writer) error {
 		}
 	}
 	return nil
+}
+
+func (m *ruleManager) desiredRules() []netlink.Rule {
+	var out []netlink.Rule
+	for _, r := range m.t.desired {
+		out = append(out, r)
+	}
+	return out
 }
 
 // syncRules makes our rules of family f in a netns exactly want (see

@@ -65,8 +65,8 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 		} else {
 			syncers := map[Family]*iptables.Syncer{}
 			for _, f := range d.fams {
-				if m, err := d.mgr.ztFilterManager(d.lastZtNS, f, k, d.backend); err == nil {
-					syncers[f] = m.s
+				if r, err := k.IPT(d.backend, int(f)); err == nil {
+					syncers[f] = iptables.NewSyncer(r, ChainPrefix)
 				}
 			}
 			{

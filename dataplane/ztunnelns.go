@@ -16,8 +16,10 @@ import (
 
 // ztFilterManager is the filter manager of a ztunnel netns's chains of
 // family f.
-func (m *managers) ztFilterManager(path string, f Family, k *kernel.Kernel, backend string) (*filterManager, error) {
-	if fm, ok := m.ztFilter[path][f]; ok {
+// owner identifies the ztunnel whose netns is at path: another one behind
+// a reused path starts with no chains known.
+func (m *managers) ztFilterManager(path, owner string, f Family, k *kernel.Kernel, backend string) (*filterManager, error) {
+	if fm, ok := m.ztFilter[path][f]; ok && fm.owner == owner {
 		return fm, nil
 	}
 	r, err := k.IPT(backend, int(f))
@@ -25,6 +27,7 @@ func (m *managers) ztFilterManager(path string, f Family, k *kernel.Kernel, back
 		return nil, err
 	}
 	fm := newFilterManager(r)
+	fm.owner = owner
 	if m.ztFilter[path] == nil {
 		m.ztFilter[path] = map[Family]*filterManager{}
 	}
@@ -75,7 +78,7 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 		local := netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)), LinkIndex: lo.Attrs().Index,
 			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}
 		locals = append(locals, local)
-		m, err := mgr.ztFilterManager(zt.spec.NetNS, f, k, d.backend)
+		m, err := mgr.ztFilterManager(zt.spec.NetNS, zt.owner(), f, k, d.backend)
 		if err != nil {
 			return err
 		}
