@@ -168,31 +168,47 @@ func (in *Installer) insertEntry(e entry) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	// A symlinked conflist stays a symlink: its target is edited.
+	changed, err := editConfig(name, func(data []byte) ([]byte, error) {
+		c, err := parseConflist(data)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w; not touching it", name, err)
+		}
+		if !slices.Contains(SupportedVersions, c.version) {
+			return nil, fmt.Errorf("%s: cniVersion %q: the plugin supports %v; not touching it", name, c.version, SupportedVersions)
+		}
+		out, changed, err := c.withEntry(e)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w; not touching it", name, err)
+		}
+		if !changed {
+			return nil, nil
+		}
+		return out, nil
+	})
+	if changed {
+		in.log().Info("inserted the ambient-redirect entry into the CNI network config", zap.String("file", name))
+	}
+	return changed, err
+}
+
+// editConfig replaces the config file name (a symlink's target: the link
+// stays) with what edit makes of its content; nil means no change. A
+// rewrite by the primary plugin between our read and our rename is
+// detected (see writeFileAtomic) and the edit is redone on the new content.
+// It reports whether it wrote.
+func editConfig(name string, edit func(data []byte) ([]byte, error)) (bool, error) {
 	path, err := filepath.EvalSymlinks(name)
 	if err != nil {
 		return false, err
 	}
-	// A rewrite by the primary plugin between our read and our rename is
-	// detected (see writeFileAtomic); edit its new content instead.
 	for range 5 {
 		data, fi, err := readWithInfo(path)
 		if err != nil {
 			return false, err
 		}
-		c, err := parseConflist(data)
-		if err != nil {
-			return false, fmt.Errorf("%s: %w; not touching it", name, err)
-		}
-		if !slices.Contains(SupportedVersions, c.version) {
-			return false, fmt.Errorf("%s: cniVersion %q: the plugin supports %v; not touching it", name, c.version, SupportedVersions)
-		}
-		out, changed, err := c.withEntry(e)
-		if err != nil {
-			return false, fmt.Errorf("%s: %w; not touching it", name, err)
-		}
-		if !changed {
-			return false, nil
+		out, err := edit(data)
+		if err != nil || out == nil {
+			return false, err
 		}
 		err = writeFileAtomic(path, out, fi.Mode().Perm(), &fileState{data: data, info: fi})
 		if errors.Is(err, errConcurrentWrite) {
@@ -201,7 +217,6 @@ func (in *Installer) insertEntry(e entry) (bool, error) {
 		if err != nil {
 			return false, fmt.Errorf("%s: %w", name, err)
 		}
-		in.log().Info("inserted the ambient-redirect entry into the CNI network config", zap.String("file", name))
 		return true, nil
 	}
 	return false, fmt.Errorf("%s: %w, five times in a row", name, errConcurrentWrite)
@@ -251,23 +266,17 @@ func (in *Installer) Uninstall() error {
 // removeEntries removes every entry of ours from the file name. Only the
 // primary must parse: another file is read only if it names our type.
 func (in *Installer) removeEntries(name string, primary bool) (bool, error) {
-	path, err := filepath.EvalSymlinks(name)
-	if err != nil {
-		return false, err
-	}
-	for range 5 {
-		data, fi, err := readWithInfo(path)
-		if err != nil {
-			return false, err
-		}
+	exact := true
+	removed, err := editConfig(name, func(data []byte) ([]byte, error) {
 		if !primary && !bytes.Contains(data, []byte(`"`+PluginType+`"`)) {
-			return false, nil
+			return nil, nil
 		}
-		out, exact := data, true
+		out := data
+		exact = true
 		for {
 			c, err := parseConflist(out)
 			if err != nil {
-				return false, fmt.Errorf("%s: %w; not touching it", name, err)
+				return nil, fmt.Errorf("%s: %w; not touching it", name, err)
 			}
 			if len(c.ours) == 0 {
 				break
@@ -277,24 +286,18 @@ func (in *Installer) removeEntries(name string, primary bool) (bool, error) {
 			exact = exact && ex
 		}
 		if bytes.Equal(out, data) {
-			return false, nil
+			return nil, nil
 		}
-		err = writeFileAtomic(path, out, fi.Mode().Perm(), &fileState{data: data, info: fi})
-		if errors.Is(err, errConcurrentWrite) {
-			continue
-		}
-		if err != nil {
-			return false, fmt.Errorf("%s: %w", name, err)
-		}
-		if exact {
-			in.log().Info("removed the ambient-redirect entry from the CNI network config", zap.String("file", name))
-		} else {
-			in.log().Warn("removed the ambient-redirect entry from the CNI network config; the file was edited "+
-				"around it since it was inserted, so it is valid but not byte-identical to before the install", zap.String("file", name))
-		}
-		return true, nil
+		return out, nil
+	})
+	switch {
+	case removed && exact:
+		in.log().Info("removed the ambient-redirect entry from the CNI network config", zap.String("file", name))
+	case removed:
+		in.log().Warn("removed the ambient-redirect entry from the CNI network config; the file was edited "+
+			"around it since it was inserted, so it is valid but not byte-identical to before the install", zap.String("file", name))
 	}
-	return false, fmt.Errorf("%s: %w, five times in a row", name, errConcurrentWrite)
+	return removed, err
 }
 
 // primary is the file the runtime uses: the first config file by name, as
