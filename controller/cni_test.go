@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -19,30 +18,10 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
-	"k8s.io/client-go/tools/cache"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
-
-func ambientNS() *corev1.Namespace {
-	return ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient})
-}
-
-func startController(t *testing.T, ctx context.Context, client *fake.Clientset, dp Dataplane) *Controller {
-	t.Helper()
-	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), Hooks{})
-	c.inf, c.dp = c.newInformers(ctx), dp
-	t.Cleanup(c.inf.cancel)
-	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
-		t.Fatal("caches did not sync")
-	}
-	if err := c.syncOnce(ctx, true); err != nil && !errors.Is(err, errLocate) {
-		t.Fatal(err)
-	}
-	return c
-}
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -71,6 +50,23 @@ func matchesFullSync(t *testing.T, c *Controller, dp *fakeDP) {
 	if !reflect.DeepEqual(dp.pods, want) {
 		t.Fatalf("dataplane holds %v; a full sync gives %v", dp.pods, want)
 	}
+}
+
+// cniAnswer is what HandleCNI returned.
+type cniAnswer struct {
+	res cni.Response
+	err error
+}
+
+// addAsync calls HandleCNI in the background, as the plugin does and
+// waits.
+func addAsync(ctx context.Context, c *Controller, req cni.Request) <-chan cniAnswer {
+	got := make(chan cniAnswer, 1)
+	go func() {
+		res, err := c.HandleCNI(ctx, req)
+		got <- cniAnswer{res, err}
+	}()
+	return got
 }
 
 // TestUnchangedDirtyPodKeepsItsAddress: a pod whose event changed nothing
@@ -137,7 +133,10 @@ func TestZtunnelLookupFailureIsRetried(t *testing.T) {
 			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
 	}
 	dp := &flakyDP{fakeDP: &fakeDP{}, fail: true}
-	c := startController(t, ctx, fake.NewClientset(ambientNS(), ns("istio-system", nil), zt, pod()), dp)
+	c := newTestController(t, ctx, fake.NewClientset(ambientNS(), ns("istio-system", nil), zt, pod()), dp, Hooks{})
+	if err := c.syncOnce(ctx, true); !errors.Is(err, errLocate) {
+		t.Fatalf("start-up sync: %v, want the lookup failure", err)
+	}
 	c.mu.Lock()
 	programmed := c.programmed[types.UID("u1")]
 	c.mu.Unlock()
@@ -173,12 +172,8 @@ func TestCNIAddForARecreatedPod(t *testing.T) {
 	})
 	dp := &fakeDP{}
 	c := startController(t, ctx, client, dp)
-	got := make(chan cni.Response, 1)
-	go func() {
-		res, _ := c.HandleCNI(ctx, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "p", PodUID: "u-new",
-			ContainerID: "c2", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.7")}})
-		got <- res
-	}()
+	got := addAsync(ctx, c, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "p", PodUID: "u-new",
+		ContainerID: "c2", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.7")}})
 	waitFor(t, "ADD handed over", func() bool { return c.handedOver("apps/p") })
 	podsGVR := schema.GroupVersionResource{Version: "v1", Resource: "pods"}
 	if err := client.Tracker().Delete(podsGVR, "apps", "p"); err != nil {
@@ -196,8 +191,8 @@ func TestCNIAddForARecreatedPod(t *testing.T) {
 	if err := c.syncOnce(ctx, false); err != nil {
 		t.Fatal(err)
 	}
-	if res := <-got; !res.Ambient || !res.Programmed {
-		t.Fatalf("ADD of the recreated pod: %+v", res)
+	if a := <-got; a.err != nil || !a.res.Ambient || !a.res.Programmed {
+		t.Fatalf("ADD of the recreated pod: %+v %v", a.res, a.err)
 	}
 	if p := dp.pods["u-new"]; !slices.Equal(p.IPs, []netip.Addr{netip.MustParseAddr("10.244.1.7")}) {
 		t.Fatalf("dataplane holds %v", dp.pods)
@@ -223,12 +218,8 @@ func TestCNIAddForARecreatedSandbox(t *testing.T) {
 	}
 	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
 	defer rcancel()
-	done := make(chan error, 1)
-	go func() {
-		_, err := c.HandleCNI(rctx, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "p", PodUID: "u1",
-			ContainerID: "c2", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.8")}})
-		done <- err
-	}()
+	done := addAsync(rctx, c, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "p", PodUID: "u1",
+		ContainerID: "c2", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.8")}})
 	waitFor(t, "ADD handed over", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -237,8 +228,8 @@ func TestCNIAddForARecreatedSandbox(t *testing.T) {
 	if err := c.syncOnce(ctx, false); err != nil {
 		t.Fatal(err)
 	}
-	if err := <-done; err != nil {
-		t.Fatalf("ADD of the new sandbox: %v", err)
+	if a := <-done; a.err != nil {
+		t.Fatalf("ADD of the new sandbox: %v", a.err)
 	}
 	if p := dp.pods["u1"]; !slices.Equal(p.IPs, []netip.Addr{netip.MustParseAddr("10.244.1.8")}) {
 		t.Fatalf("dataplane holds %v, want the new sandbox's address", dp.pods)
@@ -259,20 +250,16 @@ func TestCNIPodWinsItsAddressFromAStaleObject(t *testing.T) {
 	c := startController(t, ctx, fake.NewClientset(ambientNS(), stale, fresh), dp)
 	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
 	defer rcancel()
-	done := make(chan error, 1)
-	go func() {
-		_, err := c.HandleCNI(rctx, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "b-fresh", PodUID: "u-fresh",
-			ContainerID: "c1", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.5")}})
-		done <- err
-	}()
+	done := addAsync(rctx, c, cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "b-fresh", PodUID: "u-fresh",
+		ContainerID: "c1", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.5")}})
 	waitFor(t, "ADD handed over", func() bool { return c.handedOver("apps/b-fresh") })
 	for range 2 { // the incremental sync sees the claim and falls back to a full one
 		if err := c.syncOnce(ctx, false); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := <-done; err != nil {
-		t.Fatalf("ADD: %v", err)
+	if a := <-done; a.err != nil {
+		t.Fatalf("ADD: %v", a.err)
 	}
 	if _, ok := dp.pods["u-fresh"]; !ok {
 		t.Fatalf("dataplane holds %v", dp.pods)
@@ -281,4 +268,37 @@ func TestCNIPodWinsItsAddressFromAStaleObject(t *testing.T) {
 		t.Fatalf("the stale object kept the address: %v", dp.pods)
 	}
 	matchesFullSync(t, c, dp)
+}
+
+// TestCNIAddWaitsForASyncThatSawTheSandbox: a pod the caches already know
+// without an address (not enrolled) is handed over by CNI ADD; ADD must
+// not answer from that earlier decision, only once a later sync has
+// programmed the pod with the sandbox's addresses.
+func TestCNIAddWaitsForASyncThatSawTheSandbox(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	noIP := pod(func(p *corev1.Pod) { p.Status.PodIP, p.Status.PodIPs, p.Status.Phase = "", nil, corev1.PodPending })
+	dp := &fakeDP{}
+	c := startController(t, ctx, fake.NewClientset(ambientNS(), noIP), dp)
+	if st := c.Status(); len(st.Pods) != 1 || st.Pods[0].Enrolled {
+		t.Fatalf("before ADD: %+v", st.Pods)
+	}
+	ip := netip.MustParseAddr("10.244.1.9")
+	got := addAsync(ctx, c, cni.Request{Command: cni.CommandAdd, PodNamespace: noIP.Namespace, PodName: noIP.Name,
+		PodUID: string(noIP.UID), IPs: []netip.Addr{ip}})
+	select {
+	case a := <-got:
+		t.Fatalf("ADD answered before any sync saw the sandbox: %+v %v", a.res, a.err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if err := c.syncOnce(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	a := <-got
+	if a.err != nil || !a.res.Ambient || !a.res.Programmed {
+		t.Fatalf("ADD: %+v %v", a.res, a.err)
+	}
+	if p, ok := dp.pods[string(noIP.UID)]; !ok || !slices.Equal(p.IPs, []netip.Addr{ip}) {
+		t.Fatalf("dataplane holds %+v", dp.pods)
+	}
 }

@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
-	"net/netip"
 	"reflect"
-	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -23,7 +21,6 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
 
-	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
@@ -68,6 +65,33 @@ func (f *fakeDP) nextWrites() map[string]int {
 		w, f.writes = f.writes[0], f.writes[1:]
 	}
 	return w
+}
+
+// newTestController is a controller over client (its informers synced)
+// and dp, before its first sync.
+func newTestController(tb testing.TB, ctx context.Context, client *fake.Clientset, dp Dataplane, hooks Hooks) *Controller {
+	tb.Helper()
+	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), hooks)
+	c.inf, c.dp = c.newInformers(ctx), dp
+	tb.Cleanup(c.inf.cancel)
+	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
+		tb.Fatal("caches did not sync")
+	}
+	return c
+}
+
+// startController is newTestController after its start-up sync.
+func startController(tb testing.TB, ctx context.Context, client *fake.Clientset, dp Dataplane) *Controller {
+	tb.Helper()
+	c := newTestController(tb, ctx, client, dp, Hooks{})
+	if err := c.syncOnce(ctx, true); err != nil {
+		tb.Fatal(err)
+	}
+	return c
+}
+
+func ambientNS() *corev1.Namespace {
+	return ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient})
 }
 func (f *fakeDP) QueueResync() {}
 func (f *fakeDP) WatchIPTables(ctx context.Context, _ func(dataplane.Result)) error {
@@ -116,17 +140,12 @@ func TestDriftRepairsCountOnlyRestoredState(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	client := fake.NewClientset(
-		ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}),
+		ambientNS(),
 		pod(),
 	)
 	m := NewMetrics()
 	dp := &fakeDP{}
-	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), m.Hooks())
-	c.inf, c.dp = c.newInformers(ctx), dp
-	defer c.inf.cancel()
-	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
-		t.Fatal("caches did not sync")
-	}
+	c := newTestController(t, ctx, client, dp, m.Hooks())
 	check := func(step string, want int) {
 		t.Helper()
 		got := 0
@@ -248,17 +267,9 @@ func TestRemoveAnnotations(t *testing.T) {
 func TestPodEventsSyncIncrementally(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	client := fake.NewClientset(ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}), ns("plain", nil), pod())
+	client := fake.NewClientset(ambientNS(), ns("plain", nil), pod())
 	dp := &fakeDP{}
-	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), Hooks{})
-	c.inf, c.dp = c.newInformers(ctx), dp
-	defer c.inf.cancel()
-	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
-		t.Fatal("caches did not sync")
-	}
-	if err := c.syncOnce(ctx, true); err != nil {
-		t.Fatal(err)
-	}
+	c := startController(t, ctx, client, dp)
 	pods := client.CoreV1().Pods("apps")
 	// step makes a change, waits for its event, syncs, and checks what
 	// the dataplane holds and how it got there.
@@ -348,54 +359,4 @@ func TestPodEventsSyncIncrementally(t *testing.T) {
 		_, err = client.CoreV1().Namespaces().Update(ctx, n, metav1.UpdateOptions{})
 		return err
 	}, 1, 0)
-}
-
-// TestCNIAddWaitsForASyncThatSawTheSandbox: a pod the caches already know
-// without an address (not enrolled) is handed over by CNI ADD; ADD must
-// not answer from that earlier decision, only once a later sync has
-// programmed the pod with the sandbox's addresses.
-func TestCNIAddWaitsForASyncThatSawTheSandbox(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	noIP := pod(func(p *corev1.Pod) { p.Status.PodIP, p.Status.PodIPs, p.Status.Phase = "", nil, corev1.PodPending })
-	client := fake.NewClientset(ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}), noIP)
-	dp := &fakeDP{}
-	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), Hooks{})
-	c.inf, c.dp = c.newInformers(ctx), dp
-	defer c.inf.cancel()
-	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
-		t.Fatal("caches did not sync")
-	}
-	if err := c.syncOnce(ctx, true); err != nil {
-		t.Fatal(err)
-	}
-	if st := c.Status(); len(st.Pods) != 1 || st.Pods[0].Enrolled {
-		t.Fatalf("before ADD: %+v", st.Pods)
-	}
-	ip := netip.MustParseAddr("10.244.1.9")
-	type answer struct {
-		res cni.Response
-		err error
-	}
-	got := make(chan answer, 1)
-	go func() {
-		res, err := c.HandleCNI(ctx, cni.Request{Command: cni.CommandAdd, PodNamespace: noIP.Namespace, PodName: noIP.Name,
-			PodUID: string(noIP.UID), IPs: []netip.Addr{ip}})
-		got <- answer{res, err}
-	}()
-	select {
-	case a := <-got:
-		t.Fatalf("ADD answered before any sync saw the sandbox: %+v %v", a.res, a.err)
-	case <-time.After(100 * time.Millisecond):
-	}
-	if err := c.syncOnce(ctx, false); err != nil {
-		t.Fatal(err)
-	}
-	a := <-got
-	if a.err != nil || !a.res.Ambient || !a.res.Programmed {
-		t.Fatalf("ADD: %+v %v", a.res, a.err)
-	}
-	if p, ok := dp.pods[string(noIP.UID)]; !ok || !slices.Equal(p.IPs, []netip.Addr{ip}) {
-		t.Fatalf("dataplane holds %+v", dp.pods)
-	}
 }

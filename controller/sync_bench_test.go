@@ -7,20 +7,18 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
-	"k8s.io/client-go/tools/cache"
 )
 
 // benchController is a controller synced once over 250 dual-stack ambient
 // pods, with a fake dataplane.
 func benchController(ctx context.Context, b *testing.B) (*Controller, *fakeDP) {
-	objs := []runtime.Object{ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient})}
+	objs := []runtime.Object{ambientNS()}
 	for i := range 250 {
 		objs = append(objs, pod(func(p *corev1.Pod) {
 			p.Name, p.UID = fmt.Sprintf("p%d", i), types.UID(fmt.Sprint("uid-", i))
@@ -29,15 +27,7 @@ func benchController(ctx context.Context, b *testing.B) (*Controller, *fakeDP) {
 		}))
 	}
 	dp := &fakeDP{}
-	c := New(fake.NewClientset(objs...), Config{Selection: selOpts()}, nil, zap.NewNop(), Hooks{})
-	c.inf, c.dp = c.newInformers(ctx), dp
-	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
-		b.Fatal("caches did not sync")
-	}
-	if err := c.syncOnce(ctx, true); err != nil {
-		b.Fatal(err)
-	}
-	return c, dp
+	return startController(b, ctx, fake.NewClientset(objs...), dp), dp
 }
 
 // BenchmarkSyncOnce is the controller's own share of a pod event on a node
@@ -46,7 +36,6 @@ func BenchmarkSyncOnce(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	c, dp := benchController(ctx, b)
-	defer c.inf.cancel()
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := range b.N {
@@ -72,7 +61,6 @@ func BenchmarkFullSync(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	c, _ := benchController(ctx, b)
-	defer c.inf.cancel()
 	b.ReportAllocs()
 	b.ResetTimer()
 	for range b.N {

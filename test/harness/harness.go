@@ -292,33 +292,18 @@ func HostNetwork(p *corev1.Pod) { p.Spec.HostNetwork = true }
 // object bound to the node, then its status with IP, Running and Ready.
 func (e *Env) RunPod(t testing.TB, n *Node, namespace, name string, opts ...PodOpt) *Pod {
 	t.Helper()
-	p := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
-		Spec:       corev1.PodSpec{NodeName: n.Name, Containers: []corev1.Container{{Name: "c", Image: "x"}}},
-	}
-	for _, o := range opts {
-		o(p)
-	}
+	p := podObject(n, namespace, name, opts)
 	kp := &Pod{Node: n}
 	if p.Spec.HostNetwork {
 		kp.IP = n.IP.String()
 	} else {
-		kp.Net = n.AddPod(t, strings.ReplaceAll(namespace+"-"+name, "istio-system", "is"))
-		kp.IP = kp.Net.IP.String()
-		if kp.Net.IP6 != nil && !kp.Net.IP6.Equal(kp.Net.IP) {
-			kp.IP6 = kp.Net.IP6.String()
-		}
-		e.Link(kp.Net.NS)
+		e.attach(kp, n.AddPod(t, netnsName(namespace, name)))
 	}
 	created, err := e.Client.CoreV1().Pods(namespace).Create(ctx(), p, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	now := metav1.Now()
-	created.Status = corev1.PodStatus{
-		Phase: corev1.PodRunning, PodIP: kp.IP, PodIPs: podIPs(kp), StartTime: &now,
-		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now}},
-	}
+	created.Status = runningStatus(kp)
 	kp.Obj, err = e.Client.CoreV1().Pods(namespace).UpdateStatus(ctx(), created, metav1.UpdateOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -337,14 +322,7 @@ func (e *Env) RunPod(t testing.TB, n *Node, namespace, name string, opts ...PodO
 // ADD's error; WriteStatus then plays the status write.
 func (e *Env) CNIPod(t testing.TB, n *Node, namespace, name string, conf map[string]any, opts ...PodOpt) (*Pod, error) {
 	t.Helper()
-	p := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
-		Spec:       corev1.PodSpec{NodeName: n.Name, Containers: []corev1.Container{{Name: "c", Image: "x"}}},
-	}
-	for _, o := range opts {
-		o(p)
-	}
-	created, err := e.Client.CoreV1().Pods(namespace).Create(ctx(), p, metav1.CreateOptions{})
+	created, err := e.Client.CoreV1().Pods(namespace).Create(ctx(), podObject(n, namespace, name, opts), metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) { // the kubelet retrying a sandbox
 		created, err = e.Client.CoreV1().Pods(namespace).Get(ctx(), name, metav1.GetOptions{})
 	}
@@ -355,28 +333,18 @@ func (e *Env) CNIPod(t testing.TB, n *Node, namespace, name string, conf map[str
 	conf = maps.Clone(conf)
 	conf["type"] = "ambient-redirect"
 	args := fmt.Sprintf("IgnoreUnknown=1;K8S_POD_NAMESPACE=%s;K8S_POD_NAME=%s;K8S_POD_UID=%s", namespace, name, created.UID)
-	net, err := n.AddPodE(strings.ReplaceAll(namespace+"-"+name, "istio-system", "is"),
-		netnstest.WithChain(netnstest.Chain{Plugin: e.Bins.CNI, Conf: conf, Args: args}))
+	pn, err := n.AddPodE(netnsName(namespace, name), netnstest.WithChain(netnstest.Chain{Plugin: e.Bins.CNI, Conf: conf, Args: args}))
 	if err != nil {
 		return kp, err
 	}
-	kp.Net, kp.IP = net, net.IP.String()
-	if net.IP6 != nil && !net.IP6.Equal(net.IP) {
-		kp.IP6 = net.IP6.String()
-	}
-	e.Link(net.NS)
+	e.attach(kp, pn)
 	return kp, nil
 }
 
-// WriteStatus writes a CNIPod's status (addresses, Running, Ready) and
-// starts its echo servers.
+// WriteStatus writes a CNIPod's status (addresses, Running, Ready).
 func (e *Env) WriteStatus(t testing.TB, kp *Pod) {
 	t.Helper()
-	now := metav1.Now()
-	status := corev1.PodStatus{
-		Phase: corev1.PodRunning, PodIP: kp.IP, PodIPs: podIPs(kp), StartTime: &now,
-		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now}},
-	}
+	status := runningStatus(kp)
 	pods, name := e.Client.CoreV1().Pods(kp.Obj.Namespace), kp.Obj.Name
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error { // the agent annotates it meanwhile
 		cur, err := pods.Get(ctx(), name, metav1.GetOptions{})
@@ -391,6 +359,41 @@ func (e *Env) WriteStatus(t testing.TB, kp *Pod) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// podObject is a pod bound to n, before any status.
+func podObject(n *Node, namespace, name string, opts []PodOpt) *corev1.Pod {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
+		Spec:       corev1.PodSpec{NodeName: n.Name, Containers: []corev1.Container{{Name: "c", Image: "x"}}},
+	}
+	for _, o := range opts {
+		o(p)
+	}
+	return p
+}
+
+// netnsName names a pod's network namespace ("istio-system" shortened).
+func netnsName(namespace, name string) string {
+	return strings.ReplaceAll(namespace+"-"+name, "istio-system", "is")
+}
+
+// attach gives kp its network namespace and addresses.
+func (e *Env) attach(kp *Pod, pn *netnstest.Pod) {
+	kp.Net, kp.IP = pn, pn.IP.String()
+	if pn.IP6 != nil && !pn.IP6.Equal(pn.IP) {
+		kp.IP6 = pn.IP6.String()
+	}
+	e.Link(pn.NS)
+}
+
+// runningStatus is the status the kubelet writes once kp runs and is Ready.
+func runningStatus(kp *Pod) corev1.PodStatus {
+	now := metav1.Now()
+	return corev1.PodStatus{
+		Phase: corev1.PodRunning, PodIP: kp.IP, PodIPs: podIPs(kp), StartTime: &now,
+		Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now}},
 	}
 }
 
