@@ -85,7 +85,7 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 	if len(req.IPs) == 0 {
 		return cni.Response{}, fmt.Errorf("pod %s: CNI ADD without addresses (no prevResult IPs)", key)
 	}
-	pod, ns, err := c.cniLookup(ctx, req)
+	pod, ns, cached, err := c.cniLookup(ctx, req)
 	if err != nil {
 		return cni.Response{}, err
 	}
@@ -94,8 +94,7 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		return cni.Response{Reason: why}, nil
 	}
 	cp := cniPod{uid: pod.UID, containerID: req.ContainerID, ips: slices.Clone(req.IPs)}
-	podLister, _ := c.listers()
-	if cached, err := podLister.Pods(pod.Namespace).Get(pod.Name); err != nil || cached.UID != pod.UID {
+	if !cached {
 		cp.pod = pod // the cache has not seen it (this UID) yet
 	}
 	var after uint64
@@ -129,31 +128,33 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 	}
 }
 
-// cniLookup finds the pod and its namespace, from the caches or the API.
-func (c *Controller) cniLookup(ctx context.Context, req cni.Request) (*corev1.Pod, *corev1.Namespace, error) {
+// cniLookup finds the pod and its namespace, from the caches or the API;
+// cached says the pod (that UID) came from the cache.
+func (c *Controller) cniLookup(ctx context.Context, req cni.Request) (pod *corev1.Pod, ns *corev1.Namespace, cached bool, err error) {
 	podLister, nsLister := c.listers()
-	pod, err := podLister.Pods(req.PodNamespace).Get(req.PodName)
-	if err != nil || (req.PodUID != "" && string(pod.UID) != req.PodUID) {
+	pod, err = podLister.Pods(req.PodNamespace).Get(req.PodName)
+	cached = err == nil && (req.PodUID == "" || string(pod.UID) == req.PodUID)
+	if !cached {
 		pod, err = c.client.CoreV1().Pods(req.PodNamespace).Get(ctx, req.PodName, metav1.GetOptions{})
 		if err != nil {
-			return nil, nil, fmt.Errorf("pod %s/%s: %w", req.PodNamespace, req.PodName, err)
+			return nil, nil, false, fmt.Errorf("pod %s/%s: %w", req.PodNamespace, req.PodName, err)
 		}
 		if req.PodUID != "" && string(pod.UID) != req.PodUID {
-			return nil, nil, fmt.Errorf("pod %s/%s is UID %s, not the sandbox's %s", req.PodNamespace, req.PodName, pod.UID, req.PodUID)
+			return nil, nil, false, fmt.Errorf("pod %s/%s is UID %s, not the sandbox's %s", req.PodNamespace, req.PodName, pod.UID, req.PodUID)
 		}
 		pod = minimalPodOf(pod)
 	}
-	ns, err := nsLister.Get(req.PodNamespace)
+	ns, err = nsLister.Get(req.PodNamespace)
 	if err != nil {
 		ns, err = c.client.CoreV1().Namespaces().Get(ctx, req.PodNamespace, metav1.GetOptions{})
 		if err != nil && !apierrors.IsNotFound(err) {
-			return nil, nil, fmt.Errorf("namespace %s: %w", req.PodNamespace, err)
+			return nil, nil, false, fmt.Errorf("namespace %s: %w", req.PodNamespace, err)
 		}
 		if err != nil {
 			ns = nil
 		}
 	}
-	return pod, ns, nil
+	return pod, ns, cached, nil
 }
 
 // withHandedOver is the pod to decide for key, given the cache's answer

@@ -152,6 +152,8 @@ type Controller struct {
 	// pod claiming it (dedupeIPs): a pod leaving may hand it back, which
 	// only a full sync decides.
 	conflicted int
+	// owners maps each programmed address to its pod (namespace/name).
+	owners map[netip.Addr]string
 	// cni are the pods the CNI plugin handed over, by namespace/name.
 	cni map[string]cniPod
 	// synced is closed (and replaced) after every sync: CNI ADDs wait on it.
@@ -350,7 +352,7 @@ func (c *Controller) podEvent(old, cur any) {
 		c.queue()
 		return
 	}
-	c.mark(func() { c.dirty[key] = true })
+	c.podKey(key)
 }
 
 // queue asks for a full sync; the sync loop coalesces any number of marks.
@@ -687,15 +689,16 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 		}
 		next[key] = e
 	}
-	// Every address the batch's pods hold, changed or not: one that two
-	// pods claim is for the full sync to decide.
+	// An address two pods claim is for the full sync to decide: two of
+	// the batch, changed or not, or one whose addresses change and one
+	// outside the batch.
 	owners := map[netip.Addr]string{}
 	for key, e := range next {
 		if e.pod == nil {
 			continue
 		}
 		for _, a := range e.pod.IPs {
-			if o := owners[a]; o != "" || c.ownerOf(a, key, dirty) != "" {
+			if o, ok := owners[a]; ok && o != key {
 				c.mu.Unlock()
 				return false, nil
 			}
@@ -703,12 +706,20 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 		}
 	}
 	for key := range dirty {
-		old, had := c.pods[key]
-		e := next[key] // zero when gone
-		if had && old.pod != nil && (e.pod == nil || e.pod.UID != old.pod.UID || !slices.Equal(e.pod.IPs, old.pod.IPs)) {
+		old, e := c.pods[key], next[key] // zero when absent or gone
+		if samePod(old.pod, e.pod) {
+			continue
+		}
+		if old.pod != nil {
 			remove = append(remove, old.pod.UID)
 		}
-		if e.pod != nil && (!had || old.pod == nil || e.pod.UID != old.pod.UID || !slices.Equal(e.pod.IPs, old.pod.IPs)) {
+		if e.pod != nil {
+			for _, a := range e.pod.IPs {
+				if c.ownerOf(a, key, dirty) != "" {
+					c.mu.Unlock()
+					return false, nil
+				}
+			}
 			upsert = append(upsert, *e.pod)
 		}
 	}
@@ -725,11 +736,7 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 	}
 	c.mu.Lock()
 	for key := range dirty {
-		if gone[key] {
-			delete(c.pods, key)
-		} else {
-			c.pods[key] = next[key]
-		}
+		c.setPod(key, next[key], gone[key])
 	}
 	if len(upsert) > 0 || len(remove) > 0 {
 		c.recordSync(start, res, err)
@@ -772,26 +779,60 @@ func (c *Controller) notifySynced() {
 	c.synced = make(chan struct{})
 }
 
-// conflicts counts the enrolled pods programmed without some of their
-// addresses.
-func conflicts(pods map[string]podEntry) int {
-	n := 0
-	for _, e := range pods {
-		if e.status.Enrolled && (e.pod == nil || len(e.pod.IPs) < len(e.status.IPs)) {
-			n++
+// samePod reports that two programmed pods (nil: none) are the same UID
+// with the same addresses.
+func samePod(a, b *dataplane.Pod) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return a.UID == b.UID && slices.Equal(a.IPs, b.IPs)
+}
+
+// setPods makes pods the node's pods (a full sync). Called with c.mu held.
+func (c *Controller) setPods(pods map[string]podEntry) {
+	c.pods, c.owners, c.conflicted = pods, map[netip.Addr]string{}, 0
+	for key, e := range pods {
+		c.index(key, e, 1)
+	}
+}
+
+// setPod records one pod's entry (gone: the pod is). Called with c.mu held.
+func (c *Controller) setPod(key string, e podEntry, gone bool) {
+	if old, ok := c.pods[key]; ok {
+		c.index(key, old, -1)
+	}
+	if gone {
+		delete(c.pods, key)
+		return
+	}
+	c.pods[key] = e
+	c.index(key, e, 1)
+}
+
+// index adds (sign 1) or removes (-1) an entry's programmed addresses and
+// its count among the pods programmed without some of their addresses
+// (dedupeIPs).
+func (c *Controller) index(key string, e podEntry, sign int) {
+	if e.status.Enrolled && (e.pod == nil || len(e.pod.IPs) < len(e.status.IPs)) {
+		c.conflicted += sign
+	}
+	if e.pod == nil {
+		return
+	}
+	for _, a := range e.pod.IPs {
+		if sign > 0 {
+			c.owners[a] = key
+		} else if c.owners[a] == key {
+			delete(c.owners, a)
 		}
 	}
-	return n
 }
 
 // ownerOf is the enrolled pod (key) other than key, and not about to
-// change, that holds address a. Called with c.mu held; it costs a scan
-// only when a pod's addresses change, which is when a pod starts.
+// change, that holds address a. Called with c.mu held.
 func (c *Controller) ownerOf(a netip.Addr, key string, dirty map[string]bool) string {
-	for k, e := range c.pods {
-		if k != key && !dirty[k] && e.pod != nil && slices.Contains(e.pod.IPs, a) {
-			return k
-		}
+	if o := c.owners[a]; o != "" && o != key && !dirty[o] {
+		return o
 	}
 	return ""
 }
@@ -862,7 +903,8 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 		// status or annotation update): no kernel work. Drift is the
 		// resync's job.
 		c.mu.Lock()
-		c.pods, c.status.Ztunnel, c.wantZt, c.conflicted = pods, zs, zt, conflicts(pods)
+		c.setPods(pods)
+		c.status.Ztunnel, c.wantZt = zs, zt
 		c.notifySynced()
 		c.mu.Unlock()
 		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
@@ -879,7 +921,8 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 	res, applyErr := c.dp.Apply(ctx, st)
 	err := errors.Join(zerr, applyErr)
 	c.mu.Lock()
-	c.pods, c.wantZt, c.conflicted = pods, zt, conflicts(pods)
+	c.setPods(pods)
+	c.wantZt = zt
 	c.status.Draining = nil
 	for _, z := range st.Draining {
 		c.status.Draining = append(c.status.Draining, z.Pod)

@@ -531,8 +531,12 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		}
 		// Its return path too (slot table), before the tunnels point at it.
 		reach := append(d.ztunnelRoutes(z), d.slotRoutes(z)...)
-		routes.want(reach)
-		if err := routes.applyUpdates(func(r netlink.Route) bool { return slices.ContainsFunc(reach, sameRoute(r)) }, w); err != nil {
+		routes.want(reach...)
+		isReach := map[string]bool{}
+		for _, r := range reach {
+			isReach[routeKey(r)] = true
+		}
+		if err := routes.applyUpdates(func(r netlink.Route) bool { return isReach[routeKey(r)] }, w); err != nil {
 			return err
 		}
 	}
@@ -557,7 +561,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err != nil {
 		return err
 	}
-	if err := d.syncNodeSysctls(want.Sysctls, w); err != nil {
+	if err := syncSysctls(d.node.Sysctl, want.Sysctls, w); err != nil {
 		return err
 	}
 	routes.replaceDesired(want.Routes)
@@ -798,7 +802,7 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 			a = a.Unmap()
 			d.mgr.sets[FamilyOf(a)].t.SetDesired(a, p.UID)
 			if r, ok := d.podRoute(a, f.zt, f.in); ok {
-				d.mgr.routes.want([]netlink.Route{r})
+				d.mgr.routes.want(r)
 			}
 		}
 		d.pods[p.UID] = p
@@ -862,12 +866,6 @@ func podsByUID(pods []Pod) map[string]Pod {
 // podRouteKey is the key of a pod address's inbound route.
 func (d *Dataplane) podRouteKey(a netip.Addr) string {
 	return routeKey(netlink.Route{Table: d.cfg.Tables.Inbound, Dst: ipNet(netip.PrefixFrom(a, a.BitLen()))})
-}
-
-// sameRoute matches routes of one key.
-func sameRoute(r netlink.Route) func(netlink.Route) bool {
-	k := routeKey(r)
-	return func(o netlink.Route) bool { return routeKey(o) == k }
 }
 
 func cloneZtunnel(z *Ztunnel) *Ztunnel {

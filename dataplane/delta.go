@@ -84,9 +84,6 @@ func (t *deltaTracker[K, V]) PendingDeletes() []K {
 	return slices.SortedFunc(maps.Keys(t.deletes), t.compare)
 }
 
-// InSync reports that nothing is pending.
-func (t *deltaTracker[K, V]) InSync() bool { return len(t.updates) == 0 && len(t.deletes) == 0 }
-
 // An actual value equal to the desired one is replaced by it: with pointer
 // values, both states then share one object.
 func (t *deltaTracker[K, V]) recompute(k K) {

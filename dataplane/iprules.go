@@ -173,7 +173,10 @@ func (m *ruleManager) apply(swapLocal bool, w *writer) error {
 	}
 	// A local rule of ours that stays (added above with a new key, say)
 	// keeps the node covered: the kernel's is not put back for it.
-	restored := slices.ContainsFunc(m.desiredRules(), func(r netlink.Rule) bool { return r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL })
+	restored := false
+	for _, r := range m.t.desired {
+		restored = restored || r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL
+	}
 	for _, k := range m.t.PendingDeletes() {
 		r, _ := m.t.Actual(k)
 		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL && !restored {
@@ -207,14 +210,6 @@ func (m *ruleManager) apply(swapLocal bool, w *writer) error {
 		}
 	}
 	return nil
-}
-
-func (m *ruleManager) desiredRules() []netlink.Rule {
-	var out []netlink.Rule
-	for _, r := range m.t.desired {
-		out = append(out, r)
-	}
-	return out
 }
 
 // syncRules makes our rules of family f in a netns exactly want (see

@@ -233,7 +233,7 @@ func (m *routeManager) readBack() error {
 }
 
 // want makes rs desired, besides what already is.
-func (m *routeManager) want(rs []netlink.Route) {
+func (m *routeManager) want(rs ...netlink.Route) {
 	for _, r := range rs {
 		m.t.SetDesired(routeKey(r), &r)
 	}

@@ -72,7 +72,3 @@ func (d *Dataplane) nodeSysctls(zt *ztRuntime, live []*ztRuntime) [][2]string {
 	}
 	return want
 }
-
-func (d *Dataplane) syncNodeSysctls(want [][2]string, w *writer) error {
-	return syncSysctls(d.node.Sysctl, want, w)
-}
