@@ -37,9 +37,6 @@ func (o *Options) installer(restCfg *rest.Config, log *zap.Logger) (*cni.Install
 		in.Conf.Kubeconfig = filepath.Join(o.CNIHostConfDir, cni.KubeconfigName)
 	}
 	if restCfg != nil {
-		if _, err := pluginKubeconfig(restCfg); err != nil {
-			return nil, err
-		}
 		// Read on every check: a projected token rotates (about hourly).
 		in.KubeconfigFunc = func() ([]byte, error) { return pluginKubeconfig(restCfg) }
 	}

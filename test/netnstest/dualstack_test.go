@@ -66,25 +66,7 @@ func TestDualStack(t *testing.T) {
 		})
 	}
 	t.Run("IPv6 source preserved", func(t *testing.T) {
-		l := Listen(t, a2.NS, "tcp", hostPort(a2.IP6, 9000))
-		remote := make(chan net.Addr, 1)
-		go func() {
-			cn, err := l.Accept()
-			if err != nil {
-				remote <- nil
-				return
-			}
-			remote <- cn.RemoteAddr()
-			cn.Close()
-		}()
-		cn, err := DialFrom(a1.NS, "tcp", hostPort(a1.IP6, 0), hostPort(a2.IP6, 9000), rtTimeout)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer cn.Close()
-		if ra, _ := (<-remote).(*net.TCPAddr); ra == nil || !ra.IP.Equal(a1.IP6) {
-			t.Fatalf("server saw %v, want source %v", ra, a1.IP6)
-		}
+		checkSourcePreserved(t, a1.NS, a1.IP6, a2.NS, a2.IP6)
 	})
 	t.Run("node to pod over IPv6", func(t *testing.T) {
 		checkRoundTrip(t, n1.NS, hostPort(a2.IP6, port)) // via the v6 underlay

@@ -47,6 +47,31 @@ func payload(n int) []byte {
 	return p
 }
 
+// checkSourcePreserved connects from srcIP in srcNS to dstIP in dstNS and
+// fails unless the server sees srcIP as the source (no NAT on the way).
+func checkSourcePreserved(t *testing.T, srcNS string, srcIP net.IP, dstNS string, dstIP net.IP) {
+	t.Helper()
+	l := Listen(t, dstNS, "tcp", hostPort(dstIP, 9000))
+	remote := make(chan net.Addr, 1)
+	go func() {
+		cn, err := l.Accept()
+		if err != nil {
+			remote <- nil
+			return
+		}
+		remote <- cn.RemoteAddr()
+		cn.Close()
+	}()
+	cn, err := DialFrom(srcNS, "tcp", hostPort(srcIP, 0), hostPort(dstIP, 9000), rtTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cn.Close()
+	if ra, _ := (<-remote).(*net.TCPAddr); ra == nil || !ra.IP.Equal(srcIP) {
+		t.Fatalf("server saw %v, want source %v", ra, srcIP)
+	}
+}
+
 func checkRoundTrip(t *testing.T, ns, addr string) {
 	t.Helper()
 	want := payload(100_000)
@@ -203,26 +228,7 @@ func TestCluster(t *testing.T) {
 	})
 	t.Run("no NAT and DialFrom", func(t *testing.T) {
 		src, dst := n1.Pods[1], n2.Pods[1]
-		l := Listen(t, dst.NS, "tcp", hostPort(dst.IP, 9000))
-		remote := make(chan net.Addr, 1)
-		go func() {
-			cn, err := l.Accept()
-			if err != nil {
-				remote <- nil
-				return
-			}
-			remote <- cn.RemoteAddr()
-			cn.Close()
-		}()
-		cn, err := DialFrom(src.NS, "tcp", hostPort(src.IP, 0), hostPort(dst.IP, 9000), rtTimeout)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer cn.Close()
-		ra := (<-remote).(*net.TCPAddr)
-		if !ra.IP.Equal(src.IP) {
-			t.Fatalf("server saw %v, want source %v", ra, src.IP)
-		}
+		checkSourcePreserved(t, src.NS, src.IP, dst.NS, dst.IP)
 		if _, err := Dial(src.NS, "tcp", "localhost:1", time.Second); err == nil {
 			t.Fatal("Dial accepted a host name")
 		}
