@@ -162,17 +162,10 @@ func TestDriftIsRepaired(t *testing.T) {
 // countingServer accepts on addr in ns and counts connections.
 func countingServer(t *testing.T, ns, addr string) *atomic.Int64 {
 	var n atomic.Int64
-	l := netnstest.Listen(t, ns, "tcp", addr)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			n.Add(1)
-			c.Close()
-		}
-	}()
+	netnstest.Serve(t, ns, addr, func(c net.Conn) {
+		n.Add(1)
+		c.Close()
+	})
 	return &n
 }
 

@@ -176,17 +176,7 @@ func packetPaths(t *testing.T, fam netnstest.Family, v6 bool) {
 
 	t.Run("ambient pods' source address is preserved end to end", func(t *testing.T) {
 		// The echo server is plain; ask it who connected via a listener that reports the peer.
-		l := netnstest.Listen(t, p2.NS, "tcp", ipPort(ip(p2), 7070))
-		go func() {
-			for {
-				c, err := l.Accept()
-				if err != nil {
-					return
-				}
-				fmt.Fprint(c, c.RemoteAddr().String())
-				c.Close()
-			}
-		}()
+		netnstest.WhoAmI(t, p2.NS, ipPort(ip(p2), 7070))
 		c, err := netnstest.Dial(a1.NS, "tcp", ipPort(ip(p2), 7070), 5*time.Second)
 		if err != nil {
 			t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -138,26 +139,19 @@ func within(ts []time.Time, p probe) bool {
 // sightingEcho is an echo server that remembers who connected.
 func sightingEcho(t *testing.T, ns, addr string) *sightings {
 	s := &sightings{seen: map[string][]time.Time{}}
-	l := netnstest.Listen(t, ns, "tcp", addr)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
+	netnstest.Serve(t, ns, addr, func(c net.Conn) {
+		s.mu.Lock()
+		s.seen[c.RemoteAddr().String()] = append(s.seen[c.RemoteAddr().String()], time.Now())
+		s.mu.Unlock()
+		go func() {
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+			buf := make([]byte, 64)
+			if n, err := c.Read(buf); err == nil {
+				_, _ = c.Write(buf[:n])
 			}
-			s.mu.Lock()
-			s.seen[c.RemoteAddr().String()] = append(s.seen[c.RemoteAddr().String()], time.Now())
-			s.mu.Unlock()
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-				buf := make([]byte, 64)
-				if n, err := c.Read(buf); err == nil {
-					_, _ = c.Write(buf[:n])
-				}
-			}()
-		}
-	}()
+		}()
+	})
 	return s
 }
 

@@ -167,6 +167,33 @@ func EchoServer(t testing.TB, ns, addr string) (stop func()) {
 	return stop
 }
 
+// Serve listens on addr (TCP) inside the named namespace and calls handle
+// with every connection it accepts, one after the other, until the test
+// ends (t.Cleanup closes the listener).
+func Serve(t testing.TB, ns, addr string, handle func(net.Conn)) {
+	t.Helper()
+	l := Listen(t, ns, "tcp", addr)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			handle(c)
+		}
+	}()
+}
+
+// WhoAmI answers every connection on addr in ns with the peer's address
+// (host:port), then closes it: what a server sees as the source.
+func WhoAmI(t testing.TB, ns, addr string) {
+	t.Helper()
+	Serve(t, ns, addr, func(c net.Conn) {
+		fmt.Fprint(c, c.RemoteAddr().String())
+		c.Close()
+	})
+}
+
 // UDPEcho starts a UDP echo server on addr inside the named namespace: each
 // datagram is sent back to its sender. stop (also run in t.Cleanup;
 // idempotent) closes the socket and waits for the server goroutine.

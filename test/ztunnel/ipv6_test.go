@@ -76,7 +76,7 @@ func TestIPv6Proxying(t *testing.T) {
 	tproxy(z2, b2, 15008, 15008)
 
 	for _, dst := range []*netnstest.Pod{b, b2} {
-		whoami(t, dst.NS, net.JoinHostPort(dst.IP6.String(), "8080"))
+		netnstest.WhoAmI(t, dst.NS, net.JoinHostPort(dst.IP6.String(), "8080"))
 	}
 	for _, dst := range []*netnstest.Pod{b, b2} {
 		to := net.JoinHostPort(dst.IP6.String(), "8080")
@@ -106,21 +106,6 @@ func TestIPv6Proxying(t *testing.T) {
 			}
 		}
 	}
-}
-
-// whoami answers every connection with its peer address.
-func whoami(t *testing.T, ns, addr string) {
-	l := netnstest.Listen(t, ns, "tcp", addr)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			fmt.Fprint(c, c.RemoteAddr().String())
-			c.Close()
-		}
-	}()
 }
 
 func hostOf(hostport string) string {
