@@ -313,7 +313,9 @@ func TestCNICheck(t *testing.T) {
 	unprogrammed := pod(func(p *corev1.Pod) {
 		p.Name, p.UID, p.Status.PodIP, p.Status.PodIPs, p.Status.Phase = "q", "u2", "", nil, corev1.PodPending
 	})
-	plain := pod(func(p *corev1.Pod) { p.Namespace, p.Name, p.UID, p.Status.PodIP, p.Status.PodIPs = "plain", "r", "u3", "10.244.1.6", nil })
+	plain := pod(func(p *corev1.Pod) {
+		p.Namespace, p.Name, p.UID, p.Status.PodIP, p.Status.PodIPs = "plain", "r", "u3", "10.244.1.6", nil
+	})
 	client := fake.NewClientset(ambientNS(), ns("plain", nil), pod(), unprogrammed, plain)
 	c := startController(t, ctx, client, &fakeDP{})
 	if err := c.syncOnce(ctx, true); err != nil {
