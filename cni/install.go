@@ -69,9 +69,10 @@ type Installer struct {
 	KubeconfigFunc func() ([]byte, error)
 	Log            *zap.Logger
 
-	mu      sync.Mutex
-	lastErr error // of the last install; nil before the first
-	done    bool  // an install has run
+	mu       sync.Mutex
+	lastErr  error       // of the last install; nil before the first
+	done     bool        // an install has run
+	verified fs.FileInfo // the installed binary that last answered VERSION
 }
 
 // Healthy is nil once the last install (Install or Watch's) succeeded: the
@@ -118,7 +119,7 @@ func (in *Installer) install(compareBinary bool) (bool, error) {
 	// A runtime that cannot find or run the plugin by its type fails every
 	// sandbox on the node (and leaks the primary plugin's work on DEL):
 	// never insert the entry then.
-	if err := in.runnable(compareBinary || binChanged); err != nil {
+	if err := in.runnable(compareBinary); err != nil {
 		return binChanged, err
 	}
 	kcChanged, err := in.installKubeconfig()

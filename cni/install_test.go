@@ -678,3 +678,24 @@ func TestInstallRemovesLegacyBinaryName(t *testing.T) {
 		t.Errorf("binary under its type: %v", err)
 	}
 }
+
+// A binary that failed the VERSION call is not chained in by a later
+// cheap check (Watch's) either, while it stays the same file.
+func TestUnrunnablePluginStaysOut(t *testing.T) {
+	in, path, _ := testInstaller(t, fixtures(t)["kindnet"])
+	before := readFile(t, path)
+	if err := os.WriteFile(in.Binary, []byte("#!/bin/sh\necho not a plugin\n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := in.Install(); !errors.Is(err, ErrNotRunnable) {
+		t.Fatalf("Install() = %v, want ErrNotRunnable", err)
+	}
+	for range 2 {
+		if _, err := in.install(false); !errors.Is(err, ErrNotRunnable) {
+			t.Fatalf("install(false) of the same bad binary = %v, want ErrNotRunnable", err)
+		}
+	}
+	if got := readFile(t, path); !bytes.Equal(got, before) {
+		t.Fatalf("conflist changed:\n%s", got)
+	}
+}

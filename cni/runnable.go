@@ -17,10 +17,11 @@ import (
 var ErrNotRunnable = errors.New("the CNI plugin cannot be run by its type")
 
 // runnable checks that BinDir holds the plugin under its type as an
-// executable file, the way libcni looks it up; with run it also executes it
+// executable file, the way libcni looks it up; it also executes it
 // (CNI_COMMAND=VERSION, as a runtime may) and checks the answer, which
-// catches a noexec mount or a binary for another architecture. run is set
-// when the binary was (re)written or at Install, never per pod.
+// catches a noexec mount or a binary for another architecture, when run is
+// set (at Install) or the file is not the one that last passed (it was
+// rewritten, or never passed): never per pod.
 func (in *Installer) runnable(run bool) error {
 	path := filepath.Join(in.BinDir, PluginType)
 	fi, err := os.Stat(path)
@@ -32,9 +33,23 @@ func (in *Installer) runnable(run bool) error {
 	case !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0:
 		return fmt.Errorf("%w: %s is not an executable file (%s)", ErrNotRunnable, path, fi.Mode())
 	}
-	if !run {
+	in.mu.Lock()
+	passed := in.verified != nil && os.SameFile(in.verified, fi) && in.verified.Size() == fi.Size() && in.verified.ModTime().Equal(fi.ModTime())
+	in.mu.Unlock()
+	if !run && passed {
 		return nil
 	}
+	if err := in.runVersion(path); err != nil {
+		return err
+	}
+	in.mu.Lock()
+	in.verified = fi
+	in.mu.Unlock()
+	return nil
+}
+
+// runVersion runs the plugin at path as a runtime's VERSION call.
+func (in *Installer) runVersion(path string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, path)

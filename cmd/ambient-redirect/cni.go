@@ -98,7 +98,12 @@ func serveCNI(ctx context.Context, o *Options, h cni.Handler, restCfg *rest.Conf
 	if err != nil {
 		return nil, err
 	}
-	if _, err := in.Install(); err != nil && !errors.Is(err, cni.ErrNoConfig) {
+	// No conflist yet (the primary plugin writes it later) or a plugin the
+	// runtime could not run: keep serving (pods are still enrolled from
+	// their status) while Watch retries, and stay not ready meanwhile.
+	if _, err := in.Install(); errors.Is(err, cni.ErrNotRunnable) {
+		log.Error("the CNI plugin is not chained in: a runtime could not run it; not ready until it can", zap.Error(err))
+	} else if err != nil && !errors.Is(err, cni.ErrNoConfig) {
 		return nil, fmt.Errorf("install the CNI plugin: %w", err)
 	}
 	go in.Watch(ctx, time.Second) // the primary plugin may write or rewrite its conflist later
