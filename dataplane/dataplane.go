@@ -759,7 +759,16 @@ func (d *Dataplane) applyPods(st State, f *fastPath, w *writer) error {
 // out. A failed write fails the apply, which makes the next one a full
 // read-back.
 func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *writer) error {
-	// Refuse a batch that claims an address twice before changing anything.
+	// Refuse a batch Apply would refuse (an invalid address, or one claimed
+	// twice) before changing anything.
+	var problems []string
+	for _, p := range upsert {
+		problems = append(problems, p.problems()...)
+	}
+	if len(problems) > 0 {
+		slices.Sort(problems)
+		return fmt.Errorf("invalid desired state: %s", strings.Join(problems, "; "))
+	}
 	leaving := map[string]bool{}
 	for _, uid := range remove {
 		leaving[uid] = true

@@ -706,3 +706,31 @@ func TestLocalRuleKeyChange(t *testing.T) {
 		t.Fatalf("the kernel's local rule is back next to ours:\n%s", dump)
 	}
 }
+
+// TestUpdatePodsValidates: the incremental path refuses what Apply refuses
+// (an unusable address, an empty UID) before writing anything.
+func TestUpdatePodsValidates(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	ctx := context.Background()
+	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: pods(2)}); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []Pod{
+		{UID: "lo", IPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}},
+		{UID: "any", IPs: []netip.Addr{netip.MustParseAddr("::ffff:0.0.0.0")}},
+		{UID: "mc", IPs: []netip.Addr{netip.MustParseAddr("ff02::1")}},
+		{UID: "", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.77")}},
+	} {
+		before := f.writes()
+		if _, err := d.UpdatePods(ctx, []Pod{bad}, nil); err == nil || !strings.Contains(err.Error(), "invalid desired state") {
+			t.Errorf("UpdatePods(%v) = %v, want refused as Apply refuses it", bad, err)
+		}
+		if f.writes() != before {
+			t.Errorf("UpdatePods(%v) wrote %d times before refusing", bad, f.writes()-before)
+		}
+		if err := (State{Pods: []Pod{bad}}).Validate(); err == nil {
+			t.Errorf("Validate accepts %v", bad)
+		}
+	}
+}
