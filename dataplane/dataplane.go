@@ -73,6 +73,9 @@ type Dataplane struct {
 	// the kernel was booted without it.
 	fams []Family
 
+	// order runs converge's phases (a test may swap two).
+	order phaseOrder
+
 	mu sync.Mutex
 	// mgr are the managers of what the agent keeps across applies.
 	mgr      managers
@@ -514,81 +517,87 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		return nil
 	}
 
-	// Make: the order is explained in transition.go.
-	for _, f := range []Family{IPv4, IPv6} {
-		if err := sets[f].applyAdds(w); err != nil {
-			return err
-		}
-	}
+	// The order is explained in transition.go.
 	var inLink, outLink netlink.Link
-	for _, z := range live {
-		// The new ztunnel's netns first: the node must never point at a
-		// ztunnel that cannot answer yet. Each one's IP stays on its veth
-		// in our tables: encapsulated packets carry the inner mark and
-		// must not loop into the tunnel.
-		if err := d.syncZtunnelNS(ctx, m, z, w); err != nil {
+	err = d.order.run([]phase{
+		{phaseMembersIn, func() error {
+			for _, f := range []Family{IPv4, IPv6} {
+				if err := sets[f].applyAdds(w); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{phaseZtunnelNS, func() error {
+			for _, z := range live {
+				// The new ztunnel's netns first: the node must never point
+				// at a ztunnel that cannot answer yet. Each one's IP stays
+				// on its veth in our tables: encapsulated packets carry the
+				// inner mark and must not loop into the tunnel.
+				if err := d.syncZtunnelNS(ctx, m, z, w); err != nil {
+					return err
+				}
+				// Its return path too (slot table), before the tunnels
+				// point at it.
+				reach := append(d.ztunnelRoutes(z), d.slotRoutes(z)...)
+				routes.want(reach...)
+				isReach := map[string]bool{}
+				for _, r := range reach {
+					isReach[routeKey(r)] = true
+				}
+				if err := routes.applyUpdates(func(r netlink.Route) bool { return isReach[routeKey(r)] }, w); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{phaseIPRules, func() error {
+			for _, f := range d.fams {
+				if err := d.syncRules(d.node.NL, f, d.nodeRules(f), d.cfg.CaptureNodeLocal, w); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{phaseClassify, func() error { return writeRules(false, false) }},
+		{phaseTunnels, func() error {
+			if zt == nil {
+				return nil
+			}
+			in, out := d.tunnelEnds(zt, true)
+			var err error
+			if inLink, err = syncTunnel(d.node, in, w); err != nil {
+				return err
+			}
+			outLink, err = syncTunnel(d.node, out, w)
 			return err
-		}
-		// Its return path too (slot table), before the tunnels point at it.
-		reach := append(d.ztunnelRoutes(z), d.slotRoutes(z)...)
-		routes.want(reach...)
-		isReach := map[string]bool{}
-		for _, r := range reach {
-			isReach[routeKey(r)] = true
-		}
-		if err := routes.applyUpdates(func(r netlink.Route) bool { return isReach[routeKey(r)] }, w); err != nil {
-			return err
-		}
-	}
-	for _, f := range d.fams {
-		if err := d.syncRules(d.node.NL, f, d.nodeRules(f), d.cfg.CaptureNodeLocal, w); err != nil {
-			return err
-		}
-	}
-	if err := writeRules(false, false); err != nil {
-		return err
-	}
-	if zt != nil {
-		in, out := d.tunnelEnds(zt, true)
-		if inLink, err = syncTunnel(d.node, in, w); err != nil {
-			return err
-		}
-		if outLink, err = syncTunnel(d.node, out, w); err != nil {
-			return err
-		}
-	}
-	want, err := d.render(st, facts{zt: zt, live: live, in: inLink, out: outLink})
+		}},
+		{phaseReach, func() error {
+			want, err := d.render(st, facts{zt: zt, live: live, in: inLink, out: outLink})
+			if err != nil {
+				return err
+			}
+			if err := syncSysctls(d.node.Sysctl, want.Sysctls, w); err != nil {
+				return err
+			}
+			routes.replaceDesired(want.Routes)
+			return routes.applyUpdates(func(r netlink.Route) bool { return !d.isInbound(r) }, w)
+		}},
+		{phaseCapture, func() error { return writeRules(true, false) }},
+		{phaseInbound, func() error { return routes.applyUpdates(d.isInbound, w) }},
+		{phaseInboundOut, func() error { return routes.applyDeletes(d.isInbound, w) }},
+		{phaseFinalRules, func() error { return writeRules(false, true) }},
+		{phaseMembersOut, func() error {
+			for _, f := range []Family{IPv4, IPv6} {
+				if err := sets[f].applyDeletes(w); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{phaseRoutesOut, func() error { return routes.applyDeletes(nil, w) }},
+	})
 	if err != nil {
-		return err
-	}
-	if err := syncSysctls(d.node.Sysctl, want.Sysctls, w); err != nil {
-		return err
-	}
-	routes.replaceDesired(want.Routes)
-	notInbound := func(r netlink.Route) bool { return !d.isInbound(r) }
-	if err := routes.applyUpdates(notInbound, w); err != nil {
-		return err
-	}
-	if err := writeRules(true, false); err != nil {
-		return err
-	}
-	if err := routes.applyUpdates(d.isInbound, w); err != nil {
-		return err
-	}
-
-	// Break.
-	if err := routes.applyDeletes(d.isInbound, w); err != nil {
-		return err
-	}
-	if err := writeRules(false, true); err != nil {
-		return err
-	}
-	for _, f := range []Family{IPv4, IPv6} {
-		if err := sets[f].applyDeletes(w); err != nil {
-			return err
-		}
-	}
-	if err := routes.applyDeletes(nil, w); err != nil {
 		return err
 	}
 	newNS, liveNS := "", []string{}
