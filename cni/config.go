@@ -11,7 +11,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"k8s.io/apimachinery/pkg/labels"
 
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 // Fail modes: what ADD does when the agent cannot be reached and the pod is

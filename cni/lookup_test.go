@@ -14,7 +14,7 @@ import (
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/cni/cnitest"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 func pod(ns, name string, lbls map[string]string) *corev1.Pod {

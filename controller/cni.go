@@ -13,7 +13,7 @@ import (
 	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
