@@ -78,7 +78,7 @@ func (c PluginConf) MarshalJSON() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	own, err := json.Marshal(ownFieldsOf(&c))
+	own, err := json.Marshal(c.Own())
 	if err != nil {
 		return nil, err
 	}
@@ -161,4 +161,30 @@ func (c *PluginConf) SelectionOptions() (selection.Options, error) {
 		ZtunnelNamespace:  c.ZtunnelNamespace,
 		ZtunnelSelector:   sel,
 	}, nil
+}
+
+// OwnFields are PluginConf's fields beyond types.PluginConf, as written:
+// what MarshalJSON adds and what the installer puts in the conflist.
+type OwnFields struct {
+	Socket     string `json:"socket,omitempty"`
+	FailMode   string `json:"failMode,omitempty"`
+	Timeout    string `json:"timeout,omitempty"`
+	Kubeconfig string `json:"kubeconfig,omitempty"`
+	// A pointer so that an explicit empty list ("exclude nothing") is
+	// written, while nil (the plugin's default) is not.
+	ExcludeNamespaces *[]string `json:"excludeNamespaces,omitempty"`
+	ZtunnelNamespace  string    `json:"ztunnelNamespace,omitempty"`
+	ZtunnelSelector   string    `json:"ztunnelSelector,omitempty"`
+}
+
+// Own returns c's own fields.
+func (c *PluginConf) Own() OwnFields {
+	f := OwnFields{
+		Socket: c.Socket, FailMode: c.FailMode, Timeout: c.Timeout, Kubeconfig: c.Kubeconfig,
+		ZtunnelNamespace: c.ZtunnelNamespace, ZtunnelSelector: c.ZtunnelSelector,
+	}
+	if c.ExcludeNamespaces != nil {
+		f.ExcludeNamespaces = &c.ExcludeNamespaces
+	}
+	return f
 }
