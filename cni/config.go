@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
-	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/ambient-redirect/ambient-redirect/selection"
 )
@@ -135,7 +134,7 @@ func (c *PluginConf) Validate() error {
 		errs = append(errs, fmt.Errorf("kubeconfig %q: must be an absolute path", c.Kubeconfig))
 	}
 	if c.ZtunnelSelector != "" {
-		if _, err := labels.Parse(c.ZtunnelSelector); err != nil {
+		if _, err := selection.ParseSelector(c.ZtunnelSelector); err != nil {
 			errs = append(errs, fmt.Errorf("ztunnelSelector %q: %w", c.ZtunnelSelector, err))
 		}
 	}
@@ -152,7 +151,7 @@ func (c *PluginConf) TimeoutDuration() time.Duration {
 
 // SelectionOptions are the options the fallback lookup decides with.
 func (c *PluginConf) SelectionOptions() (selection.Options, error) {
-	sel, err := labels.Parse(c.ZtunnelSelector)
+	sel, err := selection.ParseSelector(c.ZtunnelSelector)
 	if err != nil {
 		return selection.Options{}, fmt.Errorf("ztunnelSelector %q: %w", c.ZtunnelSelector, err)
 	}

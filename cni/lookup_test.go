@@ -10,7 +10,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/cni/cnitest"
@@ -35,10 +34,14 @@ func TestLookup(t *testing.T) {
 		pod("plain", "labelled", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}),
 		pod("istio-system", "ztunnel-x", map[string]string{"app": "ztunnel"}),
 	)
+	sel, err := selection.ParseSelector("app=ztunnel")
+	if err != nil {
+		t.Fatal(err)
+	}
 	o := selection.Options{
 		ExcludeNamespaces: []string{"kube-system"},
 		ZtunnelNamespace:  "istio-system",
-		ZtunnelSelector:   labels.SelectorFromSet(labels.Set{"app": "ztunnel"}),
+		ZtunnelSelector:   sel,
 	}
 	cases := []struct {
 		ns, name   string

@@ -1,5 +1,8 @@
 // Package selection decides which pods of a node are ambient and which
-// pod is its ztunnel. It imports no client-go: the CNI plugin uses it too.
+// pod is its ztunnel: the one implementation of these rules, for the agent
+// and the CNI plugin. It imports nothing of Kubernetes (the plugin links it
+// and must start fast): the rules read a Pod and a Namespace of plain
+// fields, which package selection/kube fills from the API types.
 package selection
 
 import (
@@ -7,9 +10,6 @@ import (
 	"slices"
 	"sort"
 	"time"
-
-	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/labels"
 )
 
 // Labels and annotations of the ambient contract.
@@ -41,33 +41,64 @@ const (
 	ReasonNamespaceUnknown  = "namespace not found in cache"
 )
 
+// Phases of a pod (status.phase) the rules read.
+const (
+	PhaseRunning   = "Running"
+	PhaseSucceeded = "Succeeded"
+	PhaseFailed    = "Failed"
+)
+
+// Pod is what the rules read of a pod. The agent fills it from a
+// *corev1.Pod (package selection/kube), the CNI plugin from the API
+// server's JSON; only Namespace, Labels and Annotations matter to Ambient.
+type Pod struct {
+	Namespace, Name string
+	Labels          map[string]string
+	Annotations     map[string]string
+	NodeName        string // spec.nodeName
+	HostNetwork     bool
+	Terminating     bool   // metadata.deletionTimestamp is set
+	Phase           string // status.phase
+	IPs             []netip.Addr
+	Ready           bool      // the Ready condition is True
+	Started         time.Time // the later of creation and status.startTime
+}
+
+// Namespace is what the rules read of a namespace.
+type Namespace struct {
+	Labels map[string]string
+}
+
 // Options configure Enrolled.
 type Options struct {
 	NodeName          string
 	ExcludeNamespaces []string
 	ZtunnelNamespace  string
-	ZtunnelSelector   labels.Selector
+	// ZtunnelSelector selects the ztunnel pods in ZtunnelNamespace; nil
+	// selects none.
+	ZtunnelSelector *Selector
 }
 
-// IsZtunnel reports whether pod is a ztunnel pod (selector in the ztunnel
-// namespace). A pod with the label elsewhere is an ordinary pod.
-func (o Options) IsZtunnel(pod *corev1.Pod) bool {
-	return pod.Namespace == o.ZtunnelNamespace && o.ZtunnelSelector != nil && o.ZtunnelSelector.Matches(labels.Set(pod.Labels))
+// IsZtunnel reports whether a pod of namespace with labels is a ztunnel pod
+// (selector in the ztunnel namespace). A pod with the label elsewhere is an
+// ordinary pod.
+func (o Options) IsZtunnel(namespace string, labels map[string]string) bool {
+	return namespace == o.ZtunnelNamespace && o.ZtunnelSelector != nil && o.ZtunnelSelector.Matches(labels)
 }
 
 // Enrolled decides whether pod is an ambient pod on this node, and why.
 // ns may be nil when the namespace is not (yet) in the cache.
-func Enrolled(pod *corev1.Pod, ns *corev1.Namespace, o Options) (bool, string) {
+func Enrolled(pod *Pod, ns *Namespace, o Options) (bool, string) {
 	switch {
-	case pod.Spec.NodeName != o.NodeName:
+	case pod.NodeName != o.NodeName:
 		return false, ReasonOtherNode
-	case pod.Spec.HostNetwork:
+	case pod.HostNetwork:
 		return false, ReasonHostNetwork
-	case pod.DeletionTimestamp != nil:
+	case pod.Terminating:
 		return false, ReasonTerminating
-	case pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed:
+	case pod.Phase == PhaseSucceeded || pod.Phase == PhaseFailed:
 		return false, ReasonFinished
-	case len(PodIPs(pod)) == 0:
+	case len(pod.IPs) == 0:
 		return false, ReasonNoIP
 	}
 	return Ambient(pod, ns, o)
@@ -76,11 +107,11 @@ func Enrolled(pod *corev1.Pod, ns *corev1.Namespace, o Options) (bool, string) {
 // Ambient decides from labels, annotations and namespace alone whether pod
 // is meant to be captured: what the CNI plugin can know of a pod whose
 // sandbox is being created (no status yet).
-func Ambient(pod *corev1.Pod, ns *corev1.Namespace, o Options) (bool, string) {
+func Ambient(pod *Pod, ns *Namespace, o Options) (bool, string) {
 	switch {
 	case slices.Contains(o.ExcludeNamespaces, pod.Namespace):
 		return false, ReasonExcludedNamespace
-	case o.IsZtunnel(pod):
+	case o.IsZtunnel(pod.Namespace, pod.Labels):
 		return false, ReasonZtunnel
 	case pod.Labels[DataplaneModeLabel] == DataplaneModeNone:
 		return false, ReasonOptOutLabel
@@ -98,78 +129,59 @@ func Ambient(pod *corev1.Pod, ns *corev1.Namespace, o Options) (bool, string) {
 	return false, ReasonNotAmbient
 }
 
-// PodIPs returns every valid address of status.podIPs (falling back to status.podIP).
-func PodIPs(pod *corev1.Pod) []netip.Addr {
+// ParseIPs returns every valid address of podIPs (status.podIPs), falling
+// back to podIP (status.podIP), unmapped and without duplicates.
+func ParseIPs(podIPs []string, podIP string) []netip.Addr {
 	var out []netip.Addr
 	add := func(s string) {
 		if a, err := netip.ParseAddr(s); err == nil && !slices.Contains(out, a.Unmap()) {
 			out = append(out, a.Unmap())
 		}
 	}
-	for _, ip := range pod.Status.PodIPs {
-		add(ip.IP)
+	for _, ip := range podIPs {
+		add(ip)
 	}
-	if len(out) == 0 && pod.Status.PodIP != "" {
-		add(pod.Status.PodIP)
+	if len(out) == 0 && podIP != "" {
+		add(podIP)
 	}
 	return out
 }
 
-// PodReady reports the pod's Ready condition.
-func PodReady(pod *corev1.Pod) bool {
-	for _, c := range pod.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
-}
-
-// PickZtunnel returns the newest Ready, running, non-terminating ztunnel pod
-// on this node with an address, or nil.
-func PickZtunnel(pods []*corev1.Pod, o Options) *corev1.Pod {
-	var best *corev1.Pod
-	var bestTime time.Time
-	for _, p := range pods {
-		if !o.IsZtunnel(p) || p.Spec.NodeName != o.NodeName || p.DeletionTimestamp != nil ||
-			p.Status.Phase != corev1.PodRunning || !PodReady(p) || p.Spec.HostNetwork {
+// PickZtunnel returns the index in pods of the newest Ready, running,
+// non-terminating ztunnel pod on this node with an address, or -1.
+func PickZtunnel(pods []Pod, o Options) int {
+	best := -1
+	for i := range pods {
+		p := &pods[i]
+		if !o.IsZtunnel(p.Namespace, p.Labels) || p.NodeName != o.NodeName || p.Terminating ||
+			p.Phase != PhaseRunning || !p.Ready || p.HostNetwork || len(p.IPs) == 0 {
 			continue
 		}
-		if len(PodIPs(p)) == 0 {
-			continue
-		}
-		t := startTime(p)
 		// Newest wins; ties broken by name so the choice is stable.
-		if best == nil || t.After(bestTime) || t.Equal(bestTime) && p.Name > best.Name {
-			best, bestTime = p, t
+		if best < 0 || p.Started.After(pods[best].Started) || p.Started.Equal(pods[best].Started) && p.Name > pods[best].Name {
+			best = i
 		}
 	}
 	return best
 }
 
-// DrainingZtunnels returns the other ztunnel pods of this node that still
-// run (Ready or not, terminating or not), newest first: a surge rollout's
-// old ztunnel keeps its connections while it runs, and so does a newer one
-// whose readiness flaps. Those that hold no connections (no slot in the
-// kernel) are ignored by the dataplane.
-func DrainingZtunnels(pods []*corev1.Pod, o Options, active *corev1.Pod) []*corev1.Pod {
-	var out []*corev1.Pod
-	for _, p := range pods {
-		if p == active || !o.IsZtunnel(p) || p.Spec.NodeName != o.NodeName || p.Status.Phase != corev1.PodRunning || p.Spec.HostNetwork {
+// DrainingZtunnels returns the indexes in pods of the other ztunnel pods of
+// this node that still run (Ready or not, terminating or not), newest first;
+// active is PickZtunnel's answer. A surge rollout's old ztunnel keeps its
+// connections while it runs, and so does a newer one whose readiness flaps.
+// Those that hold no connections (no slot in the kernel) are ignored by the
+// dataplane.
+func DrainingZtunnels(pods []Pod, o Options, active int) []int {
+	var out []int
+	for i := range pods {
+		p := &pods[i]
+		if i == active || !o.IsZtunnel(p.Namespace, p.Labels) || p.NodeName != o.NodeName || p.Phase != PhaseRunning || p.HostNetwork {
 			continue
 		}
-		if len(PodIPs(p)) > 0 {
-			out = append(out, p)
+		if len(p.IPs) > 0 {
+			out = append(out, i)
 		}
 	}
-	sort.SliceStable(out, func(i, j int) bool { return startTime(out[i]).After(startTime(out[j])) })
+	sort.SliceStable(out, func(i, j int) bool { return pods[out[i]].Started.After(pods[out[j]].Started) })
 	return out
-}
-
-func startTime(p *corev1.Pod) time.Time {
-	t := p.CreationTimestamp.Time
-	if p.Status.StartTime != nil && p.Status.StartTime.After(t) {
-		t = p.Status.StartTime.Time
-	}
-	return t
 }

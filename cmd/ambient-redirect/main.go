@@ -19,7 +19,6 @@ import (
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -159,7 +158,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	dpCfg, _ := o.dataplaneConfig()
-	sel, _ := labels.Parse(o.ZtunnelSelector)
+	sel, _ := selection.ParseSelector(o.ZtunnelSelector)
 	log := newLogger(o.LogLevel).With(zap.String("node", o.NodeName))
 	defer func() { _ = log.Sync() }()
 	fields := []zap.Field{zap.String("version", version())}
