@@ -13,7 +13,8 @@ import (
 	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -84,7 +85,7 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		return cni.Response{}, err
 	}
 	withIPs := withPodIPs(pod, req.IPs)
-	if ok, why := selection.Enrolled(withIPs, ns, c.cfg.Selection); !ok {
+	if ok, why := kube.Enrolled(withIPs, ns, c.cfg.Selection); !ok {
 		return cni.Response{Reason: why}, nil
 	}
 	cp := cniPod{uid: pod.UID, containerID: req.ContainerID, ips: slices.Clone(req.IPs)}
@@ -135,8 +136,8 @@ func (c *Controller) checkCNI(ctx context.Context, req cni.Request) (cni.Respons
 	if len(req.IPs) > 0 {
 		pod = withPodIPs(pod, req.IPs)
 	}
-	if ok, why := selection.Enrolled(pod, ns, c.cfg.Selection); !ok {
-		if ambient, _ := selection.Ambient(pod, ns, c.cfg.Selection); ambient && why == selection.ReasonNoIP {
+	if ok, why := kube.Enrolled(pod, ns, c.cfg.Selection); !ok {
+		if ambient, _ := kube.Ambient(pod, ns, c.cfg.Selection); ambient && why == selection.ReasonNoIP {
 			return cni.Response{Ambient: true, Reason: "not programmed: " + why}, nil
 		}
 		return cni.Response{Reason: why}, nil

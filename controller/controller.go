@@ -24,8 +24,9 @@ import (
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
+	"github.com/ambient-redirect/ambient-redirect/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 )
 
 // Dataplane is what the controller needs of the dataplane.
@@ -348,7 +349,7 @@ func (c *Controller) podEvent(old, cur any) {
 	}
 	p, ok := cur.(*corev1.Pod)
 	o, _ := old.(*corev1.Pod)
-	if err != nil || !ok || c.cfg.Selection.IsZtunnel(p) || o != nil && c.cfg.Selection.IsZtunnel(o) {
+	if err != nil || !ok || kube.IsZtunnel(p, c.cfg.Selection) || o != nil && kube.IsZtunnel(o, c.cfg.Selection) {
 		c.queue()
 		return
 	}
@@ -555,8 +556,8 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 		e.pod = &st.Pods[i]
 		entries[st.Pods[i].Name] = e
 	}
-	zt := selection.PickZtunnel(pods, c.cfg.Selection)
-	for _, p := range selection.DrainingZtunnels(pods, c.cfg.Selection, zt) {
+	zt := kube.PickZtunnel(pods, c.cfg.Selection)
+	for _, p := range kube.DrainingZtunnels(pods, c.cfg.Selection, zt) {
 		z, err := c.locate(p)
 		if err != nil {
 			// Gone (no veth or netns), or not found this time: keep what
@@ -571,7 +572,7 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 		return st, entries, nil, nil
 	}
 	zs := &ZtunnelStatus{Pod: zt.Namespace + "/" + zt.Name}
-	ip := selection.PodIPs(zt)[0] // its primary address (selection.PickZtunnel: it has one)
+	ip := kube.PodIPs(zt)[0] // its primary address (kube.PickZtunnel: it has one)
 	zs.IP = ip.String()
 	veth, nsPath, err := c.dp.LocateZtunnel(net.IP(ip.AsSlice()))
 	zs.HostVeth, zs.NetNS = veth, nsPath
@@ -580,7 +581,7 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 		zs.Error = err.Error()
 		return st, entries, zs, fmt.Errorf("ztunnel %s: %w", zs.Pod, err)
 	}
-	st.Ztunnel = &dataplane.Ztunnel{Pod: zs.Pod, IPs: selection.PodIPs(zt), HostVeth: veth, NetNS: nsPath}
+	st.Ztunnel = &dataplane.Ztunnel{Pod: zs.Pod, IPs: kube.PodIPs(zt), HostVeth: veth, NetNS: nsPath}
 	return st, entries, zs, nil
 }
 
@@ -601,7 +602,7 @@ func (c *Controller) appliedDraining(pod string) *dataplane.Ztunnel {
 
 // locate finds a ztunnel pod's host veth and netns.
 func (c *Controller) locate(p *corev1.Pod) (*dataplane.Ztunnel, error) {
-	ips := selection.PodIPs(p)
+	ips := kube.PodIPs(p)
 	if len(ips) == 0 {
 		return nil, fmt.Errorf("ztunnel %s/%s has no address", p.Namespace, p.Name)
 	}
@@ -841,7 +842,7 @@ func (c *Controller) ownerOf(a netip.Addr, key string, dirty map[string]bool) st
 // Called with c.mu held.
 func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
 	p, viaCNI, deleted := c.withCNI(p)
-	ok, why := selection.Enrolled(p, ns, c.cfg.Selection)
+	ok, why := kube.Enrolled(p, ns, c.cfg.Selection)
 	if deleted {
 		ok, why = false, ReasonSandboxDeleted
 	}
@@ -855,7 +856,7 @@ func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
 	ps.ViaCNI = viaCNI
 	e := podEntry{status: ps}
 	if ok {
-		ips := selection.PodIPs(p)
+		ips := kube.PodIPs(p)
 		slices.SortFunc(ips, netip.Addr.Compare) // the status's and CNI's orders may differ
 		e.pod = &dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips}
 	}

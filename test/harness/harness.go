@@ -28,8 +28,8 @@ import (
 	"k8s.io/client-go/util/retry"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"

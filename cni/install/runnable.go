@@ -1,4 +1,4 @@
-package cni
+package install
 
 import (
 	"context"
@@ -10,6 +10,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"time"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
 )
 
 // ErrNotRunnable means a runtime could not run the installed plugin by its
@@ -23,11 +25,11 @@ var ErrNotRunnable = errors.New("the CNI plugin cannot be run by its type")
 // set (at Install) or the file is not the one that last passed (it was
 // rewritten, or never passed): never per pod.
 func (in *Installer) runnable(run bool) error {
-	path := filepath.Join(in.BinDir, PluginType)
+	path := filepath.Join(in.BinDir, cni.PluginType)
 	fi, err := os.Stat(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("%w: %s does not exist (an entry of type %q is looked up there)", ErrNotRunnable, path, PluginType)
+		return fmt.Errorf("%w: %s does not exist (an entry of type %q is looked up there)", ErrNotRunnable, path, cni.PluginType)
 	case err != nil:
 		return fmt.Errorf("%w: %w", ErrNotRunnable, err)
 	case !fi.Mode().IsRegular() || fi.Mode().Perm()&0o111 == 0:
