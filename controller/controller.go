@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/handover"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/selection/kube"
@@ -106,7 +107,7 @@ type Controller struct {
 	// owners maps each programmed address to its pod (namespace/name).
 	owners map[netip.Addr]string
 	// cni are the pods the CNI plugin handed over, by namespace/name.
-	cni map[string]cniPod
+	cni *handover.Store
 	// synced is closed (and replaced) after every sync: CNI ADDs wait on it.
 	synced chan struct{}
 	// started numbers the syncs (each takes the dirty set when it starts);
@@ -132,7 +133,7 @@ func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context
 	c := &Controller{
 		cfg: cfg, client: client, log: log, hooks: hooks, newDP: newDP,
 		kick: make(chan struct{}, 1), annoKick: make(chan struct{}, 1), driftKick: make(chan struct{}, 1),
-		programmed: map[types.UID]bool{}, dirty: map[string]bool{}, cni: map[string]cniPod{}, synced: make(chan struct{}),
+		programmed: map[types.UID]bool{}, dirty: map[string]bool{}, cni: handover.New(), synced: make(chan struct{}),
 	}
 	c.status.DriftRepairs = map[string]int{}
 	return c
@@ -236,12 +237,12 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 	var st dataplane.State
 	entries := make(map[string]podEntry, len(pods))
 	c.mu.Lock()
-	if len(c.cni) > 0 {
+	if c.cni.Len() > 0 {
 		cached := make(map[string]int, len(pods))
 		for i, p := range pods {
 			cached[p.Namespace+"/"+p.Name] = i
 		}
-		for key := range c.cni {
+		for key := range c.cni.Keys() {
 			i, ok := cached[key]
 			var p *corev1.Pod
 			var err error = apierrors.NewNotFound(corev1.Resource("pods"), key)
