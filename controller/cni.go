@@ -12,6 +12,7 @@ import (
 	"slices"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
+	"github.com/ambient-redirect/ambient-redirect/controller/desired"
 	"github.com/ambient-redirect/ambient-redirect/controller/handover"
 	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/selection/kube"
@@ -23,7 +24,7 @@ import (
 )
 
 // ReasonSandboxDeleted is the reason of a pod whose network CNI DEL tore down.
-const ReasonSandboxDeleted = "sandbox deleted (CNI DEL)"
+const ReasonSandboxDeleted = desired.ReasonSandboxDeleted
 
 // HandleCNI implements cni.Handler.
 func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Response, error) {

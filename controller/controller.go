@@ -1,14 +1,11 @@
 package controller
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -20,6 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/desired"
 	"github.com/ambient-redirect/ambient-redirect/controller/handover"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/selection"
@@ -234,8 +232,6 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 	if err != nil {
 		return dataplane.State{}, nil, nil, err
 	}
-	var st dataplane.State
-	entries := make(map[string]podEntry, len(pods))
 	c.mu.Lock()
 	if c.cni.Len() > 0 {
 		cached := make(map[string]int, len(pods))
@@ -258,37 +254,19 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 			}
 		}
 	}
-	slices.SortFunc(pods, func(a, b *corev1.Pod) int {
-		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
-	})
-	for _, p := range pods {
-		ns, _ := nsLister.Get(p.Namespace)
-		e := c.entry(p, ns)
-		if e.pod != nil {
-			st.Pods = append(st.Pods, *e.pod)
-			e.pod = nil // set again below unless dedupe drops it
-		}
-		entries[p.Namespace+"/"+p.Name] = e
-	}
+	sandboxes := c.cni.Snapshot()
 	c.mu.Unlock()
-	// A pod the CNI plugin handed over holds its sandbox's addresses now: a
-	// stale object still claiming one loses it, whatever their names.
-	viaCNI := func(p dataplane.Pod) bool { return entries[p.Name].status.ViaCNI }
-	slices.SortStableFunc(st.Pods, func(a, b dataplane.Pod) int {
-		return cmp.Compare(boolRank(!viaCNI(a)), boolRank(!viaCNI(b)))
+	out := desired.Build(desired.Input{
+		Pods: pods, Sandboxes: sandboxes, Selection: c.cfg.Selection, Log: c.log,
+		Namespace: func(name string) *corev1.Namespace { ns, _ := nsLister.Get(name); return ns },
 	})
-	st.Pods = dedupeIPs(st.Pods, c.log)
-	slices.SortStableFunc(st.Pods, func(a, b dataplane.Pod) int { // back to namespace/name order
-		ea, eb := entries[a.Name].status, entries[b.Name].status
-		return cmp.Or(strings.Compare(ea.Namespace, eb.Namespace), strings.Compare(ea.Name, eb.Name))
-	})
-	for i := range st.Pods {
-		e := entries[st.Pods[i].Name]
-		e.pod = &st.Pods[i]
-		entries[st.Pods[i].Name] = e
+	st := out.State
+	entries := make(map[string]podEntry, len(out.Entries))
+	for key, e := range out.Entries {
+		entries[key] = podEntry{status: e.Status, pod: e.Pod}
 	}
-	zt := kube.PickZtunnel(pods, c.cfg.Selection)
-	for _, p := range kube.DrainingZtunnels(pods, c.cfg.Selection, zt) {
+	zt := out.Ztunnel
+	for _, p := range out.Draining {
 		z, err := c.locate(p)
 		if err != nil {
 			// Gone (no veth or netns), or not found this time: keep what
@@ -342,39 +320,4 @@ func (c *Controller) locate(p *corev1.Pod) (*dataplane.Ztunnel, error) {
 		return nil, err
 	}
 	return &dataplane.Ztunnel{Pod: p.Namespace + "/" + p.Name, IPs: ips, HostVeth: veth, NetNS: nsPath}, nil
-}
-
-func boolRank(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
-}
-
-// dedupeIPs keeps the first pod claiming an IP (a stale pod object whose IP
-// was reused must not block the new one; both cannot be programmed).
-func dedupeIPs(pods []dataplane.Pod, log *zap.Logger) []dataplane.Pod {
-	seen := make(map[netip.Addr]string, 2*len(pods))
-	out := pods[:0]
-	for _, p := range pods {
-		ips, dropped := p.IPs, false // copied only when one goes
-		for i, a := range p.IPs {
-			if other, ok := seen[a]; ok {
-				log.Warn("pod IP claimed by two enrolled pods; keeping the first", zap.String("ip", a.String()), zap.String("pod", p.Name), zap.String("other", other))
-				if !dropped {
-					ips, dropped = slices.Clone(p.IPs[:i]), true
-				}
-				continue
-			}
-			seen[a] = p.Name
-			if dropped {
-				ips = append(ips, a)
-			}
-		}
-		if len(ips) > 0 {
-			p.IPs = ips
-			out = append(out, p)
-		}
-	}
-	return out
 }

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/desired"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 )
 
@@ -13,17 +14,7 @@ import (
 // controller, and the drift accounting.
 
 // PodStatus is one pod's selection outcome.
-type PodStatus struct {
-	Namespace  string   `json:"namespace"`
-	Name       string   `json:"name"`
-	UID        string   `json:"uid"`
-	IPs        []string `json:"ips"`
-	Enrolled   bool     `json:"enrolled"`
-	Reason     string   `json:"reason"`
-	Annotation string   `json:"annotation,omitempty"`
-	// ViaCNI: the CNI plugin handed this pod's sandbox over.
-	ViaCNI bool `json:"viaCNI,omitempty"`
-}
+type PodStatus = desired.PodStatus
 
 // ZtunnelStatus is the active ztunnel.
 type ZtunnelStatus struct {

@@ -14,9 +14,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/desired"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
-	"github.com/ambient-redirect/ambient-redirect/selection"
-	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 )
 
 // One sync: the incremental path (syncPods, the dirty pods alone) or the
@@ -212,29 +211,11 @@ func (c *Controller) ownerOf(a netip.Addr, key string, dirty map[string]bool) st
 	return ""
 }
 
-// entry is a pod's selection outcome and, when enrolled, what to program.
-// Called with c.mu held.
+// entry is a pod's selection outcome and, when enrolled, what to program
+// (desired.PodEntry). Called with c.mu held.
 func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
-	p, viaCNI, deleted := c.withCNI(p)
-	ok, why := kube.Enrolled(p, ns, c.cfg.Selection)
-	if deleted {
-		ok, why = false, ReasonSandboxDeleted
-	}
-	ps := PodStatus{Namespace: p.Namespace, Name: p.Name, UID: string(p.UID), Enrolled: ok, Reason: why, Annotation: p.Annotations[selection.RedirectionAnno]}
-	for _, a := range p.Status.PodIPs {
-		ps.IPs = append(ps.IPs, a.IP)
-	}
-	if len(ps.IPs) == 0 && p.Status.PodIP != "" {
-		ps.IPs = []string{p.Status.PodIP}
-	}
-	ps.ViaCNI = viaCNI
-	e := podEntry{status: ps}
-	if ok {
-		ips := kube.PodIPs(p)
-		slices.SortFunc(ips, netip.Addr.Compare) // the status's and CNI's orders may differ
-		e.pod = &dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips}
-	}
-	return e
+	e := desired.PodEntry(p, ns, c.cfg.Selection, c.withCNI)
+	return podEntry{status: e.Status, pod: e.Pod}
 }
 
 // syncAll recomputes the node's whole desired state from the caches and
