@@ -194,35 +194,11 @@ func (c *Controller) Run(ctx context.Context) error {
 	go c.annotationLoop(ctx)
 	go c.watchAPI(ctx)
 
-	resync := time.NewTicker(c.cfg.ResyncPeriod)
-	defer resync.Stop()
-	var retry <-chan time.Time
-	backoff := 100 * time.Millisecond
-	isResync := true // startup is a full resync
-	dp.QueueResync()
-	for {
-		err := c.syncOnce(ctx, isResync)
-		isResync = false
-		if err != nil {
-			c.log.Error("sync failed; will retry", zap.Error(err), zap.Duration("backoff", backoff))
-			retry = time.After(backoff)
-			backoff = min(backoff*2, c.cfg.MaxBackoff)
-		} else {
-			retry, backoff = nil, 100*time.Millisecond
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-c.kick:
-		case <-retry:
-		case <-resync.C:
-			dp.QueueResync()
-			isResync = true
-		case <-c.driftKick:
-			dp.QueueResync()
-			isResync = true
-		}
+	r := &syncRunner{
+		sync: c.syncOnce, queueResync: dp.QueueResync, kick: c.kick, driftKick: c.driftKick,
+		resyncPeriod: c.cfg.ResyncPeriod, maxBackoff: c.cfg.MaxBackoff, log: c.log,
 	}
+	return r.run(ctx)
 }
 
 // desired builds the desired state from the caches, and every pod's entry.
