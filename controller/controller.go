@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/ambient-redirect/ambient-redirect/controller/desired"
@@ -77,8 +78,9 @@ type Controller struct {
 	infMu sync.Mutex
 	inf   *informerSet
 
-	kick     chan struct{}
-	annoKick chan struct{}
+	kick chan struct{}
+	// anno keeps the redirection annotations following programmed.
+	anno *annotator
 	// driftKick asks for a resync at once: the kernel changed under us.
 	driftKick chan struct{}
 
@@ -130,10 +132,16 @@ func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context
 	}
 	c := &Controller{
 		cfg: cfg, client: client, log: log, hooks: hooks, newDP: newDP,
-		kick: make(chan struct{}, 1), annoKick: make(chan struct{}, 1), driftKick: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), driftKick: make(chan struct{}, 1),
 		programmed: map[types.UID]bool{}, dirty: map[string]bool{}, cni: handover.New(), synced: make(chan struct{}),
 	}
 	c.status.DriftRepairs = map[string]int{}
+	c.anno = newAnnotator(client, log, func() corelisters.PodLister { pods, _ := c.listers(); return pods },
+		func(f func(map[types.UID]bool)) {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			f(c.programmed)
+		})
 	return c
 }
 
@@ -191,7 +199,7 @@ func (c *Controller) Run(ctx context.Context) error {
 			c.log.Warn("not watching netlink; drift is repaired by the resync only", zap.Error(err))
 		}
 	}()
-	go c.annotationLoop(ctx)
+	go c.anno.run(ctx)
 	go c.watchAPI(ctx)
 
 	r := &syncRunner{

@@ -211,6 +211,9 @@ func (c *Controller) ownerOf(a netip.Addr, key string, dirty map[string]bool) st
 	return ""
 }
 
+// kickAnnotations asks the annotation reconciler for a pass.
+func (c *Controller) kickAnnotations() { c.anno.Kick() }
+
 // entry is a pod's selection outcome and, when enrolled, what to program
 // (desired.PodEntry). Called with c.mu held.
 func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
