@@ -195,13 +195,3 @@ func containsAll(have, want []netip.Addr) bool {
 	}
 	return true
 }
-
-// minimalPodOf applies the cache's transform to a pod from a GET.
-func minimalPodOf(p *corev1.Pod) *corev1.Pod {
-	if m, err := minimalPod(p); err == nil {
-		if mp, ok := m.(*corev1.Pod); ok {
-			return mp
-		}
-	}
-	return p
-}

@@ -158,6 +158,16 @@ func minimalPod(obj any) (any, error) {
 	}, nil
 }
 
+// minimalPodOf applies the cache's transform to a pod from a GET.
+func minimalPodOf(p *corev1.Pod) *corev1.Pod {
+	if m, err := minimalPod(p); err == nil {
+		if mp, ok := m.(*corev1.Pod); ok {
+			return mp
+		}
+	}
+	return p
+}
+
 // onUpdate ignores periodic relists that change nothing.
 func (c *Controller) onUpdate(old, cur any, changed func(old, cur any)) {
 	o, ok1 := old.(metav1.Object)
