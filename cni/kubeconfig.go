@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"sigs.k8s.io/yaml"
 )
 
 // kubeconfig is the part of a kubeconfig file the plugin reads. The plugin
@@ -96,16 +98,16 @@ type APIServer struct {
 // LoadKubeconfig reads the current context's cluster and user from a JSON
 // kubeconfig, as Kubeconfig writes it (the agent's own credentials): inline
 // *-data fields or files (relative to the kubeconfig's directory), a token or
-// a tokenFile. YAML is not read: it would take a YAML library into the
-// plugin for a file the agent always writes as JSON.
+// a tokenFile. JSON (what the agent writes) or YAML (what people write:
+// the plugin config may name any kubeconfig).
 func LoadKubeconfig(path string) (*APIServer, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("kubeconfig: %w", err)
 	}
 	var kc kubeconfig
-	if err := json.Unmarshal(data, &kc); err != nil {
-		return nil, fmt.Errorf("kubeconfig %s: not a JSON kubeconfig such as the agent writes: %w", path, err)
+	if err := yaml.Unmarshal(data, &kc); err != nil {
+		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
 	}
 	clusterName, userName := "", ""
 	for _, c := range kc.Contexts {

@@ -123,13 +123,21 @@ func TestLoadKubeconfig(t *testing.T) {
 	if a.Server != "https://two:6443" || !bytes.Equal(a.CAData, []byte("CA2")) || a.Token != "tok2" {
 		t.Errorf("LoadKubeconfig(hand-written) = %+v", a)
 	}
-	// YAML is refused with a message that says why.
+	// YAML, as people write kubeconfigs, is read too.
 	kc = filepath.Join(dir, "kc.yaml")
-	if err := os.WriteFile(kc, []byte("apiVersion: v1\nkind: Config\n"), 0o600); err != nil {
+	yamlKC := "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: k\n  cluster:\n    server: https://three:6443\n" +
+		"    certificate-authority-data: Q0Ez\ncontexts:\n- name: c\n  context: {cluster: k, user: u}\nusers:\n- name: u\n  user:\n    token: tok3\n"
+	if err := os.WriteFile(kc, []byte(yamlKC), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cni.LoadKubeconfig(kc); err == nil || !strings.Contains(err.Error(), "not a JSON kubeconfig") {
-		t.Errorf("LoadKubeconfig(yaml) = %v, want an error saying it is not JSON", err)
+	if a, err := cni.LoadKubeconfig(kc); err != nil || a.Server != "https://three:6443" || !bytes.Equal(a.CAData, []byte("CA3")) || a.Token != "tok3" {
+		t.Errorf("LoadKubeconfig(yaml) = %+v, %v", a, err)
+	}
+	if err := os.WriteFile(kc, []byte("clusters: [\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cni.LoadKubeconfig(kc); err == nil {
+		t.Error("LoadKubeconfig of broken YAML succeeded")
 	}
 	if _, err := cni.LoadKubeconfig(filepath.Join(dir, "missing")); err == nil {
 		t.Error("LoadKubeconfig of a missing file succeeded")
