@@ -478,6 +478,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*ruleWriter{}
 	for _, f := range d.fams {
 		next[f] = d.nodeParams(zt, live, f)
+		m.nodeFilter[f].s.Forget() // what this convergence reads back counts
 		rules[f] = &ruleWriter{d: d, m: m.nodeFilter[f], ctx: ctx, w: w}
 		switch {
 		case w.dry:
@@ -492,6 +493,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 				return err
 			}
 			prev[f] = adoptedParams(d.cfg, next[f], actual)
+			rules[f].read = true
 		}
 	}
 	vethExists := func(name string) bool {
@@ -693,6 +695,9 @@ type ruleWriter struct {
 	ctx     context.Context
 	w       *writer
 	written string
+	// read: the chains were read back in this convergence; the steps
+	// after it start from there instead of reading again (a process).
+	read bool
 }
 
 func (r *ruleWriter) write(p NodeParams) error {
@@ -701,7 +706,15 @@ func (r *ruleWriter) write(p NodeParams) error {
 	if rendered == r.written {
 		return nil
 	}
-	if err := r.m.apply(r.ctx, rs, r.d.resync, r.w); err != nil {
+	var err error
+	if r.read && !r.w.dry {
+		err = r.m.update(r.ctx, rs, r.w)
+	} else {
+		reads := r.d.resync || r.m.written != rendered // else apply has nothing to do
+		err = r.m.apply(r.ctx, rs, r.d.resync, r.w)
+		r.read = err == nil && reads
+	}
+	if err != nil {
 		r.m.params = nil // a table may be written, another not: read back next time
 		return err
 	}
