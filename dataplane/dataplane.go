@@ -485,15 +485,28 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 			prev[f] = next[f]
 		case m.nodeFilter[f].params != nil:
 			prev[f] = *m.nodeFilter[f].params
-		default:
+		}
+	}
+	if !w.dry {
+		var mu sync.Mutex
+		err := eachFamily(d.fams, w, func(f Family, _ *writer) error {
+			if m.nodeFilter[f].params != nil {
+				return nil
+			}
 			// Written by another process (or not at all): read them back.
 			// Not kept as params: that is only ever what this process wrote.
 			actual, err := m.nodeFilter[f].s.Actual(ctx)
 			if err != nil {
 				return err
 			}
+			mu.Lock()
 			prev[f] = adoptedParams(d.cfg, next[f], actual)
+			mu.Unlock()
 			rules[f].read = true
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 	}
 	vethExists := func(name string) bool {
@@ -501,19 +514,19 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		return err == nil
 	}
 	writeRules := func(withCapture, final bool) error {
-		for _, f := range d.fams {
+		if !final && w.dry {
+			return nil
+		}
+		// The families' chains are separate tables written by separate
+		// processes: one step writes them at once.
+		return eachFamily(d.fams, w, func(f Family, w *writer) error {
 			p := next[f]
 			if !final {
-				if w.dry {
-					continue
-				}
 				p = unionParams(prev[f], next[f], vethExists, withCapture)
 			}
-			if err := rules[f].write(p); err != nil {
-				return err
-			}
-		}
-		return nil
+			rules[f].w = w
+			return rules[f].write(p)
+		})
 	}
 
 	// Make: the order is explained in transition.go.
@@ -721,6 +734,39 @@ func (r *ruleWriter) write(p NodeParams) error {
 	r.written = rendered
 	r.m.params = &p // what the kernel holds now
 	return nil
+}
+
+// eachFamily runs f for every family at once, each with a writer of its
+// own; what they did is added to w in family order. Only for steps whose
+// families touch separate kernel objects (iptables tables).
+func eachFamily(fams []Family, w *writer, f func(Family, *writer) error) error {
+	if len(fams) == 1 || w.dry {
+		for _, fam := range fams {
+			if err := f(fam, w); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	ws := make([]*writer, len(fams))
+	errs := make([]error, len(fams))
+	var wg sync.WaitGroup
+	for i, fam := range fams {
+		ws[i] = newWriter(false)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f(fam, ws[i])
+		}()
+	}
+	wg.Wait()
+	for _, fw := range ws {
+		w.res.Changes = append(w.res.Changes, fw.res.Changes...)
+		for k, v := range fw.res.Writes {
+			w.res.Writes[k] += v
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // checkForwarding requires forwarding on for every family the state has
