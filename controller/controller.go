@@ -16,7 +16,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
-	"k8s.io/client-go/tools/cache"
 
 	"github.com/ambient-redirect/ambient-redirect/controller/desired"
 	"github.com/ambient-redirect/ambient-redirect/controller/handover"
@@ -171,7 +170,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		c.inf.cancel()
 	}()
 	c.log.Info("waiting for caches to sync")
-	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
+	if !waitSynced(ctx.Done(), c.inf.synced...) {
 		return errors.New("caches did not sync before shutdown")
 	}
 	c.mu.Lock()

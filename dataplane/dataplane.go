@@ -481,20 +481,35 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*ruleWriter{}
 	for _, f := range d.fams {
 		next[f] = d.nodeParams(zt, live, f)
+		m.nodeFilter[f].s.Forget() // what this convergence reads back counts
 		rules[f] = &ruleWriter{d: d, m: m.nodeFilter[f], ctx: ctx, w: w}
 		switch {
 		case w.dry:
 			prev[f] = next[f]
 		case m.nodeFilter[f].params != nil:
 			prev[f] = *m.nodeFilter[f].params
-		default:
+		}
+	}
+	if !w.dry {
+		var mu sync.Mutex
+		err := eachFamily(d.fams, w, func(f Family, _ *writer) error {
+			if m.nodeFilter[f].params != nil {
+				return nil
+			}
 			// Written by another process (or not at all): read them back.
 			// Not kept as params: that is only ever what this process wrote.
 			actual, err := m.nodeFilter[f].s.Actual(ctx)
 			if err != nil {
 				return err
 			}
+			mu.Lock()
 			prev[f] = adoptedParams(d.cfg, next[f], actual)
+			mu.Unlock()
+			rules[f].read = true
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 	}
 	vethExists := func(name string) bool {
@@ -502,19 +517,19 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		return err == nil
 	}
 	writeRules := func(withCapture, final bool) error {
-		for _, f := range d.fams {
+		if !final && w.dry {
+			return nil
+		}
+		// The families' chains are separate tables written by separate
+		// processes: one step writes them at once.
+		return eachFamily(d.fams, w, func(f Family, w *writer) error {
 			p := next[f]
 			if !final {
-				if w.dry {
-					continue
-				}
 				p = unionParams(prev[f], next[f], vethExists, withCapture)
 			}
-			if err := rules[f].write(p); err != nil {
-				return err
-			}
-		}
-		return nil
+			rules[f].w = w
+			return rules[f].write(p)
+		})
 	}
 
 	// The order is explained in transition.go.
@@ -702,6 +717,9 @@ type ruleWriter struct {
 	ctx     context.Context
 	w       *writer
 	written string
+	// read: the chains were read back in this convergence; the steps
+	// after it start from there instead of reading again (a process).
+	read bool
 }
 
 func (r *ruleWriter) write(p NodeParams) error {
@@ -710,13 +728,54 @@ func (r *ruleWriter) write(p NodeParams) error {
 	if rendered == r.written {
 		return nil
 	}
-	if err := r.m.apply(r.ctx, rs, r.d.resync, r.w); err != nil {
+	var err error
+	if r.read && !r.w.dry {
+		err = r.m.update(r.ctx, rs, r.w)
+	} else {
+		reads := r.d.resync || r.m.written != rendered // else apply has nothing to do
+		err = r.m.apply(r.ctx, rs, r.d.resync, r.w)
+		r.read = err == nil && reads
+	}
+	if err != nil {
 		r.m.params = nil // a table may be written, another not: read back next time
 		return err
 	}
 	r.written = rendered
 	r.m.params = &p // what the kernel holds now
 	return nil
+}
+
+// eachFamily runs f for every family at once, each with a writer of its
+// own; what they did is added to w in family order. Only for steps whose
+// families touch separate kernel objects (iptables tables).
+func eachFamily(fams []Family, w *writer, f func(Family, *writer) error) error {
+	if len(fams) == 1 || w.dry {
+		for _, fam := range fams {
+			if err := f(fam, w); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	ws := make([]*writer, len(fams))
+	errs := make([]error, len(fams))
+	var wg sync.WaitGroup
+	for i, fam := range fams {
+		ws[i] = newWriter(false)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f(fam, ws[i])
+		}()
+	}
+	wg.Wait()
+	for _, fw := range ws {
+		w.res.Changes = append(w.res.Changes, fw.res.Changes...)
+		for k, v := range fw.res.Writes {
+			w.res.Writes[k] += v
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // checkForwarding requires forwarding on for every family the state has
