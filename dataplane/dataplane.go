@@ -324,16 +324,29 @@ func (d *Dataplane) QueueResync() {
 	d.resync = true
 }
 
-// Diff returns what Apply(st) would change, writing nothing. It always
-// reads back everything.
+// Diff returns what Apply(st) would change, writing nothing, the state
+// left in retired ztunnel netns included. It always reads back everything,
+// into copies of the managers: the dataplane's lock is held only to take
+// them, so pod events are not held up by the read-back.
 func (d *Dataplane) Diff(ctx context.Context, st State) ([]string, error) {
+	w := newWriter(true)
+	err := d.diffView().converge(ctx, st, w)
+	return w.res.Changes, err
+}
+
+// diffView is a Dataplane for one dry convergence: the same kernel and
+// configuration, copies of what the last apply left (managers, live ztunnel
+// netns, tunnel port), and nothing shared that converge writes.
+func (d *Dataplane) diffView() *Dataplane {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	port := d.port
-	defer func() { d.port = port }()
-	w := newWriter(true)
-	err := d.converge(ctx, st, w)
-	return w.res.Changes, err
+	return &Dataplane{
+		cfg: d.cfg, log: d.log, node: d.node, openNS: d.openNS,
+		backend: d.backend, backendReason: d.backendReason, tunnel: d.tunnel, tunnelReason: d.tunnelReason,
+		fams: d.fams, order: d.order,
+		mgr: *d.mgr.clone(), lastZtNS: d.lastZtNS, liveNS: slices.Clone(d.liveNS), port: d.port,
+		resync: true, pods: maps.Clone(d.pods),
+	}
 }
 
 func (d *Dataplane) nodePriorities() []int {
@@ -622,18 +635,18 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	for _, z := range live {
 		liveNS = append(liveNS, z.spec.NetNS)
 	}
-	if !w.dry {
-		for _, old := range d.liveNS { // the active one's (lastZtNS) among them
-			if slices.Contains(liveNS, old) {
-				continue
-			}
-			// A ztunnel that holds no connections any more may still run:
-			// take our state out of its netns so it stops intercepting.
-			// Best effort: it may be gone.
-			if err := d.cleanupZtunnelNS(ctx, old, w); err != nil {
-				d.log.Info("old ztunnel netns not cleaned (likely gone)", zap.String("netns", old), zap.Error(err))
-			}
+	for _, old := range d.liveNS { // the active one's (lastZtNS) among them
+		if slices.Contains(liveNS, old) {
+			continue
 		}
+		// A ztunnel that holds no connections any more may still run:
+		// take our state out of its netns so it stops intercepting.
+		// Best effort: it may be gone. (Dry, this lists what is left there.)
+		if err := d.cleanupZtunnelNS(ctx, old, w); err != nil && !w.dry {
+			d.log.Info("old ztunnel netns not cleaned (likely gone)", zap.String("netns", old), zap.Error(err))
+		}
+	}
+	if !w.dry {
 		d.lastZtNS, d.liveNS = newNS, liveNS
 		drain := make([]*Ztunnel, len(st.Draining))
 		for i, z := range st.Draining {
