@@ -84,11 +84,15 @@ type Dataplane struct {
 	// (the active one and a draining one).
 	liveNS []string
 	port   int
-	// resync makes the next Apply verify the iptables chains even when the
-	// rendered rules did not change. Reading them back costs a process per
-	// table, so per-pod applies skip it (they only touch ipset members and
-	// routes); the periodic resync repairs iptables drift.
-	resync bool
+	// Queued read-backs, per kind of manager. resync makes the next apply a
+	// full one: every netlink object (set members, routes, rules, tunnels,
+	// sysctls) is read back and repaired; netlink drift queues only this.
+	// resyncIPT makes it verify the iptables chains too even when the
+	// rendered rules did not change: reading them back costs a process per
+	// table, so only the periodic resync, a failure or the iptables watch
+	// queue it. Pod-only applies skip both (they touch ipset members and
+	// routes only).
+	resync, resyncIPT bool
 	// fast holds what a pod-only apply needs from the last full one; nil
 	// forces a full apply.
 	fast *fastPath
@@ -149,7 +153,7 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, mgr: newManagers(), resync: true,
+	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, mgr: newManagers(), resync: true, resyncIPT: true,
 		pods: map[string]Pod{}}
 	if d.log == nil {
 		d.log = zap.NewNop()
@@ -307,7 +311,7 @@ func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
 	w := newWriter(false)
 	err := d.converge(ctx, st, w)
 	// A failure may leave anything half-done: verify everything next time.
-	d.resync = err != nil
+	d.resync, d.resyncIPT = err != nil, err != nil
 	w.res.Elapsed = time.Since(start)
 	if n := w.res.TotalWrites(); n > 0 || err != nil {
 		d.log.Info("dataplane apply", zap.Int("pods", len(st.Pods)), zap.Bool("ztunnel", st.Ztunnel != nil),
@@ -319,6 +323,15 @@ func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
 // QueueResync makes the next Apply read back and repair everything,
 // including the iptables chains.
 func (d *Dataplane) QueueResync() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.resync, d.resyncIPT = true, true
+}
+
+// queueNetlinkResync makes the next Apply read back and repair the netlink
+// objects (netlink drift): the iptables chains are read only if their
+// rendering changed.
+func (d *Dataplane) queueNetlinkResync() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.resync = true
@@ -345,7 +358,7 @@ func (d *Dataplane) diffView() *Dataplane {
 		backend: d.backend, backendReason: d.backendReason, tunnel: d.tunnel, tunnelReason: d.tunnelReason,
 		fams: d.fams, order: d.order,
 		mgr: *d.mgr.clone(), lastZtNS: d.lastZtNS, liveNS: slices.Clone(d.liveNS), port: d.port,
-		resync: true, pods: maps.Clone(d.pods),
+		resync: true, resyncIPT: true, pods: maps.Clone(d.pods),
 	}
 }
 
@@ -428,7 +441,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := st.Validate(); err != nil {
 		return err
 	}
-	if f := d.fast; f != nil && !w.dry && !d.resync && sameZtunnel(f.spec, st.Ztunnel) &&
+	if f := d.fast; f != nil && !w.dry && !d.resync && !d.resyncIPT && sameZtunnel(f.spec, st.Ztunnel) &&
 		slices.EqualFunc(f.draining, st.Draining, sameZtunnel) {
 		// Pod churn with the same ztunnel: only ipset members and table-100
 		// routes can differ. Everything else is verified by the resync.
@@ -745,8 +758,8 @@ func (r *ruleWriter) write(p NodeParams) error {
 	if r.read && !r.w.dry {
 		err = r.m.update(r.ctx, rs, r.w)
 	} else {
-		reads := r.d.resync || r.m.written != rendered // else apply has nothing to do
-		err = r.m.apply(r.ctx, rs, r.d.resync, r.w)
+		reads := r.d.resyncIPT || r.m.written != rendered // else apply has nothing to do
+		err = r.m.apply(r.ctx, rs, r.d.resyncIPT, r.w)
 		r.read = err == nil && reads
 	}
 	if err != nil {
@@ -925,7 +938,7 @@ func (d *Dataplane) UpdatePods(ctx context.Context, upsert []Pod, remove []strin
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	f := d.fast
-	if f == nil || d.resync {
+	if f == nil || d.resync || d.resyncIPT {
 		pods := maps.Clone(d.pods)
 		for _, uid := range remove {
 			delete(pods, uid)
@@ -940,7 +953,7 @@ func (d *Dataplane) UpdatePods(ctx context.Context, upsert []Pod, remove []strin
 	start := time.Now()
 	w := newWriter(false)
 	err := d.updatePods(upsert, remove, f, w)
-	d.resync = err != nil
+	d.resync, d.resyncIPT = err != nil, err != nil
 	w.res.Elapsed = time.Since(start)
 	return *w.res, err
 }

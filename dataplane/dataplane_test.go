@@ -848,3 +848,41 @@ func TestDiffListsTheRetiredZtunnelNetns(t *testing.T) {
 		t.Fatalf("after the switch Diff = %v, %v; want nothing pending", diff, err)
 	}
 }
+
+// TestNetlinkDriftReadsNoIPTables: netlink drift queues the read-back of
+// the netlink managers only: the next apply repairs a deleted route of
+// ours without reading the iptables chains (a process per table on a real
+// node); the periodic resync reads them too.
+func TestNetlinkDriftReadsNoIPTables(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	ctx := context.Background()
+	st := State{Ztunnel: f.zt, Pods: pods(2)}
+	if _, err := d.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	ours := &netlink.Route{Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol), Table: d.cfg.Tables.Inbound}
+	routes, err := f.nl.RouteListFiltered(unix.AF_INET, ours, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil || len(routes) == 0 {
+		t.Fatalf("no inbound routes of ours: %v %v", routes, err)
+	}
+	if err := f.nl.RouteDel(&routes[0]); err != nil {
+		t.Fatal(err)
+	}
+	saves := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves
+	d.queueNetlinkResync()
+	res, err := d.Apply(ctx, st)
+	if err != nil || res.Writes[KindRoute] != 1 {
+		t.Fatalf("repair after netlink drift: %v %v, want the one route back", res.Writes, err)
+	}
+	if got := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves; got != saves {
+		t.Fatalf("netlink drift read the iptables chains %d times", got-saves)
+	}
+	d.QueueResync()
+	if _, err := d.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves; got == saves {
+		t.Fatal("the periodic resync did not read the iptables chains")
+	}
+}
