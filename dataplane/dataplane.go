@@ -874,12 +874,12 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 	for _, p := range upsert {
 		for _, a := range p.IPs {
 			a = a.Unmap()
-			other, ok := d.mgr.sets[FamilyOf(a)].t.Desired(a)
-			if !ok || leaving[other] {
-				other, ok = claimed[a]
+			holder, ok := d.mgr.sets[FamilyOf(a)].t.Desired(a)
+			if !ok || leaving[holder] {
+				holder = claimed[a]
 			}
-			if ok && other != p.UID {
-				return fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, other, p.UID)
+			if err := claim(a, p.UID, holder); err != nil {
+				return err
 			}
 			claimed[a] = p.UID
 		}
