@@ -21,7 +21,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/watch"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
@@ -116,7 +115,7 @@ type Hooks struct {
 // Controller keeps this node's dataplane converged from the API.
 type Controller struct {
 	cfg    Config
-	client kubernetes.Interface
+	client API
 	log    *zap.Logger
 	hooks  Hooks
 	// newDP creates the dataplane once the caches have synced: not even a
@@ -172,7 +171,7 @@ type podEntry struct {
 }
 
 // New builds a controller. newDP is called after the caches synced.
-func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context) (Dataplane, error), log *zap.Logger, hooks Hooks) *Controller {
+func New(client API, cfg Config, newDP func(ctx context.Context) (Dataplane, error), log *zap.Logger, hooks Hooks) *Controller {
 	if cfg.ResyncPeriod <= 0 {
 		cfg.ResyncPeriod = 30 * time.Second
 	}
@@ -203,7 +202,7 @@ type informerSet struct {
 // resident memory (the binary's mapped pages) several MiB larger.
 func (c *Controller) newInformers(ctx context.Context) *informerSet {
 	node := c.cfg.Selection.NodeName
-	core := c.client.CoreV1()
+	core := c.client
 	newInformer := func(obj runtime.Object, transform cache.TransformFunc, lw *cache.ListWatch) cache.SharedIndexInformer {
 		inf := cache.NewSharedIndexInformerWithOptions(lw, obj, cache.SharedIndexInformerOptions{
 			Indexers: cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc},
@@ -300,7 +299,7 @@ func (c *Controller) watchAPI(ctx context.Context) {
 		case <-t.C:
 		}
 		pctx, cancel := context.WithTimeout(ctx, every)
-		err := c.client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(pctx).Error()
+		err := c.client.Readyz(pctx)
 		cancel()
 		switch {
 		case err != nil && !down:
