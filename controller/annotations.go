@@ -11,7 +11,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 
 	"github.com/ambient-redirect/ambient-redirect/selection"
@@ -23,7 +22,7 @@ import (
 // annotator makes the annotations follow what the controller programmed.
 // It reads the pod cache and the programmed set, and writes the API only.
 type annotator struct {
-	client kubernetes.Interface
+	client API
 	log    *zap.Logger
 	// pods is the pod cache of the current informer generation.
 	pods func() corelisters.PodLister
@@ -33,7 +32,7 @@ type annotator struct {
 	kick           chan struct{}
 }
 
-func newAnnotator(client kubernetes.Interface, log *zap.Logger, pods func() corelisters.PodLister, withProgrammed func(func(map[types.UID]bool))) *annotator {
+func newAnnotator(client API, log *zap.Logger, pods func() corelisters.PodLister, withProgrammed func(func(map[types.UID]bool))) *annotator {
 	return &annotator{client: client, log: log, pods: pods, withProgrammed: withProgrammed, kick: make(chan struct{}, 1)}
 }
 

@@ -11,31 +11,30 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
 )
 
 // patchRedirection sets the redirection annotation of pod to value (nil
 // removes it: JSON null); a resourceVersion makes the patch conditional.
-func patchRedirection(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, value any, resourceVersion string) error {
+func patchRedirection(ctx context.Context, client API, pod *corev1.Pod, value any, resourceVersion string) error {
 	meta := map[string]any{"annotations": map[string]any{selection.RedirectionAnno: value}}
 	if resourceVersion != "" {
 		meta["resourceVersion"] = resourceVersion
 	}
 	patch, _ := json.Marshal(map[string]any{"metadata": meta})
-	_, err := client.CoreV1().Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{})
+	_, err := client.Pods(pod.Namespace).Patch(ctx, pod.Name, types.MergePatchType, patch, metav1.PatchOptions{})
 	return err
 }
 
 // RemoveAnnotations removes selection.RedirectionAnno=enabled from node's pods (for
 // `cleanup`, once the kernel no longer redirects them) and returns how many
 // pods lost it. An opt-out ("disabled") is never touched.
-func RemoveAnnotations(ctx context.Context, client kubernetes.Interface, node string) (int, error) {
+func RemoveAnnotations(ctx context.Context, client API, node string) (int, error) {
 	if node == "" {
 		return 0, errors.New("no node name")
 	}
 	removed := 0
 	for attempt := 1; ; attempt++ {
-		list, err := client.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
+		list, err := client.Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
 		if err != nil {
 			return removed, fmt.Errorf("list pods of node %s: %w", node, err)
 		}

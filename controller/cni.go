@@ -143,7 +143,7 @@ func (c *Controller) cniLookup(ctx context.Context, req cni.Request) (pod *corev
 	pod, err = podLister.Pods(req.PodNamespace).Get(req.PodName)
 	cached = err == nil && (req.PodUID == "" || string(pod.UID) == req.PodUID)
 	if !cached {
-		pod, err = c.client.CoreV1().Pods(req.PodNamespace).Get(ctx, req.PodName, metav1.GetOptions{})
+		pod, err = c.client.Pods(req.PodNamespace).Get(ctx, req.PodName, metav1.GetOptions{})
 		if err != nil {
 			return nil, nil, false, fmt.Errorf("pod %s/%s: %w", req.PodNamespace, req.PodName, err)
 		}
@@ -154,7 +154,7 @@ func (c *Controller) cniLookup(ctx context.Context, req cni.Request) (pod *corev
 	}
 	ns, err = nsLister.Get(req.PodNamespace)
 	if err != nil {
-		ns, err = c.client.CoreV1().Namespaces().Get(ctx, req.PodNamespace, metav1.GetOptions{})
+		ns, err = c.client.Namespaces().Get(ctx, req.PodNamespace, metav1.GetOptions{})
 		if err != nil && !apierrors.IsNotFound(err) {
 			return nil, nil, false, fmt.Errorf("namespace %s: %w", req.PodNamespace, err)
 		}

@@ -14,7 +14,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 
 	"github.com/ambient-redirect/ambient-redirect/controller/desired"
@@ -65,7 +64,7 @@ type Hooks struct {
 // Controller keeps this node's dataplane converged from the API.
 type Controller struct {
 	cfg    Config
-	client kubernetes.Interface
+	client API
 	log    *zap.Logger
 	hooks  Hooks
 	// newDP creates the dataplane once the caches have synced: not even a
@@ -118,7 +117,7 @@ type Controller struct {
 type podEntry = desired.Entry
 
 // New builds a controller. newDP is called after the caches synced.
-func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context) (Dataplane, error), log *zap.Logger, hooks Hooks) *Controller {
+func New(client API, cfg Config, newDP func(ctx context.Context) (Dataplane, error), log *zap.Logger, hooks Hooks) *Controller {
 	if cfg.ResyncPeriod <= 0 {
 		cfg.ResyncPeriod = 30 * time.Second
 	}

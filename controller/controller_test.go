@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
@@ -67,11 +68,20 @@ func (f *fakeDP) nextWrites() map[string]int {
 	return w
 }
 
+// clientsetAPI is a client-go clientset (a fake here) as the API.
+type clientsetAPI struct{ kubernetes.Interface }
+
+func (c clientsetAPI) Pods(ns string) PodAPI    { return c.CoreV1().Pods(ns) }
+func (c clientsetAPI) Namespaces() NamespaceAPI { return c.CoreV1().Namespaces() }
+func (c clientsetAPI) Readyz(ctx context.Context) error {
+	return c.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error()
+}
+
 // newTestController is a controller over client (its informers synced)
 // and dp, before its first sync.
 func newTestController(tb testing.TB, ctx context.Context, client *fake.Clientset, dp Dataplane, hooks Hooks) *Controller {
 	tb.Helper()
-	c := New(client, Config{Selection: selOpts()}, nil, zap.NewNop(), hooks)
+	c := New(clientsetAPI{client}, Config{Selection: selOpts()}, nil, zap.NewNop(), hooks)
 	c.inf, c.dp = c.newInformers(ctx), dp
 	tb.Cleanup(c.inf.cancel)
 	if !cache.WaitForCacheSync(ctx.Done(), c.inf.synced...) {
@@ -235,7 +245,7 @@ func TestRemoveAnnotations(t *testing.T) {
 		}
 		return true, nil, apierrors.NewConflict(schema.GroupResource{Resource: "pods"}, "racing", errors.New("changed"))
 	})
-	n, err := RemoveAnnotations(ctx, client, "n1")
+	n, err := RemoveAnnotations(ctx, clientsetAPI{client}, "n1")
 	if err != nil || n != 2 {
 		t.Fatalf("removed %d, %v; want 2", n, err)
 	}
@@ -255,7 +265,7 @@ func TestRemoveAnnotations(t *testing.T) {
 	if !raced {
 		t.Fatal("the racing pod was never patched")
 	}
-	if n, err := RemoveAnnotations(ctx, client, "n1"); err != nil || n != 0 {
+	if n, err := RemoveAnnotations(ctx, clientsetAPI{client}, "n1"); err != nil || n != 0 {
 		t.Fatalf("second run removed %d, %v", n, err)
 	}
 }

@@ -140,7 +140,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 }
 
 func (s *DebugServer) healthz(w http.ResponseWriter, _ *http.Request) {
-	st := s.ctl.Status()
+	st := s.ctl.Summary()
 	body := map[string]any{"status": "ok", "lastSuccess": st.LastSuccess, "pendingSince": st.PendingSince, "timeout": s.LiveTimeout.String()}
 	if st.PendingSince != nil && time.Since(*st.PendingSince) > s.LiveTimeout {
 		body["status"] = "a queued change has waited longer than the timeout"
@@ -151,7 +151,7 @@ func (s *DebugServer) healthz(w http.ResponseWriter, _ *http.Request) {
 }
 
 func (s *DebugServer) readyz(w http.ResponseWriter, _ *http.Request) {
-	st := s.ctl.Status()
+	st := s.ctl.Summary()
 	failed := s.failedChecks()
 	ready := st.FirstSyncDone && len(failed) == 0
 	body := map[string]any{"ready": ready, "cachesSynced": st.Synced, "lastSuccess": st.LastSuccess}

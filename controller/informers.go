@@ -37,7 +37,7 @@ type informerSet struct {
 // resident memory (the binary's mapped pages) several MiB larger.
 func (c *Controller) newInformers(ctx context.Context) *informerSet {
 	node := c.cfg.Selection.NodeName
-	core := c.client.CoreV1()
+	core := c.client
 	newInformer := func(obj runtime.Object, transform cache.TransformFunc, lw *cache.ListWatch) cache.SharedIndexInformer {
 		inf := cache.NewSharedIndexInformerWithOptions(lw, obj, cache.SharedIndexInformerOptions{
 			Indexers: cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc},
@@ -134,7 +134,7 @@ func (c *Controller) watchAPI(ctx context.Context) {
 		case <-t.C:
 		}
 		pctx, cancel := context.WithTimeout(ctx, every)
-		err := c.client.Discovery().RESTClient().Get().AbsPath("/readyz").Do(pctx).Error()
+		err := c.client.Readyz(pctx)
 		cancel()
 		switch {
 		case err != nil && !down:

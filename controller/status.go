@@ -53,7 +53,7 @@ type Status struct {
 func (c *Controller) Status() Status {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	s := c.status
+	s := c.summary()
 	s.Pods = make([]PodStatus, 0, len(c.pods))
 	for _, e := range c.pods {
 		s.Pods = append(s.Pods, e.Status)
@@ -61,6 +61,21 @@ func (c *Controller) Status() Status {
 	slices.SortFunc(s.Pods, func(a, b PodStatus) int {
 		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
+	return s
+}
+
+// Summary is Status without the pods: what the health and readiness
+// probes read, at a cost (and a hold on the sync loop's lock) that does
+// not grow with the node's pods.
+func (c *Controller) Summary() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.summary()
+}
+
+// summary is Status without the pods. Called with c.mu held.
+func (c *Controller) summary() Status {
+	s := c.status
 	s.DriftRepairs = map[string]int{}
 	for k, v := range c.status.DriftRepairs {
 		s.DriftRepairs[k] = v

@@ -507,7 +507,9 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*ruleWriter{}
 	for _, f := range d.fams {
 		next[f] = d.nodeParams(zt, live, f)
-		m.nodeFilter[f].s.Forget() // what this convergence reads back counts
+		if d.resyncIPT {
+			m.nodeFilter[f].s.Forget() // verified by what this convergence reads back
+		}
 		rules[f] = &ruleWriter{d: d, m: m.nodeFilter[f], ctx: ctx, w: w}
 		switch {
 		case w.dry:
@@ -743,7 +745,7 @@ type ruleWriter struct {
 	ctx     context.Context
 	w       *writer
 	written string
-	// read: the chains were read back in this convergence; the steps
+	// read: a resync's convergence has read the chains back; the steps
 	// after it start from there instead of reading again (a process).
 	read bool
 }
@@ -755,12 +757,17 @@ func (r *ruleWriter) write(p NodeParams) error {
 		return nil
 	}
 	var err error
-	if r.read && !r.w.dry {
-		err = r.m.update(r.ctx, rs, r.w)
-	} else {
-		reads := r.d.resyncIPT || r.m.written != rendered // else apply has nothing to do
+	switch {
+	case r.w.dry:
 		err = r.m.apply(r.ctx, rs, r.d.resyncIPT, r.w)
-		r.read = err == nil && reads
+	case r.d.resyncIPT && !r.read:
+		err = r.m.apply(r.ctx, rs, true, r.w)
+		r.read = err == nil
+	default:
+		// Between resyncs the chains are what this process last wrote or
+		// read (as m.written already assumes); the jumps' positions, which
+		// other agents change, are read again before one is deleted.
+		err = r.m.update(r.ctx, rs, !r.d.resyncIPT, r.w)
 	}
 	if err != nil {
 		r.m.params = nil // a table may be written, another not: read back next time

@@ -42,11 +42,15 @@ func (m *filterManager) apply(ctx context.Context, rs iptables.Ruleset, verify b
 	return nil
 }
 
-// update converges the chains to rs starting from the tables as this
-// convergence last read them back (see iptables.Syncer.Update): the later
-// steps of a transition do not read them again.
-func (m *filterManager) update(ctx context.Context, rs iptables.Ruleset, w *writer) error {
+// update converges the chains to rs starting from the tables as last read
+// back or written (see iptables.Syncer.Update): the steps of a transition
+// do not read them again. With trustWritten, a ruleset equal to the one
+// last converged to costs nothing.
+func (m *filterManager) update(ctx context.Context, rs iptables.Ruleset, trustWritten bool, w *writer) error {
 	rendered := rs.Render()
+	if trustWritten && m.written == rendered {
+		return nil
+	}
 	m.written = ""
 	res, err := m.s.Update(ctx, rs)
 	recordIPTables(res, w)

@@ -19,7 +19,6 @@ import (
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
@@ -172,7 +171,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	}
 	restCfg.UserAgent = "ambient-redirect/" + o.NodeName
 	restCfg.QPS, restCfg.Burst = float32(o.KubeAPIQPS), o.KubeAPIBurst
-	client, err := kubernetes.NewForConfig(restCfg)
+	client, err := controller.NewAPI(restCfg)
 	if err != nil {
 		log.Error("kubernetes client", zap.Error(err))
 		return 1
@@ -308,7 +307,7 @@ func removeAnnotations(o *Options) (int, error) {
 	restCfg.UserAgent = "ambient-redirect-cleanup/" + o.NodeName
 	restCfg.QPS, restCfg.Burst = float32(o.KubeAPIQPS), o.KubeAPIBurst
 	restCfg.Timeout = 5 * time.Second // per request
-	client, err := kubernetes.NewForConfig(restCfg)
+	client, err := controller.NewAPI(restCfg)
 	if err != nil {
 		return 0, fmt.Errorf("kubernetes client: %w", err)
 	}

@@ -133,8 +133,24 @@ type Result struct {
 // dryRun it only reports the changes.
 func (s *Syncer) Sync(ctx context.Context, desired Ruleset, dryRun bool) (Result, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.sync(ctx, desired, dryRun, nil)
+	res, learn, err := s.sync(ctx, desired, dryRun, nil)
+	s.unlockAfter(learn)
+	return res, err
+}
+
+// unlockAfter releases the syncer once learn (nil: nothing to learn) has
+// read back what was just written. That read runs in the background: the
+// caller goes on with its other writes while it runs, and the syncer's next
+// use waits for it.
+func (s *Syncer) unlockAfter(learn func()) {
+	if learn == nil {
+		s.mu.Unlock()
+		return
+	}
+	go func() {
+		defer s.mu.Unlock()
+		learn()
+	}()
 }
 
 // Update is Sync starting from the tables as this syncer last read them back
@@ -144,15 +160,17 @@ func (s *Syncer) Sync(ctx context.Context, desired Ruleset, dryRun bool) (Result
 // (they may have moved since) is made again from a fresh read.
 func (s *Syncer) Update(ctx context.Context, desired Ruleset) (Result, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.last != nil {
-		res, err := s.sync(ctx, desired, false, s.last)
+		res, learn, err := s.sync(ctx, desired, false, s.last)
 		if err == nil || !errors.Is(err, errStale) {
+			s.unlockAfter(learn)
 			return res, err
 		}
 		s.last = nil
 	}
-	return s.sync(ctx, desired, false, nil)
+	res, learn, err := s.sync(ctx, desired, false, nil)
+	s.unlockAfter(learn)
+	return res, err
 }
 
 // Forget drops what the syncer last read back: the next Update reads.
@@ -167,14 +185,15 @@ func (s *Syncer) Forget() {
 var errStale = errors.New("tables read earlier may be stale")
 
 // sync plans from from (nil: read back now) and writes every table that
-// differs in one iptables-restore.
-func (s *Syncer) sync(ctx context.Context, desired Ruleset, dryRun bool, from map[string]Parsed) (Result, error) {
+// differs in one iptables-restore. learn, when not nil, is to run next,
+// before anything else uses the syncer (see unlockAfter).
+func (s *Syncer) sync(ctx context.Context, desired Ruleset, dryRun bool, from map[string]Parsed) (_ Result, learn func(), _ error) {
 	var res Result
 	all := from
 	if all == nil {
 		saved, err := s.run.Save(ctx, "")
 		if err != nil {
-			return res, err
+			return res, nil, err
 		}
 		all = ParseSaveAll(saved)
 		if !dryRun { // a dry run (Diff) may run beside a convergence: leave its reads alone
@@ -194,7 +213,7 @@ func (s *Syncer) sync(ctx context.Context, desired Ruleset, dryRun bool, from ma
 			continue
 		}
 		if from != nil && byPosition {
-			return Result{}, errStale
+			return Result{}, nil, errStale
 		}
 		res.Changes = append(res.Changes, changes...)
 		input.WriteString(in)
@@ -202,14 +221,14 @@ func (s *Syncer) sync(ctx context.Context, desired Ruleset, dryRun bool, from ma
 		written = append(written, table)
 	}
 	if dryRun || input.Len() == 0 {
-		return res, nil
+		return res, nil, nil
 	}
 	// One process for every table that changed: each table is still its
 	// own transaction (COMMIT), in the order of Tables.
 	s.last = nil // unknown until read back
 	if err := s.run.Restore(ctx, input.String()); err != nil {
 		res.Changes = nil
-		return res, fmt.Errorf("iptables-restore (%s, tables %s): %w", s.run.Backend(), strings.Join(written, ","), err)
+		return res, nil, fmt.Errorf("iptables-restore (%s, tables %s): %w", s.run.Backend(), strings.Join(written, ","), err)
 	}
 	res.Restores++
 	if drops.Len() > 0 {
@@ -222,8 +241,10 @@ func (s *Syncer) sync(ctx context.Context, desired Ruleset, dryRun bool, from ma
 			res.Restores++
 		}
 	}
-	s.learn(ctx, desired, written)
-	return res, nil
+	if s.knows(desired, written) {
+		return res, nil, nil
+	}
+	return res, func() { s.learn(ctx, desired, written) }, nil
 }
 
 // ParseSaveAll parses the output of iptables-save for all tables.
@@ -425,28 +446,29 @@ func (s *Syncer) equal(want, have []string) bool {
 	return true
 }
 
-// learn records how the kernel printed back what we just wrote to tables,
-// reading every table back in one process, which also tells the next
-// Update where the tables stand. When every line written has been learnt
-// before, nothing is read.
-func (s *Syncer) learn(ctx context.Context, desired Ruleset, tables []string) {
-	known := true
+// knows reports that every line of desired's chains in tables has been
+// learnt before: learning them again would read nothing new.
+func (s *Syncer) knows(desired Ruleset, tables []string) bool {
 	for _, c := range desired {
 		if !slices.Contains(tables, c.Table) {
 			continue
 		}
 		for _, r := range c.Rules {
-			_, ok := s.learned[r]
-			known = known && ok
+			if _, ok := s.learned[r]; !ok {
+				return false
+			}
 		}
-		if c.Parent != "" {
-			_, ok := s.learned[jumpSpec(c.Name)]
-			known = known && ok
+		if _, ok := s.learned[jumpSpec(c.Name)]; c.Parent != "" && !ok {
+			return false
 		}
 	}
-	if known {
-		return
-	}
+	return true
+}
+
+// learn records how the kernel printed back what we just wrote to tables,
+// reading every table back in one process, which also tells the next
+// Update where the tables stand. Called with s.mu held.
+func (s *Syncer) learn(ctx context.Context, desired Ruleset, tables []string) {
 	saved, err := s.run.Save(ctx, "")
 	if err != nil {
 		return // learning is an optimisation only

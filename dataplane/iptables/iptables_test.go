@@ -144,9 +144,13 @@ func TestUpdateStartsFromLastReadBack(t *testing.T) {
 	r := &countingRunner{Fake: NewFake()}
 	s := NewSyncer(r, "ztunnel-")
 	ctx := context.Background()
+	// The read-back that learns runs in the background; the syncer's next
+	// use waits for it.
+	settle := func() { s.mu.Lock(); s.mu.Unlock() }
 	if _, err := s.Sync(ctx, testRules, false); err != nil {
 		t.Fatal(err)
 	}
+	settle()
 	if r.saves != 2 || r.restores != 1 { // read, write all tables, learn
 		t.Fatalf("first sync: %d saves, %d restores", r.saves, r.restores)
 	}
@@ -155,6 +159,7 @@ func TestUpdateStartsFromLastReadBack(t *testing.T) {
 	if _, err := s.Update(ctx, next); err != nil {
 		t.Fatal(err)
 	}
+	settle()
 	if r.saves != 3 || r.restores != 2 { // no read before the write; learn the new line
 		t.Fatalf("update: %d saves, %d restores", r.saves, r.restores)
 	}

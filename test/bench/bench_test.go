@@ -214,16 +214,18 @@ func TestNodeScale(t *testing.T) {
 	node := e.Nodes[0]
 	a1 := e.RunPod(t, node, harness.AmbientNS, "a1")
 	a2 := e.RunPod(t, node, harness.AmbientNS, "a2")
-	wrap := wrapBinaries(t)
-	e.AgentEnv = []string{"PATH=" + wrap.dir + ":" + os.Getenv("PATH")}
 	if g := os.Getenv("AR_BENCH_GOGC"); g != "" {
 		e.AgentEnv = append(e.AgentEnv, "GOGC="+g)
 	}
 	res := &results{}
 	fmt.Printf("%-58s %-48s %-14s %s\n", "measurement", "value", "target", "")
 	if selected("start") {
+		// The agents as deployed: without the launch-counting wrappers
+		// below (a shell started in front of every iptables binary).
 		startToCapture(t, e, a1, e.RunPod(t, e.Nodes[1], harness.AmbientNS, "b1"), res)
 	}
+	wrap := wrapBinaries(t)
+	e.AgentEnv = append(e.AgentEnv, "PATH="+wrap.dir+":"+os.Getenv("PATH"))
 	e.StartAgent(t, node, "--resync-period", "1h")
 
 	var pods []*corev1.Pod
@@ -304,6 +306,7 @@ func footprint(t *testing.T, e *harness.Env, node *harness.Node, res *results) {
 	cpu1, rss1 := procStat(t, pid)
 	syncs := e.Metric(t, node, "ambient_redirect_syncs_total") - syncs0
 	res.add("agent RSS at idle, 250 dual-stack pods", fmt.Sprintf("%.1f MiB (%.1f..%.1f)", float64(max(rss0, rss1))/1024, float64(rss0)/1024, float64(rss1)/1024), "≤ 36 MiB", max(rss0, rss1) <= 36*1024)
+	res.add("  of which anonymous / the binary and libraries (file)", fmt.Sprintf("%.1f / %.1f MiB", float64(procStatus(t, pid, "RssAnon"))/1024, float64(procStatus(t, pid, "RssFile"))/1024), "", true)
 	res.add("agent CPU at idle, 250 pods (10s)", fmt.Sprintf("%.2f%% of a core (%.0f syncs)", 100*(cpu1-cpu0)/10, syncs), "", true)
 }
 
@@ -413,17 +416,22 @@ func switchover(t *testing.T, e *harness.Env, node *harness.Node, a1, a2 *harnes
 	var took []time.Duration
 	for r := range *runs + 2 {
 		old := node.ZT
+		// The active ztunnel is the newest by start time, which the API
+		// keeps in whole seconds: the new one must start in a later second.
+		if ts := old.Pod.Obj.Status.StartTime; ts != nil {
+			time.Sleep(time.Until(ts.Add(1100 * time.Millisecond)))
+		}
 		nz := e.StartZtunnel(t, node, fmt.Sprintf("ztunnel-next-%d", r))
 		dst := harness.Hostport(a2.IP, harness.EchoPort)
 		// Connect until a connection lands on the new ztunnel (earlier ones
-		// go through the old one, or fail fast in between).
+		// go through the old one, or fail fast in between). A ztunnel
+		// records a connection before it relays a byte, so a round trip it
+		// captured is counted when it returns: no need to wait for the
+		// record (waiting 50 ms after every round trip through the old
+		// ztunnel made this measurement 50 ms coarse).
 		d, ok := waitFor(5*time.Second, func() bool {
 			before := nz.Count(t, 15001, a1.IP, dst)
-			if harness.RoundTrip(a1, dst) != nil {
-				return false
-			}
-			_, seen := waitFor(50*time.Millisecond, func() bool { return nz.Count(t, 15001, a1.IP, dst) > before })
-			return seen
+			return harness.RoundTrip(a1, dst) == nil && nz.Count(t, 15001, a1.IP, dst) > before
 		})
 		if !ok {
 			t.Fatalf("switchover %d: new ztunnel never captured", r)
@@ -491,6 +499,21 @@ func syncedAt(t *testing.T, log string, start time.Time) time.Duration {
 		}
 	}
 	t.Fatalf("no caches-synced line in:\n%s", log)
+	return 0
+}
+
+// procStatus returns a KiB field of /proc/PID/status (0 when absent).
+func procStatus(t *testing.T, pid int, field string) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, field+":") {
+			v, _ := strconv.Atoi(strings.Fields(l)[1])
+			return v
+		}
+	}
 	return 0
 }
 
