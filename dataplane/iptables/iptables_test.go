@@ -146,7 +146,10 @@ func TestUpdateStartsFromLastReadBack(t *testing.T) {
 	ctx := context.Background()
 	// The read-back that learns runs in the background; the syncer's next
 	// use waits for it.
-	settle := func() { s.mu.Lock(); s.mu.Unlock() }
+	settle := func() {
+		s.mu.Lock()
+		defer s.mu.Unlock() //nolint:staticcheck // SA2001: waiting for the holder is the point
+	}
 	if _, err := s.Sync(ctx, testRules, false); err != nil {
 		t.Fatal(err)
 	}
