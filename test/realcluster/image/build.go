@@ -81,15 +81,14 @@ func Build(repo, outDir, cacheDir string, agentTags []string, logf func(string, 
 	for name, pkg := range AgentBinaries {
 		pkgs[name] = pkg
 	}
-	args := []string{"build", "-trimpath", "-ldflags=-s -w", "-o", bin + "/"}
-	for _, pkg := range pkgs {
-		args = append(args, pkg)
-	}
-	cmd := exec.Command("go", args...)
-	cmd.Dir = repo
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return a, fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
+	for name, pkg := range pkgs {
+		args := []string{"build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(bin, name), pkg}
+		cmd := exec.Command("go", args...)
+		cmd.Dir = repo
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return a, fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
 	}
 	read := func(name string) ([]byte, error) { return os.ReadFile(filepath.Join(bin, name)) }
 	single := func(name, binName, dst, ref string, cfg Config) (string, error) {
