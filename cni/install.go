@@ -9,16 +9,27 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"syscall"
 
 	"go.uber.org/zap"
 )
 
-// Names of what the installer writes.
+// Names of what the installer reads and writes.
 const (
-	BinaryName     = "ambient-redirect-cni"        // in BinDir
-	KubeconfigName = "ambient-redirect-kubeconfig" // in ConfDir; no config extension, so runtimes skip it
+	// SourceBinaryName is the plugin's file name where it is built and
+	// shipped (next to the agent in the image).
+	SourceBinaryName = "ambient-redirect-cni"
+	// BinaryName is its name in BinDir: a runtime (libcni) finds a plugin by
+	// the entry's type in its bin dirs, so it must be the type.
+	BinaryName = PluginType
+	// KubeconfigName is in ConfDir; no config extension, so runtimes skip it.
+	KubeconfigName = "ambient-redirect-kubeconfig"
 )
+
+// legacyBinaryNames are names earlier versions installed the plugin under
+// in BinDir (no runtime could find it there); install and uninstall remove them.
+var legacyBinaryNames = []string{SourceBinaryName}
 
 var (
 	// ErrNotInstalled is Uninstall's answer when no config file has our entry.
@@ -57,13 +68,39 @@ type Installer struct {
 	// then keeps a rotating token current).
 	KubeconfigFunc func() ([]byte, error)
 	Log            *zap.Logger
+
+	mu      sync.Mutex
+	lastErr error // of the last install; nil before the first
+	done    bool  // an install has run
+}
+
+// Healthy is nil once the last install (Install or Watch's) succeeded: the
+// plugin is in place under its type, runnable, and its entry is in the
+// primary conflist. Until then it says what is wrong; the agent is not
+// ready meanwhile, so a rollout never looks healthy on a node whose
+// runtime cannot run the plugin.
+func (in *Installer) Healthy() error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if !in.done {
+		return errors.New("the CNI plugin is not installed yet")
+	}
+	return in.lastErr
+}
+
+func (in *Installer) record(err error) {
+	in.mu.Lock()
+	in.lastErr, in.done = err, true
+	in.mu.Unlock()
 }
 
 // Install copies the binary, writes the kubeconfig and inserts our entry
 // into the primary conflist, each only when it differs from what is there,
 // and reports whether it wrote anything.
 func (in *Installer) Install() (bool, error) {
-	return in.install(true)
+	changed, err := in.install(true)
+	in.record(err)
+	return changed, err
 }
 
 // install is Install; with compareBinary false the binary is rewritten only
@@ -77,6 +114,12 @@ func (in *Installer) install(compareBinary bool) (bool, error) {
 	binChanged, err := in.installBinary(compareBinary)
 	if err != nil {
 		return false, err
+	}
+	// A runtime that cannot find or run the plugin by its type fails every
+	// sandbox on the node (and leaks the primary plugin's work on DEL):
+	// never insert the entry then.
+	if err := in.runnable(compareBinary || binChanged); err != nil {
+		return binChanged, err
 	}
 	kcChanged, err := in.installKubeconfig()
 	if err != nil {
@@ -113,6 +156,14 @@ func (in *Installer) installBinary(compare bool) (bool, error) {
 	si, err := os.Stat(in.Binary)
 	if err != nil {
 		return false, fmt.Errorf("plugin binary: %w", err)
+	}
+	if compare {
+		for _, n := range legacyBinaryNames {
+			if err := os.Remove(filepath.Join(in.BinDir, n)); err == nil {
+				in.log().Info("removed the plugin binary an earlier version installed under a name no runtime looks up",
+					zap.String("path", filepath.Join(in.BinDir, n)))
+			}
+		}
 	}
 	if fi, err := os.Stat(dst); err == nil && fi.Mode().Perm() == 0o755 && fi.Size() == si.Size() {
 		if !compare || sameContent(in.Binary, dst) {
@@ -249,7 +300,11 @@ func (in *Installer) Uninstall() error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	for _, p := range []string{filepath.Join(in.BinDir, BinaryName), filepath.Join(in.ConfDir, KubeconfigName)} {
+	remove := []string{filepath.Join(in.BinDir, BinaryName), filepath.Join(in.ConfDir, KubeconfigName)}
+	for _, n := range legacyBinaryNames {
+		remove = append(remove, filepath.Join(in.BinDir, n))
+	}
+	for _, p := range remove {
 		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return err
 		}

@@ -41,6 +41,11 @@ func fixtures(t *testing.T) map[string][]byte {
 	return out
 }
 
+// fakePlugin is a script answering CNI VERSION as a plugin does.
+func fakePlugin(version string) []byte {
+	return []byte("#!/bin/sh\n# plugin " + version + "\necho '{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.4.0\",\"1.0.0\"]}'\n")
+}
+
 // testInstaller is an Installer over fresh dirs with conflist written as
 // 10-test.conflist, a fake binary, and a log observer.
 func testInstaller(t *testing.T, conflist []byte) (*Installer, string, *observer.ObservedLogs) {
@@ -66,7 +71,7 @@ func testInstaller(t *testing.T, conflist []byte) (*Installer, string, *observer
 			t.Fatal(err)
 		}
 	}
-	if err := os.WriteFile(in.Binary, []byte("#!/bin/sh\necho plugin v1\n"), 0o700); err != nil {
+	if err := os.WriteFile(in.Binary, fakePlugin("v1"), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(in.ConfDir, "10-test.conflist")
@@ -455,7 +460,7 @@ func TestInstallBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer old.Close()
-	v2 := []byte("#!/bin/sh\necho plugin v2, a longer one\n")
+	v2 := fakePlugin("v2, a longer one")
 	if err := os.WriteFile(in.Binary, v2, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -610,4 +615,66 @@ func jsonEqual(a, b any) bool {
 	ja, _ := json.Marshal(a)
 	jb, _ := json.Marshal(b)
 	return bytes.Equal(ja, jb)
+}
+
+// A binary the runtime could not run by its type (here: not a CNI plugin
+// at all) is never chained in: the conflist stays as it was, Install and
+// Healthy say why, and a fixed binary is installed at the next try.
+func TestInstallRefusesUnrunnablePlugin(t *testing.T) {
+	in, path, _ := testInstaller(t, fixtures(t)["kindnet"])
+	before := readFile(t, path)
+	if err := in.Healthy(); err == nil {
+		t.Fatal("Healthy() before any install = nil")
+	}
+	if err := os.WriteFile(in.Binary, []byte("#!/bin/sh\necho not a plugin\n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := in.Install(); !errors.Is(err, ErrNotRunnable) {
+		t.Fatalf("Install() with a binary that does not answer VERSION = %v, want ErrNotRunnable", err)
+	}
+	if err := in.Healthy(); !errors.Is(err, ErrNotRunnable) {
+		t.Errorf("Healthy() = %v, want ErrNotRunnable", err)
+	}
+	if got := readFile(t, path); !bytes.Equal(got, before) {
+		t.Fatalf("conflist changed although the plugin cannot run:\n%s", got)
+	}
+	if err := os.WriteFile(in.Binary, fakePlugin("v3"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := in.Install(); err != nil {
+		t.Fatal(err)
+	}
+	if err := in.Healthy(); err != nil {
+		t.Errorf("Healthy() after a good install = %v", err)
+	}
+	// The binary disappears under the runtime (someone cleaned the bin
+	// dir): Watch's cheap check notices and puts it back.
+	if err := os.Remove(filepath.Join(in.BinDir, PluginType)); err != nil {
+		t.Fatal(err)
+	}
+	if err := in.runnable(false); !errors.Is(err, ErrNotRunnable) {
+		t.Errorf("runnable() with the binary gone = %v", err)
+	}
+	if changed, err := in.install(false); err != nil || !changed {
+		t.Errorf("install(false) with the binary gone = %v, %v", changed, err)
+	}
+}
+
+// An earlier version installed the plugin as ambient-redirect-cni, a name
+// no runtime looks up: Install replaces it with the binary under its type.
+func TestInstallRemovesLegacyBinaryName(t *testing.T) {
+	in, _, _ := testInstaller(t, fixtures(t)["kindnet"])
+	legacy := filepath.Join(in.BinDir, "ambient-redirect-cni")
+	if err := os.WriteFile(legacy, fakePlugin("old"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := in.Install(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(legacy); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("legacy binary still there: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(in.BinDir, "ambient-redirect")); err != nil {
+		t.Errorf("binary under its type: %v", err)
+	}
 }

@@ -39,6 +39,7 @@ func (in *Installer) Watch(ctx context.Context, period time.Duration) {
 	lastErr := ""
 	check := func() {
 		changed, err := in.install(false)
+		in.record(err)
 		switch {
 		case err != nil && err.Error() != lastErr:
 			log.Warn("cannot keep the ambient-redirect CNI plugin installed; retrying", zap.Error(err))

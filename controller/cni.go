@@ -71,13 +71,7 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		}
 		return cni.Response{Reason: "forgotten"}, nil
 	case cni.CommandCheck:
-		c.mu.Lock()
-		defer c.mu.Unlock()
-		pe, ok := c.pods[key]
-		if !ok {
-			return cni.Response{Reason: "pod not known to the agent"}, nil
-		}
-		return cni.Response{Ambient: pe.status.Enrolled, Programmed: pe.pod != nil && c.programmed[types.UID(pe.pod.UID)], Reason: pe.status.Reason}, nil
+		return c.checkCNI(ctx, req)
 	case cni.CommandAdd:
 	default:
 		return cni.Response{}, fmt.Errorf("unknown CNI command %q", req.Command)
@@ -126,6 +120,39 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		case <-wait:
 		}
 	}
+}
+
+// checkCNI answers CHECK: is this sandbox's pod ambient, and if so are its
+// addresses (prevResult's) programmed? The pod is decided as ADD decides it
+// (labels, with the sandbox's addresses), so an ambient pod the agent does
+// not know, has no address for, or programmed with other addresses fails.
+func (c *Controller) checkCNI(ctx context.Context, req cni.Request) (cni.Response, error) {
+	key := req.PodNamespace + "/" + req.PodName
+	pod, ns, _, err := c.cniLookup(ctx, req)
+	if err != nil {
+		return cni.Response{}, err
+	}
+	if len(req.IPs) > 0 {
+		pod = withPodIPs(pod, req.IPs)
+	}
+	if ok, why := selection.Enrolled(pod, ns, c.cfg.Selection); !ok {
+		if ambient, _ := selection.Ambient(pod, ns, c.cfg.Selection); ambient && why == selection.ReasonNoIP {
+			return cni.Response{Ambient: true, Reason: "not programmed: " + why}, nil
+		}
+		return cni.Response{Reason: why}, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	pe, ok := c.pods[key]
+	switch {
+	case !ok || pe.pod == nil || pe.pod.UID != string(pod.UID):
+		return cni.Response{Ambient: true, Reason: "not programmed: the agent has not programmed this pod"}, nil
+	case !c.programmed[pod.UID]:
+		return cni.Response{Ambient: true, Reason: "not programmed: " + pe.status.Reason}, nil
+	case !containsAll(pe.pod.IPs, req.IPs):
+		return cni.Response{Ambient: true, Reason: fmt.Sprintf("not programmed: the sandbox's addresses %v are not among the programmed %v", req.IPs, pe.pod.IPs)}, nil
+	}
+	return cni.Response{Ambient: true, Programmed: true, Reason: pe.status.Reason}, nil
 }
 
 // cniLookup finds the pod and its namespace, from the caches or the API;

@@ -302,3 +302,40 @@ func TestCNIAddWaitsForASyncThatSawTheSandbox(t *testing.T) {
 		t.Fatalf("dataplane holds %+v", dp.pods)
 	}
 }
+
+// TestCNICheck: CHECK fails (ambient, not programmed) for an ambient pod
+// the agent has not programmed with this sandbox's addresses, whether it
+// never saw an ADD, has no address yet, or holds other addresses; it passes
+// for a programmed pod and for a pod that is not ambient.
+func TestCNICheck(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	unprogrammed := pod(func(p *corev1.Pod) {
+		p.Name, p.UID, p.Status.PodIP, p.Status.PodIPs, p.Status.Phase = "q", "u2", "", nil, corev1.PodPending
+	})
+	plain := pod(func(p *corev1.Pod) {
+		p.Namespace, p.Name, p.UID, p.Status.PodIP, p.Status.PodIPs = "plain", "r", "u3", "10.244.1.6", nil
+	})
+	client := fake.NewClientset(ambientNS(), ns("plain", nil), pod(), unprogrammed, plain)
+	c := startController(t, ctx, client, &fakeDP{})
+	if err := c.syncOnce(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	ip := func(s string) []netip.Addr { return []netip.Addr{netip.MustParseAddr(s)} }
+	for _, tc := range []struct {
+		name, ns, pod, uid string
+		ips                []netip.Addr
+		ambient, ok        bool
+	}{
+		{"programmed", "apps", "p", "u1", ip("10.244.1.5"), true, true},
+		{"other sandbox addresses", "apps", "p", "u1", ip("10.244.1.9"), true, false},
+		{"never added", "apps", "q", "u2", ip("10.244.1.8"), true, false},
+		{"never added, no prevResult", "apps", "q", "u2", nil, true, false},
+		{"not ambient", "plain", "r", "u3", ip("10.244.1.6"), false, false},
+	} {
+		res, err := c.HandleCNI(ctx, cni.Request{Command: cni.CommandCheck, PodNamespace: tc.ns, PodName: tc.pod, PodUID: tc.uid, IPs: tc.ips})
+		if err != nil || res.Ambient != tc.ambient || res.Programmed != tc.ok {
+			t.Errorf("%s: CHECK = %+v, %v; want ambient=%v programmed=%v", tc.name, res, err, tc.ambient, tc.ok)
+		}
+	}
+}

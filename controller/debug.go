@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -37,7 +39,10 @@ type DebugState struct {
 	LastSuccess  time.Time      `json:"lastSuccess"`
 	DriftRepairs map[string]int `json:"driftRepairs"`
 	Ready        bool           `json:"ready"`
-	Converged    bool           `json:"converged"`
+	// FailedChecks names what keeps the agent not ready besides the first
+	// sync (the CNI plugin's installation), with why.
+	FailedChecks map[string]string `json:"failedChecks,omitempty"`
+	Converged    bool              `json:"converged"`
 	// Diff lists what differs between the desired and the actual kernel state.
 	Diff      []string `json:"diff"`
 	DiffError string   `json:"diffError,omitempty"`
@@ -56,6 +61,36 @@ type DebugServer struct {
 	// LiveTimeout is how long a queued change may wait before /healthz fails.
 	LiveTimeout time.Duration
 	srv         *http.Server
+
+	checksMu    sync.Mutex
+	readyChecks []readyCheck
+}
+
+type readyCheck struct {
+	name string
+	f    func() error
+}
+
+// AddReadyCheck makes /readyz fail while f returns an error (named in the
+// answer and in /debug/state), beside the first sync.
+func (s *DebugServer) AddReadyCheck(name string, f func() error) {
+	s.checksMu.Lock()
+	defer s.checksMu.Unlock()
+	s.readyChecks = append(s.readyChecks, readyCheck{name, f})
+}
+
+// failedChecks maps each failing ready check to its error.
+func (s *DebugServer) failedChecks() map[string]string {
+	s.checksMu.Lock()
+	checks := slices.Clone(s.readyChecks)
+	s.checksMu.Unlock()
+	out := map[string]string{}
+	for _, c := range checks {
+		if err := c.f(); err != nil {
+			out[c.name] = err.Error()
+		}
+	}
+	return out
 }
 
 // NewDebugServer builds the server; dp returns nil until the dataplane exists.
@@ -117,8 +152,13 @@ func (s *DebugServer) healthz(w http.ResponseWriter, _ *http.Request) {
 
 func (s *DebugServer) readyz(w http.ResponseWriter, _ *http.Request) {
 	st := s.ctl.Status()
-	body := map[string]any{"ready": st.FirstSyncDone, "cachesSynced": st.Synced, "lastSuccess": st.LastSuccess}
-	if !st.FirstSyncDone {
+	failed := s.failedChecks()
+	ready := st.FirstSyncDone && len(failed) == 0
+	body := map[string]any{"ready": ready, "cachesSynced": st.Synced, "lastSuccess": st.LastSuccess}
+	if len(failed) > 0 {
+		body["failedChecks"] = failed
+	}
+	if !ready {
 		writeJSON(w, http.StatusServiceUnavailable, body)
 		return
 	}
@@ -130,6 +170,9 @@ func (s *DebugServer) state(w http.ResponseWriter, r *http.Request) {
 	out := DebugState{
 		Config: s.config, Ztunnel: st.Ztunnel, Draining: st.Draining, Pods: st.Pods, LastSync: st.LastSync, LastSuccess: st.LastSuccess,
 		DriftRepairs: st.DriftRepairs, Ready: st.FirstSyncDone, Diff: []string{},
+	}
+	if failed := s.failedChecks(); len(failed) > 0 {
+		out.FailedChecks, out.Ready = failed, false
 	}
 	for _, p := range st.Pods {
 		if p.Enrolled {

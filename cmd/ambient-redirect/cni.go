@@ -22,9 +22,9 @@ import (
 func pluginBinary() string {
 	exe, err := os.Executable()
 	if err != nil {
-		return cni.BinaryName
+		return cni.SourceBinaryName
 	}
-	return filepath.Join(filepath.Dir(exe), cni.BinaryName)
+	return filepath.Join(filepath.Dir(exe), cni.SourceBinaryName)
 }
 
 // installer is the plugin's installer for o.
@@ -76,14 +76,15 @@ func pluginKubeconfig(c *rest.Config) ([]byte, error) {
 }
 
 // serveCNI listens on the plugin's socket and, with --cni-install, installs
-// the plugin once the agent answers. It returns once listening.
-func serveCNI(ctx context.Context, o *Options, h cni.Handler, restCfg *rest.Config, log *zap.Logger) error {
+// the plugin once the agent answers. It returns once listening, with the
+// installer's health (nil without --cni-install).
+func serveCNI(ctx context.Context, o *Options, h cni.Handler, restCfg *rest.Config, log *zap.Logger) (func() error, error) {
 	if o.CNISocket == "" {
-		return nil
+		return nil, nil
 	}
 	srv, err := cni.Listen(o.CNISocket)
 	if err != nil {
-		return fmt.Errorf("CNI socket: %w", err)
+		return nil, fmt.Errorf("CNI socket: %w", err)
 	}
 	go func() {
 		if err := srv.Serve(ctx, h, log); err != nil {
@@ -91,17 +92,17 @@ func serveCNI(ctx context.Context, o *Options, h cni.Handler, restCfg *rest.Conf
 		}
 	}()
 	if !o.CNIInstall {
-		return nil
+		return nil, nil
 	}
 	in, err := o.installer(restCfg, log)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if _, err := in.Install(); err != nil && !errors.Is(err, cni.ErrNoConfig) {
-		return fmt.Errorf("install the CNI plugin: %w", err)
+		return nil, fmt.Errorf("install the CNI plugin: %w", err)
 	}
 	go in.Watch(ctx, time.Second) // the primary plugin may write or rewrite its conflist later
-	return nil
+	return in.Healthy, nil
 }
 
 // uninstallCNI takes the plugin out of the host's CNI config (cleanup).

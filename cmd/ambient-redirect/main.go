@@ -200,8 +200,9 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		ResyncPeriod: o.ResyncPeriod,
 	}, newDP, log.Named("controller"), metrics.Hooks())
 
+	var srv *controller.DebugServer
 	if o.DebugAddr != "" {
-		srv := controller.NewDebugServer(o.DebugAddr, ctl, func() controller.DataplaneInfo {
+		srv = controller.NewDebugServer(o.DebugAddr, ctl, func() controller.DataplaneInfo {
 			if d := dp.Load(); d != nil {
 				return d
 			}
@@ -212,9 +213,13 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 	}
-	if err := serveCNI(ctx, o, ctl, restCfg, log.Named("cni")); err != nil {
+	pluginHealthy, err := serveCNI(ctx, o, ctl, restCfg, log.Named("cni"))
+	if err != nil {
 		log.Error("CNI plugin", zap.Error(err))
 		return 1
+	}
+	if pluginHealthy != nil && srv != nil {
+		srv.AddReadyCheck("cniPlugin", pluginHealthy)
 	}
 	if err := ctl.Run(ctx); err != nil {
 		log.Error("agent stopped", zap.Error(err))

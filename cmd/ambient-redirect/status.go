@@ -5,7 +5,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -45,7 +47,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	printStatus(stdout, st, *verbose)
-	if !st.Converged {
+	if !st.Converged || len(st.FailedChecks) > 0 {
 		return 1
 	}
 	return 0
@@ -57,6 +59,9 @@ func printStatus(w io.Writer, st controller.DebugState, verbose bool) {
 		state = "NOT converged"
 	}
 	fmt.Fprintf(w, "state:     %s (ready=%v)\n", state, st.Ready)
+	for _, name := range slices.Sorted(maps.Keys(st.FailedChecks)) {
+		fmt.Fprintf(w, "NOT READY: %s: %s\n", name, st.FailedChecks[name])
+	}
 	if z := st.Ztunnel; z != nil {
 		fmt.Fprintf(w, "ztunnel:   %s ip %s veth %s netns %s", z.Pod, z.IP, z.HostVeth, z.NetNS)
 		if z.Error != "" {

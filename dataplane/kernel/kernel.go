@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -169,28 +168,6 @@ func doInNS(ns netns.NsHandle, f func() error) error {
 		errc <- ferr
 	}()
 	return <-errc
-}
-
-type procSysctl struct{ inNS iptables.InNS }
-
-func sysctlPath(key string) string {
-	return filepath.Join("/proc/sys", strings.ReplaceAll(key, ".", "/"))
-}
-
-func (p procSysctl) Get(key string) (string, error) {
-	var v []byte
-	err := p.inNS(func() error {
-		var err error
-		v, err = os.ReadFile(sysctlPath(key))
-		return err
-	})
-	return strings.TrimSpace(string(v)), err
-}
-
-func (p procSysctl) Set(key, value string) error {
-	return p.inNS(func() error {
-		return os.WriteFile(sysctlPath(key), []byte(value), 0o644)
-	})
 }
 
 // PeerNetNS returns the path under dir of the network namespace holding the

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
+	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 )
 
 // TestCNIPluginCapturesFromFirstPacket: pods created the kubelet's way on a
@@ -198,9 +199,13 @@ func TestCNIInstallThroughTheAgent(t *testing.T) {
 		entry = c.Plugins[2]
 		return nil
 	})
-	if fi, err := os.Stat(filepath.Join(binDir, "ambient-redirect-cni")); err != nil || fi.Mode().Perm() != 0o755 {
-		t.Fatalf("plugin binary: %v %v", fi, err)
+	// The runtime finds the plugin by the entry's type in its bin dir.
+	if fi, err := os.Stat(filepath.Join(binDir, entry["type"].(string))); err != nil || fi.Mode().Perm() != 0o755 {
+		t.Fatalf("plugin binary under its type: %v %v", fi, err)
 	}
+	// Only through the agent's bin dir from here on: a conflist no runtime
+	// can run must fail this test.
+	e.CNIPath = []string{binDir, netnstest.CNIPath}
 	if fi, err := os.Stat(filepath.Join(confDir, "ambient-redirect-kubeconfig")); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("plugin kubeconfig: %v %v", fi, err)
 	}
@@ -228,7 +233,7 @@ func TestCNIInstallThroughTheAgent(t *testing.T) {
 	if b, err := os.ReadFile(conflist); err != nil || string(b) != kindnetConflist {
 		t.Fatalf("conflist after cleanup differs from the original (%v):\n%s", err, b)
 	}
-	for _, f := range []string{filepath.Join(binDir, "ambient-redirect-cni"), filepath.Join(confDir, "ambient-redirect-kubeconfig")} {
+	for _, f := range []string{filepath.Join(binDir, "ambient-redirect"), filepath.Join(confDir, "ambient-redirect-kubeconfig")} {
 		if _, err := os.Stat(f); !errors.Is(err, os.ErrNotExist) {
 			t.Fatalf("%s left after cleanup: %v", f, err)
 		}

@@ -30,20 +30,23 @@ func TestOperations(t *testing.T) {
 
 	t.Run("manifests pass server-side dry run", func(t *testing.T) {
 		dir := t.TempDir()
-		entries, err := os.ReadDir("../../manifests")
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, f := range entries {
-			if f.Name() == "kustomization.yaml" || !strings.HasSuffix(f.Name(), ".yaml") {
-				continue // kustomize's own file is not an API object
-			}
-			b, err := os.ReadFile(filepath.Join("../../manifests", f.Name()))
+		// The install and the uninstall manifests.
+		for _, src := range []string{"../../manifests", "../../manifests/uninstall"} {
+			entries, err := os.ReadDir(src)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := os.WriteFile(filepath.Join(dir, f.Name()), b, 0o644); err != nil {
-				t.Fatal(err)
+			for _, f := range entries {
+				if f.Name() == "kustomization.yaml" || !strings.HasSuffix(f.Name(), ".yaml") {
+					continue // kustomize's own file is not an API object
+				}
+				b, err := os.ReadFile(filepath.Join(src, f.Name()))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(dir, filepath.Base(src)+"-"+f.Name()), b, 0o644); err != nil {
+					t.Fatal(err)
+				}
 			}
 		}
 		if err := e.CP.ApplyManifestsDryRun(t, dir); err != nil {

@@ -82,6 +82,12 @@ type Env struct {
 	Bins  Binaries
 	// AgentEnv are extra VAR=value settings for agents started after it is set.
 	AgentEnv []string
+	// CNIPath is the runtime's CNI bin dirs that CNIPod looks each plugin's
+	// type up in (as libcni does): by default the primary plugins' dir and
+	// a dir holding the plugin binary under its type, as the agent's
+	// installer leaves it; a test of --cni-install puts the agent's bin dir
+	// first instead.
+	CNIPath []string
 
 	adminKC string // kube-proxy's kubeconfig, made on first use
 }
@@ -114,6 +120,7 @@ func New(t testing.TB, nodes int, bins Binaries) *Env {
 	netnstest.Exec(t, c.UnderlayNS, "ip", "addr", "add", APIIP+"/16", "dev", netnstest.UnderlayBridge)
 	cp := cluster.Start(t, c.UnderlayNS, APIIP)
 	e := &Env{T: t, C: c, CP: cp, Client: cp.AdminClient(), NSDir: t.TempDir(), Bins: bins}
+	e.CNIPath = []string{installedPlugin(t, bins.CNI), netnstest.CNIPath}
 	for _, ns := range c.Namespaces() {
 		e.Link(ns)
 	}
@@ -331,14 +338,30 @@ func (e *Env) CNIPod(t testing.TB, n *Node, namespace, name string, conf map[str
 	}
 	kp := &Pod{Node: n, Obj: created}
 	conf = maps.Clone(conf)
-	conf["type"] = "ambient-redirect"
+	if conf["type"] == nil {
+		conf["type"] = "ambient-redirect" // the documented type
+	}
 	args := fmt.Sprintf("IgnoreUnknown=1;K8S_POD_NAMESPACE=%s;K8S_POD_NAME=%s;K8S_POD_UID=%s", namespace, name, created.UID)
-	pn, err := n.AddPodE(netnsName(namespace, name), netnstest.WithChain(netnstest.Chain{Plugin: e.Bins.CNI, Conf: conf, Args: args}))
+	pn, err := n.AddPodE(netnsName(namespace, name), netnstest.WithChain(netnstest.Chain{Path: e.CNIPath, Conf: conf, Args: args}))
 	if err != nil {
 		return kp, err
 	}
 	e.attach(kp, pn)
 	return kp, nil
+}
+
+// installedPlugin is a CNI bin dir holding the plugin binary under the
+// documented type, as `run --cni-install` installs it.
+func installedPlugin(t testing.TB, plugin string) string {
+	dir := t.TempDir()
+	b, err := os.ReadFile(plugin)
+	if err != nil {
+		t.Fatalf("plugin binary: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ambient-redirect"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }
 
 // WriteStatus writes a CNIPod's status (addresses, Running, Ready).

@@ -156,10 +156,13 @@ type podConfig struct {
 }
 
 // Chain is a plugin chained after ptp in the node's conflist, run the way a
-// container runtime runs one: after ptp's ADD, with ptp's result as
-// prevResult and the Kubernetes CNI_ARGS.
+// container runtime (libcni) runs one: its binary is the entry's "type"
+// looked up in Path, run after ptp's ADD with ptp's result as prevResult,
+// CNI_PATH and the Kubernetes CNI_ARGS.
 type Chain struct {
-	Plugin string
+	// Path is the runtime's CNI bin dirs (CNI_PATH), searched in order for
+	// the entry's type.
+	Path []string
 	// Conf is the plugin's entry in the conflist ("type" included).
 	Conf map[string]any
 	// Args is CNI_ARGS (K8S_POD_NAMESPACE=...;K8S_POD_NAME=...;...).
@@ -665,19 +668,40 @@ func (n *Node) runChained(c *Chain, command string, p *Pod, prevResult []byte) (
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command("ip", "netns", "exec", n.NS, c.Plugin)
+	typ, _ := c.Conf["type"].(string)
+	plugin, err := FindPlugin(typ, c.Path)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("ip", "netns", "exec", n.NS, plugin)
 	cmd.Env = []string{
 		"CNI_COMMAND=" + command, "CNI_CONTAINERID=" + p.NS, "CNI_NETNS=" + NsPath(p.NS),
-		"CNI_IFNAME=eth0", "CNI_PATH=" + CNIPath, "CNI_ARGS=" + c.Args, "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+		"CNI_IFNAME=eth0", "CNI_PATH=" + strings.Join(c.Path, ":"), "CNI_ARGS=" + c.Args, "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
 	}
 	cmd.Stdin = bytes.NewReader(stdin)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		return nil, fmt.Errorf("%s %s for %s: %v: %s %s", filepath.Base(c.Plugin), command, p.NS, err,
+		return nil, fmt.Errorf("%s %s for %s: %v: %s %s", typ, command, p.NS, err,
 			strings.TrimSpace(stdout.String()), strings.TrimSpace(stderr.String()))
 	}
 	return stdout.Bytes(), nil
+}
+
+// FindPlugin is where a runtime finds the plugin of type typ: the first
+// regular file of that name in the dirs of CNI_PATH, as libcni's
+// invoke.FindInPath looks it up (and with its error when none is there).
+func FindPlugin(typ string, path []string) (string, error) {
+	if typ == "" || strings.ContainsRune(typ, '/') {
+		return "", fmt.Errorf("invalid plugin type %q", typ)
+	}
+	for _, dir := range path {
+		p := filepath.Join(dir, typ)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("failed to find plugin %q in path %v", typ, path)
 }
 
 // Delete runs CNI DEL for the pod (releasing its addresses) and removes its

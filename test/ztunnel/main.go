@@ -14,8 +14,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -34,16 +36,17 @@ func main() {
 		listenIP   = flag.String("listen-ip", "127.0.0.1,::1", "comma-separated IPs the listeners bind to; one the netns lacks (e.g. ::1 with IPv6 disabled) is skipped")
 		ports      = flag.String("ports", "15001,15006,15008", "outbound,inbound,hbone listener ports, in that order")
 		mark       = flag.Int("mark", 0, "SO_MARK to set on upstream sockets (0 = none)")
+		healthAddr = flag.String("health-addr", "", "serve GET /healthz/ready (200 once every listener is bound) here, e.g. :15021 as the real ztunnel; empty = none")
 	)
 	flag.Parse()
 	logger := log.New(os.Stderr, "test-ztunnel: ", log.LstdFlags|log.Lmicroseconds)
-	if err := run(*recordFile, *readyFile, *hboneCIDRs, *listenIP, *ports, *mark, logger); err != nil {
+	if err := run(*recordFile, *readyFile, *hboneCIDRs, *listenIP, *ports, *healthAddr, *mark, logger); err != nil {
 		logger.Print(err)
 		os.Exit(1)
 	}
 }
 
-func run(recordFile, readyFile, cidrs, listenIPs, portList string, mark int, logger *log.Logger) error {
+func run(recordFile, readyFile, cidrs, listenIPs, portList, healthAddr string, mark int, logger *log.Logger) error {
 	if recordFile == "" {
 		return errors.New("--record-file is required")
 	}
@@ -100,6 +103,19 @@ func run(recordFile, readyFile, cidrs, listenIPs, portList string, mark int, log
 		if err := os.WriteFile(readyFile, nil, 0o644); err != nil {
 			return err
 		}
+	}
+	// The kubelet probes a pod from the node, so a readiness check needs an
+	// address outside the pod's loopback (the real ztunnel's is :15021).
+	if healthAddr != "" {
+		hl, err := net.Listen("tcp", healthAddr)
+		if err != nil {
+			return fmt.Errorf("--health-addr: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ready\n") })
+		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = hs.Serve(hl) }()
+		defer hs.Close()
 	}
 	logger.Printf("listening on %v ports %v hbone-cidrs=%v", ips, portNums, prefixes)
 
