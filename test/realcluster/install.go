@@ -214,3 +214,26 @@ type ZRecord struct {
 	record.Record
 	Pod string
 }
+
+// PodNetns returns an nsfs path of a running pod's network namespace (its
+// first container's /proc/<pid>/ns/net, from the node's containerd).
+func (n *Node) PodNetns(pod *corev1.Pod) (string, error) {
+	if len(pod.Status.ContainerStatuses) == 0 {
+		return "", fmt.Errorf("%s: no container status", pod.Name)
+	}
+	id := strings.TrimPrefix(pod.Status.ContainerStatuses[0].ContainerID, "containerd://")
+	out, err := n.Ctr("tasks", "ls")
+	if err != nil {
+		return "", fmt.Errorf("ctr tasks ls: %v: %s", err, out)
+	}
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) >= 3 && f[0] == id && f[2] == "RUNNING" {
+			return "/proc/" + f[1] + "/ns/net", nil
+		}
+	}
+	return "", fmt.Errorf("%s: container %s has no running task:\n%s", pod.Name, id, out)
+}
+
+// NodeNetnsPath is the node's network namespace.
+func (n *Node) NodeNetnsPath() string { return filepath.Join(cluster.NetnsDir, n.Netns) }
