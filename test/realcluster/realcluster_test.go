@@ -316,7 +316,9 @@ func TestCapture(t *testing.T) {
 		t.Fatal(err)
 	}
 	vip := net.JoinHostPort(svc.Spec.ClusterIP, fmt.Sprint(realcluster.AppEchoPort))
-	echo := func(p corev1.Pod) string { return net.JoinHostPort(p.Status.PodIP, fmt.Sprint(realcluster.AppEchoPort)) }
+	echo := func(p corev1.Pod) string {
+		return net.JoinHostPort(p.Status.PodIP, fmt.Sprint(realcluster.AppEchoPort))
+	}
 	var ambientTargets, plainTargets []string
 	for _, s := range servers {
 		ambientTargets = append(ambientTargets, echo(s))
