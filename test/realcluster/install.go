@@ -189,15 +189,24 @@ func (n *Node) ContainerLogs(pod *corev1.Pod, container string) ([]string, error
 // with the pod's name.
 func (c *Cluster) ZtunnelRecords(t testing.TB, n *Node) []ZRecord {
 	t.Helper()
-	l, err := c.Client.CoreV1().Pods(ZtunnelNamespace).List(context.Background(), metav1.ListOptions{LabelSelector: "app=ztunnel", FieldSelector: "spec.nodeName=" + n.Name})
+	out, err := c.ZtunnelRecordsErr(n)
 	if err != nil {
 		t.Fatalf("realcluster: %v", err)
+	}
+	return out
+}
+
+// ZtunnelRecordsErr is ZtunnelRecords returning its error.
+func (c *Cluster) ZtunnelRecordsErr(n *Node) ([]ZRecord, error) {
+	l, err := c.Client.CoreV1().Pods(ZtunnelNamespace).List(context.Background(), metav1.ListOptions{LabelSelector: "app=ztunnel", FieldSelector: "spec.nodeName=" + n.Name})
+	if err != nil {
+		return nil, err
 	}
 	var out []ZRecord
 	for i := range l.Items {
 		lines, err := n.ContainerLogs(&l.Items[i], "ztunnel")
 		if err != nil {
-			t.Fatalf("realcluster: %v", err)
+			return nil, err
 		}
 		for _, line := range lines {
 			var r record.Record
@@ -206,7 +215,7 @@ func (c *Cluster) ZtunnelRecords(t testing.TB, n *Node) []ZRecord {
 			}
 		}
 	}
-	return out
+	return out, nil
 }
 
 // ZRecord is a test ztunnel record and the ztunnel pod that wrote it.

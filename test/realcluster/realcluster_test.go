@@ -271,6 +271,8 @@ type appRes struct {
 	LoopErrors int    `json:"loop_errors"`
 	Stream     *struct {
 		Target   string    `json:"target"`
+		Local    string    `json:"local"`
+		Peer     string    `json:"peer"`
 		Sent     int       `json:"sent"`
 		Echoed   int       `json:"echoed"`
 		LastEcho time.Time `json:"last_echo"`

@@ -116,3 +116,34 @@ spec:
 ---
 `, ns, name, AppEchoPort)
 }
+
+// AppPod returns a Pod of the test app pinned to node (no probes but an
+// HTTP readiness probe), with extra arguments for `app serve`.
+func AppPod(ns, name, node string, args ...string) string {
+	quoted := []string{`"serve"`}
+	for _, a := range args {
+		quoted = append(quoted, fmt.Sprintf("%q", a))
+	}
+	return fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata:
+  name: %[2]s
+  namespace: %[1]s
+  labels:
+    app: %[2]s
+spec:
+  nodeName: %[3]s
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: %[4]s
+      imagePullPolicy: IfNotPresent
+      args: [%[5]s]
+      readinessProbe:
+        httpGet:
+          path: /healthz
+          port: %[6]d
+        periodSeconds: 1
+---
+`, ns, name, node, image.App+":v1", strings.Join(quoted, ", "), AppHTTPPort)
+}
