@@ -28,6 +28,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -86,6 +87,7 @@ type Node struct {
 	CgroupRoot string
 
 	holder     *cluster.Process
+	mntIno     uint64
 	containerd *cluster.Process
 	kubelet    *cluster.Process
 	kubeProxy  *cluster.KubeProxy
@@ -280,24 +282,88 @@ func (c *Cluster) network(t testing.TB) {
 			CgroupRoot: fmt.Sprintf("%s-node-%d", c.Opts.Prefix, i),
 		}
 		c.Nodes = append(c.Nodes, n)
-		c.addNetns(t, n.Netns)
-		peer := fmt.Sprintf("arn%d", i)
-		run(t, "ip", "-n", cp, "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", n.Netns)
-		run(t, "ip", "-n", cp, "link", "set", peer, "master", bridgeName, "up")
-		run(t, "ip", "-n", n.Netns, "addr", "add", n.IP+"/"+strconv.Itoa(underlayLen), "dev", "eth0")
-		run(t, "ip", "-n", n.Netns, "link", "set", "eth0", "up")
-		// Service VIPs (and anything else) leave through the underlay; the
-		// node's kube-proxy DNATs them first.
-		run(t, "ip", "-n", n.Netns, "route", "add", "default", "via", APIServerIP)
-		run(t, "ip", "netns", "exec", n.Netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+		n.wire(t)
 	}
 	for _, n := range c.Nodes {
-		for _, m := range c.Nodes {
-			if m != n {
-				run(t, "ip", "-n", n.Netns, "route", "add", m.PodCIDR, "via", m.IP)
-			}
+		n.routes(t)
+	}
+}
+
+// wire creates the node's network namespace, joined to the underlay bridge
+// by a veth, with a default route to the control plane and ip_forward on.
+func (n *Node) wire(t testing.TB) {
+	t.Helper()
+	c, cp := n.c, n.c.CPNetns
+	c.addNetns(t, n.Netns)
+	peer := fmt.Sprintf("arn%d", n.Index)
+	run(t, "ip", "-n", cp, "link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", n.Netns)
+	run(t, "ip", "-n", cp, "link", "set", peer, "master", bridgeName, "up")
+	run(t, "ip", "-n", n.Netns, "addr", "add", n.IP+"/"+strconv.Itoa(underlayLen), "dev", "eth0")
+	run(t, "ip", "-n", n.Netns, "link", "set", "eth0", "up")
+	// Service VIPs (and anything else) leave through the underlay; the
+	// node's kube-proxy DNATs them first.
+	run(t, "ip", "-n", n.Netns, "route", "add", "default", "via", APIServerIP)
+	run(t, "ip", "netns", "exec", n.Netns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+}
+
+// routes adds routes to every other node's pod range.
+func (n *Node) routes(t testing.TB) {
+	t.Helper()
+	for _, m := range n.c.Nodes {
+		if m != n {
+			run(t, "ip", "-n", n.Netns, "route", "add", m.PodCIDR, "via", m.IP)
 		}
 	}
+}
+
+// PowerOff takes away what a reboot takes away: it stops the kubelet and
+// kube-proxy, kills containerd, the shims and every container of the node
+// (the agent and ztunnel included), deletes the node's network namespace
+// (all kernel state in it: the agent's, kube-proxy's, the pods' veths)
+// with the pods' network namespaces, the node's cgroups and the contents
+// of its /run directories. Files on "disk" (CNI dirs, kubelet and
+// containerd roots) stay.
+func (n *Node) PowerOff(t testing.TB) {
+	t.Helper()
+	n.StopKubelet(t)
+	n.kubeProxy.Stop(t)
+	sub := &State{Netns: map[string]uint64{n.Netns: n.c.State.Netns[n.Netns]}, MountNs: []uint64{n.mntIno}, CgroupRoots: []string{n.CgroupRoot}}
+	deadline := time.Now().Add(30 * time.Second)
+	for pids := sub.ourPids(); len(pids) > 0; pids = sub.ourPids() {
+		if time.Now().After(deadline) {
+			t.Fatalf("realcluster: %s: processes survive SIGKILL: %v", n.Name, pids)
+		}
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	<-n.holder.Done()
+	<-n.containerd.Done()
+	mounts, err := cgroupMounts()
+	must(t, err)
+	for _, m := range mounts {
+		must(t, removeCgroupTree(filepath.Join(m, n.CgroupRoot)))
+	}
+	run(t, "ip", "netns", "del", n.Netns)
+	for _, d := range []string{"run-containerd", "netns", "run-ambient-redirect", "containerd/state"} {
+		must(t, os.RemoveAll(filepath.Join(n.Dir, d)))
+		must(t, os.MkdirAll(filepath.Join(n.Dir, d), 0o755))
+	}
+}
+
+// PowerOn starts a node PowerOff stopped: network namespace and underlay,
+// mount namespace, cgroups, containerd (its images are still there),
+// kubelet and kube-proxy.
+func (n *Node) PowerOn(t testing.TB) {
+	t.Helper()
+	n.wire(t)
+	n.routes(t)
+	n.startHolder(t)
+	n.makeCgroupRoot(t)
+	n.startContainerd(t)
+	n.startKubelet(t)
+	n.kubeProxy.Start(t)
 }
 
 // startControllers runs kube-controller-manager and kube-scheduler in the
@@ -457,6 +523,7 @@ func (n *Node) startHolder(t testing.TB) {
 	}
 	ino, err := nsInode(fmt.Sprintf("/proc/%d/ns/mnt", p.Pid()))
 	must(t, err)
+	n.mntIno = ino
 	n.c.State.MountNs = append(n.c.State.MountNs, ino)
 	must(t, n.c.State.save())
 }

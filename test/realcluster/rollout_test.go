@@ -354,3 +354,93 @@ func TestAgentRollout(t *testing.T) {
 	t.Logf("stream echoed %d -> %d during the rollout (%s); %d connections, %d failed", before.Stream.Echoed, after.Stream.Echoed,
 		time.Since(began).Round(time.Millisecond), len(after.Loop), after.LoopErrors)
 }
+
+// TestNodeRestart: node-2 is "rebooted" (kubelet, containerd, agent and
+// every container stopped; its network namespace with all kernel state,
+// the pods' netns, cgroups and /run gone) and started again. No ambient
+// pod's packet leaves uncaptured: the restarted ambient pod's sandbox waits
+// for the agent (the plugin fails closed) and its first connection, made
+// the moment its container starts, is captured or refused, never direct.
+func TestNodeRestart(t *testing.T) {
+	ensureInstalled(t)
+	ns := "restart"
+	c.Apply(t, realcluster.Namespace(ns, true)+realcluster.AppDeployment(ns, "server", len(c.Nodes)))
+	deployReady(t, ns, "server", len(c.Nodes))
+	t.Cleanup(func() { _, _ = c.Kubectl("delete", "namespace", ns, "--wait=false") })
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	echo := func(p corev1.Pod) string {
+		return net.JoinHostPort(p.Status.PodIP, strconv.Itoa(realcluster.AppEchoPort))
+	}
+	remote := echo(podOn(t, ns, "app=server", n1.Name))
+	c.Apply(t, realcluster.AppPod(ns, "client", n2.Name, "--dial-at-start", remote, "--loop", remote, "--loop-every", "10ms"))
+	deployReady(t, ns, "client", 1)
+	old := podOn(t, ns, "app=client", n2.Name)
+
+	began := time.Now()
+	n2.PowerOff(t)
+	t.Logf("%s powered off in %s", n2.Name, time.Since(began).Round(time.Millisecond))
+	on := time.Now()
+	n2.PowerOn(t)
+	// The client comes back in a new sandbox once the agent is Ready.
+	var client corev1.Pod
+	if err := realcluster.Poll(180*time.Second, func() error {
+		p, err := c.Client.CoreV1().Pods(ns).Get(ctx(), "client", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if !podReady(p) || len(p.Status.ContainerStatuses) == 0 || p.Status.ContainerStatuses[0].ContainerID == old.Status.ContainerStatuses[0].ContainerID {
+			return fmt.Errorf("client not Ready in a new container yet")
+		}
+		client = *p
+		return nil
+	}); err != nil {
+		c.DumpPods(t, ns)
+		c.DumpPods(t, realcluster.AgentNamespace)
+		t.Fatal(err)
+	}
+	agentReady := c.WaitDaemonSet(t, realcluster.AgentNamespace, realcluster.AgentDaemonSet, 120*time.Second)
+	c.WaitDaemonSet(t, realcluster.ZtunnelNamespace, realcluster.ZtunnelDaemonSet, 120*time.Second)
+	t.Logf("%s back: client Ready in a new sandbox %s after power-on (agent DaemonSet Ready %s later)", n2.Name,
+		time.Since(on).Round(time.Millisecond), agentReady.Round(time.Millisecond))
+	ev, _ := c.Kubectl("get", "events", "-n", ns, "--field-selector", "involvedObject.name=client,reason=FailedCreatePodSandBox", "-o", "custom-columns=MSG:.message", "--no-headers")
+	if strings.TrimSpace(ev) != "" {
+		t.Logf("sandbox creation refused before the agent was Ready (fail closed):\n%s", lastLine(ev))
+	} else {
+		t.Logf("no sandbox creation was refused (the agent was Ready first)")
+	}
+	time.Sleep(2 * time.Second)
+	res := appResults(t, &client)
+	recs := collect().finish()
+	byClient := map[string]realcluster.ZRecord{}
+	for _, r := range recs {
+		byClient[r.Client] = r
+	}
+	for _, d := range res.Start {
+		switch r, ok := byClient[d.Local]; {
+		case d.Err != "":
+			t.Logf("first connection refused (fail closed, ztunnel not up yet): %s", d.Err)
+		case ok && d.Peer != d.Local:
+			t.Logf("first connection %s -> %s captured by %s (listener %d)", d.Local, d.Target, r.Pod, r.Listener)
+		default:
+			t.Errorf("first connection of the restarted pod %s -> %s went direct (server saw %s, no ztunnel record)", d.Local, d.Target, d.Peer)
+		}
+	}
+	if esc := escaped(res, recs); len(esc) > 0 {
+		t.Errorf("%d of %d connections after the restart escaped: first %+v", len(esc), len(res.Loop), esc[0])
+	}
+	captured := 0
+	for _, d := range res.Loop {
+		if _, ok := byClient[d.Local]; ok && d.Err == "" {
+			captured++
+		}
+	}
+	if captured == 0 {
+		t.Errorf("none of %d connections after the restart was captured (%d failed)", len(res.Loop), res.LoopErrors)
+	}
+	t.Logf("after the restart: %d connections, %d captured, %d failed, 0 escaped", len(res.Loop), captured, res.LoopErrors)
+}
+
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return lines[len(lines)-1]
+}
