@@ -19,13 +19,11 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -105,7 +103,6 @@ type Cluster struct {
 	BinDir   string
 	CPNetns  string
 	AdminKC  string // kubeconfig of the admin (for processes inside our netns)
-	KubectlK string // kubeconfig for kubectl run from this machine's root netns: none, see Kubectl
 
 	cm, sched *cluster.Process
 }
@@ -824,9 +821,6 @@ func (c *Cluster) NodeOf(ip string) *Node {
 	}
 	return nil
 }
-
-var _ = runtime.GOARCH
-var _ = errors.New
 
 // SaveState writes the cluster's state file.
 func (c *Cluster) SaveState() error { return c.State.save() }

@@ -118,7 +118,7 @@ func WriteDockerArchive(dst, arch string, refs []string, layers []Layer, cfg Con
 	defer out.Close()
 	tw := tar.NewWriter(out)
 	dc := dockerConfig{Architecture: arch, OS: "linux", Created: "1970-01-01T00:00:00Z"}
-	dc.Config = containerConfig{Entrypoint: cfg.Entrypoint, Cmd: cfg.Cmd, Env: cfg.Env, User: cfg.User, Labels: cfg.Labels}
+	dc.Config = containerConfig(cfg)
 	dc.RootFS.Type = "layers"
 	var me manifestEntry
 	me.RepoTags = refs
