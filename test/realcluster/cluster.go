@@ -94,15 +94,15 @@ type Node struct {
 
 // Cluster is a running cluster.
 type Cluster struct {
-	Opts     Options
-	State    *State
-	CP       *cluster.ControlPlane
-	Client   kubernetes.Interface
-	Nodes    []*Node
-	Images   image.Archives
-	BinDir   string
-	CPNetns  string
-	AdminKC  string // kubeconfig of the admin (for processes inside our netns)
+	Opts    Options
+	State   *State
+	CP      *cluster.ControlPlane
+	Client  kubernetes.Interface
+	Nodes   []*Node
+	Images  image.Archives
+	BinDir  string
+	CPNetns string
+	AdminKC string // kubeconfig of the admin (for processes inside our netns)
 
 	cm, sched *cluster.Process
 }
