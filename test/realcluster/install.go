@@ -246,3 +246,10 @@ func (n *Node) PodNetns(pod *corev1.Pod) (string, error) {
 
 // NodeNetnsPath is the node's network namespace.
 func (n *Node) NodeNetnsPath() string { return filepath.Join(cluster.NetnsDir, n.Netns) }
+
+// NodePath returns path as the node's processes see it (through its mount
+// namespace holder's /proc/<pid>/root): tmpfs volumes the kubelet mounts,
+// such as projected tokens, exist only there.
+func (n *Node) NodePath(path string) string {
+	return filepath.Join(fmt.Sprintf("/proc/%d/root", n.holder.Pid()), path)
+}

@@ -468,7 +468,7 @@ func TestLeastPrivilege(t *testing.T) {
 	servers := deployReady(t, ambientNS, "server", len(c.Nodes))
 	agent := agents[0]
 	n := c.Node(agent.Spec.NodeName)
-	matches, _ := filepath.Glob(filepath.Join(n.Dir, "kubelet", "pods", string(agent.UID), "volumes", "kubernetes.io~projected", "*", "token"))
+	matches, _ := filepath.Glob(n.NodePath(filepath.Join(n.Dir, "kubelet", "pods", string(agent.UID), "volumes", "kubernetes.io~projected", "*", "token")))
 	if len(matches) != 1 {
 		t.Fatalf("the agent pod's projected token: found %v", matches)
 	}
