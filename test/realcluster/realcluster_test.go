@@ -493,7 +493,7 @@ func TestLeastPrivilege(t *testing.T) {
 			}
 			continue
 		}
-		if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "ambient-redirect-node-scoped") {
+		if !(apierrors.IsForbidden(err) || apierrors.IsInvalid(err)) || !strings.Contains(err.Error(), "ambient-redirect-node-scoped") {
 			t.Errorf("patch of %s on node %s with %s's token: %v, want denied by ambient-redirect-node-scoped", p.Name, p.Spec.NodeName, n.Name, err)
 		} else {
 			t.Logf("denied as expected: %v", err)
@@ -508,6 +508,23 @@ var dumps = map[string]string{}
 // takeDumps returns the dumps of every node netns and ztunnel pod netns,
 // keyed by node name and "ztunnel/<pod>".
 func takeDumps(t *testing.T) map[string]string {
+	t.Helper()
+	var out map[string]string
+	// A fresh veth's IPv6 link-local address is "tentative" for a moment
+	// (duplicate address detection); dump once it has settled.
+	_ = realcluster.Poll(10*time.Second, func() error {
+		out = dumpAll(t)
+		for k, d := range out {
+			if strings.Contains(d, " tentative") {
+				return fmt.Errorf("%s: addresses still tentative", k)
+			}
+		}
+		return nil
+	})
+	return out
+}
+
+func dumpAll(t *testing.T) map[string]string {
 	t.Helper()
 	out := map[string]string{}
 	for _, n := range c.Nodes {
