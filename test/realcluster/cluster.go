@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -256,6 +257,9 @@ func (c *Cluster) addNetns(t testing.TB, name string) {
 	run(t, "ip", "netns", "add", name)
 	ino, err := nsInode(filepath.Join(cluster.NetnsDir, name))
 	must(t, err)
+	if self, err := nsInode("/proc/self/ns/net"); err != nil || self == ino {
+		t.Fatalf("realcluster: netns %s has this process's inode %d (%v)", name, ino, err)
+	}
 	c.State.Netns[name] = ino
 	must(t, c.State.save())
 	run(t, "ip", "-n", name, "link", "set", "lo", "up")
@@ -324,7 +328,7 @@ func (n *Node) PowerOff(t testing.TB) {
 	t.Helper()
 	n.StopKubelet(t)
 	n.kubeProxy.Stop(t)
-	sub := &State{Netns: map[string]uint64{n.Netns: n.c.State.Netns[n.Netns]}, MountNs: []uint64{n.mntIno}, CgroupRoots: []string{n.CgroupRoot}}
+	sub := &State{Dir: n.c.State.Dir, Netns: map[string]uint64{n.Netns: n.c.State.Netns[n.Netns]}, MountNs: []uint64{n.mntIno}, CgroupRoots: []string{n.CgroupRoot}}
 	deadline := time.Now().Add(30 * time.Second)
 	for pids := sub.ourPids(); len(pids) > 0; pids = sub.ourPids() {
 		if time.Now().After(deadline) {
@@ -337,6 +341,15 @@ func (n *Node) PowerOff(t testing.TB) {
 	}
 	<-n.holder.Done()
 	<-n.containerd.Done()
+	// The mount namespace is gone; its inode number may be reused.
+	st := n.c.State
+	for i, ino := range st.MountNs {
+		if ino == n.mntIno {
+			st.MountNs = append(st.MountNs[:i], st.MountNs[i+1:]...)
+			break
+		}
+	}
+	must(t, st.save())
 	mounts, err := cgroupMounts()
 	must(t, err)
 	for _, m := range mounts {
@@ -491,6 +504,10 @@ func (n *Node) ensureHostPath(t testing.TB, p string, dir bool) {
 func (n *Node) startHolder(t testing.TB) {
 	t.Helper()
 	ready := filepath.Join(n.Dir, "holder.ready")
+	// A ready file of an earlier boot would be taken for this one's.
+	if err := os.Remove(ready); err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
 	var sb strings.Builder
 	sb.WriteString("set -e\nmount --make-rshared /\n")
 	// Drop the copies of this machine's netns mounts (they would keep
@@ -500,10 +517,12 @@ func (n *Node) startHolder(t testing.TB) {
 		fmt.Fprintf(&sb, "mount --bind %q %q\n", filepath.Join(n.Dir, m[1]), m[0])
 	}
 	sb.WriteString("mount --make-private /run/netns\nmount --make-shared /run/netns\n")
-	fmt.Fprintf(&sb, "touch %q\nexec sleep infinity\n", ready)
+	// The holder's command line names the work directory: teardown knows
+	// the mount namespace is ours by it (see State.ourPids).
+	fmt.Fprintf(&sb, "touch %q\nexec -a %q sleep infinity\n", ready, "ambient-redirect-node-holder "+n.Dir)
 	p, err := cluster.StartProcess(n.Name+"-holder", filepath.Join(n.Dir, "logs", "holder.log"), []string{
 		"nsenter", "--net=" + filepath.Join(cluster.NetnsDir, n.Netns), "--",
-		"unshare", "--mount", "--propagation", "private", "--", "sh", "-c", sb.String(),
+		"unshare", "--mount", "--propagation", "private", "--", "bash", "-c", sb.String(),
 	})
 	must(t, err)
 	n.holder = p
@@ -520,6 +539,9 @@ func (n *Node) startHolder(t testing.TB) {
 	}
 	ino, err := nsInode(fmt.Sprintf("/proc/%d/ns/mnt", p.Pid()))
 	must(t, err)
+	if self, err := nsInode("/proc/self/ns/mnt"); err != nil || self == ino {
+		t.Fatalf("realcluster: %s: the holder is in this process's mount namespace (%d, %v)", n.Name, ino, err)
+	}
 	n.mntIno = ino
 	n.c.State.MountNs = append(n.c.State.MountNs, ino)
 	must(t, n.c.State.save())
@@ -536,8 +558,10 @@ func (n *Node) Enter() []string {
 func (n *Node) makeCgroupRoot(t testing.TB) {
 	t.Helper()
 	st := n.c.State
-	st.CgroupRoots = append(st.CgroupRoots, n.CgroupRoot)
-	must(t, st.save())
+	if !slices.Contains(st.CgroupRoots, n.CgroupRoot) {
+		st.CgroupRoots = append(st.CgroupRoots, n.CgroupRoot)
+		must(t, st.save())
+	}
 	mounts, err := cgroupMounts()
 	must(t, err)
 	for _, m := range mounts {

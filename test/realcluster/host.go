@@ -107,45 +107,91 @@ func cgroupMounts() ([]string, error) {
 	return out, sc.Err()
 }
 
-// ourPids returns the processes in one of our network or mount namespaces
-// or in one of our cgroup trees: everything our clusters started (the
-// control plane, kubelets, containerds, shims and containers), and nothing
-// else.
+// ourPids returns the processes our clusters started and nothing else:
+// those in one of our cgroup trees (every container), those in one of our
+// network namespaces that are still mounted under /var/run/netns with the
+// recorded inode (the control plane, kube-proxy, hostNetwork pods), and
+// those in one of our recorded mount namespaces that a process of ours
+// (command line naming our work directory, like the namespace's holder)
+// still lives in (containerd, shims, kubelet). Namespace inode numbers are
+// reused once a namespace is freed, so a recorded number alone proves
+// nothing; the namespaces of this process (the machine's own) never match,
+// nor does this process or any of its ancestors.
 func (s *State) ourPids() []int {
+	selfMnt, err1 := nsInode("/proc/self/ns/mnt")
+	selfNet, err2 := nsInode("/proc/self/ns/net")
+	if err1 != nil || err2 != nil || s.Dir == "" {
+		return nil
+	}
 	netIno := map[uint64]bool{}
-	for _, ino := range s.Netns {
-		netIno[ino] = true
+	for name, ino := range s.Netns {
+		if cur, err := nsInode(filepath.Join("/var/run/netns", name)); err == nil && cur == ino && ino != selfNet {
+			netIno[ino] = true
+		}
 	}
-	mntIno := map[uint64]bool{}
+	recordedMnt := map[uint64]bool{}
 	for _, ino := range s.MountNs {
-		mntIno[ino] = true
+		if ino != selfMnt {
+			recordedMnt[ino] = true
+		}
 	}
-	self := os.Getpid()
-	set := map[int]bool{}
+	skip := map[int]bool{}
+	for pid := os.Getpid(); pid > 1; {
+		skip[pid] = true
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			break
+		}
+		// pid (comm) state ppid ...; comm may hold spaces and parens.
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		if len(f) < 2 {
+			break
+		}
+		pid, _ = strconv.Atoi(f[1])
+	}
+	type info struct {
+		net, mnt uint64
+		ours     bool // command line names our work directory
+	}
+	procs := map[int]info{}
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
+		if err != nil || skip[pid] || pid == 1 {
 			continue
 		}
-		if ino, err := nsInode(fmt.Sprintf("/proc/%d/ns/net", pid)); err == nil && netIno[ino] {
-			set[pid] = true
-			continue
+		var in info
+		in.net, _ = nsInode(fmt.Sprintf("/proc/%d/ns/net", pid))
+		in.mnt, _ = nsInode(fmt.Sprintf("/proc/%d/ns/mnt", pid))
+		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		in.ours = len(cmd) > 0 && strings.Contains(string(cmd), s.Dir)
+		procs[pid] = in
+	}
+	liveMnt := map[uint64]bool{}
+	for _, in := range procs {
+		if in.ours && recordedMnt[in.mnt] {
+			liveMnt[in.mnt] = true
 		}
-		if ino, err := nsInode(fmt.Sprintf("/proc/%d/ns/mnt", pid)); err == nil && mntIno[ino] {
+	}
+	set := map[int]bool{}
+	for pid, in := range procs {
+		if (in.net != 0 && netIno[in.net]) || (in.mnt != 0 && liveMnt[in.mnt]) {
 			set[pid] = true
 		}
 	}
 	mounts, _ := cgroupMounts()
 	for _, m := range mounts {
 		for _, root := range s.CgroupRoots {
+			if root == "" || strings.Contains(root, "/") || root == "." || root == ".." {
+				continue
+			}
 			_ = filepath.WalkDir(filepath.Join(m, root), func(p string, d os.DirEntry, err error) error {
 				if err != nil || !d.IsDir() {
 					return nil
 				}
 				b, _ := os.ReadFile(filepath.Join(p, "cgroup.procs"))
 				for _, f := range strings.Fields(string(b)) {
-					if pid, err := strconv.Atoi(f); err == nil && pid != self {
+					if pid, err := strconv.Atoi(f); err == nil && !skip[pid] && pid != 1 {
 						set[pid] = true
 					}
 				}
@@ -196,6 +242,9 @@ func (s *State) Teardown(logf func(string, ...any)) error {
 	}
 	for _, m := range mounts {
 		for _, root := range s.CgroupRoots {
+			if root == "" || strings.Contains(root, "/") || root == "." || root == ".." {
+				continue
+			}
 			if err := removeCgroupTree(filepath.Join(m, root)); err != nil {
 				errs = append(errs, err)
 			}

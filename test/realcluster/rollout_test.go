@@ -110,7 +110,7 @@ func streamAndLoop(t *testing.T, ns string) (client corev1.Pod, streamDst, loopD
 	loopDst = echo(podOn(t, ns, "app=server", n1))
 	c.Apply(t, realcluster.AppPod(ns, "client", n1, "--stream", streamDst, "--loop", loopDst, "--loop-every", "10ms"))
 	deployReady(t, ns, "client", 1)
-	t.Cleanup(func() { _, _ = c.Kubectl("delete", "namespace", ns, "--wait=false") })
+	t.Cleanup(func() { _, _ = c.Kubectl("delete", "namespace", ns, "--wait=true", "--timeout=120s") })
 	client = podOn(t, ns, "app=client", n1)
 	if err := realcluster.Poll(10*time.Second, func() error {
 		r := appResults(t, &client)
@@ -368,7 +368,7 @@ func TestNodeRestart(t *testing.T) {
 	ns := "restart"
 	c.Apply(t, realcluster.Namespace(ns, true)+realcluster.AppDeployment(ns, "server", len(c.Nodes)))
 	deployReady(t, ns, "server", len(c.Nodes))
-	t.Cleanup(func() { _, _ = c.Kubectl("delete", "namespace", ns, "--wait=false") })
+	t.Cleanup(func() { _, _ = c.Kubectl("delete", "namespace", ns, "--wait=true", "--timeout=120s") })
 	n1, n2 := c.Nodes[0], c.Nodes[1]
 	echo := func(p corev1.Pod) string {
 		return net.JoinHostPort(p.Status.PodIP, strconv.Itoa(realcluster.AppEchoPort))
