@@ -312,6 +312,19 @@ func TestAgentRollout(t *testing.T) {
 			}
 		}
 	}()
+	// Every agent has caught up with the earlier tests' pods (gone or
+	// running): what the new agents find is what they would write.
+	for _, n := range c.Nodes {
+		if err := realcluster.Poll(30*time.Second, func() error {
+			code, body, err := n.AgentDebug("/debug/state")
+			if err != nil || code != 200 || !strings.Contains(string(body), `"converged":true`) {
+				return fmt.Errorf("%s not converged: %d %v", n.Name, code, err)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	before := appResults(t, &client)
 	old := map[string]bool{}
 	for _, p := range c.PodsOf(t, realcluster.AgentNamespace, "app.kubernetes.io/name=ambient-redirect") {
