@@ -3,6 +3,7 @@
 package realcluster_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -317,7 +318,13 @@ func TestAgentRollout(t *testing.T) {
 	for _, n := range c.Nodes {
 		if err := realcluster.Poll(30*time.Second, func() error {
 			code, body, err := n.AgentDebug("/debug/state")
-			if err != nil || code != 200 || !strings.Contains(string(body), `"converged":true`) {
+			var st struct {
+				Converged bool `json:"converged"`
+			}
+			if err == nil {
+				err = json.Unmarshal(body, &st)
+			}
+			if err != nil || code != 200 || !st.Converged {
 				return fmt.Errorf("%s not converged: %d %v", n.Name, code, err)
 			}
 			return nil
