@@ -41,7 +41,7 @@ func Call(ctx context.Context, socket string, req Request) (Response, error) {
 		DisableKeepAlives: true,
 	}}
 	// The host part is ignored: DialContext always dials the socket.
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://ambient-redirect"+apiPath, bytes.NewReader(body))
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://ambient-redirect"+APIPath, bytes.NewReader(body))
 	if err != nil {
 		return Response{}, err
 	}
@@ -51,12 +51,12 @@ func Call(ctx context.Context, socket string, req Request) (Response, error) {
 		return Response{}, err
 	}
 	defer hresp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(hresp.Body, maxRequestBytes))
+	data, err := io.ReadAll(io.LimitReader(hresp.Body, MaxRequestBytes))
 	if err != nil {
 		return Response{}, fmt.Errorf("reading the agent's answer: %w", err)
 	}
 	if hresp.StatusCode != http.StatusOK {
-		var eb errorBody
+		var eb ErrorBody
 		if json.Unmarshal(data, &eb) != nil || eb.Error == "" {
 			eb.Error = string(bytes.TrimSpace(data))
 		}

@@ -9,9 +9,8 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
-	"k8s.io/apimachinery/pkg/labels"
 
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 // Fail modes: what ADD does when the agent cannot be reached and the pod is
@@ -78,7 +77,7 @@ func (c PluginConf) MarshalJSON() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	own, err := json.Marshal(ownFieldsOf(&c))
+	own, err := json.Marshal(c.Own())
 	if err != nil {
 		return nil, err
 	}
@@ -135,7 +134,7 @@ func (c *PluginConf) Validate() error {
 		errs = append(errs, fmt.Errorf("kubeconfig %q: must be an absolute path", c.Kubeconfig))
 	}
 	if c.ZtunnelSelector != "" {
-		if _, err := labels.Parse(c.ZtunnelSelector); err != nil {
+		if _, err := selection.ParseSelector(c.ZtunnelSelector); err != nil {
 			errs = append(errs, fmt.Errorf("ztunnelSelector %q: %w", c.ZtunnelSelector, err))
 		}
 	}
@@ -152,7 +151,7 @@ func (c *PluginConf) TimeoutDuration() time.Duration {
 
 // SelectionOptions are the options the fallback lookup decides with.
 func (c *PluginConf) SelectionOptions() (selection.Options, error) {
-	sel, err := labels.Parse(c.ZtunnelSelector)
+	sel, err := selection.ParseSelector(c.ZtunnelSelector)
 	if err != nil {
 		return selection.Options{}, fmt.Errorf("ztunnelSelector %q: %w", c.ZtunnelSelector, err)
 	}
@@ -161,4 +160,30 @@ func (c *PluginConf) SelectionOptions() (selection.Options, error) {
 		ZtunnelNamespace:  c.ZtunnelNamespace,
 		ZtunnelSelector:   sel,
 	}, nil
+}
+
+// OwnFields are PluginConf's fields beyond types.PluginConf, as written:
+// what MarshalJSON adds and what the installer puts in the conflist.
+type OwnFields struct {
+	Socket     string `json:"socket,omitempty"`
+	FailMode   string `json:"failMode,omitempty"`
+	Timeout    string `json:"timeout,omitempty"`
+	Kubeconfig string `json:"kubeconfig,omitempty"`
+	// A pointer so that an explicit empty list ("exclude nothing") is
+	// written, while nil (the plugin's default) is not.
+	ExcludeNamespaces *[]string `json:"excludeNamespaces,omitempty"`
+	ZtunnelNamespace  string    `json:"ztunnelNamespace,omitempty"`
+	ZtunnelSelector   string    `json:"ztunnelSelector,omitempty"`
+}
+
+// Own returns c's own fields.
+func (c *PluginConf) Own() OwnFields {
+	f := OwnFields{
+		Socket: c.Socket, FailMode: c.FailMode, Timeout: c.Timeout, Kubeconfig: c.Kubeconfig,
+		ZtunnelNamespace: c.ZtunnelNamespace, ZtunnelSelector: c.ZtunnelSelector,
+	}
+	if c.ExcludeNamespaces != nil {
+		f.ExcludeNamespaces = &c.ExcludeNamespaces
+	}
+	return f
 }

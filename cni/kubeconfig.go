@@ -16,7 +16,9 @@ import (
 )
 
 // kubeconfig is the part of a kubeconfig file the plugin reads. The plugin
-// links no client-go, so this is the whole of its API client config.
+// links no client-go, so this is the whole of its API client config: TLS
+// verification with the CA (or the system's roots), a bearer token, a
+// client certificate.
 type kubeconfig struct {
 	APIVersion     string      `json:"apiVersion"`
 	Kind           string      `json:"kind"`
@@ -93,20 +95,18 @@ type APIServer struct {
 	KeyData  []byte
 }
 
-// LoadKubeconfig reads the current context's cluster and user from a
-// kubeconfig (YAML or JSON): inline *-data fields or files (relative to the
-// kubeconfig's directory), a token or a tokenFile.
+// LoadKubeconfig reads the current context's cluster and user from a JSON
+// kubeconfig, as Kubeconfig writes it (the agent's own credentials): inline
+// *-data fields or files (relative to the kubeconfig's directory), a token or
+// a tokenFile. JSON (what the agent writes) or YAML (what people write:
+// the plugin config may name any kubeconfig).
 func LoadKubeconfig(path string) (*APIServer, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("kubeconfig: %w", err)
 	}
-	js, err := yaml.YAMLToJSON(data)
-	if err != nil {
-		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
-	}
 	var kc kubeconfig
-	if err := json.Unmarshal(js, &kc); err != nil {
+	if err := yaml.Unmarshal(data, &kc); err != nil {
 		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
 	}
 	clusterName, userName := "", ""

@@ -10,9 +10,7 @@ import (
 	"strings"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 // LookupTimeout bounds the whole fallback lookup: it runs while a pod's
@@ -35,20 +33,34 @@ func Lookup(ctx context.Context, kubeconfigPath, namespace, name string, o selec
 	ctx, cancel := context.WithTimeout(ctx, LookupTimeout)
 	defer cancel()
 
-	var pod corev1.Pod
+	var pod object
 	if err := a.get(ctx, client, "/api/v1/namespaces/"+url.PathEscape(namespace)+"/pods/"+url.PathEscape(name), &pod); err != nil {
 		return false, "", fmt.Errorf("pod %s/%s: %w", namespace, name, err)
 	}
+	p := &selection.Pod{Namespace: pod.Metadata.Namespace, Name: pod.Metadata.Name,
+		Labels: pod.Metadata.Labels, Annotations: pod.Metadata.Annotations}
 	// The pod's own labels often decide; the namespace is read only if not.
-	if ambient, reason := selection.Ambient(&pod, nil, o); reason != selection.ReasonNamespaceUnknown {
+	if ambient, reason := selection.Ambient(p, nil, o); reason != selection.ReasonNamespaceUnknown {
 		return ambient, reason, nil
 	}
-	var ns corev1.Namespace
+	var ns object
 	if err := a.get(ctx, client, "/api/v1/namespaces/"+url.PathEscape(namespace), &ns); err != nil {
 		return false, "", fmt.Errorf("namespace %s: %w", namespace, err)
 	}
-	ambient, reason = selection.Ambient(&pod, &ns, o)
+	ambient, reason = selection.Ambient(p, &selection.Namespace{Labels: ns.Metadata.Labels}, o)
 	return ambient, reason, nil
+}
+
+// object is what Lookup reads of a pod or a namespace: the metadata that
+// selection.Ambient decides with. Decoding only these fields keeps the
+// plugin free of the API's types.
+type object struct {
+	Metadata struct {
+		Namespace   string            `json:"namespace"`
+		Name        string            `json:"name"`
+		Labels      map[string]string `json:"labels"`
+		Annotations map[string]string `json:"annotations"`
+	} `json:"metadata"`
 }
 
 // get decodes the JSON object at path into out; any status but 200 is an

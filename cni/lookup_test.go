@@ -10,11 +10,10 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/cni/cnitest"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 func pod(ns, name string, lbls map[string]string) *corev1.Pod {
@@ -35,10 +34,14 @@ func TestLookup(t *testing.T) {
 		pod("plain", "labelled", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}),
 		pod("istio-system", "ztunnel-x", map[string]string{"app": "ztunnel"}),
 	)
+	sel, err := selection.ParseSelector("app=ztunnel")
+	if err != nil {
+		t.Fatal(err)
+	}
 	o := selection.Options{
 		ExcludeNamespaces: []string{"kube-system"},
 		ZtunnelNamespace:  "istio-system",
-		ZtunnelSelector:   labels.SelectorFromSet(labels.Set{"app": "ztunnel"}),
+		ZtunnelSelector:   sel,
 	}
 	cases := []struct {
 		ns, name   string
@@ -92,35 +95,25 @@ func TestLoadKubeconfig(t *testing.T) {
 		t.Errorf("LoadKubeconfig = %+v", a)
 	}
 
-	// A hand-written YAML one, with files relative to it and a context to pick.
+	// One written by hand, with files relative to it and a context to pick.
 	for name, content := range map[string]string{"ca.crt": "CA2", "token": "tok2\n"} {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
-	yml := []byte(`apiVersion: v1
-kind: Config
-current-context: second
-clusters:
-- name: one
-  cluster: {server: "https://one"}
-- name: two
-  cluster:
-    server: https://two:6443
-    certificate-authority: ca.crt
-contexts:
-- name: first
-  context: {cluster: one, user: u1}
-- name: second
-  context: {cluster: two, user: u2}
-users:
-- name: u1
-  user: {token: nope}
-- name: u2
-  user: {tokenFile: token}
+	js := []byte(`{"apiVersion": "v1", "kind": "Config", "current-context": "second",
+  "clusters": [
+    {"name": "one", "cluster": {"server": "https://one"}},
+    {"name": "two", "cluster": {"server": "https://two:6443", "certificate-authority": "ca.crt"}}],
+  "contexts": [
+    {"name": "first", "context": {"cluster": "one", "user": "u1"}},
+    {"name": "second", "context": {"cluster": "two", "user": "u2"}}],
+  "users": [
+    {"name": "u1", "user": {"token": "nope"}},
+    {"name": "u2", "user": {"tokenFile": "token"}}]}
 `)
-	kc = filepath.Join(dir, "kc.yaml")
-	if err := os.WriteFile(kc, yml, 0o600); err != nil {
+	kc = filepath.Join(dir, "kc2.json")
+	if err := os.WriteFile(kc, js, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	a, err = cni.LoadKubeconfig(kc)
@@ -128,7 +121,23 @@ users:
 		t.Fatal(err)
 	}
 	if a.Server != "https://two:6443" || !bytes.Equal(a.CAData, []byte("CA2")) || a.Token != "tok2" {
-		t.Errorf("LoadKubeconfig(yaml) = %+v", a)
+		t.Errorf("LoadKubeconfig(hand-written) = %+v", a)
+	}
+	// YAML, as people write kubeconfigs, is read too.
+	kc = filepath.Join(dir, "kc.yaml")
+	yamlKC := "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: k\n  cluster:\n    server: https://three:6443\n" +
+		"    certificate-authority-data: Q0Ez\ncontexts:\n- name: c\n  context: {cluster: k, user: u}\nusers:\n- name: u\n  user:\n    token: tok3\n"
+	if err := os.WriteFile(kc, []byte(yamlKC), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if a, err := cni.LoadKubeconfig(kc); err != nil || a.Server != "https://three:6443" || !bytes.Equal(a.CAData, []byte("CA3")) || a.Token != "tok3" {
+		t.Errorf("LoadKubeconfig(yaml) = %+v, %v", a, err)
+	}
+	if err := os.WriteFile(kc, []byte("clusters: [\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cni.LoadKubeconfig(kc); err == nil {
+		t.Error("LoadKubeconfig of broken YAML succeeded")
 	}
 	if _, err := cni.LoadKubeconfig(filepath.Join(dir, "missing")); err == nil {
 		t.Error("LoadKubeconfig of a missing file succeeded")

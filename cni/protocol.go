@@ -1,9 +1,10 @@
-// Package cni is the node side of the chained CNI plugin: the protocol
-// between the plugin and the agent (a JSON request over a unix socket), the
-// plugin's network config, its installer (binary plus an entry in the primary
-// conflist) and the API lookup the plugin falls back to when the agent is not
-// running. It imports no client-go: the plugin binary links it and must start
-// fast.
+// Package cni is what the chained CNI plugin links: the protocol between the
+// plugin and the agent (a JSON request over a unix socket) and its client,
+// the plugin's network config, and the API lookup the plugin falls back to
+// when the agent is not running. It imports no zap, no client-go and no
+// k8s.io/api: the runtime starts the plugin for every pod, so it must start
+// fast. The agent's side lives in cni/server (the socket) and cni/install
+// (the binary, kubeconfig and conflist entry on the node).
 package cni
 
 import (
@@ -17,6 +18,19 @@ const PluginType = "ambient-redirect"
 
 // DefaultSocket is where the agent listens for the plugin.
 const DefaultSocket = "/var/run/ambient-redirect/cni.sock"
+
+// APIPath is the one endpoint of the protocol (POST, a JSON Request; the
+// answer is a JSON Response, or an ErrorBody with any status but 200).
+const APIPath = "/v1/cni"
+
+// MaxRequestBytes bounds a request or answer body; a real one is a few
+// hundred bytes.
+const MaxRequestBytes = 64 << 10
+
+// ErrorBody is the body of every non-200 answer.
+type ErrorBody struct {
+	Error string `json:"error"`
+}
 
 // CNI commands carried in Request.Command.
 const (

@@ -10,10 +10,12 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/controller/desired"
+	"github.com/ambient-redirect/ambient-redirect/controller/handover"
+	"github.com/ambient-redirect/ambient-redirect/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -22,18 +24,7 @@ import (
 )
 
 // ReasonSandboxDeleted is the reason of a pod whose network CNI DEL tore down.
-const ReasonSandboxDeleted = "sandbox deleted (CNI DEL)"
-
-// cniPod is what CNI told us about a pod's sandbox.
-type cniPod struct {
-	uid         types.UID
-	containerID string
-	ips         []netip.Addr
-	// pod is the object a GET returned when the cache had not seen it.
-	pod *corev1.Pod
-	// deleted: DEL came for the sandbox; nothing is captured until ADD.
-	deleted bool
-}
+const ReasonSandboxDeleted = desired.ReasonSandboxDeleted
 
 // HandleCNI implements cni.Handler.
 func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Response, error) {
@@ -54,17 +45,7 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 	switch req.Command {
 	case cni.CommandDel:
 		c.mu.Lock()
-		e, ok := c.cni[key]
-		switch {
-		case ok && (req.ContainerID == "" || e.containerID == req.ContainerID):
-			e.deleted, e.ips, e.pod = true, nil, nil
-			c.cni[key] = e
-		case !ok && req.PodUID != "":
-			// A sandbox set up before the plugin (or before this agent
-			// started): its addresses go with it.
-			c.cni[key] = cniPod{uid: types.UID(req.PodUID), containerID: req.ContainerID, deleted: true}
-			ok = true
-		}
+		ok := c.cni.Del(key, req.ContainerID, types.UID(req.PodUID))
 		c.mu.Unlock()
 		if ok {
 			c.podKey(key)
@@ -83,17 +64,17 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 	if err != nil {
 		return cni.Response{}, err
 	}
-	withIPs := withPodIPs(pod, req.IPs)
-	if ok, why := selection.Enrolled(withIPs, ns, c.cfg.Selection); !ok {
+	withIPs := handover.WithPodIPs(pod, req.IPs)
+	if ok, why := kube.Enrolled(withIPs, ns, c.cfg.Selection); !ok {
 		return cni.Response{Reason: why}, nil
 	}
-	cp := cniPod{uid: pod.UID, containerID: req.ContainerID, ips: slices.Clone(req.IPs)}
+	cp := handover.Sandbox{UID: pod.UID, ContainerID: req.ContainerID, IPs: slices.Clone(req.IPs)}
 	if !cached {
-		cp.pod = pod // the cache has not seen it (this UID) yet
+		cp.Pod = pod // the cache has not seen it (this UID) yet
 	}
 	var after uint64
 	c.mark(func() {
-		c.cni[key] = cp
+		c.cni.Add(key, cp)
 		c.dirty[key] = true
 		// Only a sync that starts after this has seen the sandbox: an
 		// earlier one may have decided the pod has no address yet.
@@ -133,10 +114,10 @@ func (c *Controller) checkCNI(ctx context.Context, req cni.Request) (cni.Respons
 		return cni.Response{}, err
 	}
 	if len(req.IPs) > 0 {
-		pod = withPodIPs(pod, req.IPs)
+		pod = handover.WithPodIPs(pod, req.IPs)
 	}
-	if ok, why := selection.Enrolled(pod, ns, c.cfg.Selection); !ok {
-		if ambient, _ := selection.Ambient(pod, ns, c.cfg.Selection); ambient && why == selection.ReasonNoIP {
+	if ok, why := kube.Enrolled(pod, ns, c.cfg.Selection); !ok {
+		if ambient, _ := kube.Ambient(pod, ns, c.cfg.Selection); ambient && why == selection.ReasonNoIP {
 			return cni.Response{Ambient: true, Reason: "not programmed: " + why}, nil
 		}
 		return cni.Response{Reason: why}, nil
@@ -185,64 +166,26 @@ func (c *Controller) cniLookup(ctx context.Context, req cni.Request) (pod *corev
 }
 
 // withHandedOver is the pod to decide for key, given the cache's answer
-// (p, err): the object CNI ADD looked up when the cache has not seen that
-// pod (UID) yet. It forgets what CNI said about a pod that is gone. Called
-// with c.mu held.
+// (p, err): see handover.Store.Resolve. Called with c.mu held.
 func (c *Controller) withHandedOver(key string, p *corev1.Pod, err error) (*corev1.Pod, error) {
-	cp, ok := c.cni[key]
-	if !ok {
-		return p, err
+	return c.cni.Resolve(key, p, err, c.cachedPod)
+}
+
+// cachedPod is the pod cache's answer for ns/name now.
+func (c *Controller) cachedPod(ns, name string) (*corev1.Pod, error) {
+	podLister, _ := c.listers()
+	if podLister == nil {
+		return nil, apierrors.NewNotFound(corev1.Resource("pods"), ns+"/"+name)
 	}
-	switch {
-	case err == nil && p.UID == cp.uid:
-		if cp.pod != nil {
-			cp.pod = nil // the cache has it now
-			c.cni[key] = cp
-		}
-		return p, nil
-	case cp.pod != nil && (err == nil || apierrors.IsNotFound(err)):
-		return cp.pod, nil // the cache has an older pod of that name, or none yet
-	case apierrors.IsNotFound(err):
-		ns, name, _ := strings.Cut(key, "/")
-		if podLister, _ := c.listers(); podLister != nil {
-			if cur, gerr := podLister.Pods(ns).Get(name); gerr == nil && cur.UID == cp.uid {
-				return cur, nil // it arrived since the caller listed
-			}
-		}
-		delete(c.cni, key) // the pod is gone
-	}
-	return p, err
+	return podLister.Pods(ns).Get(name)
 }
 
 // podKey queues one pod.
 func (c *Controller) podKey(key string) { c.mark(func() { c.dirty[key] = true }) }
 
-// withCNI applies what CNI said about p's sandbox: its addresses until the
-// status has them, or that it is gone. Called with c.mu held.
-func (c *Controller) withCNI(p *corev1.Pod) (*corev1.Pod, bool, bool) {
-	e, ok := c.cni[p.Namespace+"/"+p.Name]
-	if !ok || e.uid != p.UID {
-		return p, false, false
-	}
-	if e.deleted {
-		return p, true, true
-	}
-	// The sandbox's addresses: a status may still show an earlier one's.
-	return withPodIPs(p, e.ips), true, false
-}
-
-// withPodIPs is a copy of p with ips as its status addresses.
-func withPodIPs(p *corev1.Pod, ips []netip.Addr) *corev1.Pod {
-	cp := *p
-	cp.Status.PodIPs = nil
-	for _, a := range ips {
-		cp.Status.PodIPs = append(cp.Status.PodIPs, corev1.PodIP{IP: a.String()})
-	}
-	if len(ips) > 0 {
-		cp.Status.PodIP = ips[0].String()
-	}
-	return &cp
-}
+// withCNI applies what CNI said about p's sandbox (handover.Apply).
+// Called with c.mu held.
+func (c *Controller) withCNI(p *corev1.Pod) (*corev1.Pod, bool, bool) { return c.cni.Apply(p) }
 
 func containsAll(have, want []netip.Addr) bool {
 	for _, a := range want {
@@ -251,14 +194,4 @@ func containsAll(have, want []netip.Addr) bool {
 		}
 	}
 	return true
-}
-
-// minimalPodOf applies the cache's transform to a pod from a GET.
-func minimalPodOf(p *corev1.Pod) *corev1.Pod {
-	if m, err := minimalPod(p); err == nil {
-		if mp, ok := m.(*corev1.Pod); ok {
-			return mp
-		}
-	}
-	return p
 }

@@ -35,7 +35,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func (c *Controller) handedOver(key string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	_, ok := c.cni[key]
+	_, ok := c.cni.Get(key)
 	return ok
 }
 
@@ -223,7 +223,8 @@ func TestCNIAddForARecreatedSandbox(t *testing.T) {
 	waitFor(t, "ADD handed over", func() bool {
 		c.mu.Lock()
 		defer c.mu.Unlock()
-		return c.cni["apps/p"].containerID == "c2"
+		sb, _ := c.cni.Get("apps/p")
+		return sb.ContainerID == "c2"
 	})
 	if err := c.syncOnce(ctx, false); err != nil {
 		t.Fatal(err)

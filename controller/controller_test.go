@@ -21,8 +21,8 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
 
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 // fakeDP returns the queued writes from each Apply and keeps the pods it

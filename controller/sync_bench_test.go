@@ -3,12 +3,8 @@ package controller
 import (
 	"context"
 	"fmt"
-	"net/netip"
-	"slices"
 	"testing"
 
-	"github.com/ambient-redirect/ambient-redirect/dataplane"
-	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
@@ -68,19 +64,5 @@ func BenchmarkFullSync(b *testing.B) {
 		if err := c.syncOnce(ctx, false); err != nil {
 			b.Fatal(err)
 		}
-	}
-}
-
-// TestDedupeIPs: an address claimed twice stays with the first pod; the
-// second keeps its other addresses, or goes when it has none left.
-func TestDedupeIPs(t *testing.T) {
-	a, b, c := netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("fd00::1"), netip.MustParseAddr("10.0.0.2")
-	got := dedupeIPs([]dataplane.Pod{
-		{Name: "first", IPs: []netip.Addr{a, b}},
-		{Name: "second", IPs: []netip.Addr{c, a, b}},
-		{Name: "third", IPs: []netip.Addr{a}},
-	}, zap.NewNop())
-	if len(got) != 2 || !slices.Equal(got[0].IPs, []netip.Addr{a, b}) || got[1].Name != "second" || !slices.Equal(got[1].IPs, []netip.Addr{c}) {
-		t.Fatalf("dedupe: %+v", got)
 	}
 }

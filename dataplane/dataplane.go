@@ -73,6 +73,9 @@ type Dataplane struct {
 	// the kernel was booted without it.
 	fams []Family
 
+	// order runs converge's phases (a test may swap two).
+	order phaseOrder
+
 	mu sync.Mutex
 	// mgr are the managers of what the agent keeps across applies.
 	mgr      managers
@@ -478,20 +481,35 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	next, prev, rules := map[Family]NodeParams{}, map[Family]NodeParams{}, map[Family]*ruleWriter{}
 	for _, f := range d.fams {
 		next[f] = d.nodeParams(zt, live, f)
+		m.nodeFilter[f].s.Forget() // what this convergence reads back counts
 		rules[f] = &ruleWriter{d: d, m: m.nodeFilter[f], ctx: ctx, w: w}
 		switch {
 		case w.dry:
 			prev[f] = next[f]
 		case m.nodeFilter[f].params != nil:
 			prev[f] = *m.nodeFilter[f].params
-		default:
+		}
+	}
+	if !w.dry {
+		var mu sync.Mutex
+		err := eachFamily(d.fams, w, func(f Family, _ *writer) error {
+			if m.nodeFilter[f].params != nil {
+				return nil
+			}
 			// Written by another process (or not at all): read them back.
 			// Not kept as params: that is only ever what this process wrote.
 			actual, err := m.nodeFilter[f].s.Actual(ctx)
 			if err != nil {
 				return err
 			}
+			mu.Lock()
 			prev[f] = adoptedParams(d.cfg, next[f], actual)
+			mu.Unlock()
+			rules[f].read = true
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 	}
 	vethExists := func(name string) bool {
@@ -499,96 +517,102 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 		return err == nil
 	}
 	writeRules := func(withCapture, final bool) error {
-		for _, f := range d.fams {
+		if !final && w.dry {
+			return nil
+		}
+		// The families' chains are separate tables written by separate
+		// processes: one step writes them at once.
+		return eachFamily(d.fams, w, func(f Family, w *writer) error {
 			p := next[f]
 			if !final {
-				if w.dry {
-					continue
-				}
 				p = unionParams(prev[f], next[f], vethExists, withCapture)
 			}
-			if err := rules[f].write(p); err != nil {
+			rules[f].w = w
+			return rules[f].write(p)
+		})
+	}
+
+	// The order is explained in transition.go.
+	var inLink, outLink netlink.Link
+	err = d.order.run([]phase{
+		{phaseMembersIn, func() error {
+			for _, f := range []Family{IPv4, IPv6} {
+				if err := sets[f].applyAdds(w); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{phaseZtunnelNS, func() error {
+			for _, z := range live {
+				// The new ztunnel's netns first: the node must never point
+				// at a ztunnel that cannot answer yet. Each one's IP stays
+				// on its veth in our tables: encapsulated packets carry the
+				// inner mark and must not loop into the tunnel.
+				if err := d.syncZtunnelNS(ctx, m, z, w); err != nil {
+					return err
+				}
+				// Its return path too (slot table), before the tunnels
+				// point at it.
+				reach := append(d.ztunnelRoutes(z), d.slotRoutes(z)...)
+				routes.want(reach...)
+				isReach := map[string]bool{}
+				for _, r := range reach {
+					isReach[routeKey(r)] = true
+				}
+				if err := routes.applyUpdates(func(r netlink.Route) bool { return isReach[routeKey(r)] }, w); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{phaseIPRules, func() error {
+			for _, f := range d.fams {
+				if err := d.syncRules(d.node.NL, f, d.nodeRules(f), d.cfg.CaptureNodeLocal, w); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{phaseClassify, func() error { return writeRules(false, false) }},
+		{phaseTunnels, func() error {
+			if zt == nil {
+				return nil
+			}
+			in, out := d.tunnelEnds(zt, true)
+			var err error
+			if inLink, err = syncTunnel(d.node, in, w); err != nil {
 				return err
 			}
-		}
-		return nil
-	}
-
-	// Make: the order is explained in transition.go.
-	for _, f := range []Family{IPv4, IPv6} {
-		if err := sets[f].applyAdds(w); err != nil {
+			outLink, err = syncTunnel(d.node, out, w)
 			return err
-		}
-	}
-	var inLink, outLink netlink.Link
-	for _, z := range live {
-		// The new ztunnel's netns first: the node must never point at a
-		// ztunnel that cannot answer yet. Each one's IP stays on its veth
-		// in our tables: encapsulated packets carry the inner mark and
-		// must not loop into the tunnel.
-		if err := d.syncZtunnelNS(ctx, m, z, w); err != nil {
-			return err
-		}
-		// Its return path too (slot table), before the tunnels point at it.
-		reach := append(d.ztunnelRoutes(z), d.slotRoutes(z)...)
-		routes.want(reach...)
-		isReach := map[string]bool{}
-		for _, r := range reach {
-			isReach[routeKey(r)] = true
-		}
-		if err := routes.applyUpdates(func(r netlink.Route) bool { return isReach[routeKey(r)] }, w); err != nil {
-			return err
-		}
-	}
-	for _, f := range d.fams {
-		if err := d.syncRules(d.node.NL, f, d.nodeRules(f), d.cfg.CaptureNodeLocal, w); err != nil {
-			return err
-		}
-	}
-	if err := writeRules(false, false); err != nil {
-		return err
-	}
-	if zt != nil {
-		in, out := d.tunnelEnds(zt, true)
-		if inLink, err = syncTunnel(d.node, in, w); err != nil {
-			return err
-		}
-		if outLink, err = syncTunnel(d.node, out, w); err != nil {
-			return err
-		}
-	}
-	want, err := d.render(st, facts{zt: zt, live: live, in: inLink, out: outLink})
+		}},
+		{phaseReach, func() error {
+			want, err := d.render(st, facts{zt: zt, live: live, in: inLink, out: outLink})
+			if err != nil {
+				return err
+			}
+			if err := syncSysctls(d.node.Sysctl, want.Sysctls, w); err != nil {
+				return err
+			}
+			routes.replaceDesired(want.Routes)
+			return routes.applyUpdates(func(r netlink.Route) bool { return !d.isInbound(r) }, w)
+		}},
+		{phaseCapture, func() error { return writeRules(true, false) }},
+		{phaseInbound, func() error { return routes.applyUpdates(d.isInbound, w) }},
+		{phaseInboundOut, func() error { return routes.applyDeletes(d.isInbound, w) }},
+		{phaseFinalRules, func() error { return writeRules(false, true) }},
+		{phaseMembersOut, func() error {
+			for _, f := range []Family{IPv4, IPv6} {
+				if err := sets[f].applyDeletes(w); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{phaseRoutesOut, func() error { return routes.applyDeletes(nil, w) }},
+	})
 	if err != nil {
-		return err
-	}
-	if err := syncSysctls(d.node.Sysctl, want.Sysctls, w); err != nil {
-		return err
-	}
-	routes.replaceDesired(want.Routes)
-	notInbound := func(r netlink.Route) bool { return !d.isInbound(r) }
-	if err := routes.applyUpdates(notInbound, w); err != nil {
-		return err
-	}
-	if err := writeRules(true, false); err != nil {
-		return err
-	}
-	if err := routes.applyUpdates(d.isInbound, w); err != nil {
-		return err
-	}
-
-	// Break.
-	if err := routes.applyDeletes(d.isInbound, w); err != nil {
-		return err
-	}
-	if err := writeRules(false, true); err != nil {
-		return err
-	}
-	for _, f := range []Family{IPv4, IPv6} {
-		if err := sets[f].applyDeletes(w); err != nil {
-			return err
-		}
-	}
-	if err := routes.applyDeletes(nil, w); err != nil {
 		return err
 	}
 	newNS, liveNS := "", []string{}
@@ -693,6 +717,9 @@ type ruleWriter struct {
 	ctx     context.Context
 	w       *writer
 	written string
+	// read: the chains were read back in this convergence; the steps
+	// after it start from there instead of reading again (a process).
+	read bool
 }
 
 func (r *ruleWriter) write(p NodeParams) error {
@@ -701,13 +728,54 @@ func (r *ruleWriter) write(p NodeParams) error {
 	if rendered == r.written {
 		return nil
 	}
-	if err := r.m.apply(r.ctx, rs, r.d.resync, r.w); err != nil {
+	var err error
+	if r.read && !r.w.dry {
+		err = r.m.update(r.ctx, rs, r.w)
+	} else {
+		reads := r.d.resync || r.m.written != rendered // else apply has nothing to do
+		err = r.m.apply(r.ctx, rs, r.d.resync, r.w)
+		r.read = err == nil && reads
+	}
+	if err != nil {
 		r.m.params = nil // a table may be written, another not: read back next time
 		return err
 	}
 	r.written = rendered
 	r.m.params = &p // what the kernel holds now
 	return nil
+}
+
+// eachFamily runs f for every family at once, each with a writer of its
+// own; what they did is added to w in family order. Only for steps whose
+// families touch separate kernel objects (iptables tables).
+func eachFamily(fams []Family, w *writer, f func(Family, *writer) error) error {
+	if len(fams) == 1 || w.dry {
+		for _, fam := range fams {
+			if err := f(fam, w); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	ws := make([]*writer, len(fams))
+	errs := make([]error, len(fams))
+	var wg sync.WaitGroup
+	for i, fam := range fams {
+		ws[i] = newWriter(false)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f(fam, ws[i])
+		}()
+	}
+	wg.Wait()
+	for _, fw := range ws {
+		w.res.Changes = append(w.res.Changes, fw.res.Changes...)
+		for k, v := range fw.res.Writes {
+			w.res.Writes[k] += v
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // checkForwarding requires forwarding on for every family the state has
@@ -759,7 +827,16 @@ func (d *Dataplane) applyPods(st State, f *fastPath, w *writer) error {
 // out. A failed write fails the apply, which makes the next one a full
 // read-back.
 func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *writer) error {
-	// Refuse a batch that claims an address twice before changing anything.
+	// Refuse a batch Apply would refuse (an invalid address, or one claimed
+	// twice) before changing anything.
+	var problems []string
+	for _, p := range upsert {
+		problems = append(problems, p.problems()...)
+	}
+	if len(problems) > 0 {
+		slices.Sort(problems)
+		return fmt.Errorf("invalid desired state: %s", strings.Join(problems, "; "))
+	}
 	leaving := map[string]bool{}
 	for _, uid := range remove {
 		leaving[uid] = true

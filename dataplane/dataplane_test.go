@@ -158,11 +158,11 @@ func TestApplyProgramsNodeAndZtunnel(t *testing.T) {
 	if got, _ := f.ztIPT.Save(context.Background(), "mangle"); !strings.Contains(got, wantZtIPT[0].Rules[1]) {
 		t.Errorf("ztunnel TPROXY rules missing:\n%s", got)
 	}
-	// One restore per table (mangle, nat, filter on the node, mangle in the
-	// ztunnel netns), and mangle once more: the capture mark is added only
-	// once the tunnels and routes it leads to exist (make before break).
-	if res.Writes[KindIPTables] != 5 {
-		t.Errorf("iptables restores: %d, want 5 (writes %v)", res.Writes[KindIPTables], res.Writes)
+	// One restore for every table of the node (mangle, nat, filter), one in
+	// the ztunnel netns, and one more on the node: the capture mark is added
+	// only once the tunnels and routes it leads to exist (make before break).
+	if res.Writes[KindIPTables] != 3 {
+		t.Errorf("iptables restores: %d, want 3 (writes %v)", res.Writes[KindIPTables], res.Writes)
 	}
 }
 
@@ -704,5 +704,33 @@ func TestLocalRuleKeyChange(t *testing.T) {
 	}
 	if dump := f.nl.Dump(); strings.Contains(dump, "rule inet 0: lookup 255 proto 2") {
 		t.Fatalf("the kernel's local rule is back next to ours:\n%s", dump)
+	}
+}
+
+// TestUpdatePodsValidates: the incremental path refuses what Apply refuses
+// (an unusable address, an empty UID) before writing anything.
+func TestUpdatePodsValidates(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	ctx := context.Background()
+	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: pods(2)}); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []Pod{
+		{UID: "lo", IPs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}},
+		{UID: "any", IPs: []netip.Addr{netip.MustParseAddr("::ffff:0.0.0.0")}},
+		{UID: "mc", IPs: []netip.Addr{netip.MustParseAddr("ff02::1")}},
+		{UID: "", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.77")}},
+	} {
+		before := f.writes()
+		if _, err := d.UpdatePods(ctx, []Pod{bad}, nil); err == nil || !strings.Contains(err.Error(), "invalid desired state") {
+			t.Errorf("UpdatePods(%v) = %v, want refused as Apply refuses it", bad, err)
+		}
+		if f.writes() != before {
+			t.Errorf("UpdatePods(%v) wrote %d times before refusing", bad, f.writes()-before)
+		}
+		if err := (State{Pods: []Pod{bad}}).Validate(); err == nil {
+			t.Errorf("Validate accepts %v", bad)
+		}
 	}
 }

@@ -13,6 +13,7 @@ func dualStack(f *fakeNode) {
 	f.sys.Values["net.ipv6.conf.all.forwarding"] = "1"
 	f.ztSys.Values["net.ipv6.conf.all.forwarding"] = "1"
 	f.zt.IPs = append(f.zt.IPs, netip.MustParseAddr("fd00:10:244:1::2"))
+	f.nl.Src6 = netip.MustParseAddr("fd00:10:244:1::1") // HOSTIP towards the ztunnel's IPv6 address
 }
 
 func dualStackPods(n int) []Pod {
@@ -29,7 +30,6 @@ func dualStackPods(n int) []Pod {
 func TestDualStackProgramsBothFamilies(t *testing.T) {
 	f := newFakeNode(t)
 	dualStack(f)
-	f.nl.Src = netip.MustParseAddr("10.244.1.1") // the fake answers RouteGet for both families with it
 	d := f.dataplane(t, nil)
 	st := State{Ztunnel: f.zt, Pods: dualStackPods(2)}
 	if _, err := d.Apply(context.Background(), st); err != nil {
@@ -40,7 +40,7 @@ func TestDualStackProgramsBothFamilies(t *testing.T) {
 		"rule inet6 0: fwmark 0x0/0x140 lookup 255 proto 97",
 		"rule inet6 101: fwmark 0x100/0x100 lookup 101 proto 97",
 		"rule inet6 103: lookup 100 proto 97",
-		"route inet6 table 100 fd00:10:244:1::10/128 via fd00:a17:126::2",
+		"route inet6 table 100 fd00:10:244:1::10/128 via fd00:a17:126::2 dev#3 src fd00:10:244:1::1 ",
 		"route inet6 table 101 ::/0 via fd00:a17:127::2",
 		"route inet6 table 102 ::/0 via fd00:10:244:1::2",
 		"route inet6 table 101 fd00:10:244:1::2/128",
@@ -95,7 +95,7 @@ func TestIPv6OnlyZtunnelFailsIPv4Closed(t *testing.T) {
 	f := newFakeNode(t)
 	dualStack(f)
 	f.zt.IPs = f.zt.IPs[1:]
-	f.nl.Src = netip.MustParseAddr("fd00:10:244:1::1")
+	f.nl.Src = netip.Addr{} // no IPv4 route towards the ztunnel: Src6 answers for IPv6
 	d := f.dataplane(t, nil)
 	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: dualStackPods(1)}); err != nil {
 		t.Fatal(err)

@@ -42,6 +42,21 @@ func (m *filterManager) apply(ctx context.Context, rs iptables.Ruleset, verify b
 	return nil
 }
 
+// update converges the chains to rs starting from the tables as this
+// convergence last read them back (see iptables.Syncer.Update): the later
+// steps of a transition do not read them again.
+func (m *filterManager) update(ctx context.Context, rs iptables.Ruleset, w *writer) error {
+	rendered := rs.Render()
+	m.written = ""
+	res, err := m.s.Update(ctx, rs)
+	recordIPTables(res, w)
+	if err != nil {
+		return err
+	}
+	m.written = rendered
+	return nil
+}
+
 // clone is a copy that verifies the chains on its first apply (Diff).
 func (m *filterManager) clone() *filterManager {
 	c := *m
@@ -55,11 +70,15 @@ func (m *filterManager) forget() { m.written, m.params = "", nil }
 // runIPTables syncs s to rs (nil removes all our chains) and records the changes.
 func runIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w *writer) error {
 	res, err := s.Sync(ctx, rs, w.dry)
+	recordIPTables(res, w)
+	return err
+}
+
+func recordIPTables(res iptables.Result, w *writer) {
 	for _, c := range res.Changes {
 		w.res.Changes = append(w.res.Changes, fmt.Sprintf("%s: %s/%s %s", KindIPTables, c.Table, c.Chain, c.Reason))
 	}
 	w.res.Writes[KindIPTables] += res.Restores
-	return err
 }
 
 // nodeParams are the inputs of the node's rules of family f. A ztunnel

@@ -96,6 +96,22 @@ func (s State) members(f Family) (map[netip.Addr]string, error) {
 }
 
 // Validate checks the state before anything is written.
+// problems lists what makes p unprogrammable, on every path that
+// programs pods (Apply's Validate and UpdatePods alike).
+func (p Pod) problems() []string {
+	var out []string
+	if p.UID == "" {
+		out = append(out, fmt.Sprintf("pod %s: empty UID", p.Name))
+	}
+	for _, a := range p.IPs {
+		a = a.Unmap() // ::ffff:0.0.0.0 must be judged as 0.0.0.0
+		if !a.IsValid() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+			out = append(out, fmt.Sprintf("pod %s: invalid IP %v", p.Name, a))
+		}
+	}
+	return out
+}
+
 func (s State) Validate() error {
 	var problems []string
 	for _, z := range append([]*Ztunnel{s.Ztunnel}, s.Draining...) {
@@ -110,15 +126,7 @@ func (s State) Validate() error {
 		}
 	}
 	for _, p := range s.Pods {
-		if p.UID == "" {
-			problems = append(problems, fmt.Sprintf("pod %s: empty UID", p.Name))
-		}
-		for _, a := range p.IPs {
-			a = a.Unmap() // ::ffff:0.0.0.0 must be judged as 0.0.0.0
-			if !a.IsValid() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
-				problems = append(problems, fmt.Sprintf("pod %s: invalid IP %v", p.Name, a))
-			}
-		}
+		problems = append(problems, p.problems()...)
 	}
 	if _, err := s.members(IPv4); err != nil {
 		problems = append(problems, err.Error())

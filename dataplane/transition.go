@@ -42,6 +42,53 @@ import (
 // after it (unionParams); between transitions they equal the final rules,
 // so a steady state writes each table at most once.
 
+// The phases of converge, in the order above. Each is one step of the
+// list converge hands to phaseOrder.run.
+const (
+	phaseMembersIn  = "members in"
+	phaseZtunnelNS  = "ztunnel netns and its reach routes"
+	phaseIPRules    = "ip rules"
+	phaseClassify   = "classify every live ztunnel, keep REJECTs and marks"
+	phaseTunnels    = "tunnels point at the active ztunnel"
+	phaseReach      = "sysctls, table-101/102 routes"
+	phaseCapture    = "outbound capture"
+	phaseInbound    = "inbound routes in"
+	phaseInboundOut = "inbound routes out"
+	phaseFinalRules = "final rules"
+	phaseMembersOut = "members out"
+	phaseRoutesOut  = "remaining routes out"
+)
+
+// phase is one named step of a transition.
+type phase struct {
+	name string
+	run  func() error
+}
+
+// phaseOrder runs a transition's phases in order. swap, set only by the
+// package's tests, exchanges two phases by name: the journal test proves
+// it can tell a broken order from the right one.
+type phaseOrder struct {
+	swap [2]string
+}
+
+func (o phaseOrder) run(ps []phase) error {
+	if o.swap[0] != "" {
+		i := slices.IndexFunc(ps, func(p phase) bool { return p.name == o.swap[0] })
+		j := slices.IndexFunc(ps, func(p phase) bool { return p.name == o.swap[1] })
+		if i >= 0 && j >= 0 {
+			ps = slices.Clone(ps)
+			ps[i], ps[j] = ps[j], ps[i]
+		}
+	}
+	for _, p := range ps {
+		if err := p.run(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // unionParams renders the node's rules for the middle of a transition from
 // prev to next: every ztunnel either side knows (and whose veth is still
 // there) is classified, REJECTs stay while either side has them, and capture

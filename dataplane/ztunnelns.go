@@ -63,6 +63,8 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 		return fmt.Errorf("ztunnel netns %s: lo: %w", zt.spec.NetNS, err)
 	}
 	var locals []netlink.Route
+	filters := map[Family]*filterManager{}
+	rulesets := map[Family]iptables.Ruleset{}
 	for _, f := range d.fams {
 		ip, ok := zt.ips[f]
 		if !ok {
@@ -82,10 +84,20 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 		if err != nil {
 			return err
 		}
-		rs := ZtunnelRuleset(d.cfg, ZtunnelParams{Family: f, ZtunnelIP: ip, Eth: zt.eth.Attrs().Name})
-		if err := m.apply(ctx, rs, d.resync, w); err != nil {
-			return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
+		filters[f] = m
+		rulesets[f] = ZtunnelRuleset(d.cfg, ZtunnelParams{Family: f, ZtunnelIP: ip, Eth: zt.eth.Attrs().Name})
+	}
+	var fams []Family
+	for _, f := range d.fams {
+		if filters[f] != nil {
+			fams = append(fams, f)
 		}
+	}
+	err = eachFamily(fams, w, func(f Family, w *writer) error {
+		return filters[f].apply(ctx, rulesets[f], d.resync, w)
+	})
+	if err != nil {
+		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
 	if err := syncRoutes(k.NL, proto, locals, w); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)

@@ -25,7 +25,7 @@ import (
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/cni/cnitest"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 // pluginBin is the plugin, built once: the tests run it as the runtime does.

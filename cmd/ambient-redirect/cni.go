@@ -16,25 +16,27 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
+	"github.com/ambient-redirect/ambient-redirect/cni/install"
+	"github.com/ambient-redirect/ambient-redirect/cni/server"
 )
 
 // pluginBinary is the plugin shipped next to this binary (the image has both).
 func pluginBinary() string {
 	exe, err := os.Executable()
 	if err != nil {
-		return cni.SourceBinaryName
+		return install.SourceBinaryName
 	}
-	return filepath.Join(filepath.Dir(exe), cni.SourceBinaryName)
+	return filepath.Join(filepath.Dir(exe), install.SourceBinaryName)
 }
 
 // installer is the plugin's installer for o.
-func (o *Options) installer(restCfg *rest.Config, log *zap.Logger) (*cni.Installer, error) {
-	in := &cni.Installer{BinDir: o.CNIBinDir, ConfDir: o.CNIConfDir, Binary: o.CNIPluginBinary, Log: log,
+func (o *Options) installer(restCfg *rest.Config, log *zap.Logger) (*install.Installer, error) {
+	in := &install.Installer{BinDir: o.CNIBinDir, ConfDir: o.CNIConfDir, Binary: o.CNIPluginBinary, Log: log,
 		Conf: cni.PluginConf{Socket: o.CNISocket, FailMode: o.FailMode, ExcludeNamespaces: o.excluded(),
 			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: o.ZtunnelSelector}}
 	in.Conf.Type = cni.PluginType
 	if o.CNIHostConfDir != "" {
-		in.Conf.Kubeconfig = filepath.Join(o.CNIHostConfDir, cni.KubeconfigName)
+		in.Conf.Kubeconfig = filepath.Join(o.CNIHostConfDir, install.KubeconfigName)
 	}
 	if restCfg != nil {
 		// Read on every check: a projected token rotates (about hourly).
@@ -82,7 +84,7 @@ func serveCNI(ctx context.Context, o *Options, h cni.Handler, restCfg *rest.Conf
 	if o.CNISocket == "" {
 		return nil, nil
 	}
-	srv, err := cni.Listen(o.CNISocket)
+	srv, err := server.Listen(o.CNISocket)
 	if err != nil {
 		return nil, fmt.Errorf("CNI socket: %w", err)
 	}
@@ -98,7 +100,12 @@ func serveCNI(ctx context.Context, o *Options, h cni.Handler, restCfg *rest.Conf
 	if err != nil {
 		return nil, err
 	}
-	if _, err := in.Install(); err != nil && !errors.Is(err, cni.ErrNoConfig) {
+	// No conflist yet (the primary plugin writes it later) or a plugin the
+	// runtime could not run: keep serving (pods are still enrolled from
+	// their status) while Watch retries, and stay not ready meanwhile.
+	if _, err := in.Install(); errors.Is(err, install.ErrNotRunnable) {
+		log.Error("the CNI plugin is not chained in: a runtime could not run it; not ready until it can", zap.Error(err))
+	} else if err != nil && !errors.Is(err, install.ErrNoConfig) {
 		return nil, fmt.Errorf("install the CNI plugin: %w", err)
 	}
 	go in.Watch(ctx, time.Second) // the primary plugin may write or rewrite its conflist later
@@ -114,7 +121,7 @@ func uninstallCNI(o *Options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	if err := in.Uninstall(); err != nil && !errors.Is(err, cni.ErrNotInstalled) && !errors.Is(err, cni.ErrNoConfig) && !errors.Is(err, fs.ErrNotExist) {
+	if err := in.Uninstall(); err != nil && !errors.Is(err, install.ErrNotInstalled) && !errors.Is(err, install.ErrNoConfig) && !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
 	return nil

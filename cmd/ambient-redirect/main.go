@@ -19,15 +19,14 @@ import (
 	"github.com/go-logr/zapr"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 const usage = `usage: ambient-redirect <command> [flags]
@@ -159,7 +158,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	dpCfg, _ := o.dataplaneConfig()
-	sel, _ := labels.Parse(o.ZtunnelSelector)
+	sel, _ := selection.ParseSelector(o.ZtunnelSelector)
 	log := newLogger(o.LogLevel).With(zap.String("node", o.NodeName))
 	defer func() { _ = log.Sync() }()
 	fields := []zap.Field{zap.String("version", version())}

@@ -12,11 +12,11 @@ import (
 	"strings"
 	"time"
 
-	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 )
 
 // choice is a flag limited to fixed values, so a bad value fails at parse
@@ -138,7 +138,7 @@ func (o *Options) Validate(requireNode bool) error {
 			errs = append(errs, fmt.Errorf("namespace %q (--ztunnel-namespace/--exclude-namespaces) is not valid: %s", ns, strings.Join(msgs, "; ")))
 		}
 	}
-	if _, err := labels.Parse(o.ZtunnelSelector); err != nil || strings.TrimSpace(o.ZtunnelSelector) == "" {
+	if _, err := selection.ParseSelector(o.ZtunnelSelector); err != nil || strings.TrimSpace(o.ZtunnelSelector) == "" {
 		errs = append(errs, fmt.Errorf("--ztunnel-selector %q is not a non-empty label selector: %v", o.ZtunnelSelector, err))
 	}
 	if o.ZtunnelNamespace == "" {

@@ -1,5 +1,5 @@
 // Package cnitest has test doubles for users of package cni: an agent
-// (a cni.Server with a scripted Handler) and an API server serving pods and
+// (a server.Server with a scripted Handler) and an API server serving pods and
 // namespaces to cni.Lookup.
 package cnitest
 
@@ -20,6 +20,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
+	"github.com/ambient-redirect/ambient-redirect/cni/server"
 )
 
 // Agent is a scripted cni.Handler that records what it was asked.
@@ -60,11 +61,11 @@ func SocketPath(t testing.TB) string {
 	return filepath.Join(dir, "run", "cni.sock")
 }
 
-// Serve runs a cni.Server for h on a fresh socket until the test ends and
+// Serve runs a server.Server for h on a fresh socket until the test ends and
 // returns the socket's path.
 func Serve(t testing.TB, h cni.Handler) string {
 	path := SocketPath(t)
-	srv, err := cni.Listen(path)
+	srv, err := server.Listen(path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os/exec"
 	"strings"
+	"sync"
 )
 
 // Backends.
@@ -97,25 +98,35 @@ func Detect(ctx context.Context, runner func(backend string) (Runner, error)) (s
 	counts := map[string]int{}
 	canary := map[string]bool{}
 	var errs []string
-	for _, b := range []string{NFT, Legacy} {
+	backends := []string{NFT, Legacy}
+	outs, saveErrs := make([]string, len(backends)), make([]error, len(backends))
+	var wg sync.WaitGroup
+	for i, b := range backends {
 		r, err := runner(b)
 		if err != nil {
 			return "", "", err
 		}
-		{
-			// All existing tables: -t would instantiate missing legacy tables.
-			out, err := r.Save(ctx, "")
-			if err != nil {
-				errs = append(errs, err.Error())
-				continue
-			}
-			if strings.Contains(out, "KUBE-IPTABLES-HINT") || strings.Contains(out, "KUBE-KUBELET-CANARY") {
-				canary[b] = true
-			}
-			for _, l := range strings.Split(out, "\n") {
-				if strings.HasPrefix(l, "-") {
-					counts[b]++
-				}
+		// Both at once: each is a process. All existing tables: -t would
+		// instantiate missing legacy tables.
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			outs[i], saveErrs[i] = r.Save(ctx, "")
+		}()
+	}
+	wg.Wait()
+	for i, b := range backends {
+		if saveErrs[i] != nil {
+			errs = append(errs, saveErrs[i].Error())
+			continue
+		}
+		out := outs[i]
+		if strings.Contains(out, "KUBE-IPTABLES-HINT") || strings.Contains(out, "KUBE-KUBELET-CANARY") {
+			canary[b] = true
+		}
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "-") {
+				counts[b]++
 			}
 		}
 	}

@@ -18,6 +18,7 @@ package iptables
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -102,6 +103,8 @@ type Syncer struct {
 	mu sync.Mutex
 	// learned maps a desired rule line to the form the kernel printed back.
 	learned map[string]string
+	// last are the tables as last read back, nil when unknown (see Update).
+	last map[string]Parsed
 }
 
 // NewSyncer returns a syncer owning every chain whose name starts with prefix.
@@ -126,46 +129,98 @@ type Result struct {
 	Changes  []Change
 }
 
-// Sync makes the kernel match desired. With dryRun it only reports the changes.
+// Sync makes the kernel match desired, reading the tables back first. With
+// dryRun it only reports the changes.
 func (s *Syncer) Sync(ctx context.Context, desired Ruleset, dryRun bool) (Result, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var res Result
-	saved, err := s.run.Save(ctx, "")
-	if err != nil {
-		return res, err
+	return s.sync(ctx, desired, dryRun, nil)
+}
+
+// Update is Sync starting from the tables as this syncer last read them back
+// (Sync, Actual, or after its own writes) since Forget, instead of reading
+// them again: for the writes that follow one another within a convergence.
+// Without such a read it reads; a plan that would delete jumps by position
+// (they may have moved since) is made again from a fresh read.
+func (s *Syncer) Update(ctx context.Context, desired Ruleset) (Result, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.last != nil {
+		res, err := s.sync(ctx, desired, false, s.last)
+		if err == nil || !errors.Is(err, errStale) {
+			return res, err
+		}
+		s.last = nil
 	}
-	all := ParseSaveAll(saved)
+	return s.sync(ctx, desired, false, nil)
+}
+
+// Forget drops what the syncer last read back: the next Update reads.
+func (s *Syncer) Forget() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.last = nil
+}
+
+// errStale marks a plan made from tables read earlier that cannot be
+// trusted to apply (see Update).
+var errStale = errors.New("tables read earlier may be stale")
+
+// sync plans from from (nil: read back now) and writes every table that
+// differs in one iptables-restore.
+func (s *Syncer) sync(ctx context.Context, desired Ruleset, dryRun bool, from map[string]Parsed) (Result, error) {
+	var res Result
+	all := from
+	if all == nil {
+		saved, err := s.run.Save(ctx, "")
+		if err != nil {
+			return res, err
+		}
+		all = ParseSaveAll(saved)
+		s.last = all
+	}
+	var input, drops strings.Builder
+	var written []string
 	for _, table := range Tables {
 		want := desiredFor(desired, table)
 		cur, exists := all[table]
 		if !exists && len(want) == 0 {
 			continue // nothing of ours can be in a table that does not exist
 		}
-		input, drop, changes := s.plan(table, want, cur)
+		in, drop, changes, byPosition := s.plan(table, want, cur)
 		if len(changes) == 0 {
 			continue
 		}
+		if from != nil && byPosition {
+			return Result{}, errStale
+		}
 		res.Changes = append(res.Changes, changes...)
-		if dryRun {
-			continue
-		}
-		if err := s.run.Restore(ctx, input); err != nil {
-			return res, fmt.Errorf("iptables-restore (%s, table %s): %w", s.run.Backend(), table, err)
-		}
-		res.Restores++
-		s.learn(ctx, table, want)
-		if drop != "" {
-			// Deleting a stale chain fails while something we do not
-			// manage still jumps to it: keep that out of the transaction
-			// that updates our live chains. It is emptied already.
-			if err := s.run.Restore(ctx, drop); err != nil {
-				res.Changes = append(res.Changes, Change{table, "", "stale chains not deleted (still referenced?): " + err.Error()})
-			} else {
-				res.Restores++
-			}
+		input.WriteString(in)
+		drops.WriteString(drop)
+		written = append(written, table)
+	}
+	if dryRun || input.Len() == 0 {
+		return res, nil
+	}
+	// One process for every table that changed: each table is still its
+	// own transaction (COMMIT), in the order of Tables.
+	s.last = nil // unknown until read back
+	if err := s.run.Restore(ctx, input.String()); err != nil {
+		res.Changes = nil
+		return res, fmt.Errorf("iptables-restore (%s, tables %s): %w", s.run.Backend(), strings.Join(written, ","), err)
+	}
+	res.Restores++
+	if drops.Len() > 0 {
+		// Deleting a stale chain fails while something we do not manage
+		// still jumps to it: keep that out of the transaction that updates
+		// our live chains. It is emptied already.
+		if err := s.run.Restore(ctx, drops.String()); err != nil {
+			res.Changes = append(res.Changes, Change{strings.Join(written, ","), "", "stale chains not deleted (still referenced?): " + err.Error()})
+		} else {
+			res.Restores++
 		}
 	}
+	s.learn(ctx, desired, written)
 	return res, nil
 }
 
@@ -196,7 +251,11 @@ func (s *Syncer) Actual(ctx context.Context) (map[string]map[string][]string, er
 	if err != nil {
 		return nil, err
 	}
-	for table, cur := range ParseSaveAll(saved) {
+	all := ParseSaveAll(saved)
+	s.mu.Lock()
+	s.last = all
+	s.mu.Unlock()
+	for table, cur := range all {
 		for chain, rules := range cur.Rules {
 			if !s.ours(chain) && !isJumpHolder(table, chain, rules, s.prefix) {
 				continue
@@ -261,7 +320,8 @@ func (s *Syncer) canon(line string) string {
 }
 
 // plan builds the restore input for one table and the list of changes.
-func (s *Syncer) plan(table string, want []Chain, cur Parsed) (input, drop string, changes []Change) {
+// byPosition reports jumps deleted by position.
+func (s *Syncer) plan(table string, want []Chain, cur Parsed) (input, drop string, changes []Change, byPosition bool) {
 	var decl, body, jumpDel, jumpAdd, stale []string
 
 	wantNames := map[string]bool{}
@@ -332,9 +392,9 @@ func (s *Syncer) plan(table string, want []Chain, cur Parsed) (input, drop strin
 		dropLines = append(dropLines, "-X "+name)
 	}
 	if len(changes) == 0 {
-		return "", "", nil
+		return "", "", nil, false
 	}
-	return restoreInput(table, decl, jumpDel, body, jumpAdd), restoreInput(table, dropLines), changes
+	return restoreInput(table, decl, jumpDel, body, jumpAdd), restoreInput(table, dropLines), changes, len(jumpDel) > 0
 }
 
 // restoreInput renders one table's transaction; "" when there is nothing.
@@ -363,14 +423,39 @@ func (s *Syncer) equal(want, have []string) bool {
 	return true
 }
 
-// learn records how the kernel printed back what we just wrote.
-func (s *Syncer) learn(ctx context.Context, table string, want []Chain) {
-	saved, err := s.run.Save(ctx, table)
+// learn records how the kernel printed back what we just wrote to tables,
+// reading every table back in one process, which also tells the next
+// Update where the tables stand. When every line written has been learnt
+// before, nothing is read.
+func (s *Syncer) learn(ctx context.Context, desired Ruleset, tables []string) {
+	known := true
+	for _, c := range desired {
+		if !slices.Contains(tables, c.Table) {
+			continue
+		}
+		for _, r := range c.Rules {
+			_, ok := s.learned[r]
+			known = known && ok
+		}
+		if c.Parent != "" {
+			_, ok := s.learned[jumpSpec(c.Name)]
+			known = known && ok
+		}
+	}
+	if known {
+		return
+	}
+	saved, err := s.run.Save(ctx, "")
 	if err != nil {
 		return // learning is an optimisation only
 	}
-	cur := ParseSave(saved)
-	for _, c := range want {
+	all := ParseSaveAll(saved)
+	s.last = all
+	for _, c := range desired {
+		if !slices.Contains(tables, c.Table) {
+			continue
+		}
+		cur := all[c.Table]
 		if have := cur.Rules[c.Name]; len(have) == len(c.Rules) {
 			for i, r := range c.Rules {
 				s.learned[r] = have[i]

@@ -3,6 +3,7 @@ package iptables
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -16,11 +17,12 @@ func TestSyncCreatesThenNoops(t *testing.T) {
 	f := NewFake()
 	s := NewSyncer(f, "ztunnel-")
 	res, err := s.Sync(context.Background(), testRules, false)
-	if err != nil || res.Restores != 2 {
+	if err != nil || res.Restores != 1 {
 		t.Fatalf("first sync: %+v %v", res, err)
 	}
-	// One transaction per table, declaring only our chain.
-	if want := "*mangle\n:ztunnel-PREROUTING - [0:0]\n-A ztunnel-PREROUTING -p tcp -j MARK --set-xmark 0x100/0x100\n-A ztunnel-PREROUTING -j RETURN\n-I PREROUTING 1 -m comment --comment ambient-redirect -j ztunnel-PREROUTING\nCOMMIT\n"; f.Restores[0] != want {
+	// One process, one transaction per table, declaring only our chains.
+	if want := "*mangle\n:ztunnel-PREROUTING - [0:0]\n-A ztunnel-PREROUTING -p tcp -j MARK --set-xmark 0x100/0x100\n-A ztunnel-PREROUTING -j RETURN\n-I PREROUTING 1 -m comment --comment ambient-redirect -j ztunnel-PREROUTING\nCOMMIT\n" +
+		"*nat\n:ztunnel-POSTROUTING - [0:0]\n-A ztunnel-POSTROUTING -m mark --mark 0x100/0x100 -j ACCEPT\n-I POSTROUTING 1 -m comment --comment ambient-redirect -j ztunnel-POSTROUTING\nCOMMIT\n"; f.Restores[0] != want {
 		t.Fatalf("restore input:\n%s\nwant:\n%s", f.Restores[0], want)
 	}
 	res, err = s.Sync(context.Background(), testRules, false)
@@ -104,7 +106,7 @@ func (r rewritingRunner) Restore(ctx context.Context, in string) error {
 func TestSyncLearnsPrintedForm(t *testing.T) {
 	r := rewritingRunner{NewFake()}
 	s := NewSyncer(r, "ztunnel-")
-	for i, want := range []int{2, 0, 0} {
+	for i, want := range []int{1, 0, 0} {
 		res, err := s.Sync(context.Background(), testRules, false)
 		if err != nil || res.Restores != want {
 			t.Fatalf("sync %d: %d restores, want %d (%v)", i, res.Restores, want, err)
@@ -117,5 +119,62 @@ func TestParseSaveAll(t *testing.T) {
 	all := ParseSaveAll(text)
 	if len(all) != 2 || !all["mangle"].Chains["ztunnel-X"] || all["mangle"].Rules["ztunnel-X"][0] != "-j RETURN" || len(all["nat"].Rules) != 0 {
 		t.Fatalf("%+v", all)
+	}
+}
+
+// countingRunner counts the processes a real runner would start.
+type countingRunner struct {
+	*Fake
+	saves, restores int
+}
+
+func (r *countingRunner) Save(ctx context.Context, table string) (string, error) {
+	r.saves++
+	return r.Fake.Save(ctx, table)
+}
+
+func (r *countingRunner) Restore(ctx context.Context, in string) error {
+	r.restores++
+	return r.Fake.Restore(ctx, in)
+}
+
+// Update starts from what the syncer last read back; it reads again when
+// the jumps it would delete may have moved, and after Forget.
+func TestUpdateStartsFromLastReadBack(t *testing.T) {
+	r := &countingRunner{Fake: NewFake()}
+	s := NewSyncer(r, "ztunnel-")
+	ctx := context.Background()
+	if _, err := s.Sync(ctx, testRules, false); err != nil {
+		t.Fatal(err)
+	}
+	if r.saves != 2 || r.restores != 1 { // read, write all tables, learn
+		t.Fatalf("first sync: %d saves, %d restores", r.saves, r.restores)
+	}
+	next := slices.Clone(testRules)
+	next[0].Rules = append([]string{"-j ACCEPT"}, next[0].Rules...)
+	if _, err := s.Update(ctx, next); err != nil {
+		t.Fatal(err)
+	}
+	if r.saves != 3 || r.restores != 2 { // no read before the write; learn the new line
+		t.Fatalf("update: %d saves, %d restores", r.saves, r.restores)
+	}
+	if res, err := s.Update(ctx, testRules); err != nil || res.Restores != 1 || r.saves != 3 {
+		t.Fatalf("update back: %+v %v, %d saves (every line learnt: nothing to read)", res, err, r.saves)
+	}
+	// Unknown (nothing read back since the last write): Update reads.
+	if res, err := s.Update(ctx, testRules); err != nil || res.Restores != 0 || r.saves != 4 {
+		t.Fatalf("update unchanged: %+v %v, %d saves", res, err, r.saves)
+	}
+	// Jumps moved since the last read: deleting one by position could hit
+	// a foreign rule, so Update reads again and sees where they are.
+	r.Fake.mu.Lock()
+	r.Fake.tables["mangle"].rules["PREROUTING"] = []string{"-j KUBE-X", "-m comment --comment ambient-redirect -j ztunnel-PREROUTING"}
+	r.Fake.mu.Unlock()
+	if _, err := s.Update(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	out, _ := r.Fake.Save(ctx, "mangle")
+	if strings.Contains(out, "ztunnel-") || !strings.Contains(out, "-A PREROUTING -j KUBE-X") {
+		t.Fatalf("want our chains gone and the foreign rule kept:\n%s", out)
 	}
 }

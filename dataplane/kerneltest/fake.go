@@ -5,7 +5,6 @@
 package kerneltest
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -37,8 +36,15 @@ type FakeNetlink struct {
 	Writes map[string]int
 	// GeneveSupported makes geneve devices creatable.
 	GeneveSupported bool
-	// Src is the source address RouteGet reports.
-	Src netip.Addr
+	// Src and Src6 are the source addresses RouteGet reports for a
+	// destination of their family that no main-table route with a source
+	// covers (Src may also be an IPv6 address when Src6 is unset).
+	Src, Src6 netip.Addr
+	// Journal, when set, records every successful write, as NS.
+	Journal *Journal
+	NS      string
+
+	pending []Entry
 }
 
 var _ kernel.Netlink = (*FakeNetlink)(nil)
@@ -63,8 +69,8 @@ func NewFakeNetlink() *FakeNetlink {
 // AddVeth adds a veth whose peer has index peerIndex (in another netns) and
 // returns its index.
 func (f *FakeNetlink) AddVeth(name string, mtu, peerIndex int) int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	return f.addVeth(name, mtu, peerIndex)
 }
 
@@ -77,15 +83,15 @@ func (f *FakeNetlink) addVeth(name string, mtu, peer int) int {
 
 // FailNext makes the next call of method fail with err.
 func (f *FakeNetlink) FailNext(method string, err error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	f.fail[method] = err
 }
 
 // TotalWrites sums Writes.
 func (f *FakeNetlink) TotalWrites() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	n := 0
 	for _, v := range f.Writes {
 		n += v
@@ -102,6 +108,36 @@ func (f *FakeNetlink) check(method string) error {
 }
 
 func (f *FakeNetlink) wrote(method string) { f.Writes[method]++ }
+
+func (f *FakeNetlink) lock() { f.mu.Lock() }
+
+// unlock releases the lock, then journals what was written under it (the
+// journal's observers may read this fake).
+func (f *FakeNetlink) unlock() {
+	p := f.pending
+	f.pending = nil
+	f.mu.Unlock()
+	for _, e := range p {
+		f.Journal.record(e)
+	}
+}
+
+// log queues a journal entry of a write made under the lock.
+func (f *FakeNetlink) log(kind string, op Op, format string, a ...any) {
+	if f.Journal != nil {
+		f.pending = append(f.pending, Entry{NS: f.NS, Kind: kind, Op: op, Object: fmt.Sprintf(format, a...)})
+	}
+}
+
+// linkName is the name of the link with index idx ("#idx" if none).
+func (f *FakeNetlink) linkName(idx int) string {
+	for _, l := range f.links {
+		if l.Attrs().Index == idx {
+			return l.Attrs().Name
+		}
+	}
+	return fmt.Sprintf("#%d", idx)
+}
 
 func errNoLink(s string) error { return fmt.Errorf("link %s not found: %w", s, unix.ENODEV) }
 
@@ -122,8 +158,8 @@ func copyLink(l netlink.Link) netlink.Link {
 
 // LinkList implements Netlink.
 func (f *FakeNetlink) LinkList() ([]netlink.Link, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("LinkList"); err != nil {
 		return nil, err
 	}
@@ -145,8 +181,8 @@ func (f *FakeNetlink) find(name string) (int, netlink.Link) {
 
 // LinkByName implements Netlink.
 func (f *FakeNetlink) LinkByName(name string) (netlink.Link, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("LinkByName"); err != nil {
 		return nil, err
 	}
@@ -158,8 +194,8 @@ func (f *FakeNetlink) LinkByName(name string) (netlink.Link, error) {
 
 // LinkByIndex implements Netlink.
 func (f *FakeNetlink) LinkByIndex(index int) (netlink.Link, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	for _, l := range f.links {
 		if l.Attrs().Index == index {
 			return copyLink(l), nil
@@ -170,8 +206,8 @@ func (f *FakeNetlink) LinkByIndex(index int) (netlink.Link, error) {
 
 // LinkAdd implements Netlink.
 func (f *FakeNetlink) LinkAdd(link netlink.Link) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("LinkAdd"); err != nil {
 		return err
 	}
@@ -189,13 +225,14 @@ func (f *FakeNetlink) LinkAdd(link netlink.Link) error {
 	f.next++
 	f.links = append(f.links, c)
 	f.wrote("LinkAdd")
+	f.log("link", OpAdd, "%s %s", c.Attrs().Name, c.Type())
 	return nil
 }
 
 // LinkModify implements Netlink (geneve remote only, like the kernel's changelink).
 func (f *FakeNetlink) LinkModify(link netlink.Link) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("LinkModify"); err != nil {
 		return err
 	}
@@ -207,13 +244,14 @@ func (f *FakeNetlink) LinkModify(link netlink.Link) error {
 	}
 	g.Remote = mod.Remote
 	f.wrote("LinkModify")
+	f.log("link", OpReplace, "%s remote %v", g.Name, g.Remote)
 	return nil
 }
 
 // LinkDel implements Netlink.
 func (f *FakeNetlink) LinkDel(link netlink.Link) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("LinkDel"); err != nil {
 		return err
 	}
@@ -227,12 +265,17 @@ func (f *FakeNetlink) LinkDel(link netlink.Link) error {
 	f.neighs = slices.DeleteFunc(f.neighs, func(n netlink.Neigh) bool { return n.LinkIndex == idx })
 	f.routes = slices.DeleteFunc(f.routes, func(r netlink.Route) bool { return r.LinkIndex == idx })
 	f.wrote("LinkDel")
+	f.log("link", OpDelete, "%s", l.Attrs().Name)
 	return nil
 }
 
 func (f *FakeNetlink) setAttr(method string, link netlink.Link, set func(*netlink.LinkAttrs)) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	return f.setAttrLog(method, link, set, "")
+}
+
+func (f *FakeNetlink) setAttrLog(method string, link netlink.Link, set func(*netlink.LinkAttrs), what string) error {
+	f.lock()
+	defer f.unlock()
 	if err := f.check(method); err != nil {
 		return err
 	}
@@ -242,23 +285,24 @@ func (f *FakeNetlink) setAttr(method string, link netlink.Link, set func(*netlin
 	}
 	set(l.Attrs())
 	f.wrote(method)
+	f.log("link", OpReplace, "%s %s", l.Attrs().Name, what)
 	return nil
 }
 
 // LinkSetUp implements Netlink.
 func (f *FakeNetlink) LinkSetUp(link netlink.Link) error {
-	return f.setAttr("LinkSetUp", link, func(a *netlink.LinkAttrs) { a.Flags |= net.FlagUp })
+	return f.setAttrLog("LinkSetUp", link, func(a *netlink.LinkAttrs) { a.Flags |= net.FlagUp }, "up")
 }
 
 // LinkSetMTU implements Netlink.
 func (f *FakeNetlink) LinkSetMTU(link netlink.Link, mtu int) error {
-	return f.setAttr("LinkSetMTU", link, func(a *netlink.LinkAttrs) { a.MTU = mtu })
+	return f.setAttrLog("LinkSetMTU", link, func(a *netlink.LinkAttrs) { a.MTU = mtu }, fmt.Sprintf("mtu %d", mtu))
 }
 
 // SetLinkDown is a test hook (drift).
 func (f *FakeNetlink) SetLinkDown(name string) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if _, l := f.find(name); l != nil {
 		l.Attrs().Flags &^= net.FlagUp
 	}
@@ -266,8 +310,8 @@ func (f *FakeNetlink) SetLinkDown(name string) {
 
 // AddrList implements Netlink.
 func (f *FakeNetlink) AddrList(link netlink.Link, family int) ([]netlink.Addr, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	var out []netlink.Addr
 	for _, a := range f.addrs[link.Attrs().Index] {
 		if family == netlink.FAMILY_ALL || ipFamily(a.IP) == family {
@@ -279,32 +323,42 @@ func (f *FakeNetlink) AddrList(link netlink.Link, family int) ([]netlink.Addr, e
 
 // AddrReplace implements Netlink.
 func (f *FakeNetlink) AddrReplace(link netlink.Link, addr *netlink.Addr) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("AddrReplace"); err != nil {
 		return err
 	}
 	idx := link.Attrs().Index
+	if l, _ := f.byIndex(idx); l == nil {
+		return errNoLink(link.Attrs().Name)
+	}
+	n := len(f.addrs[idx])
 	f.addrs[idx] = slices.DeleteFunc(f.addrs[idx], func(a netlink.Addr) bool { return a.IPNet.String() == addr.IPNet.String() })
+	op := OpAdd
+	if len(f.addrs[idx]) < n {
+		op = OpReplace
+	}
 	f.addrs[idx] = append(f.addrs[idx], *addr)
 	f.wrote("AddrReplace")
+	f.log("addr", op, "%s dev %s", addr.IPNet, f.linkName(idx))
 	return nil
 }
 
 // AddrDel implements Netlink.
 func (f *FakeNetlink) AddrDel(link netlink.Link, addr *netlink.Addr) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	idx := link.Attrs().Index
 	f.addrs[idx] = slices.DeleteFunc(f.addrs[idx], func(a netlink.Addr) bool { return a.IPNet.String() == addr.IPNet.String() })
 	f.wrote("AddrDel")
+	f.log("addr", OpDelete, "%s dev %s", addr.IPNet, f.linkName(idx))
 	return nil
 }
 
 // NeighList implements Netlink.
 func (f *FakeNetlink) NeighList(linkIndex, family int) ([]netlink.Neigh, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	var out []netlink.Neigh
 	for _, n := range f.neighs {
 		if n.LinkIndex == linkIndex && n.Family == family {
@@ -316,11 +370,12 @@ func (f *FakeNetlink) NeighList(linkIndex, family int) ([]netlink.Neigh, error) 
 
 // NeighSet implements Netlink.
 func (f *FakeNetlink) NeighSet(n *netlink.Neigh) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("NeighSet"); err != nil {
 		return err
 	}
+	before := len(f.neighs)
 	f.neighs = slices.DeleteFunc(f.neighs, func(x netlink.Neigh) bool {
 		if x.LinkIndex != n.LinkIndex || x.Family != n.Family {
 			return false
@@ -330,35 +385,141 @@ func (f *FakeNetlink) NeighSet(n *netlink.Neigh) error {
 		}
 		return x.IP.Equal(n.IP)
 	})
+	op := OpAdd
+	if len(f.neighs) < before {
+		op = OpReplace
+	}
 	f.neighs = append(f.neighs, *n)
 	f.wrote("NeighSet")
+	kind := "neigh"
+	if n.Family == unix.AF_BRIDGE {
+		kind = "fdb"
+	}
+	f.log("neigh", op, "%s %s lladdr %s dev %s", kind, n.IP, n.HardwareAddr, f.linkName(n.LinkIndex))
 	return nil
 }
 
 // DelNeighs is a test hook (drift): removes all entries of a family on a link.
 func (f *FakeNetlink) DelNeighs(linkName string, family int) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	_, l := f.find(linkName)
 	f.neighs = slices.DeleteFunc(f.neighs, func(x netlink.Neigh) bool { return l != nil && x.LinkIndex == l.Attrs().Index && x.Family == family })
 }
 
-// RouteGet implements Netlink.
+// RouteGet implements Netlink, per family like the kernel: the longest
+// prefix of the destination's family in the main table that carries a
+// source, else Src (Src6) if it is of that family. An IPv6 destination is
+// never answered with an IPv4 route, nor the other way round.
 func (f *FakeNetlink) RouteGet(dst net.IP) ([]netlink.Route, error) {
-	if !f.Src.IsValid() {
+	f.lock()
+	defer f.unlock()
+	if err := f.check("RouteGet"); err != nil {
+		return nil, err
+	}
+	a, ok := netip.AddrFromSlice(dst)
+	if !ok {
+		return nil, unix.EINVAL
+	}
+	a = a.Unmap()
+	fam := netlink.FAMILY_V4
+	if a.Is6() {
+		fam = netlink.FAMILY_V6
+	}
+	host := &net.IPNet{IP: net.IP(a.AsSlice()), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}
+	best := -1
+	var src net.IP
+	var dev int
+	for _, r := range f.routes {
+		if routeFamily(r) != fam || (r.Table != 0 && r.Table != unix.RT_TABLE_MAIN) || r.Src == nil {
+			continue
+		}
+		bits := 0
+		if r.Dst != nil {
+			if !r.Dst.Contains(host.IP) {
+				continue
+			}
+			bits, _ = r.Dst.Mask.Size()
+		}
+		if bits > best {
+			best, src, dev = bits, r.Src, r.LinkIndex
+		}
+	}
+	if src == nil {
+		for _, s := range []netip.Addr{f.Src, f.Src6} {
+			if s.IsValid() && s.Is6() == a.Is6() {
+				src = net.IP(s.AsSlice())
+				break
+			}
+		}
+	}
+	if src == nil {
 		return nil, unix.ENETUNREACH
 	}
-	bits := 8 * len(dst)
-	if dst.To4() != nil {
-		bits = 32
+	return []netlink.Route{{Family: fam, Dst: host, Src: src, LinkIndex: dev, Table: unix.RT_TABLE_MAIN}}, nil
+}
+
+// validRoute refuses what the kernel refuses: addresses of another family
+// than the route's, and a device that does not exist.
+func (f *FakeNetlink) validRoute(r *netlink.Route) error {
+	fam := routeFamily(*r)
+	for _, ip := range []net.IP{r.Gw, r.Src} {
+		if ip != nil && ipFamily(ip) != fam {
+			return fmt.Errorf("route %s: %s is not of its family: %w", routeKey(*r), ip, unix.EINVAL)
+		}
 	}
-	return []netlink.Route{{Dst: &net.IPNet{IP: dst, Mask: net.CIDRMask(bits, bits)}, Src: net.IP(f.Src.AsSlice())}}, nil
+	if r.Dst != nil && ipFamily(r.Dst.IP) != fam {
+		return fmt.Errorf("route %s: destination of another family: %w", routeKey(*r), unix.EINVAL)
+	}
+	if r.LinkIndex != 0 {
+		if l, _ := f.byIndex(r.LinkIndex); l == nil {
+			return fmt.Errorf("route %s: no link #%d: %w", routeKey(*r), r.LinkIndex, unix.ENODEV)
+		}
+	}
+	return nil
+}
+
+func (f *FakeNetlink) byIndex(idx int) (netlink.Link, int) {
+	for i, l := range f.links {
+		if l.Attrs().Index == idx {
+			return l, i
+		}
+	}
+	return nil, -1
+}
+
+// Links are the names of the fake's links (sysctls check theirs).
+func (f *FakeNetlink) Links() []string {
+	f.lock()
+	defer f.unlock()
+	var out []string
+	for _, l := range f.links {
+		out = append(out, l.Attrs().Name)
+	}
+	return out
+}
+
+// RemoveLink is a test hook: a link vanishes as when its pod's netns goes
+// (the kernel takes its addresses, neighbours and routes with it). It is
+// not a write of ours, so it is not journalled.
+func (f *FakeNetlink) RemoveLink(name string) {
+	f.lock()
+	defer f.unlock()
+	i, l := f.find(name)
+	if l == nil {
+		return
+	}
+	idx := l.Attrs().Index
+	f.links = slices.Delete(f.links, i, i+1)
+	delete(f.addrs, idx)
+	f.neighs = slices.DeleteFunc(f.neighs, func(n netlink.Neigh) bool { return n.LinkIndex == idx })
+	f.routes = slices.DeleteFunc(f.routes, func(r netlink.Route) bool { return r.LinkIndex == idx })
 }
 
 // RouteListFiltered implements Netlink (table and protocol filters).
 func (f *FakeNetlink) RouteListFiltered(family int, filter *netlink.Route, mask uint64) ([]netlink.Route, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("RouteListFiltered"); err != nil {
 		return nil, err
 	}
@@ -380,37 +541,48 @@ func (f *FakeNetlink) RouteListFiltered(family int, filter *netlink.Route, mask 
 
 // RouteReplace implements Netlink.
 func (f *FakeNetlink) RouteReplace(r *netlink.Route) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("RouteReplace"); err != nil {
 		return err
 	}
+	if err := f.validRoute(r); err != nil {
+		return err
+	}
+	n := len(f.routes)
 	f.routes = slices.DeleteFunc(f.routes, func(x netlink.Route) bool { return routeKey(x) == routeKey(*r) })
+	op := OpAdd
+	if len(f.routes) < n {
+		op = OpReplace
+	}
 	f.routes = append(f.routes, *r)
 	f.wrote("RouteReplace")
+	f.log("route", op, "%s", routeText(*r))
 	return nil
 }
 
 // RouteDel implements Netlink.
 func (f *FakeNetlink) RouteDel(r *netlink.Route) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("RouteDel"); err != nil {
 		return err
 	}
-	n := len(f.routes)
-	f.routes = slices.DeleteFunc(f.routes, func(x netlink.Route) bool { return routeKey(x) == routeKey(*r) })
-	if len(f.routes) == n {
+	i := slices.IndexFunc(f.routes, func(x netlink.Route) bool { return routeKey(x) == routeKey(*r) })
+	if i < 0 {
 		return unix.ESRCH
 	}
+	gone := f.routes[i]
+	f.routes = slices.Delete(f.routes, i, i+1)
 	f.wrote("RouteDel")
+	f.log("route", OpDelete, "%s", routeText(gone))
 	return nil
 }
 
 // RuleList implements Netlink.
 func (f *FakeNetlink) RuleList(family int) ([]netlink.Rule, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("RuleList"); err != nil {
 		return nil, err
 	}
@@ -426,8 +598,8 @@ func (f *FakeNetlink) RuleList(family int) ([]netlink.Rule, error) {
 
 // RuleAdd implements Netlink.
 func (f *FakeNetlink) RuleAdd(r *netlink.Rule) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("RuleAdd"); err != nil {
 		return err
 	}
@@ -438,13 +610,14 @@ func (f *FakeNetlink) RuleAdd(r *netlink.Rule) error {
 	}
 	f.rules = append(f.rules, *r)
 	f.wrote("RuleAdd")
+	f.log("rule", OpAdd, "%s", ruleKey(*r))
 	return nil
 }
 
 // RuleDel implements Netlink, matching like the kernel: unset request fields match anything.
 func (f *FakeNetlink) RuleDel(r *netlink.Rule) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("RuleDel"); err != nil {
 		return err
 	}
@@ -457,6 +630,7 @@ func (f *FakeNetlink) RuleDel(r *netlink.Rule) error {
 		}
 		f.rules = slices.Delete(f.rules, i, i+1)
 		f.wrote("RuleDel")
+		f.log("rule", OpDelete, "%s", ruleKey(x))
 		return nil
 	}
 	return unix.ENOENT
@@ -464,8 +638,8 @@ func (f *FakeNetlink) RuleDel(r *netlink.Rule) error {
 
 // IpsetList implements Netlink.
 func (f *FakeNetlink) IpsetList(name string) (*netlink.IPSetResult, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("IpsetList"); err != nil {
 		return nil, err
 	}
@@ -480,8 +654,8 @@ func (f *FakeNetlink) IpsetList(name string) (*netlink.IPSetResult, error) {
 
 // IpsetCreate implements Netlink.
 func (f *FakeNetlink) IpsetCreate(name, typ string, o netlink.IpsetCreateOptions) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("IpsetCreate"); err != nil {
 		return err
 	}
@@ -490,13 +664,14 @@ func (f *FakeNetlink) IpsetCreate(name, typ string, o netlink.IpsetCreateOptions
 	}
 	f.ipsets[name] = &netlink.IPSetResult{SetName: name, TypeName: typ, Family: o.Family}
 	f.wrote("IpsetCreate")
+	f.log("ipset", OpAdd, "%s %s family %d", name, typ, o.Family)
 	return nil
 }
 
 // IpsetAdd implements Netlink.
 func (f *FakeNetlink) IpsetAdd(name string, e *netlink.IPSetEntry) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("IpsetAdd"); err != nil {
 		return err
 	}
@@ -511,18 +686,20 @@ func (f *FakeNetlink) IpsetAdd(name string, e *netlink.IPSetEntry) error {
 			}
 			s.Entries[i] = *e
 			f.wrote("IpsetAdd")
+			f.log("ipset", OpReplace, "%s %s %s", name, e.IP, e.Comment)
 			return nil
 		}
 	}
 	s.Entries = append(s.Entries, *e)
 	f.wrote("IpsetAdd")
+	f.log("ipset", OpAdd, "%s %s %s", name, e.IP, e.Comment)
 	return nil
 }
 
 // IpsetDel implements Netlink.
 func (f *FakeNetlink) IpsetDel(name string, e *netlink.IPSetEntry) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if err := f.check("IpsetDel"); err != nil {
 		return err
 	}
@@ -532,18 +709,20 @@ func (f *FakeNetlink) IpsetDel(name string, e *netlink.IPSetEntry) error {
 	}
 	s.Entries = slices.DeleteFunc(s.Entries, func(x netlink.IPSetEntry) bool { return x.IP.Equal(e.IP) })
 	f.wrote("IpsetDel")
+	f.log("ipset", OpDelete, "%s %s", name, e.IP)
 	return nil
 }
 
 // IpsetDestroy implements Netlink.
 func (f *FakeNetlink) IpsetDestroy(name string) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	if _, ok := f.ipsets[name]; !ok {
 		return unix.ENOENT
 	}
 	delete(f.ipsets, name)
 	f.wrote("IpsetDestroy")
+	f.log("ipset", OpDelete, "%s (destroy)", name)
 	return nil
 }
 
@@ -552,8 +731,8 @@ func (f *FakeNetlink) GetNetNsIdByFd(int) (int, error) { return -1, nil }
 
 // Dump renders the fake's state canonically (sorted), for golden tests.
 func (f *FakeNetlink) Dump() string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
+	f.lock()
+	defer f.unlock()
 	var lines []string
 	for _, l := range f.links {
 		a := l.Attrs()
@@ -606,11 +785,31 @@ func (f *FakeNetlink) Dump() string {
 	return strings.Join(lines, "\n") + "\n"
 }
 
-// FakeSysctl is an in-memory Sysctl.
+// FakeSysctl is an in-memory Sysctl that knows which keys exist, like
+// /proc/sys: a key set before (Values) or an interface key
+// net.ipv4.conf.<dev>.<name> (net.ipv6.conf... when the netns has IPv6, i.e.
+// some net.ipv6 key is in Values) of a known name, for all, default or a
+// link of NL. Anything else is ENOENT, as is a value whose link is gone.
 type FakeSysctl struct {
 	mu     sync.Mutex
 	Values map[string]string
 	Writes int
+	// NL, when set, holds the links whose interface keys exist
+	// (NewFakeKernel sets it); nil accepts any interface name.
+	NL *FakeNetlink
+	// Journal, when set, records every write, as NS.
+	Journal *Journal
+	NS      string
+}
+
+// ifSysctlDefaults are the interface keys the fake knows and the value a
+// new interface starts with.
+var ifSysctlDefaults = map[string]string{
+	"rp_filter":    "1",
+	"accept_local": "0",
+	"forwarding":   "0",
+	"accept_dad":   "1",
+	"disable_ipv6": "0",
 }
 
 // NewFakeSysctl returns sysctls with ip_forward on and rp_filter strict.
@@ -618,34 +817,99 @@ func NewFakeSysctl() *FakeSysctl {
 	return &FakeSysctl{Values: map[string]string{"net.ipv4.ip_forward": "1"}}
 }
 
+func errNoSysctl(k string) error { return fmt.Errorf("sysctl %s: %w", k, unix.ENOENT) }
+
+// ifKey splits net.ipv{4,6}.conf.<dev>.<name>.
+func ifKey(k string) (v6 bool, dev, name string, ok bool) {
+	rest, ok4 := strings.CutPrefix(k, "net.ipv4.conf.")
+	if !ok4 {
+		var ok6 bool
+		if rest, ok6 = strings.CutPrefix(k, "net.ipv6.conf."); !ok6 {
+			return false, "", "", false
+		}
+		v6 = true
+	}
+	i := strings.LastIndexByte(rest, '.')
+	if i <= 0 {
+		return false, "", "", false
+	}
+	return v6, rest[:i], rest[i+1:], true
+}
+
+// exists reports whether key exists now, and its value when first read.
+func (s *FakeSysctl) exists(k string) (def string, ok bool) {
+	v6, dev, name, isIf := ifKey(k)
+	if !isIf {
+		_, ok := s.Values[k]
+		return "", ok
+	}
+	if v6 && !s.hasIPv6() {
+		return "", false
+	}
+	def, known := ifSysctlDefaults[name]
+	if _, set := s.Values[k]; !known && !set {
+		return "", false
+	}
+	if dev == "all" || dev == "default" || s.NL == nil {
+		return def, true
+	}
+	return def, slices.Contains(s.NL.Links(), dev)
+}
+
+func (s *FakeSysctl) hasIPv6() bool {
+	for k := range s.Values {
+		if strings.HasPrefix(k, "net.ipv6.") {
+			return true
+		}
+	}
+	return false
+}
+
 // Get implements Sysctl.
 func (s *FakeSysctl) Get(k string) (string, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	v, ok := s.Values[k]
+	def, ok := s.exists(k)
 	if !ok {
-		return "", errors.New("no such sysctl " + k)
+		return "", errNoSysctl(k)
 	}
-	return v, nil
+	if v, set := s.Values[k]; set {
+		return v, nil
+	}
+	return def, nil
 }
 
 // Set implements Sysctl.
 func (s *FakeSysctl) Set(k, v string) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	if _, ok := s.exists(k); !ok {
+		s.mu.Unlock()
+		return errNoSysctl(k)
+	}
 	s.Values[k] = v
 	s.Writes++
+	s.mu.Unlock()
+	// A key that exists always has a value: a write replaces it.
+	s.Journal.record(Entry{NS: s.NS, Kind: "sysctl", Op: OpReplace, Object: k + "=" + v})
 	return nil
 }
 
 // NewFakeKernel bundles fakes into a Kernel; one iptables fake per family
-// serves every backend.
+// serves every backend. It ties sys to nl's links, and journals the
+// iptables restores into nl's Journal (as nl's NS).
 func NewFakeKernel(nl *FakeNetlink, sys *FakeSysctl, ipt, ipt6 *iptables.Fake) *kernel.Kernel {
+	if sys.NL == nil {
+		sys.NL = nl
+	}
+	j := func() *Journal { return nl.Journal }
+	ns := func() string { return nl.NS }
+	r4 := journalRunner{Fake: ipt, j: j, ns: ns, kind: "iptables"}
+	r6 := journalRunner{Fake: ipt6, j: j, ns: ns, kind: "ip6tables"}
 	return kernel.New(nl, sys, func(_ string, family int) (iptables.Runner, error) {
 		if family == 6 {
-			return ipt6, nil
+			return r6, nil
 		}
-		return ipt, nil
+		return r4, nil
 	}, iptables.Here, nil)
 }
 

@@ -14,7 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"

@@ -23,7 +23,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 )

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -238,4 +239,74 @@ func TestCNIInstallThroughTheAgent(t *testing.T) {
 			t.Fatalf("%s left after cleanup: %v", f, err)
 		}
 	}
+}
+
+// TestCNIPluginNotRunnableKeepsAgentNotReady: a plugin binary no runtime
+// could run (here a script that does not answer CNI VERSION) is never
+// chained into the conflist, and the agent says so: /readyz is 503 naming
+// the plugin, and `status` exits 1. A fixed binary makes it ready.
+func TestCNIPluginNotRunnableKeepsAgentNotReady(t *testing.T) {
+	e := harness.New(t, 1, bins)
+	n := e.Nodes[0]
+	binDir, confDir := t.TempDir(), t.TempDir()
+	conflist := filepath.Join(confDir, "10-kindnet.conflist")
+	if err := os.WriteFile(conflist, []byte(kindnetConflist), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	plugin := filepath.Join(t.TempDir(), "ambient-redirect-cni")
+	if err := os.WriteFile(plugin, []byte("#!/bin/sh\necho not a CNI plugin\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.LaunchAgent(t, n, "--cni-install", "--cni-socket", filepath.Join(t.TempDir(), "cni.sock"), "--cni-bin-dir", binDir,
+		"--cni-conf-dir", confDir, "--cni-plugin-binary", plugin)
+	harness.Eventually(t, 10*time.Second, func() error {
+		code, body, err := e.Get(n, "/readyz")
+		switch {
+		case err != nil:
+			return err
+		case code != 503 || !strings.Contains(body, "cniPlugin") || !strings.Contains(body, "VERSION"):
+			return fmt.Errorf("/readyz = %d %s; want 503 naming the plugin's failed VERSION call", code, body)
+		}
+		return nil
+	})
+	if b, _ := os.ReadFile(conflist); string(b) != kindnetConflist {
+		t.Fatalf("the conflist was changed for a plugin that cannot run:\n%s", b)
+	}
+	out, err := exec.Command("ip", "netns", "exec", n.NS, bins.Agent, "status").CombinedOutput()
+	if code := exitCode(err); code != 1 || !strings.Contains(string(out), "NOT READY: cniPlugin") {
+		t.Fatalf("status with the plugin unrunnable: exit %d\n%s", code, out)
+	}
+	// The real plugin at the same path: Watch's next check installs it.
+	b, err := os.ReadFile(bins.CNI)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(plugin+".tmp", b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(plugin+".tmp", plugin); err != nil {
+		t.Fatal(err)
+	}
+	harness.Eventually(t, 10*time.Second, func() error {
+		if code, body, err := e.Get(n, "/readyz"); err != nil || code != 200 {
+			return fmt.Errorf("/readyz = %d %s %v", code, body, err)
+		}
+		return nil
+	})
+	if b, _ := os.ReadFile(conflist); !strings.Contains(string(b), `"type": "ambient-redirect"`) {
+		t.Fatalf("entry not inserted once the plugin runs:\n%s", b)
+	}
+}
+
+// exitCode is a command's exit code from its Run error (0 for nil, -1 when
+// it did not run or was killed).
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ee):
+		return ee.ExitCode()
+	}
+	return -1
 }

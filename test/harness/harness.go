@@ -28,8 +28,8 @@ import (
 	"k8s.io/client-go/util/retry"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
-	"github.com/ambient-redirect/ambient-redirect/controller/selection"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
@@ -120,7 +120,10 @@ func New(t testing.TB, nodes int, bins Binaries) *Env {
 	netnstest.Exec(t, c.UnderlayNS, "ip", "addr", "add", APIIP+"/16", "dev", netnstest.UnderlayBridge)
 	cp := cluster.Start(t, c.UnderlayNS, APIIP)
 	e := &Env{T: t, C: c, CP: cp, Client: cp.AdminClient(), NSDir: t.TempDir(), Bins: bins}
-	e.CNIPath = []string{installedPlugin(t, bins.CNI), netnstest.CNIPath}
+	e.CNIPath = []string{netnstest.CNIPath}
+	if bins.CNI != "" {
+		e.CNIPath = []string{installedPlugin(t, bins.CNI), netnstest.CNIPath}
+	}
 	for _, ns := range c.Namespaces() {
 		e.Link(ns)
 	}

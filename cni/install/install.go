@@ -1,4 +1,9 @@
-package cni
+// Package install puts the chained CNI plugin on the node and keeps it there:
+// its binary in the runtime's bin dir under its type, the kubeconfig it
+// falls back to, and its entry at the end of the primary conflist (edited as
+// text, so that uninstalling restores the file byte for byte). Only the agent
+// links it.
+package install
 
 import (
 	"bytes"
@@ -13,6 +18,8 @@ import (
 	"syscall"
 
 	"go.uber.org/zap"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
 )
 
 // Names of what the installer reads and writes.
@@ -22,7 +29,7 @@ const (
 	SourceBinaryName = "ambient-redirect-cni"
 	// BinaryName is its name in BinDir: a runtime (libcni) finds a plugin by
 	// the entry's type in its bin dirs, so it must be the type.
-	BinaryName = PluginType
+	BinaryName = cni.PluginType
 	// KubeconfigName is in ConfDir; no config extension, so runtimes skip it.
 	KubeconfigName = "ambient-redirect-kubeconfig"
 )
@@ -57,11 +64,11 @@ type Installer struct {
 	ConfDir string
 	// Binary is the source path of the plugin binary.
 	Binary string
-	// Conf is the entry to insert; its type is forced to PluginType.
+	// Conf is the entry to insert; its type is forced to cni.PluginType.
 	// Conf.Kubeconfig, when empty and Kubeconfig is set, is
 	// ConfDir/KubeconfigName: set it when ConfDir is the host's conf dir
 	// mounted elsewhere, since the plugin runs on the host.
-	Conf PluginConf
+	Conf cni.PluginConf
 	// Kubeconfig, when non-nil, is written to ConfDir/KubeconfigName (0600).
 	Kubeconfig []byte
 	// KubeconfigFunc, when set, is called on every install instead (Watch
@@ -69,9 +76,10 @@ type Installer struct {
 	KubeconfigFunc func() ([]byte, error)
 	Log            *zap.Logger
 
-	mu      sync.Mutex
-	lastErr error // of the last install; nil before the first
-	done    bool  // an install has run
+	mu       sync.Mutex
+	lastErr  error       // of the last install; nil before the first
+	done     bool        // an install has run
+	verified fs.FileInfo // the installed binary that last answered VERSION
 }
 
 // Healthy is nil once the last install (Install or Watch's) succeeded: the
@@ -118,7 +126,7 @@ func (in *Installer) install(compareBinary bool) (bool, error) {
 	// A runtime that cannot find or run the plugin by its type fails every
 	// sandbox on the node (and leaks the primary plugin's work on DEL):
 	// never insert the entry then.
-	if err := in.runnable(compareBinary || binChanged); err != nil {
+	if err := in.runnable(compareBinary); err != nil {
 		return binChanged, err
 	}
 	kcChanged, err := in.installKubeconfig()
@@ -132,7 +140,7 @@ func (in *Installer) install(compareBinary bool) (bool, error) {
 // entry is the entry Install inserts, validated.
 func (in *Installer) entry() (entry, error) {
 	c := in.Conf
-	c.Type = PluginType
+	c.Type = cni.PluginType
 	if c.Kubeconfig == "" && (in.Kubeconfig != nil || in.KubeconfigFunc != nil) {
 		c.Kubeconfig = filepath.Join(in.ConfDir, KubeconfigName)
 	}
@@ -141,7 +149,7 @@ func (in *Installer) entry() (entry, error) {
 	if err := check.Validate(); err != nil {
 		return entry{}, fmt.Errorf("ambient-redirect plugin config: %w", err)
 	}
-	return entry{Type: PluginType, ownFields: ownFieldsOf(&c)}, nil
+	return entry{Type: cni.PluginType, OwnFields: c.Own()}, nil
 }
 
 func (in *Installer) log() *zap.Logger {
@@ -224,8 +232,8 @@ func (in *Installer) insertEntry(e entry) (bool, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w; not touching it", name, err)
 		}
-		if !slices.Contains(SupportedVersions, c.version) {
-			return nil, fmt.Errorf("%s: cniVersion %q: the plugin supports %v; not touching it", name, c.version, SupportedVersions)
+		if !slices.Contains(cni.SupportedVersions, c.version) {
+			return nil, fmt.Errorf("%s: cniVersion %q: the plugin supports %v; not touching it", name, c.version, cni.SupportedVersions)
 		}
 		out, changed, err := c.withEntry(e)
 		if err != nil {
@@ -323,7 +331,7 @@ func (in *Installer) Uninstall() error {
 func (in *Installer) removeEntries(name string, primary bool) (bool, error) {
 	exact := true
 	removed, err := editConfig(name, func(data []byte) ([]byte, error) {
-		if !primary && !bytes.Contains(data, []byte(`"`+PluginType+`"`)) {
+		if !primary && !bytes.Contains(data, []byte(`"`+cni.PluginType+`"`)) {
 			return nil, nil
 		}
 		out := data

@@ -1,4 +1,6 @@
-package cni
+// Package server is the agent's side of the plugin's socket: it listens
+// and hands each request to a cni.Handler.
+package server
 
 import (
 	"context"
@@ -13,13 +15,9 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
 )
-
-// apiPath is the one endpoint of the protocol.
-const apiPath = "/v1/cni"
-
-// maxRequestBytes bounds a request body; a real one is a few hundred bytes.
-const maxRequestBytes = 64 << 10
 
 // Server is the agent's listener for the plugin: HTTP over a unix socket
 // only root can reach (directory 0700, socket 0600), since whoever can talk
@@ -69,23 +67,23 @@ func (s *Server) Path() string { return s.path }
 // Serve answers requests with h until ctx is done, then stops (in-flight
 // handlers see their context cancelled) and removes the socket. A request's
 // context also ends when the plugin hangs up. log may be nil.
-func (s *Server) Serve(ctx context.Context, h Handler, log *zap.Logger) error {
+func (s *Server) Serve(ctx context.Context, h cni.Handler, log *zap.Logger) error {
 	if log == nil {
 		log = zap.NewNop()
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+apiPath, func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST "+cni.APIPath, func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		var req Request
-		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxRequestBytes))
+		var req cni.Request
+		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, cni.MaxRequestBytes))
 		if err := dec.Decode(&req); err != nil {
-			writeJSON(w, http.StatusBadRequest, errorBody{Error: "decoding request: " + err.Error()})
+			writeJSON(w, http.StatusBadRequest, cni.ErrorBody{Error: "decoding request: " + err.Error()})
 			return
 		}
 		switch req.Command {
-		case CommandAdd, CommandDel, CommandCheck:
+		case cni.CommandAdd, cni.CommandDel, cni.CommandCheck:
 		default:
-			writeJSON(w, http.StatusBadRequest, errorBody{Error: fmt.Sprintf("unknown command %q", req.Command)})
+			writeJSON(w, http.StatusBadRequest, cni.ErrorBody{Error: fmt.Sprintf("unknown command %q", req.Command)})
 			return
 		}
 		resp, err := h.HandleCNI(r.Context(), req)
@@ -95,7 +93,7 @@ func (s *Server) Serve(ctx context.Context, h Handler, log *zap.Logger) error {
 		}
 		if err != nil {
 			log.Warn("cni request failed", append(fields, zap.Error(err))...)
-			writeJSON(w, http.StatusInternalServerError, errorBody{Error: err.Error()})
+			writeJSON(w, http.StatusInternalServerError, cni.ErrorBody{Error: err.Error()})
 			return
 		}
 		log.Debug("cni request", append(fields, zap.Bool("ambient", resp.Ambient),
@@ -133,11 +131,6 @@ func (s *Server) Serve(ctx context.Context, h Handler, log *zap.Logger) error {
 	}
 	s.ln.Close()
 	return fmt.Errorf("cni server: %w", err)
-}
-
-// errorBody is the body of every non-200 answer.
-type errorBody struct {
-	Error string `json:"error"`
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

@@ -1,4 +1,4 @@
-package cni
+package install
 
 import (
 	"bytes"
@@ -8,6 +8,8 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
 )
 
 // The conflist is edited as text, not re-marshalled: the primary plugin's
@@ -25,7 +27,7 @@ type conflist struct {
 	version string // top-level cniVersion
 	open    int    // offset of the plugins array's '['
 	plugins []span
-	ours    []int // indexes into plugins of entries of type PluginType
+	ours    []int // indexes into plugins of entries of type cni.PluginType
 }
 
 // parseConflist checks that data is a JSON object with a plugins array and
@@ -100,7 +102,7 @@ func (c *conflist) scanPlugins(dec *json.Decoder) error {
 		var e struct {
 			Type string `json:"type"`
 		}
-		if json.Unmarshal(raw, &e) == nil && e.Type == PluginType {
+		if json.Unmarshal(raw, &e) == nil && e.Type == cni.PluginType {
 			c.ours = append(c.ours, len(c.plugins))
 		}
 		c.plugins = append(c.plugins, span{start, end})
@@ -125,31 +127,7 @@ func (c *conflist) others() []span {
 // of what the runtime fills in (cniVersion, name, prevResult).
 type entry struct {
 	Type string `json:"type"`
-	ownFields
-}
-
-// ownFields are PluginConf's fields beyond types.PluginConf, as written.
-type ownFields struct {
-	Socket     string `json:"socket,omitempty"`
-	FailMode   string `json:"failMode,omitempty"`
-	Timeout    string `json:"timeout,omitempty"`
-	Kubeconfig string `json:"kubeconfig,omitempty"`
-	// A pointer so that an explicit empty list ("exclude nothing") is
-	// written, while nil (the plugin's default) is not.
-	ExcludeNamespaces *[]string `json:"excludeNamespaces,omitempty"`
-	ZtunnelNamespace  string    `json:"ztunnelNamespace,omitempty"`
-	ZtunnelSelector   string    `json:"ztunnelSelector,omitempty"`
-}
-
-func ownFieldsOf(c *PluginConf) ownFields {
-	f := ownFields{
-		Socket: c.Socket, FailMode: c.FailMode, Timeout: c.Timeout, Kubeconfig: c.Kubeconfig,
-		ZtunnelNamespace: c.ZtunnelNamespace, ZtunnelSelector: c.ZtunnelSelector,
-	}
-	if c.ExcludeNamespaces != nil {
-		f.ExcludeNamespaces = &c.ExcludeNamespaces
-	}
-	return f
+	cni.OwnFields
 }
 
 // layout is how the file lays out the plugins array, so that our entry looks

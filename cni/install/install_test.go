@@ -1,4 +1,4 @@
-package cni
+package install
 
 import (
 	"bytes"
@@ -17,6 +17,8 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/ambient-redirect/ambient-redirect/cni"
 )
 
 // fixtures are conflists as primary plugins write them, each exercising a
@@ -55,14 +57,14 @@ func testInstaller(t *testing.T, conflist []byte) (*Installer, string, *observer
 		BinDir:  filepath.Join(root, "bin"),
 		ConfDir: filepath.Join(root, "net.d"),
 		Binary:  filepath.Join(root, "plugin"),
-		Conf: PluginConf{
-			FailMode:          FailClosed,
+		Conf: cni.PluginConf{
+			FailMode:          cni.FailClosed,
 			Timeout:           "20s",
 			ExcludeNamespaces: []string{"kube-system", "istio-system"},
 			ZtunnelNamespace:  "istio-system",
 			ZtunnelSelector:   "app=ztunnel",
 		},
-		Kubeconfig: Kubeconfig("https://10.96.0.1:443", []byte("ca"), "token", nil, nil),
+		Kubeconfig: cni.Kubeconfig("https://10.96.0.1:443", []byte("ca"), "token", nil, nil),
 	}
 	core, logs := observer.New(zap.DebugLevel)
 	in.Log = zap.New(core)
@@ -116,7 +118,7 @@ func plugins(t *testing.T, data []byte) ([]string, map[string]any) {
 			t.Fatalf("a plugin has no type:\n%s", data)
 		}
 		types = append(types, typ)
-		if typ == PluginType {
+		if typ == cni.PluginType {
 			ours = p
 		}
 	}
@@ -135,11 +137,11 @@ func TestInstallUninstallRoundTrip(t *testing.T) {
 			}
 			installed := readFile(t, path)
 			types, ours := plugins(t, installed)
-			if want := append(before, PluginType); strings.Join(types, ",") != strings.Join(want, ",") {
+			if want := append(before, cni.PluginType); strings.Join(types, ",") != strings.Join(want, ",") {
 				t.Errorf("plugins after install = %v, want %v", types, want)
 			}
 			want := map[string]any{
-				"type": PluginType, "failMode": "closed", "timeout": "20s",
+				"type": cni.PluginType, "failMode": "closed", "timeout": "20s",
 				"kubeconfig":        filepath.Join(in.ConfDir, KubeconfigName),
 				"excludeNamespaces": []any{"kube-system", "istio-system"},
 				"ztunnelNamespace":  "istio-system", "ztunnelSelector": "app=ztunnel",
@@ -190,7 +192,7 @@ func TestInstallMatchesIndentation(t *testing.T) {
   ]
 }
 `))
-	in.Conf = PluginConf{FailMode: FailOpen}
+	in.Conf = cni.PluginConf{FailMode: cni.FailOpen}
 	in.Kubeconfig = nil
 	if _, err := in.Install(); err != nil {
 		t.Fatal(err)
@@ -257,7 +259,7 @@ func TestInstallReplacesChangedEntry(t *testing.T) {
 	if _, err := in.Install(); err != nil {
 		t.Fatal(err)
 	}
-	in.Conf.FailMode = FailOpen
+	in.Conf.FailMode = cni.FailOpen
 	in.Conf.ExcludeNamespaces = []string{}
 	changed, err := in.Install()
 	if err != nil || !changed {
@@ -265,7 +267,7 @@ func TestInstallReplacesChangedEntry(t *testing.T) {
 	}
 	installed := readFile(t, path)
 	types, ours := plugins(t, installed)
-	if strings.Join(types, ",") != "ptp,portmap,"+PluginType {
+	if strings.Join(types, ",") != "ptp,portmap,"+cni.PluginType {
 		t.Errorf("plugins = %v", types)
 	}
 	if ours["failMode"] != "open" || len(ours["excludeNamespaces"].([]any)) != 0 {
@@ -284,7 +286,7 @@ func TestInstallReplacesChangedEntry(t *testing.T) {
 func TestInstallKeepsEquivalentEntryDropsDuplicates(t *testing.T) {
 	in, path, _ := testInstaller(t, fixtures(t)["compact"])
 	in.Kubeconfig = nil
-	in.Conf = PluginConf{FailMode: FailOpen}
+	in.Conf = cni.PluginConf{FailMode: cni.FailOpen}
 	if _, err := in.Install(); err != nil {
 		t.Fatal(err)
 	}
@@ -393,7 +395,7 @@ func TestUninstallAfterEdits(t *testing.T) {
 			got := readFile(t, path)
 			types, _ := plugins(t, got)
 			for _, typ := range types {
-				if typ == PluginType {
+				if typ == cni.PluginType {
 					t.Errorf("our entry is still there:\n%s", got)
 				}
 			}
@@ -560,7 +562,7 @@ func TestInstallSymlinkedConflist(t *testing.T) {
 	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
 		t.Fatalf("the symlink was replaced: %v", err)
 	}
-	if types, _ := plugins(t, readFile(t, link)); types[len(types)-1] != PluginType {
+	if types, _ := plugins(t, readFile(t, link)); types[len(types)-1] != cni.PluginType {
 		t.Errorf("plugins = %v", types)
 	}
 	if fi, _ := os.Stat(target); fi.Mode().Perm() != 0o640 {
@@ -649,7 +651,7 @@ func TestInstallRefusesUnrunnablePlugin(t *testing.T) {
 	}
 	// The binary disappears under the runtime (someone cleaned the bin
 	// dir): Watch's cheap check notices and puts it back.
-	if err := os.Remove(filepath.Join(in.BinDir, PluginType)); err != nil {
+	if err := os.Remove(filepath.Join(in.BinDir, cni.PluginType)); err != nil {
 		t.Fatal(err)
 	}
 	if err := in.runnable(false); !errors.Is(err, ErrNotRunnable) {
@@ -676,5 +678,26 @@ func TestInstallRemovesLegacyBinaryName(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(in.BinDir, "ambient-redirect")); err != nil {
 		t.Errorf("binary under its type: %v", err)
+	}
+}
+
+// A binary that failed the VERSION call is not chained in by a later
+// cheap check (Watch's) either, while it stays the same file.
+func TestUnrunnablePluginStaysOut(t *testing.T) {
+	in, path, _ := testInstaller(t, fixtures(t)["kindnet"])
+	before := readFile(t, path)
+	if err := os.WriteFile(in.Binary, []byte("#!/bin/sh\necho not a plugin\n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := in.Install(); !errors.Is(err, ErrNotRunnable) {
+		t.Fatalf("Install() = %v, want ErrNotRunnable", err)
+	}
+	for range 2 {
+		if _, err := in.install(false); !errors.Is(err, ErrNotRunnable) {
+			t.Fatalf("install(false) of the same bad binary = %v, want ErrNotRunnable", err)
+		}
+	}
+	if got := readFile(t, path); !bytes.Equal(got, before) {
+		t.Fatalf("conflist changed:\n%s", got)
 	}
 }

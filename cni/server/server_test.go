@@ -1,4 +1,4 @@
-package cni_test
+package server_test
 
 import (
 	"context"
@@ -14,6 +14,7 @@ import (
 
 	"github.com/ambient-redirect/ambient-redirect/cni"
 	"github.com/ambient-redirect/ambient-redirect/cni/cnitest"
+	"github.com/ambient-redirect/ambient-redirect/cni/server"
 )
 
 func TestCallRoundTrip(t *testing.T) {
@@ -121,12 +122,12 @@ func TestListenStaleSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A live listener is not stale.
-	if _, err := cni.Listen(path); err == nil || !strings.Contains(err.Error(), "another process") {
+	if _, err := server.Listen(path); err == nil || !strings.Contains(err.Error(), "another process") {
 		t.Errorf("Listen() over a live socket = %v", err)
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
 	ln.Close()
-	srv, err := cni.Listen(path)
+	srv, err := server.Listen(path)
 	if err != nil {
 		t.Fatalf("Listen() over a stale socket: %v", err)
 	}
@@ -147,7 +148,7 @@ func TestListenStaleSocket(t *testing.T) {
 	if err := os.WriteFile(path, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cni.Listen(path); err == nil || !strings.Contains(err.Error(), "not a socket") {
+	if _, err := server.Listen(path); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Errorf("Listen() over a regular file = %v", err)
 	}
 }

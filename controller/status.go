@@ -1,0 +1,129 @@
+package controller
+
+import (
+	"cmp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/ambient-redirect/ambient-redirect/controller/desired"
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+)
+
+// The status model: what /debug/state and the CNI handler read of the
+// controller, and the drift accounting.
+
+// PodStatus is one pod's selection outcome.
+type PodStatus = desired.PodStatus
+
+// ZtunnelStatus is the active ztunnel.
+type ZtunnelStatus struct {
+	Pod      string `json:"pod"`
+	IP       string `json:"ip"`
+	HostVeth string `json:"hostVeth"`
+	NetNS    string `json:"netns"`
+	Error    string `json:"error,omitempty"`
+}
+
+// SyncStatus describes the last sync.
+type SyncStatus struct {
+	Time     time.Time      `json:"time"`
+	Duration string         `json:"duration"`
+	Writes   map[string]int `json:"writes"`
+	Changes  []string       `json:"changes,omitempty"`
+	Error    string         `json:"error,omitempty"`
+}
+
+// Status is the controller's view, for the debug endpoint.
+type Status struct {
+	Synced        bool           `json:"cachesSynced"`
+	FirstSyncDone bool           `json:"firstSyncDone"`
+	Ztunnel       *ZtunnelStatus `json:"ztunnel"`
+	Draining      []string       `json:"draining,omitempty"`
+	Pods          []PodStatus    `json:"pods"`
+	LastSync      *SyncStatus    `json:"lastSync,omitempty"`
+	LastSuccess   time.Time      `json:"lastSuccess"`
+	PendingSince  *time.Time     `json:"pendingSince,omitempty"`
+	DriftRepairs  map[string]int `json:"driftRepairs"`
+	Syncs         int            `json:"syncs"`
+	Failures      int            `json:"failures"`
+}
+
+// Status returns a copy of the controller's status.
+func (c *Controller) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.status
+	s.Pods = make([]PodStatus, 0, len(c.pods))
+	for _, e := range c.pods {
+		s.Pods = append(s.Pods, e.status)
+	}
+	slices.SortFunc(s.Pods, func(a, b PodStatus) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+	})
+	s.DriftRepairs = map[string]int{}
+	for k, v := range c.status.DriftRepairs {
+		s.DriftRepairs[k] = v
+	}
+	if !c.pendingSince.IsZero() {
+		t := c.pendingSince
+		s.PendingSince = &t
+	}
+	return s
+}
+
+// LastDesired returns the desired state of the last sync (nil before it).
+func (c *Controller) LastDesired() *dataplane.State {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pods == nil {
+		return nil
+	}
+	st := c.stateOf(c.wantZt)
+	return &st
+}
+
+// stateOf is zt's ztunnels with the pods of the last sync, in the order
+// desired() gives them. Called with c.mu held.
+func (c *Controller) stateOf(zt dataplane.State) dataplane.State {
+	var es []podEntry
+	for _, e := range c.pods {
+		if e.pod != nil {
+			es = append(es, e)
+		}
+	}
+	slices.SortFunc(es, func(a, b podEntry) int { // desired()'s order
+		return cmp.Or(strings.Compare(a.status.Namespace, b.status.Namespace), strings.Compare(a.status.Name, b.status.Name))
+	})
+	for _, e := range es {
+		zt.Pods = append(zt.Pods, *e.pod)
+	}
+	return zt
+}
+
+// recordSync records a sync's outcome for the debug endpoint. Called
+// with c.mu held.
+func (c *Controller) recordSync(start time.Time, res dataplane.Result, err error) {
+	ss := &SyncStatus{Time: start, Duration: time.Since(start).String(), Writes: res.Writes, Changes: res.Changes}
+	if err != nil {
+		ss.Error = err.Error()
+		c.status.Failures++
+	} else {
+		c.status.LastSuccess = time.Now()
+		c.status.FirstSyncDone = true
+	}
+	c.status.Syncs++
+	c.status.LastSync = ss
+}
+
+// repaired records a repair the dataplane made between syncs.
+func (c *Controller) repaired(res dataplane.Result) {
+	c.mu.Lock()
+	for k, v := range res.Writes {
+		c.status.DriftRepairs[k] += v
+	}
+	c.mu.Unlock()
+	if c.hooks.OnRepair != nil {
+		c.hooks.OnRepair(res)
+	}
+}

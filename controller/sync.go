@@ -1,0 +1,310 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"reflect"
+	"slices"
+	"time"
+
+	"go.uber.org/zap"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/ambient-redirect/ambient-redirect/controller/desired"
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+)
+
+// One sync: the incremental path (syncPods, the dirty pods alone) or the
+// full one (syncAll), and the record of what the last sync programmed.
+
+func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
+	c.mu.Lock()
+	pending := c.pendingSince
+	c.pendingSince = time.Time{}
+	dirty, all := c.dirty, c.dirtyAll
+	c.dirty, c.dirtyAll = map[string]bool{}, false
+	c.started++
+	incremental := !resync && !all && c.applied != nil
+	c.mu.Unlock()
+	if incremental {
+		if done, err := c.syncPods(ctx, dirty, pending); done {
+			return err
+		}
+	}
+	return c.syncAll(ctx, resync, pending)
+}
+
+// syncPods programs the changes of the dirty pods alone: its cost grows
+// with them, not with the node's pods. It is not done (the caller makes a
+// full sync) when an address moves between pods.
+func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pending time.Time) (bool, error) {
+	podLister, nsLister := c.listers()
+	var upsert []dataplane.Pod
+	var remove []string
+	next := map[string]podEntry{}
+	gone := map[string]bool{}
+	c.mu.Lock()
+	for key := range dirty {
+		ns, name, _ := cache.SplitMetaNamespaceKey(key)
+		p, err := podLister.Pods(ns).Get(name)
+		p, err = c.withHandedOver(key, p, err)
+		if apierrors.IsNotFound(err) {
+			gone[key] = true
+			continue
+		}
+		var e podEntry
+		if err == nil {
+			nsObj, _ := nsLister.Get(ns)
+			e = c.entry(p, nsObj)
+		}
+		next[key] = e
+	}
+	// An address two pods claim is for the full sync to decide: two of
+	// the batch, changed or not, or one whose addresses change and one
+	// outside the batch.
+	owners := map[netip.Addr]string{}
+	for key, e := range next {
+		if e.pod == nil {
+			continue
+		}
+		for _, a := range e.pod.IPs {
+			if o, ok := owners[a]; ok && o != key {
+				c.mu.Unlock()
+				return false, nil
+			}
+			owners[a] = key
+		}
+	}
+	for key := range dirty {
+		old, e := c.pods[key], next[key] // zero when absent or gone
+		if samePod(old.pod, e.pod) {
+			continue
+		}
+		if old.pod != nil {
+			remove = append(remove, old.pod.UID)
+		}
+		if e.pod != nil {
+			for _, a := range e.pod.IPs {
+				if c.ownerOf(a, key, dirty) != "" {
+					c.mu.Unlock()
+					return false, nil
+				}
+			}
+			upsert = append(upsert, *e.pod)
+		}
+	}
+	conflicted := c.conflicted > 0 && len(remove) > 0
+	c.mu.Unlock()
+	if conflicted {
+		return false, nil
+	}
+	var res dataplane.Result
+	var err error
+	start := time.Now()
+	if len(upsert) > 0 || len(remove) > 0 {
+		res, err = c.dp.UpdatePods(ctx, upsert, remove)
+	}
+	c.mu.Lock()
+	for key := range dirty {
+		c.setPod(key, next[key], gone[key])
+	}
+	if len(upsert) > 0 || len(remove) > 0 {
+		c.recordSync(start, res, err)
+	}
+	if err != nil {
+		c.applied = nil // the next sync is a full one
+		if !pending.IsZero() && c.pendingSince.IsZero() {
+			c.pendingSince = pending
+		}
+	} else {
+		for _, uid := range remove {
+			delete(c.programmed, types.UID(uid))
+		}
+		for _, p := range upsert {
+			c.programmed[types.UID(p.UID)] = true
+		}
+	}
+	enrolled := len(c.programmed)
+	c.notifySynced()
+	c.mu.Unlock()
+	if len(upsert) > 0 || len(remove) > 0 {
+		c.log.Debug("pods synced", zap.Int("upsert", len(upsert)), zap.Int("remove", len(remove)), zap.Error(err))
+		if c.hooks.OnSync != nil {
+			c.hooks.OnSync(res, false, enrolled, err)
+		}
+	}
+	if err == nil {
+		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
+			c.hooks.OnProgrammed(time.Since(pending))
+		}
+		c.kickAnnotations()
+	}
+	return true, err
+}
+
+// notifySynced wakes whoever waits for a sync. Called with c.mu held.
+func (c *Controller) notifySynced() {
+	c.done = c.started
+	close(c.synced)
+	c.synced = make(chan struct{})
+}
+
+// samePod reports that two programmed pods (nil: none) are the same UID
+// with the same addresses.
+func samePod(a, b *dataplane.Pod) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return a.UID == b.UID && slices.Equal(a.IPs, b.IPs)
+}
+
+// setPods makes pods the node's pods (a full sync). Called with c.mu held.
+func (c *Controller) setPods(pods map[string]podEntry) {
+	c.pods, c.owners, c.conflicted = pods, map[netip.Addr]string{}, 0
+	for key, e := range pods {
+		c.index(key, e, 1)
+	}
+}
+
+// setPod records one pod's entry (gone: the pod is). Called with c.mu held.
+func (c *Controller) setPod(key string, e podEntry, gone bool) {
+	if old, ok := c.pods[key]; ok {
+		c.index(key, old, -1)
+	}
+	if gone {
+		delete(c.pods, key)
+		return
+	}
+	c.pods[key] = e
+	c.index(key, e, 1)
+}
+
+// index adds (sign 1) or removes (-1) an entry's programmed addresses and
+// its count among the pods programmed without some of their addresses
+// (dedupeIPs).
+func (c *Controller) index(key string, e podEntry, sign int) {
+	if e.status.Enrolled && (e.pod == nil || len(e.pod.IPs) < len(e.status.IPs)) {
+		c.conflicted += sign
+	}
+	if e.pod == nil {
+		return
+	}
+	for _, a := range e.pod.IPs {
+		if sign > 0 {
+			c.owners[a] = key
+		} else if c.owners[a] == key {
+			delete(c.owners, a)
+		}
+	}
+}
+
+// ownerOf is the enrolled pod (key) other than key, and not about to
+// change, that holds address a. Called with c.mu held.
+func (c *Controller) ownerOf(a netip.Addr, key string, dirty map[string]bool) string {
+	if o := c.owners[a]; o != "" && o != key && !dirty[o] {
+		return o
+	}
+	return ""
+}
+
+// kickAnnotations asks the annotation reconciler for a pass.
+func (c *Controller) kickAnnotations() { c.anno.Kick() }
+
+// entry is a pod's selection outcome and, when enrolled, what to program
+// (desired.PodEntry). Called with c.mu held.
+func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
+	e := desired.PodEntry(p, ns, c.cfg.Selection, c.withCNI)
+	return podEntry{status: e.Status, pod: e.Pod}
+}
+
+// syncAll recomputes the node's whole desired state from the caches and
+// applies it.
+func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time) error {
+	st, pods, zs, zerr := c.desired()
+	if pods == nil && zerr != nil {
+		return zerr
+	}
+	c.mu.Lock()
+	var applied *dataplane.State
+	if c.applied != nil {
+		a := c.stateOf(*c.applied)
+		applied = &a
+	}
+	c.mu.Unlock()
+	if zerr != nil && applied != nil && applied.Ztunnel != nil && zs != nil && applied.Ztunnel.Pod == zs.Pod {
+		// The running ztunnel could not be re-located (a transient netlink
+		// or netns-scan failure): keep it rather than tear capture down;
+		// the error still shows and the sync is retried.
+		st.Ztunnel = applied.Ztunnel
+	}
+	zt := dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining}
+	if !resync && zerr == nil && applied != nil && reflect.DeepEqual(st, *applied) {
+		// The event changed nothing the kernel carries (a plain pod, a
+		// status or annotation update): no kernel work. Drift is the
+		// resync's job.
+		c.mu.Lock()
+		c.setPods(pods)
+		c.status.Ztunnel, c.wantZt = zs, zt
+		c.notifySynced()
+		c.mu.Unlock()
+		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
+			c.hooks.OnProgrammed(time.Since(pending))
+		}
+		c.kickAnnotations()
+		return nil
+	}
+	// Only a resync towards the state the kernel already held after the last
+	// successful apply repairs drift; the first sync on a fresh node, or one
+	// that also carries a change, creates rather than restores.
+	drift := resync && applied != nil && reflect.DeepEqual(st, *applied)
+	start := time.Now()
+	res, applyErr := c.dp.Apply(ctx, st)
+	err := errors.Join(zerr, applyErr)
+	c.mu.Lock()
+	c.setPods(pods)
+	c.wantZt = zt
+	c.status.Draining = nil
+	for _, z := range st.Draining {
+		c.status.Draining = append(c.status.Draining, z.Pod)
+	}
+	c.status.Ztunnel = zs
+	c.recordSync(start, res, err)
+	if err != nil {
+		if !pending.IsZero() && c.pendingSince.IsZero() {
+			c.pendingSince = pending // still not programmed
+		}
+		c.dirtyAll = true // the retry recomputes everything (and re-locates the ztunnel)
+	} else if drift {
+		for k, v := range res.Writes {
+			c.status.DriftRepairs[k] += v
+		}
+	}
+	if applyErr == nil { // programmed, even if the ztunnel lookup failed
+		c.programmed = map[types.UID]bool{}
+		for _, p := range st.Pods {
+			c.programmed[types.UID(p.UID)] = true
+		}
+	}
+	// What the kernel holds: st when the apply worked (even if the ztunnel
+	// lookup failed and the previous one was kept), unknown otherwise.
+	c.applied = nil
+	if applyErr == nil {
+		c.applied = &zt
+	}
+	c.notifySynced()
+	c.mu.Unlock()
+	if c.hooks.OnSync != nil {
+		c.hooks.OnSync(res, drift && err == nil, len(st.Pods), err)
+	}
+	if err == nil {
+		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
+			c.hooks.OnProgrammed(time.Since(pending))
+		}
+		c.kickAnnotations()
+	}
+	return err
+}
