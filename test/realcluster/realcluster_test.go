@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"syscall"
@@ -44,7 +45,7 @@ var (
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	if os.Geteuid() != 0 || testing.Short() {
+	if os.Geteuid() != 0 || testing.Short() || !runsClusterTest() {
 		startErr = "needs root and no -short"
 		os.Exit(m.Run())
 	}
@@ -76,6 +77,29 @@ func TestMain(m *testing.M) {
 		code = 1
 	}
 	os.Exit(code)
+}
+
+// clusterTests are the tests that need the cluster, in the order they run.
+var clusterTests = []string{"TestInstall", "TestCapture", "TestProbes", "TestLeastPrivilege", "TestUninstall",
+	"TestZtunnelRollout", "TestAgentRollout", "TestNodeRestart"}
+
+// runsClusterTest reports whether -test.run selects one of clusterTests
+// (a -run of unit tests only does not start a cluster).
+func runsClusterTest() bool {
+	f := flag.Lookup("test.run")
+	if f == nil || f.Value.String() == "" {
+		return true
+	}
+	re, err := regexp.Compile(strings.Split(f.Value.String(), "/")[0])
+	if err != nil {
+		return true
+	}
+	for _, n := range clusterTests {
+		if re.MatchString(n) {
+			return true
+		}
+	}
+	return false
 }
 
 func need(t *testing.T, agent bool) {
