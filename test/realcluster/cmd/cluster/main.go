@@ -153,6 +153,7 @@ func down(dir string) error {
 	}
 	defer os.Remove(readyFile(dir))
 	if st == nil {
+		os.Remove(logFile(dir))
 		fmt.Fprintf(os.Stderr, "cluster: nothing to remove in %s\n", dir)
 		return nil
 	}
@@ -171,6 +172,9 @@ func down(dir string) error {
 	}
 	if err := st.Teardown(func(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }); err != nil {
 		return errors.Join(errors.New("teardown"), err)
+	}
+	if err := os.Remove(logFile(dir)); err != nil && !os.IsNotExist(err) {
+		return err
 	}
 	fmt.Fprintf(os.Stderr, "cluster: removed\n")
 	return nil
