@@ -84,16 +84,16 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		c.mu.Lock()
 		pe, ok := c.pods[key]
 		ok = ok && c.done >= after
-		done := ok && pe.pod != nil && pe.pod.UID == string(pod.UID) && c.programmed[pod.UID] && containsAll(pe.pod.IPs, req.IPs)
-		notAmbient := ok && !pe.status.Enrolled && pe.status.UID == string(pod.UID)
+		done := ok && pe.Pod != nil && pe.Pod.UID == string(pod.UID) && c.programmed[pod.UID] && containsAll(pe.Pod.IPs, req.IPs)
+		notAmbient := ok && !pe.Status.Enrolled && pe.Status.UID == string(pod.UID)
 		wait := c.synced
 		c.mu.Unlock()
 		switch {
 		case done:
 			c.log.Debug("pod programmed through CNI", zap.String("pod", key), zap.Any("ips", req.IPs))
-			return cni.Response{Ambient: true, Programmed: true, Reason: pe.status.Reason}, nil
+			return cni.Response{Ambient: true, Programmed: true, Reason: pe.Status.Reason}, nil
 		case notAmbient:
-			return cni.Response{Reason: pe.status.Reason}, nil
+			return cni.Response{Reason: pe.Status.Reason}, nil
 		}
 		select {
 		case <-ctx.Done():
@@ -126,14 +126,14 @@ func (c *Controller) checkCNI(ctx context.Context, req cni.Request) (cni.Respons
 	defer c.mu.Unlock()
 	pe, ok := c.pods[key]
 	switch {
-	case !ok || pe.pod == nil || pe.pod.UID != string(pod.UID):
+	case !ok || pe.Pod == nil || pe.Pod.UID != string(pod.UID):
 		return cni.Response{Ambient: true, Reason: "not programmed: the agent has not programmed this pod"}, nil
 	case !c.programmed[pod.UID]:
-		return cni.Response{Ambient: true, Reason: "not programmed: " + pe.status.Reason}, nil
-	case !containsAll(pe.pod.IPs, req.IPs):
-		return cni.Response{Ambient: true, Reason: fmt.Sprintf("not programmed: the sandbox's addresses %v are not among the programmed %v", req.IPs, pe.pod.IPs)}, nil
+		return cni.Response{Ambient: true, Reason: "not programmed: " + pe.Status.Reason}, nil
+	case !containsAll(pe.Pod.IPs, req.IPs):
+		return cni.Response{Ambient: true, Reason: fmt.Sprintf("not programmed: the sandbox's addresses %v are not among the programmed %v", req.IPs, pe.Pod.IPs)}, nil
 	}
-	return cni.Response{Ambient: true, Programmed: true, Reason: pe.status.Reason}, nil
+	return cni.Response{Ambient: true, Programmed: true, Reason: pe.Status.Reason}, nil
 }
 
 // cniLookup finds the pod and its namespace, from the caches or the API;

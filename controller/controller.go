@@ -115,11 +115,7 @@ type Controller struct {
 }
 
 // podEntry is one pod as the last sync saw it.
-type podEntry struct {
-	status PodStatus
-	// pod is what is programmed for it; nil when it is not enrolled.
-	pod *dataplane.Pod
-}
+type podEntry = desired.Entry
 
 // New builds a controller. newDP is called after the caches synced.
 func New(client kubernetes.Interface, cfg Config, newDP func(ctx context.Context) (Dataplane, error), log *zap.Logger, hooks Hooks) *Controller {
@@ -244,10 +240,7 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 		Namespace: func(name string) *corev1.Namespace { ns, _ := nsLister.Get(name); return ns },
 	})
 	st := out.State
-	entries := make(map[string]podEntry, len(out.Entries))
-	for key, e := range out.Entries {
-		entries[key] = podEntry{status: e.Status, pod: e.Pod}
-	}
+	entries := out.Entries
 	zt := out.Ztunnel
 	for _, p := range out.Draining {
 		z, err := c.locate(p)

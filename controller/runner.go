@@ -9,9 +9,10 @@ import (
 
 // syncRunner is the kernel loop: one sync at a time, coalescing any number
 // of kicks; a failed sync is retried with a doubling backoff (100ms up to
-// maxBackoff); every resyncPeriod, and at once when the kernel drifted
-// under us, the dataplane is asked to read its state back and the sync is
-// a resync. Start-up is a resync.
+// maxBackoff); every resyncPeriod the dataplane is asked to read all its
+// state back and the sync is a resync; when the kernel drifted under us
+// (the dataplane queued the read-back of what drifted) the sync at once is
+// a resync too. Start-up is a resync.
 type syncRunner struct {
 	// sync makes one sync; resync says the dataplane reads back first.
 	sync func(ctx context.Context, resync bool) error
@@ -52,7 +53,8 @@ func (r *syncRunner) run(ctx context.Context) error {
 			r.queueResync()
 			isResync = true
 		case <-r.driftKick:
-			r.queueResync()
+			// The dataplane queued the read-back of what drifted (its
+			// netlink objects) itself; the iptables chains stay unread.
 			isResync = true
 		}
 	}

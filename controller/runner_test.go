@@ -69,28 +69,30 @@ func (s *scriptedRunner) none(t *testing.T, what string, d time.Duration) {
 	}
 }
 
-// TestSyncRunnerKicksAndResyncs: start-up is a resync with a read-back
-// queued; a kick is a plain sync; a drift kick and the period are resyncs
-// with a read-back queued; the runner returns nil when ctx ends.
+// TestSyncRunnerKicksAndResyncs: start-up is a resync with a full read-back
+// queued; a kick is a plain sync; a drift kick is a resync whose read-back
+// the dataplane queued (of what drifted); the runner returns nil when ctx
+// ends.
 func TestSyncRunnerKicksAndResyncs(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := newScriptedRunner(time.Hour, time.Second, 0)
 	done := make(chan error, 1)
 	go func() { done <- s.r.run(ctx) }()
 	for _, step := range []struct {
-		name   string
-		do     func()
-		resync bool
+		name           string
+		do             func()
+		resync, queued bool
 	}{
-		{"start-up", func() {}, true},
-		{"kick", func() { s.kick <- struct{}{} }, false},
-		{"drift", func() { s.drift <- struct{}{} }, true},
-		{"kick again", func() { s.kick <- struct{}{} }, false},
+		{"start-up", func() {}, true, true},
+		{"kick", func() { s.kick <- struct{}{} }, false, false},
+		// The dataplane queues the read-back of what drifted itself.
+		{"drift", func() { s.drift <- struct{}{} }, true, false},
+		{"kick again", func() { s.kick <- struct{}{} }, false, false},
 	} {
 		step.do()
 		c := s.next(t, step.name)
-		if c.resync != step.resync || (c.queued == 1) != step.resync || c.queued > 1 {
-			t.Fatalf("%s: sync %+v, want resync=%v with one read-back queued iff a resync", step.name, c, step.resync)
+		if c.resync != step.resync || (c.queued == 1) != step.queued || c.queued > 1 {
+			t.Fatalf("%s: sync %+v, want resync=%v, a full read-back queued=%v", step.name, c, step.resync, step.queued)
 		}
 		s.none(t, step.name+": a second sync", 20*time.Millisecond)
 	}

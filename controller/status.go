@@ -56,7 +56,7 @@ func (c *Controller) Status() Status {
 	s := c.status
 	s.Pods = make([]PodStatus, 0, len(c.pods))
 	for _, e := range c.pods {
-		s.Pods = append(s.Pods, e.status)
+		s.Pods = append(s.Pods, e.Status)
 	}
 	slices.SortFunc(s.Pods, func(a, b PodStatus) int {
 		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
@@ -88,15 +88,15 @@ func (c *Controller) LastDesired() *dataplane.State {
 func (c *Controller) stateOf(zt dataplane.State) dataplane.State {
 	var es []podEntry
 	for _, e := range c.pods {
-		if e.pod != nil {
+		if e.Pod != nil {
 			es = append(es, e)
 		}
 	}
 	slices.SortFunc(es, func(a, b podEntry) int { // desired()'s order
-		return cmp.Or(strings.Compare(a.status.Namespace, b.status.Namespace), strings.Compare(a.status.Name, b.status.Name))
+		return cmp.Or(strings.Compare(a.Status.Namespace, b.Status.Namespace), strings.Compare(a.Status.Name, b.Status.Name))
 	})
 	for _, e := range es {
-		zt.Pods = append(zt.Pods, *e.pod)
+		zt.Pods = append(zt.Pods, *e.Pod)
 	}
 	return zt
 }

@@ -68,10 +68,10 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 	// outside the batch.
 	owners := map[netip.Addr]string{}
 	for key, e := range next {
-		if e.pod == nil {
+		if e.Pod == nil {
 			continue
 		}
-		for _, a := range e.pod.IPs {
+		for _, a := range e.Pod.IPs {
 			if o, ok := owners[a]; ok && o != key {
 				c.mu.Unlock()
 				return false, nil
@@ -81,20 +81,20 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 	}
 	for key := range dirty {
 		old, e := c.pods[key], next[key] // zero when absent or gone
-		if samePod(old.pod, e.pod) {
+		if samePod(old.Pod, e.Pod) {
 			continue
 		}
-		if old.pod != nil {
-			remove = append(remove, old.pod.UID)
+		if old.Pod != nil {
+			remove = append(remove, old.Pod.UID)
 		}
-		if e.pod != nil {
-			for _, a := range e.pod.IPs {
+		if e.Pod != nil {
+			for _, a := range e.Pod.IPs {
 				if c.ownerOf(a, key, dirty) != "" {
 					c.mu.Unlock()
 					return false, nil
 				}
 			}
-			upsert = append(upsert, *e.pod)
+			upsert = append(upsert, *e.Pod)
 		}
 	}
 	conflicted := c.conflicted > 0 && len(remove) > 0
@@ -187,13 +187,13 @@ func (c *Controller) setPod(key string, e podEntry, gone bool) {
 // its count among the pods programmed without some of their addresses
 // (dedupeIPs).
 func (c *Controller) index(key string, e podEntry, sign int) {
-	if e.status.Enrolled && (e.pod == nil || len(e.pod.IPs) < len(e.status.IPs)) {
+	if e.Status.Enrolled && (e.Pod == nil || len(e.Pod.IPs) < len(e.Status.IPs)) {
 		c.conflicted += sign
 	}
-	if e.pod == nil {
+	if e.Pod == nil {
 		return
 	}
-	for _, a := range e.pod.IPs {
+	for _, a := range e.Pod.IPs {
 		if sign > 0 {
 			c.owners[a] = key
 		} else if c.owners[a] == key {
@@ -218,7 +218,7 @@ func (c *Controller) kickAnnotations() { c.anno.Kick() }
 // (desired.PodEntry). Called with c.mu held.
 func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
 	e := desired.PodEntry(p, ns, c.cfg.Selection, c.withCNI)
-	return podEntry{status: e.Status, pod: e.Pod}
+	return podEntry{Status: e.Status, Pod: e.Pod}
 }
 
 // syncAll recomputes the node's whole desired state from the caches and

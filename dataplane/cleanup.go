@@ -62,7 +62,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		m.forget()
 	}
 	d.fast = nil
-	d.resync = true
+	d.resync, d.resyncIPT = true, true
 	w.res.Elapsed = time.Since(start)
 	err := errors.Join(errs...)
 	d.log.Info("dataplane cleanup", zap.Any("writes", w.res.Writes), zap.Duration("elapsed", w.res.Elapsed), zap.Error(err))

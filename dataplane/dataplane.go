@@ -84,11 +84,15 @@ type Dataplane struct {
 	// (the active one and a draining one).
 	liveNS []string
 	port   int
-	// resync makes the next Apply verify the iptables chains even when the
-	// rendered rules did not change. Reading them back costs a process per
-	// table, so per-pod applies skip it (they only touch ipset members and
-	// routes); the periodic resync repairs iptables drift.
-	resync bool
+	// Queued read-backs, per kind of manager. resync makes the next apply a
+	// full one: every netlink object (set members, routes, rules, tunnels,
+	// sysctls) is read back and repaired; netlink drift queues only this.
+	// resyncIPT makes it verify the iptables chains too even when the
+	// rendered rules did not change: reading them back costs a process per
+	// table, so only the periodic resync, a failure or the iptables watch
+	// queue it. Pod-only applies skip both (they touch ipset members and
+	// routes only).
+	resync, resyncIPT bool
 	// fast holds what a pod-only apply needs from the last full one; nil
 	// forces a full apply.
 	fast *fastPath
@@ -149,7 +153,7 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, mgr: newManagers(), resync: true,
+	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, mgr: newManagers(), resync: true, resyncIPT: true,
 		pods: map[string]Pod{}}
 	if d.log == nil {
 		d.log = zap.NewNop()
@@ -307,7 +311,7 @@ func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
 	w := newWriter(false)
 	err := d.converge(ctx, st, w)
 	// A failure may leave anything half-done: verify everything next time.
-	d.resync = err != nil
+	d.resync, d.resyncIPT = err != nil, err != nil
 	w.res.Elapsed = time.Since(start)
 	if n := w.res.TotalWrites(); n > 0 || err != nil {
 		d.log.Info("dataplane apply", zap.Int("pods", len(st.Pods)), zap.Bool("ztunnel", st.Ztunnel != nil),
@@ -321,19 +325,41 @@ func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
 func (d *Dataplane) QueueResync() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.resync, d.resyncIPT = true, true
+}
+
+// queueNetlinkResync makes the next Apply read back and repair the netlink
+// objects (netlink drift): the iptables chains are read only if their
+// rendering changed.
+func (d *Dataplane) queueNetlinkResync() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	d.resync = true
 }
 
-// Diff returns what Apply(st) would change, writing nothing. It always
-// reads back everything.
+// Diff returns what Apply(st) would change, writing nothing, the state
+// left in retired ztunnel netns included. It always reads back everything,
+// into copies of the managers: the dataplane's lock is held only to take
+// them, so pod events are not held up by the read-back.
 func (d *Dataplane) Diff(ctx context.Context, st State) ([]string, error) {
+	w := newWriter(true)
+	err := d.diffView().converge(ctx, st, w)
+	return w.res.Changes, err
+}
+
+// diffView is a Dataplane for one dry convergence: the same kernel and
+// configuration, copies of what the last apply left (managers, live ztunnel
+// netns, tunnel port), and nothing shared that converge writes.
+func (d *Dataplane) diffView() *Dataplane {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	port := d.port
-	defer func() { d.port = port }()
-	w := newWriter(true)
-	err := d.converge(ctx, st, w)
-	return w.res.Changes, err
+	return &Dataplane{
+		cfg: d.cfg, log: d.log, node: d.node, openNS: d.openNS,
+		backend: d.backend, backendReason: d.backendReason, tunnel: d.tunnel, tunnelReason: d.tunnelReason,
+		fams: d.fams, order: d.order,
+		mgr: *d.mgr.clone(), lastZtNS: d.lastZtNS, liveNS: slices.Clone(d.liveNS), port: d.port,
+		resync: true, resyncIPT: true, pods: maps.Clone(d.pods),
+	}
 }
 
 func (d *Dataplane) nodePriorities() []int {
@@ -415,7 +441,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := st.Validate(); err != nil {
 		return err
 	}
-	if f := d.fast; f != nil && !w.dry && !d.resync && sameZtunnel(f.spec, st.Ztunnel) &&
+	if f := d.fast; f != nil && !w.dry && !d.resync && !d.resyncIPT && sameZtunnel(f.spec, st.Ztunnel) &&
 		slices.EqualFunc(f.draining, st.Draining, sameZtunnel) {
 		// Pod churn with the same ztunnel: only ipset members and table-100
 		// routes can differ. Everything else is verified by the resync.
@@ -622,18 +648,18 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	for _, z := range live {
 		liveNS = append(liveNS, z.spec.NetNS)
 	}
-	if !w.dry {
-		for _, old := range d.liveNS { // the active one's (lastZtNS) among them
-			if slices.Contains(liveNS, old) {
-				continue
-			}
-			// A ztunnel that holds no connections any more may still run:
-			// take our state out of its netns so it stops intercepting.
-			// Best effort: it may be gone.
-			if err := d.cleanupZtunnelNS(ctx, old, w); err != nil {
-				d.log.Info("old ztunnel netns not cleaned (likely gone)", zap.String("netns", old), zap.Error(err))
-			}
+	for _, old := range d.liveNS { // the active one's (lastZtNS) among them
+		if slices.Contains(liveNS, old) {
+			continue
 		}
+		// A ztunnel that holds no connections any more may still run:
+		// take our state out of its netns so it stops intercepting.
+		// Best effort: it may be gone. (Dry, this lists what is left there.)
+		if err := d.cleanupZtunnelNS(ctx, old, w); err != nil && !w.dry {
+			d.log.Info("old ztunnel netns not cleaned (likely gone)", zap.String("netns", old), zap.Error(err))
+		}
+	}
+	if !w.dry {
 		d.lastZtNS, d.liveNS = newNS, liveNS
 		drain := make([]*Ztunnel, len(st.Draining))
 		for i, z := range st.Draining {
@@ -732,8 +758,8 @@ func (r *ruleWriter) write(p NodeParams) error {
 	if r.read && !r.w.dry {
 		err = r.m.update(r.ctx, rs, r.w)
 	} else {
-		reads := r.d.resync || r.m.written != rendered // else apply has nothing to do
-		err = r.m.apply(r.ctx, rs, r.d.resync, r.w)
+		reads := r.d.resyncIPT || r.m.written != rendered // else apply has nothing to do
+		err = r.m.apply(r.ctx, rs, r.d.resyncIPT, r.w)
 		r.read = err == nil && reads
 	}
 	if err != nil {
@@ -848,12 +874,12 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 	for _, p := range upsert {
 		for _, a := range p.IPs {
 			a = a.Unmap()
-			other, ok := d.mgr.sets[FamilyOf(a)].t.Desired(a)
-			if !ok || leaving[other] {
-				other, ok = claimed[a]
+			holder, ok := d.mgr.sets[FamilyOf(a)].t.Desired(a)
+			if !ok || leaving[holder] {
+				holder = claimed[a]
 			}
-			if ok && other != p.UID {
-				return fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, other, p.UID)
+			if err := claim(a, p.UID, holder); err != nil {
+				return err
 			}
 			claimed[a] = p.UID
 		}
@@ -912,7 +938,7 @@ func (d *Dataplane) UpdatePods(ctx context.Context, upsert []Pod, remove []strin
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	f := d.fast
-	if f == nil || d.resync {
+	if f == nil || d.resync || d.resyncIPT {
 		pods := maps.Clone(d.pods)
 		for _, uid := range remove {
 			delete(pods, uid)
@@ -927,7 +953,7 @@ func (d *Dataplane) UpdatePods(ctx context.Context, upsert []Pod, remove []strin
 	start := time.Now()
 	w := newWriter(false)
 	err := d.updatePods(upsert, remove, f, w)
-	d.resync = err != nil
+	d.resync, d.resyncIPT = err != nil, err != nil
 	w.res.Elapsed = time.Since(start)
 	return *w.res, err
 }

@@ -9,7 +9,9 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kerneltest"
@@ -732,5 +734,155 @@ func TestUpdatePodsValidates(t *testing.T) {
 		if err := (State{Pods: []Pod{bad}}).Validate(); err == nil {
 			t.Errorf("Validate accepts %v", bad)
 		}
+	}
+}
+
+// blockingNL holds RuleList calls while block is set.
+type blockingNL struct {
+	*kerneltest.FakeNetlink
+	block   *atomic.Bool
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (n blockingNL) RuleList(family int) ([]netlink.Rule, error) {
+	if n.block.Load() {
+		select {
+		case n.entered <- struct{}{}:
+		default:
+		}
+		<-n.release
+	}
+	return n.FakeNetlink.RuleList(family)
+}
+
+// TestDiffDoesNotHoldUpPodEvents: a Diff (a /debug/state request) reading
+// the kernel back does not hold the dataplane's lock, so a pod event is
+// programmed meanwhile; the Diff still answers, and lists the new pod's
+// state as present.
+func TestDiffDoesNotHoldUpPodEvents(t *testing.T) {
+	f := newFakeNode(t)
+	var block atomic.Bool
+	nl := blockingNL{f.nl, &block, make(chan struct{}, 1), make(chan struct{})}
+	node := kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6)
+	node.NL = nl
+	cfg := DefaultConfig()
+	cfg.IPTablesMode, cfg.NetNSDir = IPTablesNFT, t.TempDir()
+	d, err := New(context.Background(), cfg, Options{Node: node, OpenNS: f.open})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	base := pods(2)
+	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: base}); err != nil {
+		t.Fatal(err)
+	}
+	block.Store(true)
+	diffDone := make(chan error, 1)
+	go func() {
+		_, err := d.Diff(ctx, State{Ztunnel: f.zt, Pods: base})
+		diffDone <- err
+	}()
+	<-nl.entered // the Diff is reading back
+	updated := make(chan error, 1)
+	go func() {
+		_, err := d.UpdatePods(ctx, []Pod{{UID: "new", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.99")}}}, nil)
+		updated <- err
+	}()
+	select {
+	case err := <-updated:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		close(nl.release)
+		t.Fatal("a pod event waited for a Diff's read-back")
+	}
+	block.Store(false)
+	close(nl.release)
+	if err := <-diffDone; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestDiffListsTheRetiredZtunnelNetns: what Apply would remove from a
+// ztunnel's netns once another replaces it is pending, and Diff says so.
+func TestDiffListsTheRetiredZtunnelNetns(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	ctx := context.Background()
+	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	ztNL := kerneltest.NewFakeNetlink()
+	eth := ztNL.AddVeth("eth0", 1500, 0)
+	f.nl.AddVeth("vethzt-b", 1500, eth)
+	f.ztPaths["/run/netns/zt-b"] = kerneltest.NewFakeKernel(ztNL, kerneltest.NewFakeSysctl(), iptables.NewFake(), iptables.NewFake())
+	zt2 := &Ztunnel{Pod: "istio-system/ztunnel-b", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.3")}, HostVeth: "vethzt-b", NetNS: "/run/netns/zt-b"}
+	diff, err := d.Diff(ctx, State{Ztunnel: zt2, Pods: pods(1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := f.writes()
+	if _, err := d.Apply(ctx, State{Ztunnel: zt2, Pods: pods(1)}); err != nil {
+		t.Fatal(err)
+	}
+	if f.writes() == before {
+		t.Fatal("the switch wrote nothing")
+	}
+	// The old netns's TPROXY chains go: Diff listed their removal.
+	if got, _ := f.ztIPT.Save(ctx, "mangle"); strings.Contains(got, "TPROXY") {
+		t.Fatalf("the retired netns keeps its TPROXY rules:\n%s", got)
+	}
+	var retired int
+	for _, c := range diff {
+		// Only the retired netns has chains that are no longer wanted.
+		if strings.HasPrefix(c, "iptables: mangle/ztunnel-PREROUTING chain not wanted") {
+			retired++
+		}
+	}
+	if retired != 2 { // IPv4 and IPv6
+		t.Fatalf("Diff did not list the retired ztunnel netns's chains; it listed:\n%s", strings.Join(diff, "\n"))
+	}
+	if diff, err := d.Diff(ctx, State{Ztunnel: zt2, Pods: pods(1)}); err != nil || len(diff) != 0 {
+		t.Fatalf("after the switch Diff = %v, %v; want nothing pending", diff, err)
+	}
+}
+
+// TestNetlinkDriftReadsNoIPTables: netlink drift queues the read-back of
+// the netlink managers only: the next apply repairs a deleted route of
+// ours without reading the iptables chains (a process per table on a real
+// node); the periodic resync reads them too.
+func TestNetlinkDriftReadsNoIPTables(t *testing.T) {
+	f := newFakeNode(t)
+	d := f.dataplane(t, nil)
+	ctx := context.Background()
+	st := State{Ztunnel: f.zt, Pods: pods(2)}
+	if _, err := d.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	ours := &netlink.Route{Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol), Table: d.cfg.Tables.Inbound}
+	routes, err := f.nl.RouteListFiltered(unix.AF_INET, ours, netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil || len(routes) == 0 {
+		t.Fatalf("no inbound routes of ours: %v %v", routes, err)
+	}
+	if err := f.nl.RouteDel(&routes[0]); err != nil {
+		t.Fatal(err)
+	}
+	saves := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves
+	d.queueNetlinkResync()
+	res, err := d.Apply(ctx, st)
+	if err != nil || res.Writes[KindRoute] != 1 {
+		t.Fatalf("repair after netlink drift: %v %v, want the one route back", res.Writes, err)
+	}
+	if got := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves; got != saves {
+		t.Fatalf("netlink drift read the iptables chains %d times", got-saves)
+	}
+	d.QueueResync()
+	if _, err := d.Apply(ctx, st); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves; got == saves {
+		t.Fatal("the periodic resync did not read the iptables chains")
 	}
 }

@@ -19,8 +19,8 @@ import (
 // subscription wakes on changes to our tunnels, their addresses, routes of
 // our protocol or in our tables, and ip rules; after a burst settles, what
 // the last apply left is read back and compared (our own writes leave no
-// difference). drifted is called when something of ours differs; the
-// caller re-applies with a full read-back. Nothing runs while nothing
+// difference). When something of ours differs, the netlink managers are
+// queued to read back and drifted is called: the caller re-applies. Nothing runs while nothing
 // changes. It returns when ctx is done, or at once if it cannot watch.
 func (d *Dataplane) WatchNetlink(ctx context.Context, drifted func()) error {
 	groups := []int{unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV4_RULE}
@@ -34,6 +34,7 @@ func (d *Dataplane) WatchNetlink(ctx context.Context, drifted func()) error {
 	for settle(ctx, changed) {
 		if what := d.nodeDrift(); what != "" {
 			d.log.Info("kernel state of ours changed; repairing", zap.String("what", what))
+			d.queueNetlinkResync() // only the netlink managers read back
 			drifted()
 		}
 	}

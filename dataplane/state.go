@@ -86,8 +86,8 @@ func (s State) members(f Family) (map[netip.Addr]string, error) {
 			if FamilyOf(a) != f {
 				continue
 			}
-			if other, ok := out[a]; ok && other != p.UID {
-				return nil, fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, other, p.UID)
+			if err := claim(a, p.UID, out[a]); err != nil {
+				return nil, err
 			}
 			out[a] = p.UID
 		}
@@ -95,7 +95,16 @@ func (s State) members(f Family) (map[netip.Addr]string, error) {
 	return out, nil
 }
 
-// Validate checks the state before anything is written.
+// claim is the one double-claim rule of every path that programs pods: an
+// address belongs to one pod (UID); holder is who holds it already ("" for
+// nobody).
+func claim(a netip.Addr, uid, holder string) error {
+	if holder != "" && holder != uid {
+		return fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, holder, uid)
+	}
+	return nil
+}
+
 // problems lists what makes p unprogrammable, on every path that
 // programs pods (Apply's Validate and UpdatePods alike).
 func (p Pod) problems() []string {
@@ -112,6 +121,7 @@ func (p Pod) problems() []string {
 	return out
 }
 
+// Validate checks the state before anything is written.
 func (s State) Validate() error {
 	var problems []string
 	for _, z := range append([]*Ztunnel{s.Ztunnel}, s.Draining...) {

@@ -94,7 +94,7 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 		}
 	}
 	err = eachFamily(fams, w, func(f Family, w *writer) error {
-		return filters[f].apply(ctx, rulesets[f], d.resync, w)
+		return filters[f].apply(ctx, rulesets[f], d.resyncIPT, w)
 	})
 	if err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)

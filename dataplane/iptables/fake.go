@@ -15,6 +15,7 @@ type Fake struct {
 	mu       sync.Mutex
 	tables   map[string]*fakeTable
 	Restores []string // every successful restore input, in order
+	Saves    int      // how many times the tables were read
 	failNext error
 }
 
@@ -48,6 +49,7 @@ func (f *Fake) Backend() string { return "fake" }
 func (f *Fake) Save(_ context.Context, table string) (string, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.Saves++
 	if table == "" {
 		var b strings.Builder
 		for _, name := range slices.Sorted(maps.Keys(f.tables)) {

@@ -177,7 +177,9 @@ func (s *Syncer) sync(ctx context.Context, desired Ruleset, dryRun bool, from ma
 			return res, err
 		}
 		all = ParseSaveAll(saved)
-		s.last = all
+		if !dryRun { // a dry run (Diff) may run beside a convergence: leave its reads alone
+			s.last = all
+		}
 	}
 	var input, drops strings.Builder
 	var written []string

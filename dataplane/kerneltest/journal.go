@@ -46,6 +46,7 @@ func (e Entry) String() string {
 // locks, so they may read any fake's state: what a packet would meet at
 // that moment.
 type Journal struct {
+	recMu     sync.Mutex // held across a record and its observers
 	mu        sync.Mutex
 	entries   []Entry
 	observers []func(Entry)
@@ -81,6 +82,10 @@ func (j *Journal) record(e Entry) {
 	if j == nil {
 		return
 	}
+	// The dataplane may write two families at once: observers see one
+	// write at a time, in the journal's order.
+	j.recMu.Lock()
+	defer j.recMu.Unlock()
 	j.mu.Lock()
 	e.Seq = len(j.entries) + 1
 	j.entries = append(j.entries, e)
