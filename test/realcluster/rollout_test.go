@@ -36,7 +36,8 @@ func ensureInstalled(t *testing.T) {
 }
 
 // collector keeps every record the ztunnels of all nodes wrote while it
-// runs: the kubelet removes a deleted ztunnel pod's log with it.
+// runs (the kubelet removes a deleted ztunnel pod's log with it), up to
+// and including a last pass when finished.
 type collector struct {
 	mu   sync.Mutex
 	seen map[string]realcluster.ZRecord
@@ -48,7 +49,7 @@ func collect() *collector {
 	col := &collector{seen: map[string]realcluster.ZRecord{}, stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(col.done)
-		for {
+		for last := false; ; {
 			for _, n := range c.Nodes {
 				recs, err := c.ZtunnelRecordsErr(n)
 				if err != nil {
@@ -60,9 +61,12 @@ func collect() *collector {
 				}
 				col.mu.Unlock()
 			}
+			if last {
+				return
+			}
 			select {
 			case <-col.stop:
-				return
+				last = true // one more pass: whatever was written until now
 			case <-time.After(200 * time.Millisecond):
 			}
 		}
@@ -219,8 +223,8 @@ func TestZtunnelRollout(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	close(stopWatch)
 	<-watchDone
+	res = appResults(t, &client) // before the collector's last pass
 	recs := col.finish()
-	res = appResults(t, &client)
 	wmu.Lock()
 	defer wmu.Unlock()
 	t.Logf("old ztunnel %s: new %s Ready %s after the restart, old terminating %s after it; stream: %d echoed, last %s, err %q at %s",
