@@ -256,7 +256,7 @@ func TestZtunnelRollout(t *testing.T) {
 			onNew++
 		}
 	}
-	if after == 0 || onNew < after*9/10 {
+	if after == 0 || onNew != after {
 		t.Errorf("of %d connections made after the old ztunnel began terminating, %d were recorded by the new one (%s)", after, onNew, newName)
 	}
 	if esc := escaped(res, recs); len(esc) > 0 {
