@@ -264,6 +264,7 @@ func TestZtunnelRollout(t *testing.T) {
 	}
 	t.Logf("%d connections during the test (one per 10 ms), %d failed (fail-mode closed), 0 escaped; %d after the switch, %d of them on the new ztunnel",
 		len(res.Loop), res.LoopErrors, after, onNew)
+	logFailures(t, res, began)
 }
 
 var reWrites = regexp.MustCompile(`(?m)^ambient_redirect_kernel_writes_total\{[^}]*\} (\S+)$`)
@@ -464,6 +465,25 @@ func TestNodeRestart(t *testing.T) {
 		t.Errorf("none of %d connections after the restart was captured (%d failed)", len(res.Loop), res.LoopErrors)
 	}
 	t.Logf("after the restart: %d connections, %d captured, %d failed, 0 escaped", len(res.Loop), captured, res.LoopErrors)
+	logFailures(t, res, on)
+}
+
+// logFailures logs the first and last failed loop connections, relative to
+// since.
+func logFailures(t *testing.T, res appRes, since time.Time) {
+	t.Helper()
+	var failed []dial
+	for _, d := range res.Loop {
+		if d.Err != "" {
+			failed = append(failed, d)
+		}
+	}
+	if len(failed) == 0 {
+		return
+	}
+	first, last := failed[0], failed[len(failed)-1]
+	t.Logf("failed connections: %d, first at %s (%s), last at %s (%s)", len(failed),
+		first.At.Sub(since).Round(time.Millisecond), first.Err, last.At.Sub(since).Round(time.Millisecond), last.Err)
 }
 
 func lastLine(s string) string {
