@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -54,12 +55,16 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	r := realcluster.NewRunner("realcluster", filepath.Join(testDir, "tmp"), os.Stderr)
+	// One teardown, whoever gets there first (the end of the tests or an
+	// interrupt); the other waits for it to finish before exiting.
+	var once sync.Once
+	teardown := func() { once.Do(r.RunCleanups) }
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	go func() {
 		<-sig
 		fmt.Fprintln(os.Stderr, "realcluster: interrupted; tearing the cluster down")
-		r.RunCleanups()
+		teardown()
 		os.Exit(1)
 	}()
 	began := time.Now()
@@ -72,7 +77,7 @@ func TestMain(m *testing.M) {
 	}
 	fmt.Fprintf(os.Stderr, "realcluster: cluster with ztunnels up in %s\n", time.Since(began).Round(time.Millisecond))
 	code := m.Run()
-	r.RunCleanups()
+	teardown()
 	if r.Failed() && code == 0 {
 		code = 1
 	}
