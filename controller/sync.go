@@ -217,8 +217,7 @@ func (c *Controller) kickAnnotations() { c.anno.Kick() }
 // entry is a pod's selection outcome and, when enrolled, what to program
 // (desired.PodEntry). Called with c.mu held.
 func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
-	e := desired.PodEntry(p, ns, c.cfg.Selection, c.withCNI)
-	return podEntry{Status: e.Status, Pod: e.Pod}
+	return desired.PodEntry(p, ns, c.cfg.Selection, c.withCNI)
 }
 
 // syncAll recomputes the node's whole desired state from the caches and

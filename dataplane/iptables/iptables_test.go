@@ -167,9 +167,9 @@ func TestUpdateStartsFromLastReadBack(t *testing.T) {
 	}
 	// Jumps moved since the last read: deleting one by position could hit
 	// a foreign rule, so Update reads again and sees where they are.
-	r.Fake.mu.Lock()
+	r.mu.Lock()
 	r.Fake.tables["mangle"].rules["PREROUTING"] = []string{"-j KUBE-X", "-m comment --comment ambient-redirect -j ztunnel-PREROUTING"}
-	r.Fake.mu.Unlock()
+	r.mu.Unlock()
 	if _, err := s.Update(ctx, nil); err != nil {
 		t.Fatal(err)
 	}

@@ -269,10 +269,6 @@ func (f *FakeNetlink) LinkDel(link netlink.Link) error {
 	return nil
 }
 
-func (f *FakeNetlink) setAttr(method string, link netlink.Link, set func(*netlink.LinkAttrs)) error {
-	return f.setAttrLog(method, link, set, "")
-}
-
 func (f *FakeNetlink) setAttrLog(method string, link netlink.Link, set func(*netlink.LinkAttrs), what string) error {
 	f.lock()
 	defer f.unlock()

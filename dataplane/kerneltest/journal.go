@@ -111,7 +111,7 @@ func (r journalRunner) Restore(ctx context.Context, input string) error {
 		return err
 	}
 	if j := r.j(); j != nil {
-		rules, _ := r.Fake.Save(ctx, "")
+		rules, _ := r.Save(ctx, "")
 		var tables []string
 		for _, l := range strings.Split(input, "\n") {
 			if strings.HasPrefix(l, "*") {
