@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Builds a real etcd, kube-apiserver and kube-proxy from the Go module proxy
-# for the e2e test harness (test/cluster) and caches them outside the
-# repository.
+# Builds a real etcd, kube-apiserver and kube-proxy (the e2e harness,
+# test/cluster) and kubelet, kube-controller-manager, kube-scheduler and
+# kubectl (the real cluster, test/realcluster) from the Go module proxy and
+# caches them outside the repository. The Kubernetes binaries are built one
+# after the other in one scratch module, so they share the Go build cache.
 #
 #   hack/build-control-plane.sh        # prints the directory holding the binaries
 #
 # Cache directory (override with AR_CONTROL_PLANE_DIR):
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/ambient-redirect/control-plane/k8s-<ver>-etcd-<ver>
 #
-# Idempotent: when all binaries exist and answer --version, it exits at once.
-# Concurrent callers serialise on a flock in the cache directory; the loser
-# finds the binaries built and exits. A cold build takes ~10 min on 2 cores.
+# Idempotent: when all binaries exist and answer --version, it exits at once;
+# otherwise it builds only the missing ones. Concurrent callers serialise on a
+# flock in the cache directory; the loser finds the binaries built and exits.
+# A cold build takes ~20 min on 2 cores (kube-apiserver ~9, kubelet ~5).
 set -euo pipefail
 
 K8S_VERSION=v1.34.2
@@ -35,12 +38,21 @@ log() {
 	printf '%s build-control-plane: %s\n' "$(date +%H:%M:%S)" "$*" >&2
 }
 
+# Kubernetes commands built from k8s.io/kubernetes/cmd/<name>, in this order
+# (cheapest after kube-apiserver first; kubelet peaks at ~1.8 GB RSS).
+KUBE_BINARIES=(kube-apiserver kube-proxy kube-scheduler kube-controller-manager kubectl kubelet)
+
 have() {
-	[[ -x "$DIR/$1" ]] && "$DIR/$1" --version >/dev/null 2>&1
+	local args=(--version)
+	[[ "$1" == kubectl ]] && args=(version --client)
+	[[ -x "$DIR/$1" ]] && "$DIR/$1" "${args[@]}" >/dev/null 2>&1
 }
 
 have_binaries() {
-	have etcd && have kube-apiserver && have kube-proxy
+	local b
+	for b in etcd "${KUBE_BINARIES[@]}"; do
+		have "$b" || return 1
+	done
 }
 
 if have_binaries; then
@@ -102,8 +114,10 @@ build_etcd() {
 	install_binary "$WORK/bin/etcd" etcd
 }
 
-# build_kubernetes NAME: build k8s.io/kubernetes/cmd/NAME (kube-apiserver,
-# kube-proxy) in one scratch module, so the second shares the build cache.
+# build_kubernetes NAME: build k8s.io/kubernetes/cmd/NAME in one scratch
+# module, so every later one shares the build cache. The version is stamped
+# as Kubernetes' own build does (component-base for the servers, client-go
+# for kubectl's client version); without it they report v0.0.0-master.
 build_kubernetes() {
 	local name="$1" mod="$WORK/kubernetes" m
 	if [[ ! -f "$mod/go.mod" ]]; then
@@ -119,14 +133,19 @@ build_kubernetes() {
 	(
 		cd "$mod"
 		go get "k8s.io/kubernetes/cmd/${name}@${K8S_VERSION}"
-		local v=k8s.io/component-base/version minor
+		local minor ldflags=(-s -w) v
 		minor="${K8S_VERSION#v1.}"
 		minor="${minor%%.*}"
-		go build -trimpath \
-			-ldflags="-s -w -X ${v}.gitVersion=${K8S_VERSION} -X ${v}.gitMajor=1 -X ${v}.gitMinor=${minor} -X ${v}.gitTreeState=clean" \
-			-o "$WORK/bin/${name}" "k8s.io/kubernetes/cmd/${name}"
+		for v in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+			ldflags+=(-X "${v}.gitVersion=${K8S_VERSION}" -X "${v}.gitMajor=1" -X "${v}.gitMinor=${minor}" -X "${v}.gitTreeState=clean")
+		done
+		go build -trimpath -ldflags="${ldflags[*]}" -o "$WORK/bin/${name}" "k8s.io/kubernetes/cmd/${name}"
 	)
-	"$WORK/bin/${name}" --version >/dev/null
+	if [[ "$name" == kubectl ]]; then
+		"$WORK/bin/${name}" version --client >/dev/null
+	else
+		"$WORK/bin/${name}" --version >/dev/null
+	fi
 	install_binary "$WORK/bin/${name}" "${name}"
 }
 
@@ -136,14 +155,12 @@ if ! have etcd; then
 	log "building etcd ${ETCD_VERSION}"
 	build_etcd
 fi
-if ! have kube-apiserver; then
-	log "building kube-apiserver ${K8S_VERSION} (takes ~10 min cold)"
-	build_kubernetes kube-apiserver
-fi
-if ! have kube-proxy; then
-	log "building kube-proxy ${K8S_VERSION} (~1 min after kube-apiserver)"
-	build_kubernetes kube-proxy
-fi
-log "done in $((SECONDS - start))s: $("$DIR/etcd" --version | head -n1); $("$DIR/kube-apiserver" --version); $("$DIR/kube-proxy" --version)"
+for b in "${KUBE_BINARIES[@]}"; do
+	if ! have "$b"; then
+		log "building $b ${K8S_VERSION} (kube-apiserver ~9 min cold, kubelet ~5, the others 1-2)"
+		build_kubernetes "$b"
+	fi
+done
+log "done in $((SECONDS - start))s: $("$DIR/etcd" --version | head -n1); $("$DIR/kubelet" --version); $("$DIR/kubectl" version --client | head -n1)"
 
 printf '%s\n' "$DIR"

@@ -15,7 +15,7 @@ if [[ -x "$(go env GOPATH)/bin/golangci-lint" ]]; then
 else
 	echo "golangci-lint not installed; skipping (hack/lint.sh installs it)"
 fi
-shellcheck .ci/run hack/*.sh hack/kind/*.sh
+shellcheck .ci/run hack/*.sh hack/kind/*.sh hack/cluster/*.sh
 
 # -p 1: the root test packages measure latencies; running them side by side
 # on a 2-core machine only adds noise.

@@ -27,11 +27,17 @@ const (
 	EtcdBinary      = "etcd"
 	APIServerBinary = "kube-apiserver"
 	KubeProxyBinary = "kube-proxy"
+	// The real cluster's (test/realcluster) node and controller binaries.
+	KubeletBinary           = "kubelet"
+	ControllerManagerBinary = "kube-controller-manager"
+	SchedulerBinary         = "kube-scheduler"
+	KubectlBinary           = "kubectl"
 )
 
 // binaries are what BinDir guarantees; a cache built before one of them was
 // added lacks it and is completed by the build script.
-var binaries = []string{EtcdBinary, APIServerBinary, KubeProxyBinary}
+var binaries = []string{EtcdBinary, APIServerBinary, KubeProxyBinary,
+	KubeletBinary, ControllerManagerBinary, SchedulerBinary, KubectlBinary}
 
 // BuildScript is the repository-relative path of the build script.
 const BuildScript = "hack/build-control-plane.sh"
@@ -61,8 +67,9 @@ func CacheDir() (string, error) {
 		"k8s-"+KubernetesVersion+"-etcd-"+EtcdVersion), nil
 }
 
-// BinDir returns the directory holding the etcd, kube-apiserver and
-// kube-proxy binaries. When any is missing it runs
+// BinDir returns the directory holding the etcd, kube-apiserver,
+// kube-proxy, kubelet, kube-controller-manager, kube-scheduler and kubectl
+// binaries. When any is missing it runs
 // hack/build-control-plane.sh, which builds them from the Go module proxy
 // (about 10 minutes cold on 2 cores) under a lock, so concurrent test
 // binaries build only once.

@@ -99,14 +99,29 @@ type ControlPlane struct {
 // deletion before calling Start so it runs after). Start fails t on error.
 func Start(t testing.TB, ns, ip string) *ControlPlane {
 	t.Helper()
-	cp, err := start(t, ns, ip)
+	return StartWith(t, ns, ip, Options{})
+}
+
+// Options change how StartWith runs the control plane.
+type Options struct {
+	// APIServerArgs, when set, gets kube-apiserver's argv (binary first) and
+	// returns the one to run: a real cluster with a controller-manager and
+	// kubelets drops --endpoint-reconciler-type=none and the disabled
+	// ServiceAccount admission, for example.
+	APIServerArgs func(argv []string) []string
+}
+
+// StartWith is Start with options.
+func StartWith(t testing.TB, ns, ip string, opts Options) *ControlPlane {
+	t.Helper()
+	cp, err := start(t, ns, ip, opts)
 	if err != nil {
 		t.Fatalf("cluster.Start(%q, %q): %v", ns, ip, err)
 	}
 	return cp
 }
 
-func start(t testing.TB, ns, ip string) (*ControlPlane, error) {
+func start(t testing.TB, ns, ip string, opts Options) (*ControlPlane, error) {
 	began := time.Now()
 	parsed := net.ParseIP(ip)
 	if parsed == nil || parsed.To4() == nil {
@@ -174,6 +189,9 @@ func start(t testing.TB, ns, ip string) (*ControlPlane, error) {
 		// The agent's DaemonSet is privileged; let dry runs accept it.
 		"--allow-privileged=true",
 		"--profiling=false",
+	}
+	if opts.APIServerArgs != nil {
+		cp.apiserverArgs = opts.APIServerArgs(cp.apiserverArgs)
 	}
 	if err := cp.startAPIServer(); err != nil {
 		return nil, err
@@ -372,6 +390,16 @@ func (cp *ControlPlane) Dialer() DialFunc { return cp.dial }
 
 // LogDir returns the directory holding etcd.log and kube-apiserver.log.
 func (cp *ControlPlane) LogDir() string { return cp.dir }
+
+// BinDir returns the directory of the control plane's binaries.
+func (cp *ControlPlane) BinDir() string { return cp.binDir }
+
+// CAFile returns the path of the PEM CA certificate (CAData).
+func (cp *ControlPlane) CAFile() string { return cp.pki.caCertFile }
+
+// ServiceAccountKeyFile returns the path of the RSA key that signs (and
+// verifies) service account tokens.
+func (cp *ControlPlane) ServiceAccountKeyFile() string { return cp.pki.saKeyFile }
 
 // TokenConfig returns a rest.Config for the test process (dialing inside
 // the namespace) that authenticates with a bearer token.

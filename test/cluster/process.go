@@ -54,14 +54,51 @@ func spawn(cmd *exec.Cmd) error {
 	return <-r.res
 }
 
-// startProc runs `ip netns exec ns argv...` with output appended to logPath.
+// Process is a child process started by StartProcess: it leads its own
+// process group and is killed (SIGKILL) when the test binary dies.
+type Process struct{ p *proc }
+
+// StartProcess runs argv (no `ip netns exec`; e.g. an nsenter command line)
+// with stdout and stderr appended to logPath, in its own process group, with
+// SIGKILL as its parent-death signal.
+func StartProcess(name, logPath string, argv []string) (*Process, error) {
+	p, err := startProc(name, "", logPath, argv)
+	if err != nil {
+		return nil, err
+	}
+	return &Process{p}, nil
+}
+
+// Stop sends SIGTERM to the process group, SIGKILL after grace, and waits.
+func (p *Process) Stop(grace time.Duration) error { return p.p.stop(grace) }
+
+// Exited reports whether the process has exited (and been reaped).
+func (p *Process) Exited() bool { return p.p.exited() }
+
+// Done is closed when the process has exited.
+func (p *Process) Done() <-chan struct{} { return p.p.done }
+
+// Pid returns the process id (also its process group id).
+func (p *Process) Pid() int { return p.p.cmd.Process.Pid }
+
+// Err returns the wait error once Done is closed.
+func (p *Process) Err() error {
+	<-p.p.done
+	return p.p.waitErr
+}
+
+// startProc runs `ip netns exec ns argv...` (argv itself when ns is "")
+// with output appended to logPath.
 func startProc(name, ns, logPath string, argv []string) (*proc, error) {
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(f, "=== %s: ip netns exec %s %s\n", time.Now().Format(time.RFC3339Nano), ns, strings.Join(argv, " "))
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, argv...)...)
+	if ns != "" {
+		argv = append([]string{"ip", "netns", "exec", ns}, argv...)
+	}
+	fmt.Fprintf(f, "=== %s: %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(argv, " "))
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout = f
 	cmd.Stderr = f
 	cmd.Env = childEnv()

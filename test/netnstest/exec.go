@@ -161,9 +161,28 @@ func Dump(t testing.TB, ns string) string {
 	if err := checkNSName(ns); err != nil {
 		t.Fatal(err)
 	}
+	return dump(t, ns, func(args ...string) (string, error) { return ExecErr(ns, args...) })
+}
+
+// DumpPath is Dump of the network namespace at path (any nsfs path, e.g.
+// /proc/<pid>/ns/net or a netns mount seen through /proc/<pid>/root), run
+// with nsenter.
+func DumpPath(t testing.TB, path string) string {
+	t.Helper()
+	return dump(t, path, func(args ...string) (string, error) {
+		out, err := exec.Command("nsenter", append([]string{"--net=" + path, "--"}, args...)...).CombinedOutput()
+		if err != nil {
+			return string(out), fmt.Errorf("nsenter --net=%s %s: %w", path, strings.Join(args, " "), err)
+		}
+		return string(out), nil
+	})
+}
+
+func dump(t testing.TB, ns string, execErr func(args ...string) (string, error)) string {
+	t.Helper()
 	var b strings.Builder
 	section := func(title string, norm func(string) string, args ...string) {
-		out, err := ExecErr(ns, args...)
+		out, err := execErr(args...)
 		fmt.Fprintf(&b, "### %s\n", title)
 		if err != nil {
 			var ee *exec.ExitError
