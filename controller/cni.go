@@ -85,6 +85,11 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		pe, ok := c.pods[key]
 		ok = ok && c.done >= after
 		done := ok && pe.Pod != nil && pe.Pod.UID == string(pod.UID) && c.programmed[pod.UID] && containsAll(pe.Pod.IPs, req.IPs)
+		// Fail closed with no ztunnel programmed (a node starting, its
+		// ztunnel not Ready yet): the pod would start with its TCP reset.
+		// It waits instead, and starts captured from its first packet.
+		noZtunnel := c.cfg.WaitForZtunnel && c.wantZt.Ztunnel == nil
+		done = done && !noZtunnel
 		notAmbient := ok && !pe.Status.Enrolled && pe.Status.UID == string(pod.UID)
 		wait := c.synced
 		c.mu.Unlock()
@@ -97,6 +102,9 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		}
 		select {
 		case <-ctx.Done():
+			if noZtunnel {
+				return cni.Response{Ambient: true}, fmt.Errorf("pod %s: no ztunnel on this node yet and the fail mode is closed, so it must not start uncaptured (the runtime retries): %w", key, ctx.Err())
+			}
 			return cni.Response{Ambient: true}, fmt.Errorf("pod %s not programmed before the plugin gave up: %w", key, ctx.Err())
 		case <-wait:
 		}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -338,5 +339,67 @@ func TestCNICheck(t *testing.T) {
 		if err != nil || res.Ambient != tc.ambient || res.Programmed != tc.ok {
 			t.Errorf("%s: CHECK = %+v, %v; want ambient=%v programmed=%v", tc.name, res, err, tc.ambient, tc.ok)
 		}
+	}
+}
+
+// TestCNIAddWaitsForAZtunnelWhenFailClosed: with fail mode closed, the ADD
+// of an ambient pod on a node with no ztunnel programmed waits (the pod
+// would start with its TCP reset) and returns once a ztunnel is; with no
+// ztunnel at all it fails at the plugin's timeout, saying why.
+func TestCNIAddWaitsForAZtunnelWhenFailClosed(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	client := fake.NewClientset(ambientNS(), ns("istio-system", nil))
+	dp := &flakyDP{fakeDP: &fakeDP{}}
+	c := newTestController(t, ctx, client, dp, Hooks{})
+	c.cfg.WaitForZtunnel = true
+	if err := c.syncOnce(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	newPod := pod(func(p *corev1.Pod) { p.Status = corev1.PodStatus{Phase: corev1.PodPending} })
+	if _, err := client.CoreV1().Pods("apps").Create(ctx, newPod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	req := cni.Request{Command: cni.CommandAdd, PodNamespace: "apps", PodName: "p", PodUID: "u1", ContainerID: "c1",
+		IPs: []netip.Addr{netip.MustParseAddr("10.244.1.5")}}
+	short, stop := context.WithTimeout(ctx, 300*time.Millisecond)
+	go func() { // what the sync loop does on each event
+		for short.Err() == nil {
+			_ = c.syncOnce(ctx, false)
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	_, err := c.HandleCNI(short, req)
+	stop()
+	if err == nil || !strings.Contains(err.Error(), "no ztunnel on this node yet") {
+		t.Fatalf("ADD with no ztunnel, fail closed: %v; want a refusal naming the missing ztunnel", err)
+	}
+	got := addAsync(ctx, c, req)
+	zt := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "istio-system", Name: "ztunnel-a", UID: "zt", Labels: map[string]string{"app": "ztunnel"}},
+		Spec:       corev1.PodSpec{NodeName: "n1"},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.244.1.2", PodIPs: []corev1.PodIP{{IP: "10.244.1.2"}},
+			Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
+	}
+	select {
+	case a := <-got:
+		t.Fatalf("ADD returned before a ztunnel existed: %+v %v", a.res, a.err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if _, err := client.CoreV1().Pods("istio-system").Create(ctx, zt, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	pods, _ := c.listers()
+	waitFor(t, "ztunnel cached", func() bool { _, err := pods.Pods("istio-system").Get("ztunnel-a"); return err == nil })
+	if err := c.syncOnce(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case a := <-got:
+		if a.err != nil || !a.res.Programmed {
+			t.Fatalf("ADD once the ztunnel is programmed: %+v %v", a.res, a.err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("ADD did not return once a ztunnel was programmed")
 	}
 }

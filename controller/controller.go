@@ -45,6 +45,11 @@ type Config struct {
 	ResyncPeriod time.Duration
 	// MaxBackoff bounds the retry delay after a failed sync.
 	MaxBackoff time.Duration
+	// WaitForZtunnel makes a CNI ADD of an ambient pod wait while the node
+	// has no ztunnel programmed (fail mode closed): the pod starts captured
+	// from its first packet once one is, instead of starting with its TCP
+	// reset.
+	WaitForZtunnel bool
 }
 
 // Hooks let the caller observe syncs (metrics) without the controller

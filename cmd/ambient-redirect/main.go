@@ -195,7 +195,8 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 			NodeName: o.NodeName, ExcludeNamespaces: o.excluded(),
 			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: sel,
 		},
-		ResyncPeriod: o.ResyncPeriod,
+		ResyncPeriod:   o.ResyncPeriod,
+		WaitForZtunnel: o.FailMode == string(dataplane.FailClosed),
 	}, newDP, log.Named("controller"), metrics.Hooks())
 
 	var srv *controller.DebugServer
