@@ -1,0 +1,319 @@
+package dataplane
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"go.uber.org/zap"
+)
+
+// converge makes the kernel hold st: a pod-only change on the fast path;
+// otherwise everything is read back and resolved first (prepare), then
+// written in the make-before-break order of transition.go, one phase
+// after another, then retired ztunnels are cleaned out.
+func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
+	if err := st.Validate(); err != nil {
+		return err
+	}
+	if f := d.fast; f != nil && !w.dry && !d.resync && !d.resyncIPT && sameZtunnel(f.spec, st.Ztunnel) &&
+		slices.EqualFunc(f.draining, st.Draining, sameZtunnel) {
+		// Pod churn with the same ztunnel: only ipset members and table-100
+		// routes can differ. Everything else is verified by the resync.
+		return d.applyPods(st, f, w)
+	}
+	c, err := d.prepare(ctx, st, w)
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	err = d.order.run([]phase{
+		{phaseMembersIn, c.membersIn},
+		{phaseZtunnelNS, c.ztunnelNS},
+		{phaseIPRules, c.ipRules},
+		{phaseClassify, func() error { return c.writeRules(false, false) }},
+		{phaseTunnels, c.tunnels},
+		{phaseReach, c.reach},
+		{phaseCapture, func() error { return c.writeRules(true, false) }},
+		{phaseInbound, func() error { return c.m.routes.applyUpdates(d.isInbound, w) }},
+		{phaseInboundOut, func() error { return c.m.routes.applyDeletes(d.isInbound, w) }},
+		{phaseFinalRules, func() error { return c.writeRules(false, true) }},
+		{phaseMembersOut, c.membersOut},
+		{phaseRoutesOut, func() error { return c.m.routes.applyDeletes(nil, w) }},
+	})
+	if err != nil {
+		return err
+	}
+	c.retire()
+	return nil
+}
+
+// convergence is one full convergence: what it read back and resolved
+// before its first write, and what its phases hand on to each other.
+type convergence struct {
+	d   *Dataplane
+	ctx context.Context
+	st  State
+	w   *writer
+	// m are the managers it converges: the dataplane's, or copies (dry).
+	m *managers
+	// zt is the active ztunnel, live every ztunnel that holds connections
+	// (the active one first), runtimes the ones opened (closed at the end).
+	zt       *ztRuntime
+	live     []*ztRuntime
+	runtimes []*ztRuntime
+	// next are the node's rule parameters to converge to, prev those the
+	// transition starts from, rules their writers, per family.
+	next, prev map[Family]NodeParams
+	rules      map[Family]*ruleWriter
+	// inLink and outLink are the node's tunnel devices once written.
+	inLink, outLink netlink.Link
+}
+
+// prepare checks the node, resolves the ztunnels, reads back the set and
+// route managers and what the node's rules were written from, and assigns
+// slots: everything before the first write.
+func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *convergence, err error) {
+	c := &convergence{d: d, ctx: ctx, st: st, w: w, m: &d.mgr,
+		next: map[Family]NodeParams{}, prev: map[Family]NodeParams{}, rules: map[Family]*ruleWriter{}}
+	defer func() {
+		if err != nil {
+			c.close()
+		}
+	}()
+	if w.dry {
+		c.m = d.mgr.clone() // see managers.clone
+	} else {
+		d.fast = nil
+		d.pods = podsByUID(st.Pods)
+	}
+	if err := d.checkForwarding(st); err != nil {
+		return nil, err
+	}
+	if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
+		return nil, err
+	}
+	if c.zt, err = d.resolveZtunnel(st.Ztunnel); err != nil {
+		return nil, err
+	}
+	if c.zt != nil {
+		c.runtimes = append(c.runtimes, c.zt)
+	}
+	var draining []*ztRuntime
+	for _, z := range st.Draining {
+		r, err := d.resolveZtunnel(z)
+		if isGone(err) {
+			// Its veth or netns is gone: so are its connections.
+			d.log.Debug("draining ztunnel gone", zap.String("pod", z.Pod), zap.Error(err))
+			continue
+		}
+		if err != nil {
+			// Anything else may pass: dropping it would reset every
+			// connection it holds, for good (its slot would be freed).
+			return nil, err
+		}
+		c.runtimes = append(c.runtimes, r)
+		draining = append(draining, r)
+	}
+	for _, f := range []Family{IPv4, IPv6} {
+		want, err := st.members(f)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.m.sets[f].readBack(d, w); err != nil {
+			return nil, err
+		}
+		c.m.sets[f].t.ReplaceDesired(want)
+	}
+	if err := c.m.routes.readBack(); err != nil {
+		return nil, err
+	}
+	links, err := d.node.NL.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
+	c.live = d.assignSlots(c.zt, draining, c.m.routes.t.actual)
+	return c, c.readRuleParams()
+}
+
+// readRuleParams sets the node's rule parameters to converge to and those
+// the transition starts from: what this process last wrote, or, written
+// by another process (or not at all), what the chains hold.
+func (c *convergence) readRuleParams() error {
+	d, m := c.d, c.m
+	for _, f := range d.fams {
+		c.next[f] = d.nodeParams(c.zt, c.live, f)
+		if d.resyncIPT {
+			m.nodeFilter[f].s.Forget() // verified by what this convergence reads back
+		}
+		c.rules[f] = &ruleWriter{d: d, m: m.nodeFilter[f], ctx: c.ctx, w: c.w}
+		switch {
+		case c.w.dry:
+			c.prev[f] = c.next[f]
+		case m.nodeFilter[f].params != nil:
+			c.prev[f] = *m.nodeFilter[f].params
+		}
+	}
+	if c.w.dry {
+		return nil
+	}
+	var mu sync.Mutex
+	return eachFamily(d.fams, c.w, func(f Family, _ *writer) error {
+		if m.nodeFilter[f].params != nil {
+			return nil
+		}
+		// Not kept as params: that is only ever what this process wrote.
+		actual, err := m.nodeFilter[f].s.Actual(c.ctx)
+		if err != nil {
+			return err
+		}
+		mu.Lock()
+		c.prev[f] = adoptedParams(d.cfg, c.next[f], actual)
+		mu.Unlock()
+		c.rules[f].read = true
+		return nil
+	})
+}
+
+func (c *convergence) close() {
+	for _, r := range c.runtimes {
+		r.k.Close()
+	}
+}
+
+func (c *convergence) membersIn() error {
+	for _, f := range []Family{IPv4, IPv6} {
+		if err := c.m.sets[f].applyAdds(c.w); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *convergence) membersOut() error {
+	for _, f := range []Family{IPv4, IPv6} {
+		if err := c.m.sets[f].applyDeletes(c.w); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ztunnelNS programs every live ztunnel's netns, the new one's first: the
+// node must never point at a ztunnel that cannot answer yet. Each one's IP
+// stays on its veth in our tables (encapsulated packets carry the inner
+// mark and must not loop into the tunnel), and its return path (slot
+// table) is in place before the tunnels point at it.
+func (c *convergence) ztunnelNS() error {
+	d, routes := c.d, c.m.routes
+	for _, z := range c.live {
+		if err := d.syncZtunnelNS(c.ctx, c.m, z, c.w); err != nil {
+			return err
+		}
+		reach := append(d.ztunnelRoutes(z), d.slotRoutes(z)...)
+		routes.want(reach...)
+		isReach := map[string]bool{}
+		for _, r := range reach {
+			isReach[routeKey(r)] = true
+		}
+		if err := routes.applyUpdates(func(r netlink.Route) bool { return isReach[routeKey(r)] }, c.w); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *convergence) ipRules() error {
+	for _, f := range c.d.fams {
+		if err := c.d.syncRules(c.d.node.NL, f, c.d.nodeRules(f), c.d.cfg.CaptureNodeLocal, c.w); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeRules writes the node's chains: a union of the rules before and
+// after (with or without the new capture) during the transition, the
+// final ones at its end. The families' chains are separate tables written
+// by separate processes: one step writes them at once.
+func (c *convergence) writeRules(withCapture, final bool) error {
+	if !final && c.w.dry {
+		return nil
+	}
+	vethExists := func(name string) bool {
+		_, err := c.d.node.NL.LinkByName(name)
+		return err == nil
+	}
+	return eachFamily(c.d.fams, c.w, func(f Family, w *writer) error {
+		p := c.next[f]
+		if !final {
+			p = unionParams(c.prev[f], c.next[f], vethExists, withCapture)
+		}
+		c.rules[f].w = w
+		return c.rules[f].write(p)
+	})
+}
+
+// tunnels points the node's tunnel devices at the active ztunnel.
+func (c *convergence) tunnels() error {
+	if c.zt == nil {
+		return nil
+	}
+	in, out := c.d.tunnelEnds(c.zt, true)
+	var err error
+	if c.inLink, err = syncTunnel(c.d.node, in, c.w); err != nil {
+		return err
+	}
+	c.outLink, err = syncTunnel(c.d.node, out, c.w)
+	return err
+}
+
+// reach writes the sysctls and every route but the inbound ones, as
+// rendered from the state and the tunnel devices.
+func (c *convergence) reach() error {
+	d := c.d
+	want, err := d.render(c.st, facts{zt: c.zt, live: c.live, in: c.inLink, out: c.outLink})
+	if err != nil {
+		return err
+	}
+	if err := syncSysctls(d.node.Sysctl, want.Sysctls, c.w); err != nil {
+		return err
+	}
+	c.m.routes.replaceDesired(want.Routes)
+	return c.m.routes.applyUpdates(func(r netlink.Route) bool { return !d.isInbound(r) }, c.w)
+}
+
+// retire takes our state out of the netns of ztunnels that hold no
+// connections any more (they may still run: it stops them intercepting;
+// best effort, they may be gone; dry, it lists what is left there), then
+// records what a pod-only apply needs.
+func (c *convergence) retire() {
+	d := c.d
+	newNS, liveNS := "", []string{}
+	if c.zt != nil {
+		newNS = c.zt.spec.NetNS
+	}
+	for _, z := range c.live {
+		liveNS = append(liveNS, z.spec.NetNS)
+	}
+	for _, old := range d.liveNS { // the active one's (lastZtNS) among them
+		if slices.Contains(liveNS, old) {
+			continue
+		}
+		if err := d.cleanupZtunnelNS(c.ctx, old, c.w); err != nil && !c.w.dry {
+			d.log.Info("old ztunnel netns not cleaned (likely gone)", zap.String("netns", old), zap.Error(err))
+		}
+	}
+	if c.w.dry {
+		return
+	}
+	d.lastZtNS, d.liveNS = newNS, liveNS
+	drain := make([]*Ztunnel, len(c.st.Draining))
+	for i, z := range c.st.Draining {
+		drain[i] = cloneZtunnel(z)
+	}
+	d.fast = &fastPath{spec: cloneZtunnel(c.st.Ztunnel), draining: drain, zt: c.zt, live: c.live, in: c.inLink, out: c.outLink}
+}
