@@ -355,6 +355,9 @@ func (n *Node) PowerOff(t testing.TB) {
 	for _, m := range mounts {
 		must(t, removeCgroupTree(filepath.Join(m, n.CgroupRoot)))
 	}
+	// The underlay veth goes with the node's netns, but the kernel frees a
+	// netns asynchronously: delete it now, so that PowerOn can make it again.
+	run(t, "ip", "-n", n.c.CPNetns, "link", "del", fmt.Sprintf("arn%d", n.Index))
 	run(t, "ip", "netns", "del", n.Netns)
 	for _, d := range []string{"run-containerd", "netns", "run-ambient-redirect", "containerd/state"} {
 		must(t, os.RemoveAll(filepath.Join(n.Dir, d)))

@@ -188,13 +188,16 @@ func TestZtunnelRollout(t *testing.T) {
 			if err != nil {
 				continue
 			}
+			// One time per list: what one list shows together happened in
+			// an order it cannot tell.
+			seen := time.Now()
 			wmu.Lock()
 			for _, p := range l.Items {
 				if p.Name == oldZ.Name && p.DeletionTimestamp != nil && deleting.IsZero() {
-					deleting = time.Now()
+					deleting = seen
 				}
 				if p.Name != oldZ.Name && podReady(&p) && newReady.IsZero() {
-					newReady, newName = time.Now(), p.Name
+					newReady, newName = seen, p.Name
 				}
 			}
 			wmu.Unlock()
