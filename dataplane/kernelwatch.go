@@ -161,8 +161,8 @@ func (d *Dataplane) nodeDrift() string {
 		return err.Error()
 	}
 	for k, r := range d.mgr.routes.t.desired {
-		if cur, ok := have[k]; !ok || !routeEqual(*r, cur) {
-			return "route " + routeString(*r)
+		if cur, ok := have[k]; !ok || !routeEqual(r.Route, cur) {
+			return "route " + r.String()
 		}
 	}
 	for k := range have {

@@ -14,18 +14,18 @@ import (
 )
 
 // facts are what the render needs from the kernel: the ztunnels as found
-// (addresses, HOSTIP per family, veth, slot) and the tunnel devices.
+// (addresses, HOSTIP per family, veth, slot). Nothing the convergence
+// writes: objects name the devices they use (routes their device, by
+// name), so the render runs before the first write.
 type facts struct {
 	zt   *ztRuntime   // the active ztunnel; nil: none
 	live []*ztRuntime // every ztunnel holding a slot, the active one first
-	in   netlink.Link // istioin and istioout (nil before they exist)
-	out  netlink.Link
 }
 
 // nodeObjects are the node's desired kernel objects.
 type nodeObjects struct {
 	Members map[Family]map[netip.Addr]string
-	Routes  []netlink.Route
+	Routes  []route
 	Rules   map[Family][]netlink.Rule
 	Filter  map[Family]iptables.Ruleset
 	Tunnels []tunnelEnd
@@ -51,7 +51,7 @@ func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
 		o.Tunnels = []tunnelEnd{in, out}
 	}
 	o.Sysctls = d.nodeSysctls(fx.zt, fx.live)
-	o.Routes = d.nodeRoutes(st, fx.zt, fx.live, fx.in, fx.out)
+	o.Routes = d.nodeRoutes(st, fx.zt, fx.live)
 	return o, nil
 }
 
@@ -76,7 +76,7 @@ func (o nodeObjects) String() string {
 		}
 	}
 	for _, r := range o.Routes {
-		fmt.Fprintf(&b, "route %s\n", routeString(r))
+		fmt.Fprintf(&b, "route %s\n", r)
 	}
 	for _, f := range []Family{IPv4, IPv6} {
 		if rs, ok := o.Filter[f]; ok {
