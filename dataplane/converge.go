@@ -151,7 +151,7 @@ func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *conver
 func (c *convergence) readRuleParams() error {
 	d, m := c.d, c.m
 	for _, f := range d.fams {
-		c.next[f] = d.nodeParams(c.zt, c.live, f)
+		c.next[f] = c.objs.Params[f]
 		if d.resyncIPT {
 			m.nodeFilter[f].s.Forget() // verified by what this convergence reads back
 		}
@@ -316,5 +316,6 @@ func (c *convergence) retire() {
 	for i, z := range c.st.Draining {
 		drain[i] = cloneZtunnel(z)
 	}
-	d.fast = &fastPath{spec: cloneZtunnel(c.st.Ztunnel), draining: drain, zt: c.zt, live: c.live, in: c.inLink, out: c.outLink}
+	d.fast = &fastPath{spec: cloneZtunnel(c.st.Ztunnel), draining: drain, zt: c.zt, live: c.live, in: c.inLink, out: c.outLink,
+		rules: c.objs.Rules, tunnels: c.objs.Tunnels}
 }

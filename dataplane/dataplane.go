@@ -116,6 +116,10 @@ type fastPath struct {
 	live     []*ztRuntime // likewise
 	in       netlink.Link
 	out      netlink.Link
+	// rules and tunnels are the node's, as rendered (drift is measured
+	// against them).
+	rules   map[Family][]netlink.Rule
+	tunnels []tunnelEnd
 }
 
 // Options are the dependencies of a Dataplane; zero values mean the real kernel.

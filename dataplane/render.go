@@ -27,6 +27,9 @@ type nodeObjects struct {
 	Members map[Family]map[netip.Addr]string
 	Routes  []route
 	Rules   map[Family][]netlink.Rule
+	// Params are what the chains (Filter) are rendered from: a transition
+	// writes unions of the params before and after it (unionParams).
+	Params  map[Family]NodeParams
 	Filter  map[Family]iptables.Ruleset
 	Tunnels []tunnelEnd
 	Sysctls [][2]string
@@ -34,7 +37,8 @@ type nodeObjects struct {
 
 // render computes the node's desired objects for st given fx.
 func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
-	o := nodeObjects{Members: map[Family]map[netip.Addr]string{}, Rules: map[Family][]netlink.Rule{}, Filter: map[Family]iptables.Ruleset{}}
+	o := nodeObjects{Members: map[Family]map[netip.Addr]string{}, Rules: map[Family][]netlink.Rule{},
+		Params: map[Family]NodeParams{}, Filter: map[Family]iptables.Ruleset{}}
 	for _, f := range []Family{IPv4, IPv6} {
 		m, err := st.members(f)
 		if err != nil {
@@ -44,7 +48,8 @@ func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
 	}
 	for _, f := range d.fams {
 		o.Rules[f] = d.nodeRules(f)
-		o.Filter[f] = NodeRuleset(d.cfg, d.nodeParams(fx.zt, fx.live, f))
+		o.Params[f] = d.nodeParams(fx.zt, fx.live, f)
+		o.Filter[f] = NodeRuleset(d.cfg, o.Params[f])
 	}
 	if fx.zt != nil {
 		in, out := d.tunnelEnds(fx.zt, true)
