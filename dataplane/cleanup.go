@@ -35,7 +35,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 	// the marks before the routes and tunnels they lead to.
 	var errs []error
 	routes := newRouteManager(d.node.NL, d.cfg.RouteProtocol)
-	if err := routes.readBack(); err != nil {
+	if err := routes.readBack(nil); err != nil {
 		errs = append(errs, err)
 	} else {
 		errs = append(errs, routes.applyDeletes(d.isInbound, w))

@@ -11,9 +11,10 @@ import (
 )
 
 // converge makes the kernel hold st: a pod-only change on the fast path;
-// otherwise everything is read back and resolved first (prepare), then
-// written in the make-before-break order of transition.go, one phase
-// after another, then retired ztunnels are cleaned out.
+// otherwise everything is read back, resolved and rendered first
+// (prepare), then written in the make-before-break order of
+// transition.go, one phase after another, each picking its objects from
+// the render, then retired ztunnels are cleaned out.
 func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := st.Validate(); err != nil {
 		return err
@@ -68,13 +69,16 @@ type convergence struct {
 	// transition starts from, rules their writers, per family.
 	next, prev map[Family]NodeParams
 	rules      map[Family]*ruleWriter
+	// objs are the node's objects, rendered before the first write.
+	objs nodeObjects
 	// inLink and outLink are the node's tunnel devices once written.
 	inLink, outLink netlink.Link
 }
 
 // prepare checks the node, resolves the ztunnels, reads back the set and
-// route managers and what the node's rules were written from, and assigns
-// slots: everything before the first write.
+// route managers and what the node's rules were written from, assigns
+// slots, renders the node's objects and makes the managers' desired state
+// theirs: everything before the first write.
 func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *convergence, err error) {
 	c := &convergence{d: d, ctx: ctx, st: st, w: w, m: &d.mgr,
 		next: map[Family]NodeParams{}, prev: map[Family]NodeParams{}, rules: map[Family]*ruleWriter{}}
@@ -118,24 +122,26 @@ func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *conver
 		draining = append(draining, r)
 	}
 	for _, f := range []Family{IPv4, IPv6} {
-		want, err := st.members(f)
-		if err != nil {
-			return nil, err
-		}
 		if err := c.m.sets[f].readBack(d, w); err != nil {
 			return nil, err
 		}
-		c.m.sets[f].t.ReplaceDesired(want)
-	}
-	if err := c.m.routes.readBack(); err != nil {
-		return nil, err
 	}
 	links, err := d.node.NL.LinkList()
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
+	if err := c.m.routes.readBack(links); err != nil {
+		return nil, err
+	}
 	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
 	c.live = d.assignSlots(c.zt, draining, c.m.routes.t.actual)
+	if c.objs, err = d.render(st, facts{zt: c.zt, live: c.live}); err != nil {
+		return nil, err
+	}
+	for _, f := range []Family{IPv4, IPv6} {
+		c.m.sets[f].t.ReplaceDesired(c.objs.Members[f])
+	}
+	c.m.routes.replaceDesired(c.objs.Routes)
 	return c, c.readRuleParams()
 }
 
@@ -145,7 +151,7 @@ func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *conver
 func (c *convergence) readRuleParams() error {
 	d, m := c.d, c.m
 	for _, f := range d.fams {
-		c.next[f] = d.nodeParams(c.zt, c.live, f)
+		c.next[f] = c.objs.Params[f]
 		if d.resyncIPT {
 			m.nodeFilter[f].s.Forget() // verified by what this convergence reads back
 		}
@@ -206,20 +212,15 @@ func (c *convergence) membersOut() error {
 // node must never point at a ztunnel that cannot answer yet. Each one's IP
 // stays on its veth in our tables (encapsulated packets carry the inner
 // mark and must not loop into the tunnel), and its return path (slot
-// table) is in place before the tunnels point at it.
+// table) is in place before the tunnels point at it: the routes through
+// its veth.
 func (c *convergence) ztunnelNS() error {
-	d, routes := c.d, c.m.routes
 	for _, z := range c.live {
-		if err := d.syncZtunnelNS(c.ctx, c.m, z, c.w); err != nil {
+		if err := c.d.syncZtunnelNS(c.ctx, c.m, z, c.w); err != nil {
 			return err
 		}
-		reach := append(d.ztunnelRoutes(z), d.slotRoutes(z)...)
-		routes.want(reach...)
-		isReach := map[string]bool{}
-		for _, r := range reach {
-			isReach[routeKey(r)] = true
-		}
-		if err := routes.applyUpdates(func(r netlink.Route) bool { return isReach[routeKey(r)] }, c.w); err != nil {
+		veth := z.veth.Attrs().Name
+		if err := c.m.routes.applyUpdates(func(r route) bool { return r.Dev == veth }, c.w); err != nil {
 			return err
 		}
 	}
@@ -228,7 +229,7 @@ func (c *convergence) ztunnelNS() error {
 
 func (c *convergence) ipRules() error {
 	for _, f := range c.d.fams {
-		if err := c.d.syncRules(c.d.node.NL, f, c.d.nodeRules(f), c.d.cfg.CaptureNodeLocal, c.w); err != nil {
+		if err := c.d.syncRules(c.d.node.NL, f, c.objs.Rules[f], c.d.cfg.CaptureNodeLocal, c.w); err != nil {
 			return err
 		}
 	}
@@ -257,33 +258,33 @@ func (c *convergence) writeRules(withCapture, final bool) error {
 	})
 }
 
-// tunnels points the node's tunnel devices at the active ztunnel.
+// tunnels points the node's tunnel devices at the active ztunnel (none
+// rendered without one), and tells the route manager what they are now:
+// routes through a re-created device are written again.
 func (c *convergence) tunnels() error {
-	if c.zt == nil {
-		return nil
+	for _, t := range c.objs.Tunnels {
+		l, err := syncTunnel(c.d.node, t, c.w)
+		if err != nil {
+			return err
+		}
+		c.m.routes.linkIs(t.Name, l)
+		switch t.Name {
+		case NodeInLink:
+			c.inLink = l
+		case NodeOutLink:
+			c.outLink = l
+		}
 	}
-	in, out := c.d.tunnelEnds(c.zt, true)
-	var err error
-	if c.inLink, err = syncTunnel(c.d.node, in, c.w); err != nil {
-		return err
-	}
-	c.outLink, err = syncTunnel(c.d.node, out, c.w)
-	return err
+	return nil
 }
 
-// reach writes the sysctls and every route but the inbound ones, as
-// rendered from the state and the tunnel devices.
+// reach writes the rendered sysctls and every rendered route but the
+// inbound ones.
 func (c *convergence) reach() error {
-	d := c.d
-	want, err := d.render(c.st, facts{zt: c.zt, live: c.live, in: c.inLink, out: c.outLink})
-	if err != nil {
+	if err := syncSysctls(c.d.node.Sysctl, c.objs.Sysctls, c.w); err != nil {
 		return err
 	}
-	if err := syncSysctls(d.node.Sysctl, want.Sysctls, c.w); err != nil {
-		return err
-	}
-	c.m.routes.replaceDesired(want.Routes)
-	return c.m.routes.applyUpdates(func(r netlink.Route) bool { return !d.isInbound(r) }, c.w)
+	return c.m.routes.applyUpdates(func(r route) bool { return !c.d.isInbound(r) }, c.w)
 }
 
 // retire takes our state out of the netns of ztunnels that hold no
@@ -315,5 +316,6 @@ func (c *convergence) retire() {
 	for i, z := range c.st.Draining {
 		drain[i] = cloneZtunnel(z)
 	}
-	d.fast = &fastPath{spec: cloneZtunnel(c.st.Ztunnel), draining: drain, zt: c.zt, live: c.live, in: c.inLink, out: c.outLink}
+	d.fast = &fastPath{spec: cloneZtunnel(c.st.Ztunnel), draining: drain, zt: c.zt, live: c.live, in: c.inLink, out: c.outLink,
+		rules: c.objs.Rules, tunnels: c.objs.Tunnels}
 }

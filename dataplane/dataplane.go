@@ -116,6 +116,10 @@ type fastPath struct {
 	live     []*ztRuntime // likewise
 	in       netlink.Link
 	out      netlink.Link
+	// rules and tunnels are the node's, as rendered (drift is measured
+	// against them).
+	rules   map[Family][]netlink.Rule
+	tunnels []tunnelEnd
 }
 
 // Options are the dependencies of a Dataplane; zero values mean the real kernel.
@@ -443,7 +447,7 @@ func (d *Dataplane) resolveZtunnel(z *Ztunnel) (*ztRuntime, error) {
 // ztunnels at once, the oldest draining one's (whose connections then
 // fail). A draining ztunnel without a slot holds none of our connections.
 // The active one comes first.
-func (d *Dataplane) assignSlots(zt *ztRuntime, draining []*ztRuntime, routes map[string]*netlink.Route) []*ztRuntime {
+func (d *Dataplane) assignSlots(zt *ztRuntime, draining []*ztRuntime, routes map[string]*route) []*ztRuntime {
 	// A slot's owner is the gateway of its table's default route(s).
 	var owner [Slots]map[Family]netip.Addr
 	for s := range Slots {
@@ -676,7 +680,7 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 		for _, a := range p.IPs {
 			a = a.Unmap()
 			d.mgr.sets[FamilyOf(a)].t.SetDesired(a, p.UID)
-			if r, ok := d.podRoute(a, f.zt, f.in); ok {
+			if r, ok := d.podRoute(a, f.zt); ok {
 				d.mgr.routes.want(r)
 			}
 		}

@@ -869,20 +869,33 @@ func TestNetlinkDriftReadsNoIPTables(t *testing.T) {
 	if err := f.nl.RouteDel(&routes[0]); err != nil {
 		t.Fatal(err)
 	}
-	saves := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves
+	// The syncers learn what they wrote in the background, reading the
+	// tables: count the reads once those are done.
+	saves := func() int {
+		for _, m := range d.mgr.nodeFilter {
+			m.s.Wait()
+		}
+		for _, fs := range d.mgr.ztFilter {
+			for _, m := range fs {
+				m.s.Wait()
+			}
+		}
+		return f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves
+	}
+	before := saves()
 	d.queueNetlinkResync()
 	res, err := d.Apply(ctx, st)
 	if err != nil || res.Writes[KindRoute] != 1 {
 		t.Fatalf("repair after netlink drift: %v %v, want the one route back", res.Writes, err)
 	}
-	if got := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves; got != saves {
-		t.Fatalf("netlink drift read the iptables chains %d times", got-saves)
+	if got := saves(); got != before {
+		t.Fatalf("netlink drift read the iptables chains %d times", got-before)
 	}
 	d.QueueResync()
 	if _, err := d.Apply(ctx, st); err != nil {
 		t.Fatal(err)
 	}
-	if got := f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves; got == saves {
+	if got := saves(); got == before {
 		t.Fatal("the periodic resync did not read the iptables chains")
 	}
 }

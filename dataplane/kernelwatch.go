@@ -161,8 +161,8 @@ func (d *Dataplane) nodeDrift() string {
 		return err.Error()
 	}
 	for k, r := range d.mgr.routes.t.desired {
-		if cur, ok := have[k]; !ok || !routeEqual(*r, cur) {
-			return "route " + routeString(*r)
+		if cur, ok := have[k]; !ok || !routeEqual(r.Route, cur) {
+			return "route " + r.String()
 		}
 	}
 	for k := range have {
@@ -175,7 +175,7 @@ func (d *Dataplane) nodeDrift() string {
 		if err != nil {
 			return err.Error()
 		}
-		for _, want := range d.nodeRules(fam) {
+		for _, want := range f.rules[fam] {
 			if !slices.ContainsFunc(rules, func(r netlink.Rule) bool {
 				return int(r.Protocol) == d.cfg.RouteProtocol && ruleString(r) == ruleString(want)
 			}) {
@@ -183,11 +183,7 @@ func (d *Dataplane) nodeDrift() string {
 			}
 		}
 	}
-	if f.zt == nil {
-		return ""
-	}
-	in, out := d.tunnelEnds(f.zt, true)
-	for _, t := range []tunnelEnd{in, out} {
+	for _, t := range f.tunnels {
 		cur, err := nl.LinkByName(t.Name)
 		if err != nil || cur.Attrs().Flags&net.FlagUp == 0 {
 			return "link " + t.Name

@@ -14,19 +14,22 @@ import (
 )
 
 // facts are what the render needs from the kernel: the ztunnels as found
-// (addresses, HOSTIP per family, veth, slot) and the tunnel devices.
+// (addresses, HOSTIP per family, veth, slot). Nothing the convergence
+// writes: objects name the devices they use (routes their device, by
+// name), so the render runs before the first write.
 type facts struct {
 	zt   *ztRuntime   // the active ztunnel; nil: none
 	live []*ztRuntime // every ztunnel holding a slot, the active one first
-	in   netlink.Link // istioin and istioout (nil before they exist)
-	out  netlink.Link
 }
 
 // nodeObjects are the node's desired kernel objects.
 type nodeObjects struct {
 	Members map[Family]map[netip.Addr]string
-	Routes  []netlink.Route
+	Routes  []route
 	Rules   map[Family][]netlink.Rule
+	// Params are what the chains (Filter) are rendered from: a transition
+	// writes unions of the params before and after it (unionParams).
+	Params  map[Family]NodeParams
 	Filter  map[Family]iptables.Ruleset
 	Tunnels []tunnelEnd
 	Sysctls [][2]string
@@ -34,7 +37,8 @@ type nodeObjects struct {
 
 // render computes the node's desired objects for st given fx.
 func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
-	o := nodeObjects{Members: map[Family]map[netip.Addr]string{}, Rules: map[Family][]netlink.Rule{}, Filter: map[Family]iptables.Ruleset{}}
+	o := nodeObjects{Members: map[Family]map[netip.Addr]string{}, Rules: map[Family][]netlink.Rule{},
+		Params: map[Family]NodeParams{}, Filter: map[Family]iptables.Ruleset{}}
 	for _, f := range []Family{IPv4, IPv6} {
 		m, err := st.members(f)
 		if err != nil {
@@ -44,14 +48,15 @@ func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
 	}
 	for _, f := range d.fams {
 		o.Rules[f] = d.nodeRules(f)
-		o.Filter[f] = NodeRuleset(d.cfg, d.nodeParams(fx.zt, fx.live, f))
+		o.Params[f] = d.nodeParams(fx.zt, fx.live, f)
+		o.Filter[f] = NodeRuleset(d.cfg, o.Params[f])
 	}
 	if fx.zt != nil {
 		in, out := d.tunnelEnds(fx.zt, true)
 		o.Tunnels = []tunnelEnd{in, out}
 	}
 	o.Sysctls = d.nodeSysctls(fx.zt, fx.live)
-	o.Routes = d.nodeRoutes(st, fx.zt, fx.live, fx.in, fx.out)
+	o.Routes = d.nodeRoutes(st, fx.zt, fx.live)
 	return o, nil
 }
 
@@ -76,7 +81,7 @@ func (o nodeObjects) String() string {
 		}
 	}
 	for _, r := range o.Routes {
-		fmt.Fprintf(&b, "route %s\n", routeString(r))
+		fmt.Fprintf(&b, "route %s\n", r)
 	}
 	for _, f := range []Family{IPv4, IPv6} {
 		if rs, ok := o.Filter[f]; ok {

@@ -33,8 +33,6 @@ func TestRenderGolden(t *testing.T) {
 		z.ip, z.hostIP = ips[0], z.hostIPs[FamilyOf(ips[0])]
 		return z
 	}
-	in := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: NodeInLink, Index: 20}}
-	out := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: NodeOutLink, Index: 21}}
 	pods := []Pod{
 		{UID: "uid-1", Name: "apps/one", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.10"), netip.MustParseAddr("fd00:10:244:1::10")}},
 		{UID: "uid-2", Name: "apps/two", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.11")}},
@@ -47,9 +45,9 @@ func TestRenderGolden(t *testing.T) {
 		cfg  func(*Config)
 		fx   facts
 	}{
-		{"dualstack", nil, facts{zt: za, live: []*ztRuntime{za}, in: in, out: out}},
-		{"surge", nil, facts{zt: zb, live: []*ztRuntime{zb, za}, in: in, out: out}},
-		{"ztunnel-ipv4-only", nil, facts{zt: z4, live: []*ztRuntime{z4}, in: in, out: out}},
+		{"dualstack", nil, facts{zt: za, live: []*ztRuntime{za}}},
+		{"surge", nil, facts{zt: zb, live: []*ztRuntime{zb, za}}},
+		{"ztunnel-ipv4-only", nil, facts{zt: z4, live: []*ztRuntime{z4}}},
 		{"none-fail-open", nil, facts{}},
 		{"none-fail-closed", func(c *Config) { c.FailMode = FailClosed }, facts{}},
 	} {

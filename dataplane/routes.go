@@ -4,6 +4,7 @@ package dataplane
 
 import (
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -25,11 +26,14 @@ func ipOf(a netip.Addr) net.IP {
 	return net.IP(a.AsSlice())
 }
 
-func linkIndex(l netlink.Link) int {
-	if l == nil {
-		return 0
-	}
-	return l.Attrs().Index
+// route is one of our routes as rendered: its device by name (Dev), which
+// the route manager that writes it resolves to an index (LinkIndex). A
+// route read back carries the kernel's index, and the name the manager
+// knows for it. Dev "" means LinkIndex is all there is (an unreachable
+// route, or one read back on a device the manager has no name for).
+type route struct {
+	netlink.Route
+	Dev string
 }
 
 // defaultPrefix is 0.0.0.0/0 or ::/0.
@@ -60,10 +64,10 @@ func (d *Dataplane) tunnelPeers(f Family) (in, out netip.Addr) {
 	return in, out
 }
 
-func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, out netlink.Link) []netlink.Route {
+func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime) []route {
 	t := d.cfg.Tables
 	proto := netlink.RouteProtocol(d.cfg.RouteProtocol)
-	var rs []netlink.Route
+	var rs []route
 	for _, z := range live {
 		// Every ztunnel that holds connections gets their packets back
 		// through its slot's table.
@@ -84,36 +88,37 @@ func (d *Dataplane) nodeRoutes(st State, zt *ztRuntime, live []*ztRuntime, in, o
 		}
 		members, _ := st.members(f)
 		for _, a := range sortedAddrs(members) {
-			if r, ok := d.podRoute(a, zt, in); ok {
+			if r, ok := d.podRoute(a, zt); ok {
 				rs = append(rs, r)
 			}
 		}
 		_, outPeer := d.tunnelPeers(f)
-		rs = append(rs, netlink.Route{Table: t.Outbound, Dst: ipNet(defaultPrefix(f)), Gw: ipOf(outPeer), LinkIndex: linkIndex(out), Type: unix.RTN_UNICAST, Protocol: proto})
+		rs = append(rs, route{Route: netlink.Route{Table: t.Outbound, Dst: ipNet(defaultPrefix(f)), Gw: ipOf(outPeer), Type: unix.RTN_UNICAST, Protocol: proto},
+			Dev: NodeOutLink})
 	}
 	return rs
 }
 
 // podRoute is a pod address's inbound route through istioin; none when the
 // ztunnel has no address of its family (or there is no ztunnel).
-func (d *Dataplane) podRoute(a netip.Addr, zt *ztRuntime, in netlink.Link) (netlink.Route, bool) {
+func (d *Dataplane) podRoute(a netip.Addr, zt *ztRuntime) (route, bool) {
 	f := FamilyOf(a)
 	if zt == nil || !zt.ips[f].IsValid() || !slices.Contains(d.fams, f) {
-		return netlink.Route{}, false
+		return route{}, false
 	}
 	inPeer, _ := d.tunnelPeers(f)
-	return netlink.Route{Table: d.cfg.Tables.Inbound, Dst: ipNet(netip.PrefixFrom(a, a.BitLen())), Gw: ipOf(inPeer), LinkIndex: linkIndex(in),
-		Src: ipOf(zt.hostIPs[f]), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)}, true
+	return route{Route: netlink.Route{Table: d.cfg.Tables.Inbound, Dst: ipNet(netip.PrefixFrom(a, a.BitLen())), Gw: ipOf(inPeer),
+		Src: ipOf(zt.hostIPs[f]), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)}, Dev: NodeInLink}, true
 }
 
 // slotRoutes send the later packets of a ztunnel's connections
 // (proxy-return) to it, in its slot's table, per family.
-func (d *Dataplane) slotRoutes(z *ztRuntime) []netlink.Route {
-	var rs []netlink.Route
+func (d *Dataplane) slotRoutes(z *ztRuntime) []route {
+	var rs []route
 	for _, f := range d.fams {
 		if ip, ok := z.ips[f]; ok {
-			rs = append(rs, netlink.Route{Table: d.slotTable(z.slot), Dst: ipNet(defaultPrefix(f)), Gw: ipOf(ip), LinkIndex: z.veth.Attrs().Index,
-				Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)})
+			rs = append(rs, route{Route: netlink.Route{Table: d.slotTable(z.slot), Dst: ipNet(defaultPrefix(f)), Gw: ipOf(ip),
+				Flags: int(netlink.FLAG_ONLINK), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)}, Dev: z.veth.Attrs().Name})
 		}
 	}
 	return rs
@@ -122,17 +127,17 @@ func (d *Dataplane) slotRoutes(z *ztRuntime) []netlink.Route {
 // ztunnelRoutes keep ZIP on its veth in each of our tables: the
 // encapsulated packets inherit the inner mark and must not loop back into
 // the tunnel.
-func (d *Dataplane) ztunnelRoutes(zt *ztRuntime) []netlink.Route {
+func (d *Dataplane) ztunnelRoutes(zt *ztRuntime) []route {
 	t := d.cfg.Tables
-	var rs []netlink.Route
+	var rs []route
 	for _, f := range d.fams {
 		ip, ok := zt.ips[f]
 		if !ok {
 			continue
 		}
 		for _, table := range []int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2} {
-			rs = append(rs, netlink.Route{Table: table, Dst: ipNet(netip.PrefixFrom(ip, ip.BitLen())), LinkIndex: zt.veth.Attrs().Index,
-				Scope: routeScope(f, netlink.SCOPE_LINK), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)})
+			rs = append(rs, route{Route: netlink.Route{Table: table, Dst: ipNet(netip.PrefixFrom(ip, ip.BitLen())),
+				Scope: routeScope(f, netlink.SCOPE_LINK), Type: unix.RTN_UNICAST, Protocol: netlink.RouteProtocol(d.cfg.RouteProtocol)}, Dev: zt.veth.Attrs().Name})
 		}
 	}
 	return rs
@@ -152,7 +157,13 @@ func routeKey(r netlink.Route) string {
 	return fmt.Sprintf("table %d %s", r.Table, dst)
 }
 
-func routeString(r netlink.Route) string {
+// routeString is a route as the kernel holds it: its device by index.
+func routeString(r netlink.Route) string { return routeText(r, "") }
+
+// String is a route by its device's name, when it has one.
+func (r route) String() string { return routeText(r.Route, r.Dev) }
+
+func routeText(r netlink.Route, dev string) string {
 	s := routeKey(r)
 	switch r.Type {
 	case unix.RTN_UNREACHABLE:
@@ -163,7 +174,10 @@ func routeString(r netlink.Route) string {
 	if r.Gw != nil {
 		s += " via " + r.Gw.String()
 	}
-	if r.LinkIndex != 0 {
+	switch {
+	case dev != "":
+		s += " dev " + dev
+	case r.LinkIndex != 0:
 		s += fmt.Sprintf(" dev#%d", r.LinkIndex)
 	}
 	if r.Src != nil {
@@ -199,63 +213,120 @@ func ourRoutes(nl kernel.Netlink, proto int) ([]netlink.Route, error) {
 }
 
 // routeManager owns our routes (by protocol, in every table) of one netns.
-// Its routes are pointers: a route the kernel holds as desired is then one
-// object in both the desired and the actual state (a node's pod routes are
-// most of the agent's memory after its caches).
+// Desired routes name their device; the manager resolves the name to an
+// index through the netns's links as it read them back (and as the
+// convergence wrote them since, linkIs), so a route whose device does not
+// exist yet stays pending (unresolved, LinkIndex 0) and one whose device
+// was re-created is written again. Its routes are pointers: a route the
+// kernel holds as desired is then one object in both the desired and the
+// actual state (a node's pod routes are most of the agent's memory after
+// its caches).
 type routeManager struct {
 	nl    kernel.Netlink
 	proto int
-	t     *deltaTracker[string, *netlink.Route]
+	// links are the netns's devices: index by name, and name by index.
+	links map[string]int
+	names map[int]string
+	t     *deltaTracker[string, *route]
 }
 
 func newRouteManager(nl kernel.Netlink, proto int) *routeManager {
-	return &routeManager{nl: nl, proto: proto, t: newDeltaTracker(func(want, have *netlink.Route) bool { return routeEqual(*want, *have) }, strings.Compare)}
+	return &routeManager{nl: nl, proto: proto, links: map[string]int{}, names: map[int]string{},
+		t: newDeltaTracker(func(want, have *route) bool { return routeEqual(want.Route, have.Route) }, strings.Compare)}
 }
 
 func (m *routeManager) clone() *routeManager {
 	c := *m
+	c.links, c.names = maps.Clone(m.links), maps.Clone(m.names)
 	c.t = m.t.clone()
 	return &c
 }
 
-// readBack records our routes as the kernel holds them.
-func (m *routeManager) readBack() error {
-	have, err := ourRoutesByKey(m.nl, m.proto)
+// readBack records the netns's links (nil: keep those known) and our
+// routes as the kernel holds them.
+func (m *routeManager) readBack(links []netlink.Link) error {
+	if links != nil {
+		clear(m.links)
+		clear(m.names)
+		for _, l := range links {
+			m.links[l.Attrs().Name], m.names[l.Attrs().Index] = l.Attrs().Index, l.Attrs().Name
+		}
+		m.resolveAll("")
+	}
+	rs, err := ourRoutes(m.nl, m.proto)
 	if err != nil {
 		return err
 	}
-	actual := make(map[string]*netlink.Route, len(have))
-	for k, r := range have {
-		actual[k] = &r
+	actual := make(map[string]*route, len(rs))
+	for _, r := range rs {
+		actual[routeKey(r)] = &route{Route: r, Dev: m.names[r.LinkIndex]}
 	}
 	m.t.ReplaceActual(actual)
 	return nil
 }
 
+// linkIs records that the device name is now l (nil: it does not exist,
+// or not yet), and resolves again the desired routes through it: those
+// whose index changed become pending.
+func (m *routeManager) linkIs(name string, l netlink.Link) {
+	if old, ok := m.links[name]; ok {
+		delete(m.names, old)
+		delete(m.links, name)
+	}
+	if l != nil {
+		m.links[name], m.names[l.Attrs().Index] = l.Attrs().Index, name
+	}
+	m.resolveAll(name)
+}
+
+// resolveAll resolves the desired routes through dev ("": every device)
+// again. A route whose index changes is replaced by a new object: the old
+// one may be the actual one too.
+func (m *routeManager) resolveAll(dev string) {
+	for k, r := range m.t.desired {
+		if r.Dev == "" || dev != "" && r.Dev != dev || m.links[r.Dev] == r.LinkIndex {
+			continue
+		}
+		m.t.SetDesired(k, m.resolve(*r))
+	}
+}
+
+// resolve is r with its device's index (0: no such device yet).
+func (m *routeManager) resolve(r route) *route {
+	if r.Dev != "" {
+		r.LinkIndex = m.links[r.Dev]
+	}
+	return &r
+}
+
 // want makes rs desired, besides what already is.
-func (m *routeManager) want(rs ...netlink.Route) {
+func (m *routeManager) want(rs ...route) {
 	for _, r := range rs {
-		m.t.SetDesired(routeKey(r), &r)
+		m.t.SetDesired(routeKey(r.Route), m.resolve(r))
 	}
 }
 
 // replaceDesired makes rs the only desired routes.
-func (m *routeManager) replaceDesired(rs []netlink.Route) {
-	want := make(map[string]*netlink.Route, len(rs))
+func (m *routeManager) replaceDesired(rs []route) {
+	want := make(map[string]*route, len(rs))
 	for _, r := range rs {
-		want[routeKey(r)] = &r
+		want[routeKey(r.Route)] = m.resolve(r)
 	}
 	m.t.ReplaceDesired(want)
 }
 
-// applyUpdates writes the pending routes sel (nil: all) selects.
-func (m *routeManager) applyUpdates(sel func(netlink.Route) bool, w *writer) error {
+// applyUpdates writes the pending routes sel (nil: all) selects. A route
+// whose device does not exist stays pending (a dry run lists it).
+func (m *routeManager) applyUpdates(sel func(route) bool, w *writer) error {
 	for _, k := range m.t.PendingUpdates() {
 		r, _ := m.t.Desired(k)
 		if sel != nil && !sel(*r) {
 			continue
 		}
-		if err := w.do(KindRoute, "replace "+routeString(*r), func() error { return m.nl.RouteReplace(r) }); err != nil {
+		if r.Dev != "" && r.LinkIndex == 0 && !w.dry {
+			continue
+		}
+		if err := w.do(KindRoute, "replace "+r.String(), func() error { return m.nl.RouteReplace(&r.Route) }); err != nil {
 			return err
 		}
 		m.t.Written(k, r)
@@ -264,13 +335,13 @@ func (m *routeManager) applyUpdates(sel func(netlink.Route) bool, w *writer) err
 }
 
 // applyDeletes deletes the undesired routes sel (nil: all) selects.
-func (m *routeManager) applyDeletes(sel func(netlink.Route) bool, w *writer) error {
+func (m *routeManager) applyDeletes(sel func(route) bool, w *writer) error {
 	for _, k := range m.t.PendingDeletes() {
 		r, _ := m.t.Actual(k)
 		if sel != nil && !sel(*r) {
 			continue
 		}
-		if err := w.do(KindRoute, "del "+routeString(*r), func() error { return ignoreNotExist(m.nl.RouteDel(r)) }); err != nil {
+		if err := w.do(KindRoute, "del "+r.String(), func() error { return ignoreNotExist(m.nl.RouteDel(&r.Route)) }); err != nil {
 			return err
 		}
 		m.t.Removed(k)
@@ -279,10 +350,13 @@ func (m *routeManager) applyDeletes(sel func(netlink.Route) bool, w *writer) err
 }
 
 // syncRoutes makes our routes (by protocol, all tables) of a netns exactly
-// want.
-func syncRoutes(nl kernel.Netlink, proto int, want []netlink.Route, w *writer) error {
+// want, whose devices are among links.
+func syncRoutes(nl kernel.Netlink, proto int, want []route, w *writer, links ...netlink.Link) error {
 	m := newRouteManager(nl, proto)
-	if err := m.readBack(); err != nil {
+	for _, l := range links {
+		m.linkIs(l.Attrs().Name, l)
+	}
+	if err := m.readBack(nil); err != nil {
 		return err
 	}
 	m.replaceDesired(want)
@@ -306,6 +380,6 @@ func ourRoutesByKey(nl kernel.Netlink, proto int) (map[string]netlink.Route, err
 
 // isInbound reports a per-pod table-100 route: the inbound capture layer
 // (the ztunnel's own route in that table has no gateway).
-func (d *Dataplane) isInbound(r netlink.Route) bool {
+func (d *Dataplane) isInbound(r route) bool {
 	return r.Table == d.cfg.Tables.Inbound && r.Gw != nil
 }

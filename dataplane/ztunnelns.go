@@ -62,7 +62,7 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 	if err != nil {
 		return fmt.Errorf("ztunnel netns %s: lo: %w", zt.spec.NetNS, err)
 	}
-	var locals []netlink.Route
+	var locals []route
 	filters := map[Family]*filterManager{}
 	rulesets := map[Family]iptables.Ruleset{}
 	for _, f := range d.fams {
@@ -77,8 +77,8 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 		if err := d.syncRules(k.NL, f, rules, false, w); err != nil {
 			return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 		}
-		local := netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)), LinkIndex: lo.Attrs().Index,
-			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}
+		local := route{Route: netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)),
+			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}, Dev: "lo"}
 		locals = append(locals, local)
 		m, err := mgr.ztFilterManager(zt.spec.NetNS, zt.owner(), f, k, d.backend)
 		if err != nil {
@@ -99,7 +99,7 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 	if err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
-	if err := syncRoutes(k.NL, proto, locals, w); err != nil {
+	if err := syncRoutes(k.NL, proto, locals, w, lo); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
 	return nil

@@ -173,6 +173,13 @@ func (s *Syncer) Update(ctx context.Context, desired Ruleset) (Result, error) {
 	return res, err
 }
 
+// Wait returns once the read-back a write left running in the background
+// (unlockAfter) is done.
+func (s *Syncer) Wait() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+}
+
 // Forget drops what the syncer last read back: the next Update reads.
 func (s *Syncer) Forget() {
 	s.mu.Lock()
