@@ -3,6 +3,7 @@ package dataplane
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"slices"
 	"sync"
 
@@ -177,11 +178,26 @@ func (c *convergence) readRuleParams() error {
 			return err
 		}
 		mu.Lock()
-		c.prev[f] = adoptedParams(d.cfg, c.next[f], actual)
+		c.prev[f] = adoptedParams(d.cfg, c.next[f], actual, c.slotOwners(f))
 		mu.Unlock()
 		c.rules[f].read = true
 		return nil
 	})
+}
+
+// slotOwners are the ztunnels holding a slot of family f as the kernel
+// says: each slot table's default route (gateway, device).
+func (c *convergence) slotOwners(f Family) []ZtunnelRef {
+	var out []ZtunnelRef
+	for s := range Slots {
+		r, ok := c.m.routes.t.actual[routeKey(netlink.Route{Table: c.d.slotTable(s), Dst: ipNet(defaultPrefix(f))})]
+		if !ok || r.Gw == nil || r.Dev == "" {
+			continue
+		}
+		a, _ := netip.AddrFromSlice(r.Gw)
+		out = append(out, ZtunnelRef{IP: a.Unmap(), Veth: r.Dev, Slot: s})
+	}
+	return out
 }
 
 func (c *convergence) close() {

@@ -1,8 +1,6 @@
 package dataplane
 
 import (
-	"fmt"
-	"net/netip"
 	"slices"
 	"strings"
 )
@@ -111,27 +109,16 @@ func unionParams(prev, next NodeParams, vethExists func(string) bool, withCaptur
 // adoptedParams reads back what the node's rules were written from, for a
 // transition that starts in a process that did not write them (a restart,
 // perhaps with other flags): the capture mark, the REJECTs and the
-// classified ztunnels are all a transition's order depends on.
-func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]string) NodeParams {
-	p := NodeParams{Family: next.Family, TunnelPort: next.TunnelPort, DNS: next.DNS}
-	m := cfg.Marks
+// classified ztunnels are all a transition's order depends on. The
+// classified ztunnels are the slot owners zts, read back into the route
+// model (each slot table's default route): they are classified for as long
+// as their slot routes exist (classify ⊆ slot routes in every phase order).
+func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]string, zts []ZtunnelRef) NodeParams {
+	p := NodeParams{Family: next.Family, TunnelPort: next.TunnelPort, DNS: next.DNS, Ztunnels: zts}
 	capture := "--match-set " + setName(cfg, next.Family) + " src"
-	var zts []ZtunnelRef
 	for _, r := range actual["mangle"][ChainPrefix+"PREROUTING"] {
-		if strings.Contains(r, capture) && strings.HasSuffix(r, setMark(m.Outbound)) {
+		if strings.Contains(r, capture) && strings.HasSuffix(r, setMark(cfg.Marks.Outbound)) {
 			p.Capture = true
-		}
-		// "! -s ZIP/32 -i ZVETH -j MARK --set-xmark <proxy|slot>/<mask>"
-		var ip, veth string
-		var v, mask uint32
-		if n, _ := fmt.Sscanf(r, "! -s %s -i %s -j MARK --set-xmark %v/%v", &ip, &veth, &v, &mask); n == 4 && v&m.Proxy == m.Proxy {
-			if a, err := netip.ParsePrefix(ip); err == nil {
-				z := ZtunnelRef{IP: a.Addr(), Veth: veth}
-				if v&m.Slot != 0 {
-					z.Slot = 1
-				}
-				zts = append(zts, z)
-			}
 		}
 	}
 	for _, r := range actual["filter"][ChainPrefix+"FORWARD"] {
@@ -142,6 +129,5 @@ func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]s
 			p.FailClosed = true
 		}
 	}
-	p.Ztunnels = zts
 	return p
 }
