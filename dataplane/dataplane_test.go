@@ -53,17 +53,40 @@ func (f *fakeNode) open(path string) (*kernel.Kernel, error) {
 
 func (f *fakeNode) dataplane(t *testing.T, mutate func(*Config)) *Dataplane {
 	t.Helper()
+	return f.dataplaneOver(t, nil, mutate)
+}
+
+// dataplaneOver is dataplane with the node's netlink seen through nl (a
+// wrapper of f.nl that records or holds calls); nil is f.nl itself.
+func (f *fakeNode) dataplaneOver(t *testing.T, nl kernel.Netlink, mutate func(*Config)) *Dataplane {
+	t.Helper()
 	cfg := DefaultConfig()
 	cfg.IPTablesMode = IPTablesNFT
 	cfg.NetNSDir = t.TempDir()
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	d, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6), OpenNS: f.open})
+	node := kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6)
+	if nl != nil {
+		node.NL = nl
+	}
+	d, err := New(context.Background(), cfg, Options{Node: node, OpenNS: f.open})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return d
+}
+
+// addZtunnel gives the node a second ztunnel pod: its netns at path
+// (replacing what the path held), its veth vethzt-b, and ip; it returns
+// the ztunnel and its netns's iptables.
+func (f *fakeNode) addZtunnel(path string, ip netip.Addr) (*Ztunnel, *iptables.Fake) {
+	ztNL := kerneltest.NewFakeNetlink()
+	eth := ztNL.AddVeth("eth0", 1500, 0)
+	f.nl.AddVeth("vethzt-b", 1500, eth)
+	ipt := iptables.NewFake()
+	f.ztPaths[path] = kerneltest.NewFakeKernel(ztNL, kerneltest.NewFakeSysctl(), ipt, iptables.NewFake())
+	return &Ztunnel{Pod: "istio-system/ztunnel-b", IPs: []netip.Addr{ip}, HostVeth: "vethzt-b", NetNS: path}, ipt
 }
 
 func pods(n int) []Pod {
@@ -653,14 +676,7 @@ func (n ruleOrderNL) RuleAdd(r *netlink.Rule) error {
 func TestRulesAddedInPriorityOrder(t *testing.T) {
 	f := newFakeNode(t)
 	var added []int
-	node := kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6)
-	node.NL = ruleOrderNL{f.nl, &added}
-	cfg := DefaultConfig()
-	cfg.IPTablesMode, cfg.NetNSDir = IPTablesNFT, t.TempDir()
-	d, err := New(context.Background(), cfg, Options{Node: node, OpenNS: f.open})
-	if err != nil {
-		t.Fatal(err)
-	}
+	d := f.dataplaneOver(t, ruleOrderNL{f.nl, &added}, nil)
 	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
 		t.Fatal(err)
 	}
@@ -678,12 +694,7 @@ func TestZtunnelNetnsSamePathNewNamespace(t *testing.T) {
 	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
 		t.Fatal(err)
 	}
-	ztNL := kerneltest.NewFakeNetlink()
-	eth := ztNL.AddVeth("eth0", 1500, 0)
-	f.nl.AddVeth("vethzt-b", 1500, eth)
-	ztIPT := iptables.NewFake()
-	f.ztPaths["/run/netns/zt"] = kerneltest.NewFakeKernel(ztNL, kerneltest.NewFakeSysctl(), ztIPT, iptables.NewFake())
-	zt2 := &Ztunnel{Pod: "istio-system/ztunnel-b", IPs: f.zt.IPs, HostVeth: "vethzt-b", NetNS: "/run/netns/zt"}
+	zt2, ztIPT := f.addZtunnel("/run/netns/zt", f.zt.IPs[0])
 	if _, err := d.Apply(ctx, State{Ztunnel: zt2, Pods: pods(1)}); err != nil {
 		t.Fatal(err)
 	}
@@ -764,14 +775,7 @@ func TestDiffDoesNotHoldUpPodEvents(t *testing.T) {
 	f := newFakeNode(t)
 	var block atomic.Bool
 	nl := blockingNL{f.nl, &block, make(chan struct{}, 1), make(chan struct{})}
-	node := kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6)
-	node.NL = nl
-	cfg := DefaultConfig()
-	cfg.IPTablesMode, cfg.NetNSDir = IPTablesNFT, t.TempDir()
-	d, err := New(context.Background(), cfg, Options{Node: node, OpenNS: f.open})
-	if err != nil {
-		t.Fatal(err)
-	}
+	d := f.dataplaneOver(t, nl, nil)
 	ctx := context.Background()
 	base := pods(2)
 	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: base}); err != nil {
@@ -814,11 +818,7 @@ func TestDiffListsTheRetiredZtunnelNetns(t *testing.T) {
 	if _, err := d.Apply(ctx, State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
 		t.Fatal(err)
 	}
-	ztNL := kerneltest.NewFakeNetlink()
-	eth := ztNL.AddVeth("eth0", 1500, 0)
-	f.nl.AddVeth("vethzt-b", 1500, eth)
-	f.ztPaths["/run/netns/zt-b"] = kerneltest.NewFakeKernel(ztNL, kerneltest.NewFakeSysctl(), iptables.NewFake(), iptables.NewFake())
-	zt2 := &Ztunnel{Pod: "istio-system/ztunnel-b", IPs: []netip.Addr{netip.MustParseAddr("10.244.1.3")}, HostVeth: "vethzt-b", NetNS: "/run/netns/zt-b"}
+	zt2, _ := f.addZtunnel("/run/netns/zt-b", netip.MustParseAddr("10.244.1.3"))
 	diff, err := d.Diff(ctx, State{Ztunnel: zt2, Pods: pods(1)})
 	if err != nil {
 		t.Fatal(err)

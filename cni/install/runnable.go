@@ -56,7 +56,6 @@ func (in *Installer) runVersion(path string) error {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, path)
 	cmd.Env = []string{"CNI_COMMAND=VERSION", "CNI_PATH=" + in.BinDir}
-	cmd.Stdin = nil
 	out, err := cmd.Output()
 	if err != nil {
 		return fmt.Errorf("%w: %s VERSION: %w", ErrNotRunnable, path, err)

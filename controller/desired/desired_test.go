@@ -14,12 +14,10 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/controller/handover"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/selection"
+	"github.com/ambient-redirect/ambient-redirect/selection/kube/kubetest"
 )
 
-func selOpts() selection.Options {
-	sel, _ := selection.ParseSelector("app=ztunnel")
-	return selection.Options{NodeName: "n1", ExcludeNamespaces: []string{"kube-system"}, ZtunnelNamespace: "istio-system", ZtunnelSelector: sel}
-}
+var selOpts = kubetest.Options
 
 // mk is a running pod ns/name with uid and addresses.
 func mk(nsName, uid string, ips ...string) *corev1.Pod {

@@ -11,28 +11,15 @@ import (
 
 	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/selection/kube"
+	"github.com/ambient-redirect/ambient-redirect/selection/kube/kubetest"
 )
 
-func selOpts() selection.Options {
-	sel, _ := selection.ParseSelector("app=ztunnel")
-	return selection.Options{NodeName: "n1", ExcludeNamespaces: []string{"kube-system"}, ZtunnelNamespace: "istio-system", ZtunnelSelector: sel}
-}
-
-func pod(mut ...func(*corev1.Pod)) *corev1.Pod {
-	p := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "p", UID: "u1"},
-		Spec:       corev1.PodSpec{NodeName: "n1"},
-		Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.244.1.5", PodIPs: []corev1.PodIP{{IP: "10.244.1.5"}}},
-	}
-	for _, m := range mut {
-		m(p)
-	}
-	return p
-}
-
-func ns(name string, lbl map[string]string) *corev1.Namespace {
-	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: lbl}}
-}
+// The cases are built on kubetest's fixtures.
+var (
+	selOpts = kubetest.Options
+	pod     = kubetest.Pod
+	ns      = kubetest.Namespace
+)
 
 func TestEnrolled(t *testing.T) {
 	ambientNS := ns("apps", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient})

@@ -166,6 +166,17 @@ const kindnetConflist = `{
 }
 `
 
+// kindnetCNIDirs are a node's CNI bin dir (empty) and conf dir holding
+// kindnet's conflist (its path is the third result).
+func kindnetCNIDirs(t *testing.T) (binDir, confDir, conflist string) {
+	binDir, confDir = t.TempDir(), t.TempDir()
+	conflist = filepath.Join(confDir, "10-kindnet.conflist")
+	if err := os.WriteFile(conflist, []byte(kindnetConflist), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return binDir, confDir, conflist
+}
+
 // TestCNIInstallThroughTheAgent: `run --cni-install` puts the plugin binary
 // into the CNI bin dir and its entry at the end of the primary conflist,
 // whose entry then enrols a pod from its first packet; `cleanup` with the
@@ -174,11 +185,7 @@ const kindnetConflist = `{
 func TestCNIInstallThroughTheAgent(t *testing.T) {
 	e := harness.New(t, 1, bins)
 	n := e.Nodes[0]
-	binDir, confDir := t.TempDir(), t.TempDir()
-	conflist := filepath.Join(confDir, "10-kindnet.conflist")
-	if err := os.WriteFile(conflist, []byte(kindnetConflist), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	binDir, confDir, conflist := kindnetCNIDirs(t)
 	args := []string{"--cni-install", "--cni-socket", filepath.Join(t.TempDir(), "cni.sock"), "--cni-bin-dir", binDir,
 		"--cni-conf-dir", confDir, "--cni-plugin-binary", bins.CNI}
 	e.StartAgent(t, n, args...)
@@ -248,11 +255,7 @@ func TestCNIInstallThroughTheAgent(t *testing.T) {
 func TestCNIPluginNotRunnableKeepsAgentNotReady(t *testing.T) {
 	e := harness.New(t, 1, bins)
 	n := e.Nodes[0]
-	binDir, confDir := t.TempDir(), t.TempDir()
-	conflist := filepath.Join(confDir, "10-kindnet.conflist")
-	if err := os.WriteFile(conflist, []byte(kindnetConflist), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	binDir, confDir, conflist := kindnetCNIDirs(t)
 	plugin := filepath.Join(t.TempDir(), "ambient-redirect-cni")
 	if err := os.WriteFile(plugin, []byte("#!/bin/sh\necho not a CNI plugin\n"), 0o755); err != nil {
 		t.Fatal(err)

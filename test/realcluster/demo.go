@@ -12,15 +12,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 )
-
-type podInfo struct {
-	Name   string
-	Status corev1.PodStatus
-}
 
 // Demo installs the test ztunnel and the agent (kubectl apply -k of the
 // test overlay), runs a server and a client Deployment (one replica per
@@ -34,13 +27,13 @@ func Demo(t testing.TB, c *Cluster) string {
 	c.WaitDaemonSet(t, AgentNamespace, AgentDaemonSet, 120*time.Second)
 	n := len(c.Nodes)
 	c.Apply(t, Namespace("demo", true)+AppDeployment("demo", "server", n))
-	servers := c.waitReady(t, "demo", "server", n)
+	servers := c.WaitReady(t, "demo", "server", n)
 	var targets []string
 	for _, s := range servers {
 		targets = append(targets, net.JoinHostPort(s.Status.PodIP, fmt.Sprint(AppEchoPort)))
 	}
 	c.Apply(t, AppDeployment("demo", "client", n, "--dial-at-start", strings.Join(targets, ",")))
-	clients := c.waitReady(t, "demo", "client", n)
+	clients := c.WaitReady(t, "demo", "client", n)
 	names := map[string]string{}
 	for _, p := range append(servers, clients...) {
 		names[p.Status.PodIP] = p.Name
@@ -74,28 +67,4 @@ func Demo(t testing.TB, c *Cluster) string {
 	fmt.Fprintf(&b, "  nsenter --net=%s curl -s 127.0.0.1:%d/debug/state   # node-1's agent\n", c.Nodes[0].NodeNetnsPath(), AgentDebugPort)
 	fmt.Fprintf(&b, "Remove it with: bash hack/cluster/down.sh\n")
 	return b.String()
-}
-
-func (c *Cluster) waitReady(t testing.TB, ns, name string, replicas int) []podInfo {
-	t.Helper()
-	var pods []podInfo
-	err := Poll(120*time.Second, func() error {
-		pods = nil
-		for _, p := range c.PodsOf(t, ns, "app="+name) {
-			for _, cond := range p.Status.Conditions {
-				if cond.Type == "Ready" && cond.Status == "True" {
-					pods = append(pods, podInfo{Name: p.Name, Status: p.Status})
-				}
-			}
-		}
-		if len(pods) != replicas {
-			return fmt.Errorf("%s/%s: %d of %d Ready", ns, name, len(pods), replicas)
-		}
-		return nil
-	})
-	if err != nil {
-		c.DumpPods(t, ns)
-		t.Fatal(err)
-	}
-	return pods
 }

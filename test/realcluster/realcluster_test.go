@@ -25,8 +25,10 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/realcluster"
+	"github.com/ambient-redirect/ambient-redirect/test/realcluster/app/results"
 )
 
 // testDir is the suite's work directory: a run killed half-way leaves its
@@ -238,39 +240,6 @@ const (
 	plainNS   = "plain"
 )
 
-// deployReady waits until a Deployment has all its replicas Ready and
-// returns its pods.
-func deployReady(t *testing.T, ns, name string, replicas int) []corev1.Pod {
-	t.Helper()
-	var pods []corev1.Pod
-	err := realcluster.Poll(120*time.Second, func() error {
-		pods = nil
-		for _, p := range c.PodsOf(t, ns, "app="+name) {
-			if podReady(&p) {
-				pods = append(pods, p)
-			}
-		}
-		if len(pods) != replicas {
-			return fmt.Errorf("%s/%s: %d of %d pods Ready", ns, name, len(pods), replicas)
-		}
-		return nil
-	})
-	if err != nil {
-		c.DumpPods(t, ns)
-		t.Fatal(err)
-	}
-	return pods
-}
-
-func podReady(p *corev1.Pod) bool {
-	for _, c := range p.Status.Conditions {
-		if c.Type == corev1.PodReady {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
-}
-
 // appResults reads a test app's /results from its node's netns.
 func appResults(t *testing.T, p *corev1.Pod) appRes {
 	t.Helper()
@@ -286,29 +255,10 @@ func appResults(t *testing.T, p *corev1.Pod) appRes {
 	return r
 }
 
-type dial struct {
-	Target string    `json:"target"`
-	Local  string    `json:"local"`
-	Peer   string    `json:"peer"`
-	Err    string    `json:"err"`
-	At     time.Time `json:"at"`
-}
-
-type appRes struct {
-	Start      []dial `json:"start"`
-	Loop       []dial `json:"loop"`
-	LoopErrors int    `json:"loop_errors"`
-	Stream     *struct {
-		Target   string    `json:"target"`
-		Local    string    `json:"local"`
-		Peer     string    `json:"peer"`
-		Sent     int       `json:"sent"`
-		Echoed   int       `json:"echoed"`
-		LastEcho time.Time `json:"last_echo"`
-		Err      string    `json:"err"`
-		EndedAt  time.Time `json:"ended_at"`
-	} `json:"stream"`
-}
+type (
+	dial   = results.Dial
+	appRes = results.Results
+)
 
 func hostOf(addr string) string {
 	h, _, err := net.SplitHostPort(addr)
@@ -340,8 +290,8 @@ func TestCapture(t *testing.T) {
 	c.Apply(t, realcluster.Namespace(ambientNS, true)+realcluster.Namespace(plainNS, false)+
 		realcluster.AppDeployment(ambientNS, "server", len(c.Nodes))+realcluster.Service(ambientNS, "server")+
 		realcluster.AppDeployment(plainNS, "server", len(c.Nodes)))
-	servers := deployReady(t, ambientNS, "server", len(c.Nodes))
-	plainServers := deployReady(t, plainNS, "server", len(c.Nodes))
+	servers := c.WaitReady(t, ambientNS, "server", len(c.Nodes))
+	plainServers := c.WaitReady(t, plainNS, "server", len(c.Nodes))
 	svc, err := c.Client.CoreV1().Services(ambientNS).Get(ctx(), "server", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -360,8 +310,8 @@ func TestCapture(t *testing.T) {
 	created := time.Now()
 	c.Apply(t, realcluster.AppDeployment(ambientNS, "client", len(c.Nodes), "--dial-at-start", strings.Join(append(append([]string{}, ambientTargets...), vip), ","))+
 		realcluster.AppDeployment(plainNS, "client", len(c.Nodes), "--dial-at-start", strings.Join(append(append([]string{}, ambientTargets...), plainTargets...), ",")))
-	clients := deployReady(t, ambientNS, "client", len(c.Nodes))
-	plainClients := deployReady(t, plainNS, "client", len(c.Nodes))
+	clients := c.WaitReady(t, ambientNS, "client", len(c.Nodes))
+	plainClients := c.WaitReady(t, plainNS, "client", len(c.Nodes))
 
 	recs := map[string][]realcluster.ZRecord{}
 	for _, n := range c.Nodes {
@@ -451,7 +401,7 @@ func TestCapture(t *testing.T) {
 // pods pass and are not captured; the exec startup probe works.
 func TestProbes(t *testing.T) {
 	need(t, true)
-	servers := deployReady(t, ambientNS, "server", len(c.Nodes))
+	servers := c.WaitReady(t, ambientNS, "server", len(c.Nodes))
 	// Several liveness periods (2 s, 2 failures restart).
 	time.Sleep(6 * time.Second)
 	for _, p := range servers {
@@ -459,7 +409,7 @@ func TestProbes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !podReady(got) {
+		if !kube.PodReady(got) {
 			t.Errorf("%s: not Ready", p.Name)
 		}
 		for _, cs := range got.Status.ContainerStatuses {
@@ -494,7 +444,7 @@ func TestLeastPrivilege(t *testing.T) {
 	if len(agents) != len(c.Nodes) {
 		t.Fatalf("%d agent pods", len(agents))
 	}
-	servers := deployReady(t, ambientNS, "server", len(c.Nodes))
+	servers := c.WaitReady(t, ambientNS, "server", len(c.Nodes))
 	agent := agents[0]
 	n := c.Node(agent.Spec.NodeName)
 	matches, _ := filepath.Glob(n.NodePath(filepath.Join(n.Dir, "kubelet", "pods", string(agent.UID), "volumes", "kubernetes.io~projected", "*", "token")))

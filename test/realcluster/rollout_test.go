@@ -18,6 +18,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 	"github.com/ambient-redirect/ambient-redirect/test/realcluster"
 )
 
@@ -106,7 +107,7 @@ func podOn(t *testing.T, ns, selector, node string) corev1.Pod {
 func streamAndLoop(t *testing.T, ns string) (client corev1.Pod, streamDst, loopDst string) {
 	t.Helper()
 	c.Apply(t, realcluster.Namespace(ns, true)+realcluster.AppDeployment(ns, "server", len(c.Nodes)))
-	deployReady(t, ns, "server", len(c.Nodes))
+	c.WaitReady(t, ns, "server", len(c.Nodes))
 	n1 := c.Nodes[0].Name
 	echo := func(p corev1.Pod) string {
 		return net.JoinHostPort(p.Status.PodIP, strconv.Itoa(realcluster.AppEchoPort))
@@ -114,7 +115,7 @@ func streamAndLoop(t *testing.T, ns string) (client corev1.Pod, streamDst, loopD
 	streamDst = echo(podOn(t, ns, "app=server", n1))
 	loopDst = echo(podOn(t, ns, "app=server", n1))
 	c.Apply(t, realcluster.AppPod(ns, "client", n1, "--stream", streamDst, "--loop", loopDst, "--loop-every", "10ms"))
-	deployReady(t, ns, "client", 1)
+	c.WaitReady(t, ns, "client", 1)
 	t.Cleanup(func() { _, _ = c.Kubectl("delete", "namespace", ns, "--wait=true", "--timeout=120s") })
 	client = podOn(t, ns, "app=client", n1)
 	if err := realcluster.Poll(10*time.Second, func() error {
@@ -196,7 +197,7 @@ func TestZtunnelRollout(t *testing.T) {
 				if p.Name == oldZ.Name && p.DeletionTimestamp != nil && deleting.IsZero() {
 					deleting = seen
 				}
-				if p.Name != oldZ.Name && podReady(&p) && newReady.IsZero() {
+				if p.Name != oldZ.Name && kube.PodReady(&p) && newReady.IsZero() {
 					newReady, newName = seen, p.Name
 				}
 			}
@@ -395,7 +396,7 @@ func TestNodeRestart(t *testing.T) {
 	ensureInstalled(t)
 	ns := "restart"
 	c.Apply(t, realcluster.Namespace(ns, true)+realcluster.AppDeployment(ns, "server", len(c.Nodes)))
-	deployReady(t, ns, "server", len(c.Nodes))
+	c.WaitReady(t, ns, "server", len(c.Nodes))
 	t.Cleanup(func() { _, _ = c.Kubectl("delete", "namespace", ns, "--wait=true", "--timeout=120s") })
 	n1, n2 := c.Nodes[0], c.Nodes[1]
 	echo := func(p corev1.Pod) string {
@@ -403,7 +404,7 @@ func TestNodeRestart(t *testing.T) {
 	}
 	remote := echo(podOn(t, ns, "app=server", n1.Name))
 	c.Apply(t, realcluster.AppPod(ns, "client", n2.Name, "--dial-at-start", remote, "--loop", remote, "--loop-every", "10ms"))
-	deployReady(t, ns, "client", 1)
+	c.WaitReady(t, ns, "client", 1)
 	old := podOn(t, ns, "app=client", n2.Name)
 
 	began := time.Now()
@@ -418,7 +419,7 @@ func TestNodeRestart(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if !podReady(p) || len(p.Status.ContainerStatuses) == 0 || p.Status.ContainerStatuses[0].ContainerID == old.Status.ContainerStatuses[0].ContainerID {
+		if !kube.PodReady(p) || len(p.Status.ContainerStatuses) == 0 || p.Status.ContainerStatuses[0].ContainerID == old.Status.ContainerStatuses[0].ContainerID {
 			return fmt.Errorf("client not Ready in a new container yet")
 		}
 		client = *p

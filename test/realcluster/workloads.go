@@ -8,6 +8,11 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
 	"github.com/ambient-redirect/ambient-redirect/test/realcluster/image"
@@ -146,4 +151,28 @@ spec:
         periodSeconds: 1
 ---
 `, ns, name, node, image.App+":v1", strings.Join(quoted, ", "), AppHTTPPort)
+}
+
+// WaitReady waits until the app Deployment ns/name has replicas Ready pods
+// and returns them; on timeout it dumps the namespace's pods and fails.
+func (c *Cluster) WaitReady(t testing.TB, ns, name string, replicas int) []corev1.Pod {
+	t.Helper()
+	var pods []corev1.Pod
+	err := Poll(120*time.Second, func() error {
+		pods = nil
+		for _, p := range c.PodsOf(t, ns, "app="+name) {
+			if kube.PodReady(&p) {
+				pods = append(pods, p)
+			}
+		}
+		if len(pods) != replicas {
+			return fmt.Errorf("%s/%s: %d of %d pods Ready", ns, name, len(pods), replicas)
+		}
+		return nil
+	})
+	if err != nil {
+		c.DumpPods(t, ns)
+		t.Fatal(err)
+	}
+	return pods
 }

@@ -27,36 +27,16 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/ambient-redirect/ambient-redirect/test/realcluster/app/results"
 )
 
-// Dial is one connection's outcome.
-type Dial struct {
-	Target string    `json:"target"`
-	Local  string    `json:"local"` // our address
-	Peer   string    `json:"peer"`  // our address as the server saw it
-	Err    string    `json:"err,omitempty"`
-	At     time.Time `json:"at"`
-}
-
-// Stream is the long-lived connection's state.
-type Stream struct {
-	Target   string    `json:"target"`
-	Local    string    `json:"local"`
-	Peer     string    `json:"peer"`
-	Sent     int       `json:"sent"`
-	Echoed   int       `json:"echoed"`
-	LastEcho time.Time `json:"last_echo"`
-	Err      string    `json:"err,omitempty"`
-	EndedAt  time.Time `json:"ended_at"`
-}
-
-// Results is what /results returns.
-type Results struct {
-	Start      []Dial  `json:"start"`
-	Loop       []Dial  `json:"loop"`
-	LoopErrors int     `json:"loop_errors"`
-	Stream     *Stream `json:"stream,omitempty"`
-}
+// The types of /results live in package results: the tests decode them.
+type (
+	Dial    = results.Dial
+	Stream  = results.Stream
+	Results = results.Results
+)
 
 var (
 	mu  sync.Mutex
