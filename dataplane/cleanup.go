@@ -35,15 +35,15 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 	// the marks before the routes and tunnels they lead to.
 	var errs []error
 	routes := newRouteManager(d.node.NL, d.cfg.RouteProtocol)
-	if err := routes.readBack(nil); err != nil {
+	if err := routes.readBackWith(nil); err != nil {
 		errs = append(errs, err)
 	} else {
-		errs = append(errs, routes.applyDeletes(d.isInbound, w))
+		errs = append(errs, routes.applyDeletesWhere(d.isInbound, w))
 	}
 	errs = append(errs, d.cleanupNS(ctx, d.node, []string{NodeInLink, NodeOutLink}, w))
 	for _, f := range []Family{IPv4, IPv6} {
 		name := d.setName(f)
-		_, exists, err := d.ipsetMembers(d.node.NL, f)
+		_, exists, err := ipsetMembers(d.node.NL, d.setName(f), f)
 		if err != nil {
 			errs = append(errs, err) // a foreign set under our name is left alone
 			continue
@@ -62,7 +62,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		m.forget()
 	}
 	d.fast = nil
-	d.resync, d.resyncIPT = true, true
+	queueResync(d.mgr.all())
 	w.res.Elapsed = time.Since(start)
 	err := errors.Join(errs...)
 	d.log.Info("dataplane cleanup", zap.Any("writes", w.res.Writes), zap.Duration("elapsed", w.res.Elapsed), zap.Error(err))

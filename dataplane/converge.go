@@ -12,38 +12,43 @@ import (
 )
 
 // converge makes the kernel hold st: a pod-only change on the fast path;
-// otherwise everything is read back, resolved and rendered first
-// (prepare), then written in the make-before-break order of
-// transition.go, one phase after another, each picking its objects from
-// the render, then retired ztunnels are cleaned out.
+// otherwise prepare reads back the managers with a resync queued, renders
+// and hands each manager its desired objects, before the first write;
+// then the phases write, in the make-before-break order of transition.go,
+// and retired ztunnels are cleaned out.
 func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := st.Validate(); err != nil {
 		return err
 	}
-	if f := d.fast; f != nil && !w.dry && !d.resync && !d.resyncIPT && sameZtunnel(f.spec, st.Ztunnel) &&
-		slices.EqualFunc(f.draining, st.Draining, sameZtunnel) {
-		// Pod churn with the same ztunnel: only ipset members and table-100
-		// routes can differ. Everything else is verified by the resync.
-		return d.applyPods(st, f, w)
+	if f := d.fast; f != nil && !w.dry && sameZtunnel(f.spec, st.Ztunnel) && slices.EqualFunc(f.draining, st.Draining, sameZtunnel) {
+		if !anyResyncQueued(d.mgr.all()) {
+			// Pod churn with the same ztunnel: only ipset members and
+			// table-100 routes can differ.
+			return d.applyPods(st, f, w)
+		}
+	} else if f != nil && !w.dry {
+		// Another ztunnel: veths come and go, and their routes with them.
+		queueResync(d.mgr.netlink())
 	}
 	c, err := d.prepare(ctx, st, w)
 	if err != nil {
 		return err
 	}
 	defer c.close()
+	m := c.m
 	err = d.order.run([]phase{
-		{phaseMembersIn, c.membersIn},
+		{phaseMembersIn, c.each(m.setList(), manager.applyUpdates)},
 		{phaseZtunnelNS, c.ztunnelNS},
-		{phaseIPRules, c.ipRules},
+		{phaseIPRules, c.each(m.ruleList(d.fams), manager.applyUpdates, manager.applyDeletes)},
 		{phaseClassify, func() error { return c.writeRules(false, false) }},
 		{phaseTunnels, c.tunnels},
-		{phaseReach, c.reach},
+		{phaseReach, func() error { return c.reach() }},
 		{phaseCapture, func() error { return c.writeRules(true, false) }},
-		{phaseInbound, func() error { return c.m.routes.applyUpdates(d.isInbound, w) }},
-		{phaseInboundOut, func() error { return c.m.routes.applyDeletes(d.isInbound, w) }},
+		{phaseInbound, func() error { return m.routes.applyUpdatesWhere(d.isInbound, w) }},
+		{phaseInboundOut, func() error { return m.routes.applyDeletesWhere(d.isInbound, w) }},
 		{phaseFinalRules, func() error { return c.writeRules(false, true) }},
-		{phaseMembersOut, c.membersOut},
-		{phaseRoutesOut, func() error { return c.m.routes.applyDeletes(nil, w) }},
+		{phaseMembersOut, c.each(m.setList(), manager.applyDeletes)},
+		{phaseRoutesOut, c.each([]manager{m.routes}, manager.applyDeletes)},
 	})
 	if err != nil {
 		return err
@@ -64,25 +69,22 @@ type convergence struct {
 	// zt is the active ztunnel, live every ztunnel that holds connections
 	// (the active one first), runtimes the ones opened (closed at the end).
 	zt       *ztRuntime
+	draining []*ztRuntime
 	live     []*ztRuntime
 	runtimes []*ztRuntime
 	// next are the node's rule parameters to converge to, prev those the
-	// transition starts from, rules their writers, per family.
+	// transition starts from, per family.
 	next, prev map[Family]NodeParams
-	rules      map[Family]*ruleWriter
 	// objs are the node's objects, rendered before the first write.
 	objs nodeObjects
-	// inLink and outLink are the node's tunnel devices once written.
-	inLink, outLink netlink.Link
 }
 
-// prepare checks the node, resolves the ztunnels, reads back the set and
-// route managers and what the node's rules were written from, assigns
-// slots, renders the node's objects and makes the managers' desired state
-// theirs: everything before the first write.
+// prepare checks the node, resolves the ztunnels, reads back the managers
+// with a resync queued, assigns slots, renders the node's objects and
+// makes them the managers' desired state: everything before the first
+// write.
 func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *convergence, err error) {
-	c := &convergence{d: d, ctx: ctx, st: st, w: w, m: &d.mgr,
-		next: map[Family]NodeParams{}, prev: map[Family]NodeParams{}, rules: map[Family]*ruleWriter{}}
+	c := &convergence{d: d, ctx: ctx, st: st, w: w, m: &d.mgr, next: map[Family]NodeParams{}, prev: map[Family]NodeParams{}}
 	defer func() {
 		if err != nil {
 			c.close()
@@ -100,14 +102,50 @@ func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *conver
 	if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
 		return nil, err
 	}
-	if c.zt, err = d.resolveZtunnel(st.Ztunnel); err != nil {
+	if err := c.resolveZtunnels(); err != nil {
 		return nil, err
+	}
+	links, err := d.node.NL.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	for _, m := range c.m.netlink() {
+		if m == manager(c.m.routes) && m.resyncQueued() {
+			err = c.m.routes.readBackWith(links) // the links are listed already
+		} else {
+			err = readBackIfQueued(ctx, m)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
+	c.live = d.assignSlots(c.zt, c.draining, c.m.routes.t.actual)
+	if c.objs, err = d.render(st, facts{zt: c.zt, live: c.live}); err != nil {
+		return nil, err
+	}
+	for _, f := range []Family{IPv4, IPv6} {
+		c.m.sets[f].setDesired(c.objs.Members[f])
+	}
+	for _, f := range d.fams {
+		c.m.rules[f].setDesired(c.objs.Rules[f], d.cfg.CaptureNodeLocal)
+	}
+	c.m.routes.replaceDesired(c.objs.Routes)
+	c.m.tunnels.setDesired(c.objs.Tunnels)
+	c.m.sysctls.setDesired(c.objs.Sysctls)
+	return c, c.readRuleParams()
+}
+
+// resolveZtunnels finds the active and the draining ztunnels in the kernel.
+func (c *convergence) resolveZtunnels() (err error) {
+	d := c.d
+	if c.zt, err = d.resolveZtunnel(c.st.Ztunnel); err != nil {
+		return err
 	}
 	if c.zt != nil {
 		c.runtimes = append(c.runtimes, c.zt)
 	}
-	var draining []*ztRuntime
-	for _, z := range st.Draining {
+	for _, z := range c.st.Draining {
 		r, err := d.resolveZtunnel(z)
 		if isGone(err) {
 			// Its veth or netns is gone: so are its connections.
@@ -117,51 +155,23 @@ func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *conver
 		if err != nil {
 			// Anything else may pass: dropping it would reset every
 			// connection it holds, for good (its slot would be freed).
-			return nil, err
+			return err
 		}
 		c.runtimes = append(c.runtimes, r)
-		draining = append(draining, r)
+		c.draining = append(c.draining, r)
 	}
-	for _, f := range []Family{IPv4, IPv6} {
-		if err := c.m.sets[f].readBack(d, w); err != nil {
-			return nil, err
-		}
-	}
-	links, err := d.node.NL.LinkList()
-	if err != nil {
-		return nil, fmt.Errorf("list links: %w", err)
-	}
-	if err := c.m.routes.readBack(links); err != nil {
-		return nil, err
-	}
-	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
-	c.live = d.assignSlots(c.zt, draining, c.m.routes.t.actual)
-	if c.objs, err = d.render(st, facts{zt: c.zt, live: c.live}); err != nil {
-		return nil, err
-	}
-	for _, f := range []Family{IPv4, IPv6} {
-		c.m.sets[f].t.ReplaceDesired(c.objs.Members[f])
-	}
-	c.m.routes.replaceDesired(c.objs.Routes)
-	return c, c.readRuleParams()
+	return nil
 }
 
 // readRuleParams sets the node's rule parameters to converge to and those
 // the transition starts from: what this process last wrote, or, written
-// by another process (or not at all), what the chains hold.
+// by another process (or not at all), what the chains hold, read back.
 func (c *convergence) readRuleParams() error {
 	d, m := c.d, c.m
 	for _, f := range d.fams {
 		c.next[f] = c.objs.Params[f]
-		if d.resyncIPT {
-			m.nodeFilter[f].s.Forget() // verified by what this convergence reads back
-		}
-		c.rules[f] = &ruleWriter{d: d, m: m.nodeFilter[f], ctx: c.ctx, w: c.w}
-		switch {
-		case c.w.dry:
-			c.prev[f] = c.next[f]
-		case m.nodeFilter[f].params != nil:
-			c.prev[f] = *m.nodeFilter[f].params
+		if c.w.dry {
+			c.prev[f] = c.next[f] // the dry run writes the final rules only
 		}
 	}
 	if c.w.dry {
@@ -169,18 +179,20 @@ func (c *convergence) readRuleParams() error {
 	}
 	var mu sync.Mutex
 	return eachFamily(d.fams, c.w, func(f Family, _ *writer) error {
-		if m.nodeFilter[f].params != nil {
-			return nil
+		nf := m.nodeFilter[f]
+		if nf.params == nil {
+			nf.queueResync() // what the chains hold is all there is to start from
 		}
-		// Not kept as params: that is only ever what this process wrote.
-		actual, err := m.nodeFilter[f].s.Actual(c.ctx)
-		if err != nil {
+		if err := readBackIfQueued(c.ctx, nf); err != nil {
 			return err
 		}
 		mu.Lock()
-		c.prev[f] = adoptedParams(d.cfg, c.next[f], actual, c.slotOwners(f))
-		mu.Unlock()
-		c.rules[f].read = true
+		defer mu.Unlock()
+		if nf.params != nil {
+			c.prev[f] = *nf.params
+		} else {
+			c.prev[f] = adoptedParams(d.cfg, c.next[f], nf.actual, c.slotOwners(f))
+		}
 		return nil
 	})
 }
@@ -206,22 +218,18 @@ func (c *convergence) close() {
 	}
 }
 
-func (c *convergence) membersIn() error {
-	for _, f := range []Family{IPv4, IPv6} {
-		if err := c.m.sets[f].applyAdds(c.w); err != nil {
-			return err
+// each is a phase that runs steps on every manager of ms in turn.
+func (c *convergence) each(ms []manager, steps ...func(manager, context.Context, *writer) error) func() error {
+	return func() error {
+		for _, m := range ms {
+			for _, step := range steps {
+				if err := step(m, c.ctx, c.w); err != nil {
+					return err
+				}
+			}
 		}
+		return nil
 	}
-	return nil
-}
-
-func (c *convergence) membersOut() error {
-	for _, f := range []Family{IPv4, IPv6} {
-		if err := c.m.sets[f].applyDeletes(c.w); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // ztunnelNS programs every live ztunnel's netns, the new one's first: the
@@ -236,16 +244,7 @@ func (c *convergence) ztunnelNS() error {
 			return err
 		}
 		veth := z.veth.Attrs().Name
-		if err := c.m.routes.applyUpdates(func(r route) bool { return r.Dev == veth }, c.w); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (c *convergence) ipRules() error {
-	for _, f := range c.d.fams {
-		if err := c.d.syncRules(c.d.node.NL, f, c.objs.Rules[f], c.d.cfg.CaptureNodeLocal, c.w); err != nil {
+		if err := c.m.routes.applyUpdatesWhere(func(r route) bool { return r.Dev == veth }, c.w); err != nil {
 			return err
 		}
 	}
@@ -269,26 +268,33 @@ func (c *convergence) writeRules(withCapture, final bool) error {
 		if !final {
 			p = unionParams(c.prev[f], c.next[f], vethExists, withCapture)
 		}
-		c.rules[f].w = w
-		return c.rules[f].write(p)
+		nf := c.m.nodeFilter[f]
+		nf.setDesired(NodeRuleset(c.d.cfg, p), &p)
+		return nf.applyUpdates(c.ctx, w)
 	})
 }
 
 // tunnels points the node's tunnel devices at the active ztunnel (none
-// rendered without one), and tells the route manager what they are now:
-// routes through a re-created device are written again.
+// rendered without one), and tells the route and sysctl managers what
+// they are now: routes through a re-created device are written again, as
+// are its sysctls.
 func (c *convergence) tunnels() error {
-	for _, t := range c.objs.Tunnels {
-		l, err := syncTunnel(c.d.node, t, c.w)
-		if err != nil {
-			return err
+	m := c.m
+	before := map[string]int{}
+	for name, l := range m.tunnels.links {
+		before[name] = l.Attrs().Index
+	}
+	if err := m.tunnels.applyUpdates(c.ctx, c.w); err != nil {
+		return err
+	}
+	for _, name := range m.tunnels.names {
+		l := m.tunnels.links[name]
+		if _, had := before[name]; l == nil && !had {
+			continue
 		}
-		c.m.routes.linkIs(t.Name, l)
-		switch t.Name {
-		case NodeInLink:
-			c.inLink = l
-		case NodeOutLink:
-			c.outLink = l
+		m.routes.linkIs(name, l)
+		if l == nil || before[name] != l.Attrs().Index {
+			m.sysctls.forgetDevice(name)
 		}
 	}
 	return nil
@@ -297,10 +303,10 @@ func (c *convergence) tunnels() error {
 // reach writes the rendered sysctls and every rendered route but the
 // inbound ones.
 func (c *convergence) reach() error {
-	if err := syncSysctls(c.d.node.Sysctl, c.objs.Sysctls, c.w); err != nil {
+	if err := c.m.sysctls.applyUpdates(c.ctx, c.w); err != nil {
 		return err
 	}
-	return c.m.routes.applyUpdates(func(r route) bool { return !c.d.isInbound(r) }, c.w)
+	return c.m.routes.applyUpdatesWhere(func(r route) bool { return !c.d.isInbound(r) }, c.w)
 }
 
 // retire takes our state out of the netns of ztunnels that hold no
@@ -332,6 +338,5 @@ func (c *convergence) retire() {
 	for i, z := range c.st.Draining {
 		drain[i] = cloneZtunnel(z)
 	}
-	d.fast = &fastPath{spec: cloneZtunnel(c.st.Ztunnel), draining: drain, zt: c.zt, live: c.live, in: c.inLink, out: c.outLink,
-		rules: c.objs.Rules, tunnels: c.objs.Tunnels}
+	d.fast = &fastPath{spec: cloneZtunnel(c.st.Ztunnel), draining: drain, zt: c.zt, live: c.live}
 }

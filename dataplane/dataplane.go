@@ -84,17 +84,8 @@ type Dataplane struct {
 	// (the active one and a draining one).
 	liveNS []string
 	port   int
-	// Queued read-backs, per kind of manager. resync makes the next apply a
-	// full one: every netlink object (set members, routes, rules, tunnels,
-	// sysctls) is read back and repaired; netlink drift queues only this.
-	// resyncIPT makes it verify the iptables chains too even when the
-	// rendered rules did not change: reading them back costs a process per
-	// table, so only the periodic resync, a failure or the iptables watch
-	// queue it. Pod-only applies skip both (they touch ipset members and
-	// routes only).
-	resync, resyncIPT bool
 	// fast holds what a pod-only apply needs from the last full one; nil
-	// forces a full apply.
+	// forces a full apply, as does a manager with a resync queued.
 	fast *fastPath
 	// pods are the desired pods by UID.
 	pods map[string]Pod
@@ -114,12 +105,6 @@ type fastPath struct {
 	draining []*Ztunnel
 	zt       *ztRuntime   // k is closed: only addresses and links are used
 	live     []*ztRuntime // likewise
-	in       netlink.Link
-	out      netlink.Link
-	// rules and tunnels are the node's, as rendered (drift is measured
-	// against them).
-	rules   map[Family][]netlink.Rule
-	tunnels []tunnelEnd
 }
 
 // Options are the dependencies of a Dataplane; zero values mean the real kernel.
@@ -157,7 +142,7 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, mgr: newManagers(), resync: true, resyncIPT: true,
+	d := &Dataplane{cfg: cfg, log: o.Logger, node: o.Node, openNS: o.OpenNS, mgr: newManagers(),
 		pods: map[string]Pod{}}
 	if d.log == nil {
 		d.log = zap.NewNop()
@@ -209,6 +194,11 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 		d.mgr.sets[f] = newSetManager(cfg, f, d.node.NL)
 	}
 	d.mgr.routes = newRouteManager(d.node.NL, cfg.RouteProtocol)
+	for _, f := range d.fams {
+		d.mgr.rules[f] = newRuleManager(d.node.NL, f, cfg.RouteProtocol)
+	}
+	d.mgr.tunnels = newTunnelManager(d.node, NodeInLink, NodeOutLink)
+	d.mgr.sysctls = newSysctlManager(d.node.Sysctl)
 	if !o.SkipConflictCheck {
 		if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
 			return nil, err
@@ -314,8 +304,10 @@ func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
 	start := time.Now()
 	w := newWriter(false)
 	err := d.converge(ctx, st, w)
-	// A failure may leave anything half-done: verify everything next time.
-	d.resync, d.resyncIPT = err != nil, err != nil
+	if err != nil {
+		// A failure may leave anything half-done: verify everything next time.
+		queueResync(d.mgr.all())
+	}
 	w.res.Elapsed = time.Since(start)
 	if n := w.res.TotalWrites(); n > 0 || err != nil {
 		d.log.Info("dataplane apply", zap.Int("pods", len(st.Pods)), zap.Bool("ztunnel", st.Ztunnel != nil),
@@ -329,16 +321,7 @@ func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
 func (d *Dataplane) QueueResync() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.resync, d.resyncIPT = true, true
-}
-
-// queueNetlinkResync makes the next Apply read back and repair the netlink
-// objects (netlink drift): the iptables chains are read only if their
-// rendering changed.
-func (d *Dataplane) queueNetlinkResync() {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.resync = true
+	queueResync(d.mgr.all())
 }
 
 // Diff returns what Apply(st) would change, writing nothing, the state
@@ -362,7 +345,7 @@ func (d *Dataplane) diffView() *Dataplane {
 		backend: d.backend, backendReason: d.backendReason, tunnel: d.tunnel, tunnelReason: d.tunnelReason,
 		fams: d.fams, order: d.order,
 		mgr: *d.mgr.clone(), lastZtNS: d.lastZtNS, liveNS: slices.Clone(d.liveNS), port: d.port,
-		resync: true, resyncIPT: true, pods: maps.Clone(d.pods),
+		pods: maps.Clone(d.pods),
 	}
 }
 
@@ -506,47 +489,6 @@ func (d *Dataplane) slotTable(slot int) int {
 	return d.cfg.Tables.ProxyReturn
 }
 
-// ruleWriter writes the node's iptables rules of one family for one step
-// of a transition, skipping a step whose rules equal the previous one's.
-type ruleWriter struct {
-	d       *Dataplane
-	m       *filterManager
-	ctx     context.Context
-	w       *writer
-	written string
-	// read: a resync's convergence has read the chains back; the steps
-	// after it start from there instead of reading again (a process).
-	read bool
-}
-
-func (r *ruleWriter) write(p NodeParams) error {
-	rs := NodeRuleset(r.d.cfg, p)
-	rendered := rs.Render()
-	if rendered == r.written {
-		return nil
-	}
-	var err error
-	switch {
-	case r.w.dry:
-		err = r.m.apply(r.ctx, rs, r.d.resyncIPT, r.w)
-	case r.d.resyncIPT && !r.read:
-		err = r.m.apply(r.ctx, rs, true, r.w)
-		r.read = err == nil
-	default:
-		// Between resyncs the chains are what this process last wrote or
-		// read (as m.written already assumes); the jumps' positions, which
-		// other agents change, are read again before one is deleted.
-		err = r.m.update(r.ctx, rs, !r.d.resyncIPT, r.w)
-	}
-	if err != nil {
-		r.m.params = nil // a table may be written, another not: read back next time
-		return err
-	}
-	r.written = rendered
-	r.m.params = &p // what the kernel holds now
-	return nil
-}
-
 // eachFamily runs f for every family at once, each with a writer of its
 // own; what they did is added to w in family order. Only for steps whose
 // families touch separate kernel objects (iptables tables).
@@ -637,7 +579,7 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 	}
 	if len(problems) > 0 {
 		slices.Sort(problems)
-		return fmt.Errorf("invalid desired state: %s", strings.Join(problems, "; "))
+		return fmt.Errorf("%w: %s", ErrInvalidState, strings.Join(problems, "; "))
 	}
 	leaving := map[string]bool{}
 	for _, uid := range remove {
@@ -650,7 +592,7 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 	for _, p := range upsert {
 		for _, a := range p.IPs {
 			a = a.Unmap()
-			holder, ok := d.mgr.sets[FamilyOf(a)].t.Desired(a)
+			holder, ok := d.mgr.sets[FamilyOf(a)].holder(a)
 			if !ok || leaving[holder] {
 				holder = claimed[a]
 			}
@@ -686,20 +628,16 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 		}
 		d.pods[p.UID] = p
 	}
-	for _, fam := range []Family{IPv4, IPv6} {
-		if err := d.mgr.sets[fam].applyAdds(w); err != nil {
-			return err
-		}
-	}
-	if err := d.mgr.routes.applyUpdates(nil, w); err != nil {
-		return err
-	}
-	if err := d.mgr.routes.applyDeletes(nil, w); err != nil {
-		return err
-	}
-	for _, fam := range []Family{IPv4, IPv6} {
-		if err := d.mgr.sets[fam].applyDeletes(w); err != nil {
-			return err
+	// Make before break: members in, routes in, routes out, members out.
+	sets, routes := d.mgr.setList(), []manager{d.mgr.routes}
+	for _, step := range []struct {
+		ms    []manager
+		apply func(manager, context.Context, *writer) error
+	}{{sets, manager.applyUpdates}, {routes, manager.applyUpdates}, {routes, manager.applyDeletes}, {sets, manager.applyDeletes}} {
+		for _, m := range step.ms {
+			if err := step.apply(m, context.Background(), w); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
@@ -714,7 +652,7 @@ func (d *Dataplane) UpdatePods(ctx context.Context, upsert []Pod, remove []strin
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	f := d.fast
-	if f == nil || d.resync || d.resyncIPT {
+	if f == nil || anyResyncQueued(d.mgr.all()) {
 		pods := maps.Clone(d.pods)
 		for _, uid := range remove {
 			delete(pods, uid)
@@ -729,7 +667,9 @@ func (d *Dataplane) UpdatePods(ctx context.Context, upsert []Pod, remove []strin
 	start := time.Now()
 	w := newWriter(false)
 	err := d.updatePods(upsert, remove, f, w)
-	d.resync, d.resyncIPT = err != nil, err != nil
+	if err != nil && !errors.Is(err, ErrInvalidState) {
+		queueResync([]manager{d.mgr.sets[IPv4], d.mgr.sets[IPv6], d.mgr.routes})
+	}
 	w.res.Elapsed = time.Since(start)
 	return *w.res, err
 }

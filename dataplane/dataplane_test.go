@@ -883,7 +883,9 @@ func TestNetlinkDriftReadsNoIPTables(t *testing.T) {
 		return f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves
 	}
 	before := saves()
-	d.queueNetlinkResync()
+	if what := d.nodeDrift(ctx); len(what) != 1 || !strings.HasPrefix(what[0], KindRoute) {
+		t.Fatalf("drift of a deleted route: %q, want the route manager's alone", what)
+	}
 	res, err := d.Apply(ctx, st)
 	if err != nil || res.Writes[KindRoute] != 1 {
 		t.Fatalf("repair after netlink drift: %v %v, want the one route back", res.Writes, err)

@@ -13,63 +13,95 @@ import (
 // ruleset last converged to (what the kernel holds as far as this process
 // knows; "" unknown) and, on the node, the parameters it was rendered
 // from, which a transition starts from. The chains themselves (ownership
-// by prefix, read-back, learned kernel formats) are the Syncer's.
+// by prefix, read-back, learned kernel formats) are the Syncer's. Each
+// write replaces whole tables atomically, so deletes are part of updates.
 type filterManager struct {
+	resyncFlag
 	s       *iptables.Syncer
 	written string
 	params  *NodeParams
+	// want is the ruleset to converge to, wantParams what it was rendered
+	// from (nil in a ztunnel netns).
+	want       iptables.Ruleset
+	wantParams *NodeParams
+	// actual are our chains as last read back (adoption parses them).
+	actual map[string]map[string][]string
 	// owner is the ztunnel whose netns holds the chains ("" on the node).
 	owner string
 }
 
 func newFilterManager(r iptables.Runner) *filterManager {
-	return &filterManager{s: iptables.NewSyncer(r, ChainPrefix)}
+	return &filterManager{resyncFlag: resyncFlag{true}, s: iptables.NewSyncer(r, ChainPrefix)}
 }
 
-// apply converges the chains to rs. A ruleset equal to the one last
-// converged to costs nothing unless verify (the resync reads back: reading
-// costs a process per table).
-func (m *filterManager) apply(ctx context.Context, rs iptables.Ruleset, verify bool, w *writer) error {
-	rendered := rs.Render()
-	if !verify && m.written == rendered {
-		return nil
-	}
-	m.written = "" // a table may be written, another not
-	if err := runIPTables(ctx, m.s, rs, w); err != nil {
-		return err
-	}
-	m.written = rendered
-	return nil
-}
+func (m *filterManager) kind() string { return KindIPTables }
 
-// update converges the chains to rs starting from the tables as last read
-// back or written (see iptables.Syncer.Update): the steps of a transition
-// do not read them again. With trustWritten, a ruleset equal to the one
-// last converged to costs nothing.
-func (m *filterManager) update(ctx context.Context, rs iptables.Ruleset, trustWritten bool, w *writer) error {
-	rendered := rs.Render()
-	if trustWritten && m.written == rendered {
-		return nil
-	}
-	m.written = ""
-	res, err := m.s.Update(ctx, rs)
-	recordIPTables(res, w)
+// setDesired makes rs (rendered from p, nil in a ztunnel netns) the chains
+// to converge to.
+func (m *filterManager) setDesired(rs iptables.Ruleset, p *NodeParams) { m.want, m.wantParams = rs, p }
+
+// readBack reads our chains (a process per table): the writes after it
+// start from what it read.
+func (m *filterManager) readBack(ctx context.Context) error {
+	m.s.Forget()
+	actual, err := m.s.Actual(ctx)
 	if err != nil {
 		return err
 	}
-	m.written = rendered
+	m.actual, m.written, m.queued = actual, "", false
 	return nil
 }
 
-// clone is a copy that verifies the chains on its first apply (Diff).
+func (m *filterManager) pending() []string {
+	switch {
+	case m.queued:
+		return []string{"read back and converge chains"}
+	case m.want.Render() != m.written:
+		return []string{"write chains"}
+	}
+	return nil
+}
+
+// applyUpdates converges the chains to the desired ruleset: nothing when
+// it is the one last converged to; otherwise the tables that differ from
+// what was last read back or written (with a resync queued, read first).
+// A dry run reads back and records.
+func (m *filterManager) applyUpdates(ctx context.Context, w *writer) error {
+	rendered := m.want.Render()
+	if w.dry {
+		return runIPTables(ctx, m.s, m.want, w)
+	}
+	if !m.queued && m.written == rendered {
+		return nil
+	}
+	m.written, m.params = "", nil // a table may be written, another not
+	var err error
+	if m.queued {
+		err = runIPTables(ctx, m.s, m.want, w)
+	} else {
+		var res iptables.Result
+		res, err = m.s.Update(ctx, m.want)
+		recordIPTables(res, w)
+	}
+	if err != nil {
+		m.queued = true
+		return err
+	}
+	m.written, m.params, m.queued = rendered, m.wantParams, false
+	return nil
+}
+
+// applyDeletes does nothing: see filterManager.
+func (m *filterManager) applyDeletes(context.Context, *writer) error { return nil }
+
+// clone is a copy for a dry run (Diff).
 func (m *filterManager) clone() *filterManager {
 	c := *m
-	c.written = ""
 	return &c
 }
 
-// forget makes the next apply read back.
-func (m *filterManager) forget() { m.written, m.params = "", nil }
+// forget makes the next convergence read back, with nothing known.
+func (m *filterManager) forget() { m.written, m.params, m.queued = "", nil, true }
 
 // runIPTables syncs s to rs (nil removes all our chains) and records the changes.
 func runIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w *writer) error {

@@ -4,6 +4,7 @@ package dataplane
 
 import (
 	"cmp"
+	"context"
 	"fmt"
 	"slices"
 	"strconv"
@@ -109,18 +110,30 @@ func (d *Dataplane) checkRuleConflicts(nl kernel.Netlink, prios []int) error {
 // ruleManager owns our ip rules (by protocol) of one family in one netns,
 // and the swap of the kernel's unconditional local rule for ours.
 type ruleManager struct {
+	resyncFlag
 	nl    kernel.Netlink
 	fam   Family
 	proto int
 	t     *deltaTracker[string, netlink.Rule]
-	// all is every rule of the family as last read back (the local rule
-	// swap looks at the ones that are not ours).
+	// all is every rule of the family as last read back, kept up to date
+	// with our writes (the local rule swap looks at the ones not ours).
 	all []netlink.Rule
+	// swapLocal: ours replaces the kernel's unconditional local rule.
+	swapLocal bool
 }
 
 func newRuleManager(nl kernel.Netlink, f Family, proto int) *ruleManager {
-	return &ruleManager{nl: nl, fam: f, proto: proto,
+	return &ruleManager{resyncFlag: resyncFlag{true}, nl: nl, fam: f, proto: proto,
 		t: newDeltaTracker(func(_, _ netlink.Rule) bool { return true }, compareRuleKeys)} // the key is the whole rule
+}
+
+func (m *ruleManager) kind() string { return fmt.Sprintf("%s %v", KindRule, m.fam) }
+
+func (m *ruleManager) clone() *ruleManager {
+	c := *m
+	c.t = m.t.clone()
+	c.all = slices.Clone(m.all)
+	return &c
 }
 
 // compareRuleKeys orders rule keys (ruleString) by priority: rules are
@@ -136,7 +149,7 @@ func compareRuleKeys(a, b string) int {
 }
 
 // readBack records our rules as the kernel holds them.
-func (m *ruleManager) readBack() error {
+func (m *ruleManager) readBack(context.Context) error {
 	all, err := m.nl.RuleList(nlFamily(m.fam))
 	if err != nil {
 		return fmt.Errorf("list %v rules: %w", m.fam, err)
@@ -147,32 +160,78 @@ func (m *ruleManager) readBack() error {
 			ours[ruleString(r)] = r
 		}
 	}
-	m.all = all
+	m.all, m.queued = all, false
 	m.t.ReplaceActual(ours)
 	return nil
 }
 
-func (m *ruleManager) replaceDesired(rules []netlink.Rule) {
+// setDesired makes rules our only rules; with swapLocal, ours replaces the
+// kernel's unconditional local rule.
+func (m *ruleManager) setDesired(rules []netlink.Rule, swapLocal bool) {
 	want := make(map[string]netlink.Rule, len(rules))
 	for _, r := range rules {
 		want[ruleString(r)] = r
 	}
 	m.t.ReplaceDesired(want)
+	m.swapLocal = swapLocal
 }
 
-// apply adds the pending rules, then deletes ours that are not desired
-// (putting the kernel's local rule back first when ours goes), then, with
-// swapLocal, removes the kernel's unconditional local rule ours replaces.
-func (m *ruleManager) apply(swapLocal bool, w *writer) error {
+// kernelLocal is the kernel's unconditional local rule ours replaces, if
+// it is there.
+func (m *ruleManager) kernelLocal() (netlink.Rule, bool) {
+	i := slices.IndexFunc(m.all, func(r netlink.Rule) bool { return int(r.Protocol) != m.proto && isLocalRule(r) })
+	if i < 0 || !m.swapLocal {
+		return netlink.Rule{}, false
+	}
+	return m.all[i], true
+}
+
+func (m *ruleManager) pending() []string {
+	var out []string
+	for _, k := range m.t.PendingUpdates() {
+		out = append(out, "add "+k)
+	}
+	if r, ok := m.kernelLocal(); ok {
+		out = append(out, "del "+ruleString(r)+" (replaced by ours)")
+	}
+	for _, k := range m.t.PendingDeletes() {
+		out = append(out, "del "+k)
+	}
+	return out
+}
+
+// applyUpdates adds the pending rules, then, with swapLocal, removes the
+// kernel's unconditional local rule ours replaces (ours is in place now).
+func (m *ruleManager) applyUpdates(_ context.Context, w *writer) error {
 	for _, k := range m.t.PendingUpdates() {
 		r, _ := m.t.Desired(k)
 		if err := w.do(KindRule, "add "+k, func() error { return m.nl.RuleAdd(&r) }); err != nil {
 			return err
 		}
 		m.t.Written(k, r)
+		m.all = append(m.all, r)
 	}
-	// A local rule of ours that stays (added above with a new key, say)
-	// keeps the node covered: the kernel's is not put back for it.
+	r, ok := m.kernelLocal()
+	if !ok {
+		return nil
+	}
+	if r.Protocol == 0 {
+		return fmt.Errorf("the unconditional local rule has no protocol; cannot delete it without risking ours")
+	}
+	// The delete names the rule's protocol so it cannot match ours.
+	del := newRule(m.fam, 0, unix.RT_TABLE_LOCAL, 0, 0, int(r.Protocol))
+	if err := w.do(KindRule, "del "+ruleString(r)+" (replaced by ours)", func() error { return ignoreNotExist(m.nl.RuleDel(&del)) }); err != nil {
+		return err
+	}
+	m.forgetRule(r)
+	return nil
+}
+
+// applyDeletes deletes ours that are not desired, putting the kernel's
+// local rule back first when ours goes, so the node is never without one.
+func (m *ruleManager) applyDeletes(_ context.Context, w *writer) error {
+	// A local rule of ours that stays (added with a new key, say) keeps
+	// the node covered: the kernel's is not put back for it.
 	restored := false
 	for _, r := range m.t.desired {
 		restored = restored || r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL
@@ -181,9 +240,7 @@ func (m *ruleManager) apply(swapLocal bool, w *writer) error {
 		r, _ := m.t.Actual(k)
 		if r.Priority == 0 && r.Table == unix.RT_TABLE_LOCAL && !restored {
 			restored = true
-			// Ours replaced the kernel's local rule: put that back first,
-			// so the node is never without one.
-			if err := restoreLocalRule(m.nl, m.fam, m.all, m.proto, w); err != nil {
+			if err := m.restoreLocal(w); err != nil {
 				return err
 			}
 		}
@@ -191,44 +248,33 @@ func (m *ruleManager) apply(swapLocal bool, w *writer) error {
 			return err
 		}
 		m.t.Removed(k)
-	}
-	if !swapLocal {
-		return nil
-	}
-	// Ours is in place now; remove the kernel's unconditional local rule.
-	// The delete names the rule's protocol so it cannot match ours.
-	for _, r := range m.all {
-		if int(r.Protocol) == m.proto || !isLocalRule(r) {
-			continue
-		}
-		del := newRule(m.fam, 0, unix.RT_TABLE_LOCAL, 0, 0, int(r.Protocol))
-		if r.Protocol == 0 {
-			return fmt.Errorf("the unconditional local rule has no protocol; cannot delete it without risking ours")
-		}
-		if err := w.do(KindRule, "del "+ruleString(r)+" (replaced by ours)", func() error { return ignoreNotExist(m.nl.RuleDel(&del)) }); err != nil {
-			return err
-		}
+		m.forgetRule(r)
 	}
 	return nil
 }
 
-// syncRules makes our rules of family f in a netns exactly want (see
-// ruleManager.apply).
-func (d *Dataplane) syncRules(nl kernel.Netlink, f Family, want []netlink.Rule, swapLocal bool, w *writer) error {
-	m := newRuleManager(nl, f, d.cfg.RouteProtocol)
-	if err := m.readBack(); err != nil {
-		return err
-	}
-	m.replaceDesired(want)
-	return m.apply(swapLocal, w)
+// forgetRule drops r from all after deleting it.
+func (m *ruleManager) forgetRule(r netlink.Rule) {
+	m.all = slices.DeleteFunc(m.all, func(o netlink.Rule) bool { return o.Protocol == r.Protocol && ruleString(o) == ruleString(r) })
 }
 
-// restoreLocalRule adds `0: from all lookup local` unless a rule that is not
+// syncRules makes our rules of family f in a netns exactly want, at once.
+func (d *Dataplane) syncRules(nl kernel.Netlink, f Family, want []netlink.Rule, w *writer) error {
+	m := newRuleManager(nl, f, d.cfg.RouteProtocol)
+	m.setDesired(want, false)
+	return convergeNow(context.Background(), m, w)
+}
+
+// restoreLocal adds `0: from all lookup local` unless a rule that is not
 // ours already does that.
-func restoreLocalRule(nl kernel.Netlink, f Family, all []netlink.Rule, proto int, w *writer) error {
-	if slices.ContainsFunc(all, func(r netlink.Rule) bool { return isLocalRule(r) && int(r.Protocol) != proto }) {
+func (m *ruleManager) restoreLocal(w *writer) error {
+	if slices.ContainsFunc(m.all, func(r netlink.Rule) bool { return isLocalRule(r) && int(r.Protocol) != m.proto }) {
 		return nil
 	}
-	local := newRule(f, 0, unix.RT_TABLE_LOCAL, 0, 0, unix.RTPROT_KERNEL)
-	return w.do(KindRule, "add 0: from all lookup local (restore)", func() error { return nl.RuleAdd(&local) })
+	local := newRule(m.fam, 0, unix.RT_TABLE_LOCAL, 0, 0, unix.RTPROT_KERNEL)
+	if err := w.do(KindRule, "add 0: from all lookup local (restore)", func() error { return m.nl.RuleAdd(&local) }); err != nil {
+		return err
+	}
+	m.all = append(m.all, local)
+	return nil
 }

@@ -63,7 +63,8 @@ func (d *Dataplane) WatchIPTables(ctx context.Context, repaired func(Result)) er
 }
 
 // repairNodeIPTables re-syncs the node's chains to what this process last
-// wrote, reading them back.
+// wrote: the watch queues a resync of the node's filter managers alone,
+// and converges them at once.
 func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -73,7 +74,10 @@ func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
 		if m.params == nil {
 			continue // nothing converged yet: the next Apply writes
 		}
-		if err := m.apply(ctx, NodeRuleset(d.cfg, *m.params), true, w); err != nil {
+		p := *m.params
+		m.queueResync()
+		m.setDesired(NodeRuleset(d.cfg, p), &p)
+		if err := m.applyUpdates(ctx, w); err != nil {
 			return *w.res, err
 		}
 	}

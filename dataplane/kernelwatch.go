@@ -4,12 +4,11 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"syscall"
 
-	"github.com/vishvananda/netlink"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
@@ -17,11 +16,12 @@ import (
 // WatchNetlink reports drift of the node's links, addresses, routes and
 // rules as it happens, instead of at the next resync: a netlink
 // subscription wakes on changes to our tunnels, their addresses, routes of
-// our protocol or in our tables, and ip rules; after a burst settles, what
-// the last apply left is read back and compared (our own writes leave no
-// difference). When something of ours differs, the netlink managers are
-// queued to read back and drifted is called: the caller re-applies. Nothing runs while nothing
-// changes. It returns when ctx is done, or at once if it cannot watch.
+// our protocol or in our tables, and ip rules; after a burst settles, the
+// managers of those kinds read back into copies and say what is pending
+// (our own writes leave nothing). A manager with something pending gets a
+// resync queued, and drifted is called: the caller re-applies. Nothing
+// runs while nothing changes. It returns when ctx is done, or at once if
+// it cannot watch.
 func (d *Dataplane) WatchNetlink(ctx context.Context, drifted func()) error {
 	groups := []int{unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV4_ROUTE, unix.RTNLGRP_IPV4_RULE}
 	if slices.Contains(d.fams, IPv6) {
@@ -32,9 +32,8 @@ func (d *Dataplane) WatchNetlink(ctx context.Context, drifted func()) error {
 		return fmt.Errorf("watch netlink: %w", err)
 	}
 	for settle(ctx, changed) {
-		if what := d.nodeDrift(); what != "" {
-			d.log.Info("kernel state of ours changed; repairing", zap.String("what", what))
-			d.queueNetlinkResync() // only the netlink managers read back
+		if what := d.nodeDrift(ctx); len(what) > 0 {
+			d.log.Info("kernel state of ours changed; repairing", zap.Strings("what", what))
 			drifted()
 		}
 	}
@@ -88,17 +87,16 @@ func (d *Dataplane) ourDevice(idx int) bool {
 	if f == nil {
 		return false
 	}
-	for _, l := range []netlink.Link{f.in, f.out} {
-		if l != nil && l.Attrs().Index == idx {
+	for _, l := range d.mgr.tunnels.links {
+		if l.Attrs().Index == idx {
 			return true
 		}
 	}
 	return slices.ContainsFunc(f.live, func(z *ztRuntime) bool { return z.veth.Attrs().Index == idx })
 }
 
-// knownRoute reports a route event that agrees with what the last apply
-// left: an added route of ours it holds, or a deleted one it no longer
-// holds. Anything it cannot tell is not known.
+// knownRoute reports a route event the route manager agrees with (see
+// routeManager.agrees). Anything it cannot tell is not known.
 func (d *Dataplane) knownRoute(m syscall.NetlinkMessage, added bool) bool {
 	family, dstLen, table, proto := int(m.Data[0]), int(m.Data[1]), int(m.Data[4]), int(m.Data[5])
 	dst := defaultPrefix(IPv4)
@@ -120,8 +118,7 @@ func (d *Dataplane) knownRoute(m syscall.NetlinkMessage, added bool) bool {
 	if d.fast == nil {
 		return true // no apply to compare with: the next one reads everything
 	}
-	_, held := d.mgr.routes.t.Actual(routeKey(netlink.Route{Table: table, Dst: ipNet(dst)}))
-	return held == added && (proto == d.cfg.RouteProtocol || !added)
+	return d.mgr.routes.agrees(table, dst, proto, added)
 }
 
 // attrString returns a string attribute of a netlink message body.
@@ -145,58 +142,31 @@ func attrBytes(b []byte, typ uint16) []byte {
 	return nil
 }
 
-// nodeDrift compares the node's links, addresses, routes and rules of ours
-// with what the last apply left; "" when they agree (or nothing was
-// applied yet).
-func (d *Dataplane) nodeDrift() string {
+// nodeDrift reads the node's routes, tunnels and rules back into copies
+// of their managers and queues a resync of each whose copy has something
+// pending; it lists what (nothing before the first apply).
+func (d *Dataplane) nodeDrift(ctx context.Context) []string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	f := d.fast
-	if f == nil {
-		return ""
+	if d.fast == nil {
+		return nil
 	}
-	nl := d.node.NL
-	have, err := ourRoutesByKey(nl, d.cfg.RouteProtocol)
-	if err != nil {
-		return err.Error()
+	type probe struct{ live, copy manager }
+	probes := []probe{{d.mgr.routes, d.mgr.routes.clone()}, {d.mgr.tunnels, d.mgr.tunnels.clone()}}
+	for _, f := range d.fams {
+		probes = append(probes, probe{d.mgr.rules[f], d.mgr.rules[f].clone()})
 	}
-	for k, r := range d.mgr.routes.t.desired {
-		if cur, ok := have[k]; !ok || !routeEqual(r.Route, cur) {
-			return "route " + r.String()
+	var what []string
+	for _, p := range probes {
+		if err := p.copy.readBack(ctx); err != nil {
+			p.live.queueResync()
+			what = append(what, p.live.kind()+": "+err.Error())
+			continue
 		}
-	}
-	for k := range have {
-		if _, ok := d.mgr.routes.t.Desired(k); !ok {
-			return "route " + k + " is not ours to have"
-		}
-	}
-	for _, fam := range d.fams {
-		rules, err := nl.RuleList(nlFamily(fam))
-		if err != nil {
-			return err.Error()
-		}
-		for _, want := range f.rules[fam] {
-			if !slices.ContainsFunc(rules, func(r netlink.Rule) bool {
-				return int(r.Protocol) == d.cfg.RouteProtocol && ruleString(r) == ruleString(want)
-			}) {
-				return "rule " + ruleString(want)
-			}
+		if pending := p.copy.pending(); len(pending) > 0 {
+			p.live.queueResync()
+			what = append(what, p.live.kind()+": "+strings.Join(pending, ", "))
 		}
 	}
-	for _, t := range f.tunnels {
-		cur, err := nl.LinkByName(t.Name)
-		if err != nil || cur.Attrs().Flags&net.FlagUp == 0 {
-			return "link " + t.Name
-		}
-		addrs, err := nl.AddrList(cur, netlink.FAMILY_ALL)
-		if err != nil {
-			return "addresses of " + t.Name
-		}
-		for _, p := range t.Addrs {
-			if !slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == p.String() }) {
-				return "address " + p.String() + " of " + t.Name
-			}
-		}
-	}
-	return ""
+	return what
 }

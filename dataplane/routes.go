@@ -3,6 +3,7 @@ package dataplane
 // Our routes (protocol 97) in the node's tables and the ztunnel netns.
 
 import (
+	"context"
 	"fmt"
 	"maps"
 	"net"
@@ -222,6 +223,7 @@ func ourRoutes(nl kernel.Netlink, proto int) ([]netlink.Route, error) {
 // actual state (a node's pod routes are most of the agent's memory after
 // its caches).
 type routeManager struct {
+	resyncFlag
 	nl    kernel.Netlink
 	proto int
 	// links are the netns's devices: index by name, and name by index.
@@ -231,7 +233,7 @@ type routeManager struct {
 }
 
 func newRouteManager(nl kernel.Netlink, proto int) *routeManager {
-	return &routeManager{nl: nl, proto: proto, links: map[string]int{}, names: map[int]string{},
+	return &routeManager{resyncFlag: resyncFlag{true}, nl: nl, proto: proto, links: map[string]int{}, names: map[int]string{},
 		t: newDeltaTracker(func(want, have *route) bool { return routeEqual(want.Route, have.Route) }, strings.Compare)}
 }
 
@@ -242,9 +244,21 @@ func (m *routeManager) clone() *routeManager {
 	return &c
 }
 
-// readBack records the netns's links (nil: keep those known) and our
-// routes as the kernel holds them.
-func (m *routeManager) readBack(links []netlink.Link) error {
+func (m *routeManager) kind() string { return KindRoute }
+
+// readBack records the netns's links and our routes as the kernel holds
+// them.
+func (m *routeManager) readBack(context.Context) error {
+	links, err := m.nl.LinkList()
+	if err != nil {
+		return fmt.Errorf("list links: %w", err)
+	}
+	return m.readBackWith(links)
+}
+
+// readBackWith is readBack with the links already listed (nil: keep those
+// known).
+func (m *routeManager) readBackWith(links []netlink.Link) error {
 	if links != nil {
 		clear(m.links)
 		clear(m.names)
@@ -261,8 +275,33 @@ func (m *routeManager) readBack(links []netlink.Link) error {
 	for _, r := range rs {
 		actual[routeKey(r)] = &route{Route: r, Dev: m.names[r.LinkIndex]}
 	}
+	m.queued = false
 	m.t.ReplaceActual(actual)
 	return nil
+}
+
+// pending lists the routes to write and delete; a route through a device
+// that does not exist cannot be written, so it is not pending.
+func (m *routeManager) pending() []string {
+	var out []string
+	for _, k := range m.t.PendingUpdates() {
+		if r, _ := m.t.Desired(k); r.Dev == "" || r.LinkIndex != 0 {
+			out = append(out, "replace "+r.String())
+		}
+	}
+	for _, k := range m.t.PendingDeletes() {
+		r, _ := m.t.Actual(k)
+		out = append(out, "del "+r.String())
+	}
+	return out
+}
+
+// agrees reports a route event that agrees with what the manager holds:
+// an added route of ours it holds, or a deleted one it no longer holds
+// (the echo of our own writes).
+func (m *routeManager) agrees(table int, dst netip.Prefix, proto int, added bool) bool {
+	_, held := m.t.Actual(routeKey(netlink.Route{Table: table, Dst: ipNet(dst)}))
+	return held == added && (proto == m.proto || !added)
 }
 
 // linkIs records that the device name is now l (nil: it does not exist,
@@ -315,9 +354,17 @@ func (m *routeManager) replaceDesired(rs []route) {
 	m.t.ReplaceDesired(want)
 }
 
-// applyUpdates writes the pending routes sel (nil: all) selects. A route
-// whose device does not exist stays pending (a dry run lists it).
-func (m *routeManager) applyUpdates(sel func(route) bool, w *writer) error {
+func (m *routeManager) applyUpdates(_ context.Context, w *writer) error {
+	return m.applyUpdatesWhere(nil, w)
+}
+
+func (m *routeManager) applyDeletes(_ context.Context, w *writer) error {
+	return m.applyDeletesWhere(nil, w)
+}
+
+// applyUpdatesWhere writes the pending routes sel (nil: all) selects. A
+// route whose device does not exist stays pending (a dry run lists it).
+func (m *routeManager) applyUpdatesWhere(sel func(route) bool, w *writer) error {
 	for _, k := range m.t.PendingUpdates() {
 		r, _ := m.t.Desired(k)
 		if sel != nil && !sel(*r) {
@@ -334,8 +381,8 @@ func (m *routeManager) applyUpdates(sel func(route) bool, w *writer) error {
 	return nil
 }
 
-// applyDeletes deletes the undesired routes sel (nil: all) selects.
-func (m *routeManager) applyDeletes(sel func(route) bool, w *writer) error {
+// applyDeletesWhere deletes the undesired routes sel (nil: all) selects.
+func (m *routeManager) applyDeletesWhere(sel func(route) bool, w *writer) error {
 	for _, k := range m.t.PendingDeletes() {
 		r, _ := m.t.Actual(k)
 		if sel != nil && !sel(*r) {
@@ -350,20 +397,11 @@ func (m *routeManager) applyDeletes(sel func(route) bool, w *writer) error {
 }
 
 // syncRoutes makes our routes (by protocol, all tables) of a netns exactly
-// want, whose devices are among links.
-func syncRoutes(nl kernel.Netlink, proto int, want []route, w *writer, links ...netlink.Link) error {
+// want.
+func syncRoutes(nl kernel.Netlink, proto int, want []route, w *writer) error {
 	m := newRouteManager(nl, proto)
-	for _, l := range links {
-		m.linkIs(l.Attrs().Name, l)
-	}
-	if err := m.readBack(nil); err != nil {
-		return err
-	}
 	m.replaceDesired(want)
-	if err := m.applyUpdates(nil, w); err != nil {
-		return err
-	}
-	return m.applyDeletes(nil, w)
+	return convergeNow(context.Background(), m, w)
 }
 
 func ourRoutesByKey(nl kernel.Netlink, proto int) (map[string]netlink.Route, error) {

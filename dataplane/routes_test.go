@@ -21,7 +21,7 @@ func TestRouteManagerResolvesDevices(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.readBack(links); err != nil {
+	if err := m.readBackWith(links); err != nil {
 		t.Fatal(err)
 	}
 	via := func(dst, dev string) route {
@@ -46,7 +46,7 @@ func TestRouteManagerResolvesDevices(t *testing.T) {
 		}
 		return l
 	}
-	if err := m.applyUpdates(nil, newWriter(false)); err != nil {
+	if err := m.applyUpdatesWhere(nil, newWriter(false)); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := kernelIndex(a), linkNamed("tun-a").Attrs().Index; got != want {
@@ -57,13 +57,13 @@ func TestRouteManagerResolvesDevices(t *testing.T) {
 	}
 	// A dry run lists it.
 	dry := newWriter(true)
-	if err := m.clone().applyUpdates(nil, dry); err != nil || len(dry.res.Changes) != 1 {
+	if err := m.clone().applyUpdatesWhere(nil, dry); err != nil || len(dry.res.Changes) != 1 {
 		t.Fatalf("dry run: %v %v", dry.res.Changes, err)
 	}
 
 	nl.AddVeth("tun-b", 1500, 0)
 	m.linkIs("tun-b", linkNamed("tun-b"))
-	if err := m.applyUpdates(nil, newWriter(false)); err != nil {
+	if err := m.applyUpdatesWhere(nil, newWriter(false)); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := kernelIndex(b), linkNamed("tun-b").Attrs().Index; got != want {
@@ -79,7 +79,7 @@ func TestRouteManagerResolvesDevices(t *testing.T) {
 	if got := m.t.PendingUpdates(); len(got) != 1 || got[0] != routeKey(a.Route) {
 		t.Fatalf("pending %v after tun-a was re-created, want its route", got)
 	}
-	if err := m.applyUpdates(nil, newWriter(false)); err != nil {
+	if err := m.applyUpdatesWhere(nil, newWriter(false)); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := kernelIndex(a), linkNamed("tun-a").Attrs().Index; got != want {

@@ -3,6 +3,7 @@ package dataplane
 // The ipsets of ambient pods' addresses (one per family), updated in place.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"maps"
@@ -29,8 +30,7 @@ func isNotExist(err error) bool {
 }
 
 // ipsetMembers lists a set we own; ok is false when it does not exist.
-func (d *Dataplane) ipsetMembers(nl kernel.Netlink, f Family) (map[netip.Addr]string, bool, error) {
-	name := d.setName(f)
+func ipsetMembers(nl kernel.Netlink, name string, f Family) (map[netip.Addr]string, bool, error) {
 	res, err := nl.IpsetList(name)
 	if err != nil {
 		if isNotExist(err) {
@@ -53,16 +53,21 @@ func (d *Dataplane) ipsetMembers(nl kernel.Netlink, f Family) (map[netip.Addr]st
 // setManager owns one family's ipset: its members are pod addresses,
 // labelled with the pod's UID.
 type setManager struct {
+	resyncFlag
 	fam  Family
 	name string
 	nl   kernel.Netlink
-	t    *deltaTracker[netip.Addr, string]
+	// exists says the set was found or created.
+	exists bool
+	t      *deltaTracker[netip.Addr, string]
 }
 
 func newSetManager(cfg Config, f Family, nl kernel.Netlink) *setManager {
-	return &setManager{fam: f, name: setName(cfg, f), nl: nl,
+	return &setManager{resyncFlag: resyncFlag{true}, fam: f, name: setName(cfg, f), nl: nl,
 		t: newDeltaTracker(func(a, b string) bool { return a == b }, netip.Addr.Compare)}
 }
+
+func (m *setManager) kind() string { return KindIPSet + " " + m.name }
 
 // clone is a copy for a dry run (Diff), which must not disturb what the
 // next apply starts from.
@@ -72,27 +77,48 @@ func (m *setManager) clone() *setManager {
 	return &c
 }
 
-// readBack records the set's members, creating the set when it is missing.
-func (m *setManager) readBack(d *Dataplane, w *writer) error {
-	have, exists, err := d.ipsetMembers(m.nl, m.fam)
+// setDesired makes members (address -> pod UID) the set's only members.
+func (m *setManager) setDesired(members map[netip.Addr]string) { m.t.ReplaceDesired(members) }
+
+// readBack records the set's members (none when it does not exist yet).
+func (m *setManager) readBack(context.Context) error {
+	have, exists, err := ipsetMembers(m.nl, m.name, m.fam)
 	if err != nil {
 		return err
-	}
-	if !exists {
-		opts := netlink.IpsetCreateOptions{Family: familyNum(m.fam), Comments: true}
-		if err := w.do(KindIPSet, "create "+m.name, func() error { return m.nl.IpsetCreate(m.name, "hash:ip", opts) }); err != nil {
-			return err
-		}
 	}
 	if have == nil {
 		have = map[netip.Addr]string{}
 	}
+	m.exists, m.queued = exists, false
 	m.t.ReplaceActual(have)
 	return nil
 }
 
-// applyAdds adds (or re-labels) every pending member.
-func (m *setManager) applyAdds(w *writer) error {
+func (m *setManager) pending() []string {
+	var out []string
+	if !m.exists {
+		out = append(out, "create "+m.name)
+	}
+	for _, a := range m.t.PendingUpdates() {
+		uid, _ := m.t.Desired(a)
+		out = append(out, fmt.Sprintf("add %s %s (%s)", m.name, a, uid))
+	}
+	for _, a := range m.t.PendingDeletes() {
+		out = append(out, fmt.Sprintf("del %s %s", m.name, a))
+	}
+	return out
+}
+
+// applyUpdates creates the set if it is missing, then adds (or re-labels)
+// every pending member.
+func (m *setManager) applyUpdates(_ context.Context, w *writer) error {
+	if !m.exists {
+		opts := netlink.IpsetCreateOptions{Family: familyNum(m.fam), Comments: true}
+		if err := w.do(KindIPSet, "create "+m.name, func() error { return m.nl.IpsetCreate(m.name, "hash:ip", opts) }); err != nil {
+			return err
+		}
+		m.exists = true
+	}
 	for _, a := range m.t.PendingUpdates() {
 		uid, _ := m.t.Desired(a)
 		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice()), Comment: uid, Replace: true}
@@ -105,7 +131,7 @@ func (m *setManager) applyAdds(w *writer) error {
 }
 
 // applyDeletes deletes every member nothing desires.
-func (m *setManager) applyDeletes(w *writer) error {
+func (m *setManager) applyDeletes(_ context.Context, w *writer) error {
 	for _, a := range m.t.PendingDeletes() {
 		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice())}
 		if err := w.do(KindIPSet, fmt.Sprintf("del %s %s", m.name, a), func() error { return ignoreNotExist(m.nl.IpsetDel(m.name, e)) }); err != nil {
@@ -115,6 +141,9 @@ func (m *setManager) applyDeletes(w *writer) error {
 	}
 	return nil
 }
+
+// holder is the pod (UID) the set's desired state gives address a to.
+func (m *setManager) holder(a netip.Addr) (string, bool) { return m.t.Desired(a) }
 
 func sortedAddrs[V any](m map[netip.Addr]V) []netip.Addr {
 	return slices.SortedFunc(maps.Keys(m), func(a, b netip.Addr) int { return a.Compare(b) })

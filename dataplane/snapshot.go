@@ -38,7 +38,7 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 	defer d.mu.Unlock()
 	s := Snapshot{IPTablesBackend: d.backend, Tunnel: d.tunnel, IPSets: map[string]map[string]string{}}
 	for _, f := range []Family{IPv4, IPv6} {
-		m, exists, err := d.ipsetMembers(d.node.NL, f)
+		m, exists, err := ipsetMembers(d.node.NL, d.setName(f), f)
 		if err != nil {
 			s.Errors = append(s.Errors, err.Error())
 		}

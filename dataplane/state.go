@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -95,12 +96,16 @@ func (s State) members(f Family) (map[netip.Addr]string, error) {
 	return out, nil
 }
 
+// ErrInvalidState is a desired state the dataplane refuses before writing
+// anything: an invalid pod or ztunnel, or an address two pods claim.
+var ErrInvalidState = errors.New("invalid desired state")
+
 // claim is the one double-claim rule of every path that programs pods: an
 // address belongs to one pod (UID); holder is who holds it already ("" for
 // nobody).
 func claim(a netip.Addr, uid, holder string) error {
 	if holder != "" && holder != uid {
-		return fmt.Errorf("pod IP %s claimed by two pods (%s and %s)", a, holder, uid)
+		return fmt.Errorf("%w: pod IP %s claimed by two pods (%s and %s)", ErrInvalidState, a, holder, uid)
 	}
 	return nil
 }
@@ -146,7 +151,7 @@ func (s State) Validate() error {
 	}
 	if len(problems) > 0 {
 		slices.Sort(problems)
-		return fmt.Errorf("invalid desired state: %s", strings.Join(problems, "; "))
+		return fmt.Errorf("%w: %s", ErrInvalidState, strings.Join(problems, "; "))
 	}
 	return nil
 }

@@ -3,10 +3,13 @@ package dataplane
 // The istioin/istioout tunnel devices, their addresses and static neighbours.
 
 import (
+	"context"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/vishvananda/netlink"
@@ -181,3 +184,176 @@ func syncAddrs(nl kernel.Netlink, l netlink.Link, want []netip.Prefix, w *writer
 	}
 	return nil
 }
+
+// tunnelState is a tunnel device as desired (end alone) or as read back.
+type tunnelState struct {
+	end tunnelEnd
+	// Read back only: whether the device is ours at all, up, learning,
+	// carrying an IPv6 underlay; its static neighbours and (vxlan) FDB
+	// entries, MAC by address.
+	foreign              bool
+	up, learning, under6 bool
+	neigh, fdb           map[netip.Addr]string
+}
+
+// tunnelSynced reports a device that already is what want describes.
+func tunnelSynced(want, have *tunnelState) bool {
+	t, h := want.end, have.end
+	if have.foreign || !have.up || have.learning || have.under6 != t.Remote.Is6() || h.Type != t.Type || h.VNI != t.VNI ||
+		h.Port != t.Port || h.MTU != t.MTU || h.MAC.String() != t.MAC.String() {
+		return false
+	}
+	if t.Type == TunnelGeneve && h.Remote != t.Remote || t.Type == TunnelVXLAN && have.fdb[t.Remote] != t.PeerMAC.String() {
+		return false
+	}
+	for _, p := range t.PeerAddrs {
+		if have.neigh[p] != t.PeerMAC.String() {
+			return false
+		}
+	}
+	return slices.Equal(sortedPrefixes(t.Addrs), sortedPrefixes(h.Addrs))
+}
+
+func sortedPrefixes(ps []netip.Prefix) []string {
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		out[i] = p.String()
+	}
+	slices.Sort(out)
+	return out
+}
+
+// tunnelManager owns the node's tunnel devices with their addresses,
+// static neighbours and FDB entries. A device outlives its ztunnel (the
+// next one reuses it), so nothing is pending deletion: cleanup removes
+// them.
+type tunnelManager struct {
+	resyncFlag
+	k     *kernel.Kernel
+	names []string
+	t     *deltaTracker[string, *tunnelState]
+	// links are the devices as last read back or written.
+	links map[string]netlink.Link
+}
+
+func newTunnelManager(k *kernel.Kernel, names ...string) *tunnelManager {
+	return &tunnelManager{resyncFlag: resyncFlag{true}, k: k, names: names, links: map[string]netlink.Link{},
+		t: newDeltaTracker(tunnelSynced, strings.Compare)}
+}
+
+func (m *tunnelManager) kind() string { return KindLink }
+
+func (m *tunnelManager) clone() *tunnelManager {
+	c := *m
+	c.t = m.t.clone()
+	c.links = maps.Clone(m.links)
+	return &c
+}
+
+// setDesired makes ends the tunnels wanted (none: keep what is there).
+func (m *tunnelManager) setDesired(ends []tunnelEnd) {
+	want := map[string]*tunnelState{}
+	for _, t := range ends {
+		want[t.Name] = &tunnelState{end: t}
+	}
+	m.t.ReplaceDesired(want)
+}
+
+// readBack reads each of our device names: the device, its addresses,
+// neighbours and FDB.
+func (m *tunnelManager) readBack(context.Context) error {
+	actual := map[string]*tunnelState{}
+	clear(m.links)
+	for _, name := range m.names {
+		l, err := m.k.NL.LinkByName(name)
+		if isLinkNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("link %s: %w", name, err)
+		}
+		s, err := readTunnelState(m.k.NL, l)
+		if err != nil {
+			return err
+		}
+		actual[name], m.links[name] = s, l
+	}
+	m.queued = false
+	m.t.ReplaceActual(actual)
+	return nil
+}
+
+func readTunnelState(nl kernel.Netlink, l netlink.Link) (*tunnelState, error) {
+	info, ok := readTunnel(l)
+	if !ok {
+		return &tunnelState{foreign: true}, nil
+	}
+	a := l.Attrs()
+	s := &tunnelState{end: tunnelEnd{Name: a.Name, Type: info.Type, VNI: info.VNI, Port: info.Port, Remote: info.Remote, MTU: a.MTU, MAC: a.HardwareAddr},
+		up: a.Flags&net.FlagUp != 0, learning: info.Learning, under6: info.Underlay6, neigh: map[netip.Addr]string{}, fdb: map[netip.Addr]string{}}
+	addrs, err := nl.AddrList(l, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses of %s: %w", a.Name, err)
+	}
+	for _, ad := range addrs {
+		if p, ok := netipPrefix(ad.IPNet); ok && !ad.IP.IsLinkLocalUnicast() {
+			s.end.Addrs = append(s.end.Addrs, p)
+		}
+	}
+	fams := map[int]map[netip.Addr]string{netlink.FAMILY_V4: s.neigh, netlink.FAMILY_V6: s.neigh}
+	if info.Type == TunnelVXLAN {
+		fams[unix.AF_BRIDGE] = s.fdb
+	}
+	for fam, into := range fams {
+		ns, err := nl.NeighList(a.Index, fam)
+		if err != nil {
+			return nil, fmt.Errorf("list neighbours of %s: %w", a.Name, err)
+		}
+		for _, n := range ns {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+				into[ip.Unmap()] = n.HardwareAddr.String()
+			}
+		}
+	}
+	return s, nil
+}
+
+func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones), ok
+}
+
+func (m *tunnelManager) pending() []string {
+	var out []string
+	for _, k := range m.t.PendingUpdates() {
+		t, _ := m.t.Desired(k)
+		out = append(out, fmt.Sprintf("sync %s %s vni %d port %d remote %v", k, t.end.Type, t.end.VNI, t.end.Port, t.end.Remote))
+	}
+	return out
+}
+
+// applyUpdates brings every pending device to what is desired (syncTunnel
+// reads each one and writes only what differs).
+func (m *tunnelManager) applyUpdates(_ context.Context, w *writer) error {
+	for _, k := range m.t.PendingUpdates() {
+		t, _ := m.t.Desired(k)
+		l, err := syncTunnel(m.k, t.end, w)
+		if err != nil {
+			return err
+		}
+		if l == nil { // dry, and not created
+			delete(m.links, k)
+			continue
+		}
+		m.links[k] = l
+		m.t.Written(k, t)
+	}
+	return nil
+}
+
+// applyDeletes does nothing: see tunnelManager.
+func (m *tunnelManager) applyDeletes(context.Context, *writer) error { return nil }

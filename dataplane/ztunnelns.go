@@ -35,16 +35,28 @@ func (m *managers) ztFilterManager(path, owner string, f Family, k *kernel.Kerne
 	return fm, nil
 }
 
+// syncZtunnelNS converges a ztunnel's netns, kind by kind: its tunnels,
+// then their sysctls (read after the devices exist), its rules, chains
+// and the local route TPROXY needs. Its managers live for one convergence
+// but the chains' (reading those back costs a process per table).
 func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRuntime, w *writer) error {
 	k := zt.k
 	if err := d.checkRuleConflicts(k.NL, d.ztunnelPriorities()); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
+	if err := d.syncZtunnelObjects(ctx, mgr, zt, w); err != nil {
+		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
+	}
+	return nil
+}
+
+func (d *Dataplane) syncZtunnelObjects(ctx context.Context, mgr *managers, zt *ztRuntime, w *writer) error {
+	k := zt.k
 	in, out := d.tunnelEnds(zt, false)
-	for _, t := range []tunnelEnd{in, out} {
-		if _, err := syncTunnel(k, t, w); err != nil {
-			return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
-		}
+	tunnels := newTunnelManager(k, ZtunnelInLink, ZtunnelOutLink)
+	tunnels.setDesired([]tunnelEnd{in, out})
+	if err := convergeNow(ctx, tunnels, w); err != nil {
+		return err
 	}
 	want := [][2]string{{"net.ipv4.conf.all.rp_filter", "0"}, {"net.ipv4.conf.default.rp_filter", "0"}}
 	want = append(want, ifSysctls(zt.eth.Attrs().Name, false)...)
@@ -55,16 +67,12 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 		}
 	}
 	if err := syncSysctls(k.Sysctl, want, w); err != nil {
-		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
+		return err
 	}
 	p, m, proto := d.cfg.Priorities, d.cfg.Marks, d.cfg.RouteProtocol
-	lo, err := k.NL.LinkByName("lo")
-	if err != nil {
-		return fmt.Errorf("ztunnel netns %s: lo: %w", zt.spec.NetNS, err)
-	}
 	var locals []route
 	filters := map[Family]*filterManager{}
-	rulesets := map[Family]iptables.Ruleset{}
+	var fams []Family
 	for _, f := range d.fams {
 		ip, ok := zt.ips[f]
 		if !ok {
@@ -74,35 +82,26 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 			newRule(f, p.ZtunnelTProxy, d.cfg.Tables.ZtunnelLocal, m.TProxy, m.ZtunnelMask, proto),
 			newRule(f, p.ZtunnelOrigSrc, d.cfg.Tables.ZtunnelLocal, m.OrigSrc, m.ZtunnelMask, proto),
 		}
-		if err := d.syncRules(k.NL, f, rules, false, w); err != nil {
-			return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
+		if err := d.syncRules(k.NL, f, rules, w); err != nil {
+			return err
 		}
-		local := route{Route: netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)),
-			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}, Dev: "lo"}
-		locals = append(locals, local)
-		m, err := mgr.ztFilterManager(zt.spec.NetNS, zt.owner(), f, k, d.backend)
+		locals = append(locals, route{Route: netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)),
+			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}, Dev: "lo"})
+		fm, err := mgr.ztFilterManager(zt.spec.NetNS, zt.owner(), f, k, d.backend)
 		if err != nil {
 			return err
 		}
-		filters[f] = m
-		rulesets[f] = ZtunnelRuleset(d.cfg, ZtunnelParams{Family: f, ZtunnelIP: ip, Eth: zt.eth.Attrs().Name})
+		fm.setDesired(ZtunnelRuleset(d.cfg, ZtunnelParams{Family: f, ZtunnelIP: ip, Eth: zt.eth.Attrs().Name}), nil)
+		filters[f] = fm
+		fams = append(fams, f)
 	}
-	var fams []Family
-	for _, f := range d.fams {
-		if filters[f] != nil {
-			fams = append(fams, f)
-		}
-	}
-	err = eachFamily(fams, w, func(f Family, w *writer) error {
-		return filters[f].apply(ctx, rulesets[f], d.resyncIPT, w)
-	})
+	err := eachFamily(fams, w, func(f Family, w *writer) error { return filters[f].applyUpdates(ctx, w) })
 	if err != nil {
-		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
+		return err
 	}
-	if err := syncRoutes(k.NL, proto, locals, w, lo); err != nil {
-		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
-	}
-	return nil
+	routes := newRouteManager(k.NL, proto)
+	routes.replaceDesired(locals)
+	return convergeNow(ctx, routes, w)
 }
 
 // cleanupZtunnelNS removes everything we own from a ztunnel netns.
@@ -135,7 +134,7 @@ func (d *Dataplane) cleanupNS(ctx context.Context, k *kernel.Kernel, links []str
 	}
 	// syncRules puts the kernel's local rule back before removing ours.
 	for _, f := range d.fams {
-		if err := d.syncRules(k.NL, f, nil, false, w); err != nil {
+		if err := d.syncRules(k.NL, f, nil, w); err != nil {
 			errs = append(errs, err)
 		}
 	}
