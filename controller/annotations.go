@@ -26,14 +26,13 @@ type annotator struct {
 	log    *zap.Logger
 	// pods is the pod cache of the current informer generation.
 	pods func() corelisters.PodLister
-	// withProgrammed calls f with the UIDs of the programmed pods, under
-	// the lock that guards them.
-	withProgrammed func(f func(programmed map[types.UID]bool))
-	kick           chan struct{}
+	// programmed asks the dataplane whether a pod is programmed.
+	programmed func(uid types.UID) bool
+	kick       chan struct{}
 }
 
-func newAnnotator(client API, log *zap.Logger, pods func() corelisters.PodLister, withProgrammed func(func(map[types.UID]bool))) *annotator {
-	return &annotator{client: client, log: log, pods: pods, withProgrammed: withProgrammed, kick: make(chan struct{}, 1)}
+func newAnnotator(client API, log *zap.Logger, pods func() corelisters.PodLister, programmed func(types.UID) bool) *annotator {
+	return &annotator{client: client, log: log, pods: pods, programmed: programmed, kick: make(chan struct{}, 1)}
 }
 
 // Kick asks for a pass; any number of kicks coalesce.
@@ -75,19 +74,17 @@ func (a *annotator) sync(ctx context.Context) error {
 		value any
 	}
 	var todo []patch
-	a.withProgrammed(func(programmed map[types.UID]bool) { // programmed changes in place
-		for _, p := range pods {
-			cur := p.Annotations[selection.RedirectionAnno]
-			want := programmed[p.UID]
-			switch {
-			case want && cur == "":
-				todo = append(todo, patch{p, selection.RedirectionEnabled})
-			case !want && cur == selection.RedirectionEnabled:
-				todo = append(todo, patch{p, nil}) // JSON null removes the key
-			}
-			// Otherwise in place, or an opt-out ("disabled") we never touch.
+	for _, p := range pods {
+		cur := p.Annotations[selection.RedirectionAnno]
+		want := a.programmed(p.UID)
+		switch {
+		case want && cur == "":
+			todo = append(todo, patch{p, selection.RedirectionEnabled})
+		case !want && cur == selection.RedirectionEnabled:
+			todo = append(todo, patch{p, nil}) // JSON null removes the key
 		}
-	})
+		// Otherwise in place, or an opt-out ("disabled") we never touch.
+	}
 	var errs []error
 	for _, t := range todo {
 		p := t.pod

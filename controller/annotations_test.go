@@ -53,7 +53,7 @@ func TestAnnotator(t *testing.T) {
 	}
 	programmed := map[types.UID]bool{"uid-new": true, "uid-in-place": true, "uid-opted-out": true, "uid-deleted": true}
 	a := newAnnotator(clientsetAPI{client}, zap.NewNop(), func() corelisters.PodLister { return corelisters.NewPodLister(idx) },
-		func(f func(map[types.UID]bool)) { f(programmed) })
+		func(uid types.UID) bool { return programmed[uid] })
 	if err := a.sync(ctx); err != nil {
 		t.Fatalf("sync: %v", err)
 	}

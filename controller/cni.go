@@ -84,7 +84,7 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		c.mu.Lock()
 		pe, ok := c.pods[key]
 		ok = ok && c.done >= after
-		done := ok && pe.Pod != nil && pe.Pod.UID == string(pod.UID) && c.programmed[pod.UID] && containsAll(pe.Pod.IPs, req.IPs)
+		done := ok && pe.Pod != nil && pe.Pod.UID == string(pod.UID) && containsAll(pe.Pod.IPs, req.IPs)
 		// Fail closed with no ztunnel programmed (a node starting, its
 		// ztunnel not Ready yet): the pod would start with its TCP reset.
 		// It waits instead, and starts captured from its first packet.
@@ -93,6 +93,9 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		notAmbient := ok && !pe.Status.Enrolled && pe.Status.UID == string(pod.UID)
 		wait := c.synced
 		c.mu.Unlock()
+		// The dataplane says what is programmed (asked without c.mu: an
+		// apply holds its lock).
+		done = done && containsAll(c.dp.Programmed(string(pod.UID)), req.IPs)
 		switch {
 		case done:
 			c.log.Debug("pod programmed through CNI", zap.String("pod", key), zap.Any("ips", req.IPs))
@@ -131,15 +134,16 @@ func (c *Controller) checkCNI(ctx context.Context, req cni.Request) (cni.Respons
 		return cni.Response{Reason: why}, nil
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	pe, ok := c.pods[key]
+	c.mu.Unlock()
 	switch {
 	case !ok || pe.Pod == nil || pe.Pod.UID != string(pod.UID):
 		return cni.Response{Ambient: true, Reason: "not programmed: the agent has not programmed this pod"}, nil
-	case !c.programmed[pod.UID]:
-		return cni.Response{Ambient: true, Reason: "not programmed: " + pe.Status.Reason}, nil
 	case !containsAll(pe.Pod.IPs, req.IPs):
 		return cni.Response{Ambient: true, Reason: fmt.Sprintf("not programmed: the sandbox's addresses %v are not among the programmed %v", req.IPs, pe.Pod.IPs)}, nil
+	}
+	if programmed := c.dp.Programmed(string(pod.UID)); !containsAll(programmed, req.IPs) {
+		return cni.Response{Ambient: true, Reason: fmt.Sprintf("not programmed: the kernel captures %v of the sandbox's addresses %v", programmed, req.IPs)}, nil
 	}
 	return cni.Response{Ambient: true, Programmed: true, Reason: pe.Status.Reason}, nil
 }

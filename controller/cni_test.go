@@ -16,7 +16,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
@@ -138,10 +137,7 @@ func TestZtunnelLookupFailureIsRetried(t *testing.T) {
 	if err := c.syncOnce(ctx, true); !errors.Is(err, errLocate) {
 		t.Fatalf("start-up sync: %v, want the lookup failure", err)
 	}
-	c.mu.Lock()
-	programmed := c.programmed[types.UID("u1")]
-	c.mu.Unlock()
-	if !programmed {
+	if len(dp.Programmed("u1")) == 0 {
 		t.Fatal("a pod applied while the ztunnel lookup failed is not counted as programmed")
 	}
 	dp.mu.Lock()

@@ -30,6 +30,12 @@ type Dataplane interface {
 	// that does not grow with the node's pods.
 	UpdatePods(ctx context.Context, upsert []dataplane.Pod, remove []string) (dataplane.Result, error)
 	QueueResync()
+	// Applied is the state the kernel holds (pods by UID); ok is false when
+	// that is unknown (before the first apply, after a failed write).
+	Applied() (st dataplane.State, ok bool)
+	// Programmed returns the captured addresses of pod uid (none: not
+	// programmed). The dataplane is the one record of what is programmed.
+	Programmed(uid string) []netip.Addr
 	LocateZtunnel(ip net.IP) (veth, netnsPath string, err error)
 	// WatchIPTables repairs our jumps as soon as another agent moves them
 	// (kube-proxy on start), reporting each repair; it runs until ctx ends.
@@ -93,22 +99,19 @@ type Controller struct {
 	// namespace/name: its status and, when enrolled, what is programmed.
 	pods map[string]podEntry
 	// wantZt is the ztunnel part of the last sync's desired state.
-	wantZt dataplane.State
-	// applied is the ztunnel part of the last successful apply (nil after
-	// a failure); with pods it is what the kernel holds.
-	applied      *dataplane.State
+	wantZt       dataplane.State
 	pendingSince time.Time // oldest event not yet programmed
-	programmed   map[types.UID]bool
 	// dirty are the pods (namespace/name) changed since the last sync;
-	// dirtyAll asks for a full one (a namespace or ztunnel changed).
+	// dirtyAll asks for a full one (a namespace or ztunnel changed, the
+	// first sync, a failed one).
 	dirty    map[string]bool
 	dirtyAll bool
 	// conflicted counts the enrolled pods that lost an address to another
 	// pod claiming it (dedupeIPs): a pod leaving may hand it back, which
 	// only a full sync decides.
 	conflicted int
-	// owners maps each programmed address to its pod (namespace/name).
-	owners map[netip.Addr]string
+	// enrolled counts the pods with something to program.
+	enrolled int
 	// cni are the pods the CNI plugin handed over, by namespace/name.
 	cni *handover.Store
 	// synced is closed (and replaced) after every sync: CNI ADDs wait on it.
@@ -132,15 +135,11 @@ func New(client API, cfg Config, newDP func(ctx context.Context) (Dataplane, err
 	c := &Controller{
 		cfg: cfg, client: client, log: log, hooks: hooks, newDP: newDP,
 		kick: make(chan struct{}, 1), driftKick: make(chan struct{}, 1),
-		programmed: map[types.UID]bool{}, dirty: map[string]bool{}, cni: handover.New(), synced: make(chan struct{}),
+		dirty: map[string]bool{}, dirtyAll: true, cni: handover.New(), synced: make(chan struct{}),
 	}
 	c.status.DriftRepairs = map[string]int{}
 	c.anno = newAnnotator(client, log, func() corelisters.PodLister { pods, _ := c.listers(); return pods },
-		func(f func(map[types.UID]bool)) {
-			c.mu.Lock()
-			defer c.mu.Unlock()
-			f(c.programmed)
-		})
+		func(uid types.UID) bool { return len(c.dp.Programmed(string(uid))) > 0 })
 	return c
 }
 
@@ -274,14 +273,13 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 	return st, entries, zs, nil
 }
 
-// appliedDraining is the draining ztunnel pod of the last successful apply.
+// appliedDraining is the draining ztunnel pod the kernel holds.
 func (c *Controller) appliedDraining(pod string) *dataplane.Ztunnel {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.applied == nil {
+	applied, ok := c.dp.Applied()
+	if !ok {
 		return nil
 	}
-	for _, z := range c.applied.Draining {
+	for _, z := range applied.Draining {
 		if z.Pod == pod {
 			return z
 		}

@@ -3,8 +3,11 @@ package controller
 import (
 	"context"
 	"errors"
+	"maps"
 	"net"
+	"net/netip"
 	"reflect"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -27,11 +30,14 @@ import (
 )
 
 // fakeDP returns the queued writes from each Apply and keeps the pods it
-// was given.
+// was given, refusing an address two pods claim as the dataplane does.
 type fakeDP struct {
 	mu     sync.Mutex
 	writes []map[string]int
 	pods   map[string]dataplane.Pod
+	zt     dataplane.State
+	// applied: the last Apply worked (and forget was not called since).
+	applied bool
 	// applies and updates count full and pod-only applies.
 	applies, updates int
 }
@@ -39,25 +45,55 @@ type fakeDP struct {
 func (f *fakeDP) Apply(_ context.Context, st dataplane.State) (dataplane.Result, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if err := st.Validate(); err != nil {
+		return dataplane.Result{}, err
+	}
 	f.applies++
 	f.pods = map[string]dataplane.Pod{}
 	for _, p := range st.Pods {
 		f.pods[p.UID] = p
 	}
+	f.zt, f.applied = dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining}, true
 	return dataplane.Result{Writes: f.nextWrites()}, nil
 }
 
 func (f *fakeDP) UpdatePods(_ context.Context, upsert []dataplane.Pod, remove []string) (dataplane.Result, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.updates++
+	next := maps.Clone(f.pods)
 	for _, uid := range remove {
-		delete(f.pods, uid)
+		delete(next, uid)
 	}
 	for _, p := range upsert {
-		f.pods[p.UID] = p
+		next[p.UID] = p
 	}
+	if err := (dataplane.State{Pods: slices.Collect(maps.Values(next))}).Validate(); err != nil {
+		return dataplane.Result{}, err
+	}
+	f.updates++
+	f.pods = next
 	return dataplane.Result{Writes: f.nextWrites()}, nil
+}
+
+func (f *fakeDP) Applied() (dataplane.State, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st := f.zt
+	st.Pods = slices.Collect(maps.Values(f.pods))
+	return st, f.applied
+}
+
+func (f *fakeDP) Programmed(uid string) []netip.Addr {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.pods[uid].IPs
+}
+
+// forget makes what the kernel holds unknown, as a failed write does.
+func (f *fakeDP) forget() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.applied = false
 }
 
 func (f *fakeDP) nextWrites() map[string]int {

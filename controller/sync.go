@@ -3,15 +3,12 @@ package controller
 import (
 	"context"
 	"errors"
-	"net/netip"
-	"reflect"
 	"slices"
 	"time"
 
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/ambient-redirect/ambient-redirect/controller/desired"
@@ -28,7 +25,7 @@ func (c *Controller) syncOnce(ctx context.Context, resync bool) error {
 	dirty, all := c.dirty, c.dirtyAll
 	c.dirty, c.dirtyAll = map[string]bool{}, false
 	c.started++
-	incremental := !resync && !all && c.applied != nil
+	incremental := !resync && !all
 	c.mu.Unlock()
 	if incremental {
 		if done, err := c.syncPods(ctx, dirty, pending); done {
@@ -63,22 +60,6 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 		}
 		next[key] = e
 	}
-	// An address two pods claim is for the full sync to decide: two of
-	// the batch, changed or not, or one whose addresses change and one
-	// outside the batch.
-	owners := map[netip.Addr]string{}
-	for key, e := range next {
-		if e.Pod == nil {
-			continue
-		}
-		for _, a := range e.Pod.IPs {
-			if o, ok := owners[a]; ok && o != key {
-				c.mu.Unlock()
-				return false, nil
-			}
-			owners[a] = key
-		}
-	}
 	for key := range dirty {
 		old, e := c.pods[key], next[key] // zero when absent or gone
 		if samePod(old.Pod, e.Pod) {
@@ -88,12 +69,6 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 			remove = append(remove, old.Pod.UID)
 		}
 		if e.Pod != nil {
-			for _, a := range e.Pod.IPs {
-				if c.ownerOf(a, key, dirty) != "" {
-					c.mu.Unlock()
-					return false, nil
-				}
-			}
 			upsert = append(upsert, *e.Pod)
 		}
 	}
@@ -107,6 +82,12 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 	start := time.Now()
 	if len(upsert) > 0 || len(remove) > 0 {
 		res, err = c.dp.UpdatePods(ctx, upsert, remove)
+		if errors.Is(err, dataplane.ErrInvalidState) {
+			// Refused before anything was written: an address two pods
+			// claim (dataplane.Claim), for the full sync to decide from
+			// every pod.
+			return false, nil
+		}
 	}
 	c.mu.Lock()
 	for key := range dirty {
@@ -116,19 +97,12 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 		c.recordSync(start, res, err)
 	}
 	if err != nil {
-		c.applied = nil // the next sync is a full one
+		c.dirtyAll = true // the next sync is a full one
 		if !pending.IsZero() && c.pendingSince.IsZero() {
 			c.pendingSince = pending
 		}
-	} else {
-		for _, uid := range remove {
-			delete(c.programmed, types.UID(uid))
-		}
-		for _, p := range upsert {
-			c.programmed[types.UID(p.UID)] = true
-		}
 	}
-	enrolled := len(c.programmed)
+	enrolled := c.enrolled
 	c.notifySynced()
 	c.mu.Unlock()
 	if len(upsert) > 0 || len(remove) > 0 {
@@ -164,51 +138,34 @@ func samePod(a, b *dataplane.Pod) bool {
 
 // setPods makes pods the node's pods (a full sync). Called with c.mu held.
 func (c *Controller) setPods(pods map[string]podEntry) {
-	c.pods, c.owners, c.conflicted = pods, map[netip.Addr]string{}, 0
-	for key, e := range pods {
-		c.index(key, e, 1)
+	c.pods, c.conflicted, c.enrolled = pods, 0, 0
+	for _, e := range pods {
+		c.count(e, 1)
 	}
 }
 
 // setPod records one pod's entry (gone: the pod is). Called with c.mu held.
 func (c *Controller) setPod(key string, e podEntry, gone bool) {
 	if old, ok := c.pods[key]; ok {
-		c.index(key, old, -1)
+		c.count(old, -1)
 	}
 	if gone {
 		delete(c.pods, key)
 		return
 	}
 	c.pods[key] = e
-	c.index(key, e, 1)
+	c.count(e, 1)
 }
 
-// index adds (sign 1) or removes (-1) an entry's programmed addresses and
-// its count among the pods programmed without some of their addresses
-// (dedupeIPs).
-func (c *Controller) index(key string, e podEntry, sign int) {
+// count adds (sign 1) or removes (-1) an entry from the enrolled pods and
+// from those programmed without some of their addresses (dedupeIPs).
+func (c *Controller) count(e podEntry, sign int) {
 	if e.Status.Enrolled && (e.Pod == nil || len(e.Pod.IPs) < len(e.Status.IPs)) {
 		c.conflicted += sign
 	}
-	if e.Pod == nil {
-		return
+	if e.Pod != nil {
+		c.enrolled += sign
 	}
-	for _, a := range e.Pod.IPs {
-		if sign > 0 {
-			c.owners[a] = key
-		} else if c.owners[a] == key {
-			delete(c.owners, a)
-		}
-	}
-}
-
-// ownerOf is the enrolled pod (key) other than key, and not about to
-// change, that holds address a. Called with c.mu held.
-func (c *Controller) ownerOf(a netip.Addr, key string, dirty map[string]bool) string {
-	if o := c.owners[a]; o != "" && o != key && !dirty[o] {
-		return o
-	}
-	return ""
 }
 
 // kickAnnotations asks the annotation reconciler for a pass.
@@ -227,13 +184,10 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 	if pods == nil && zerr != nil {
 		return zerr
 	}
-	c.mu.Lock()
 	var applied *dataplane.State
-	if c.applied != nil {
-		a := c.stateOf(*c.applied)
+	if a, ok := c.dp.Applied(); ok {
 		applied = &a
 	}
-	c.mu.Unlock()
 	if zerr != nil && applied != nil && applied.Ztunnel != nil && zs != nil && applied.Ztunnel.Pod == zs.Pod {
 		// The running ztunnel could not be re-located (a transient netlink
 		// or netns-scan failure): keep it rather than tear capture down;
@@ -241,7 +195,7 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 		st.Ztunnel = applied.Ztunnel
 	}
 	zt := dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining}
-	if !resync && zerr == nil && applied != nil && reflect.DeepEqual(st, *applied) {
+	if !resync && zerr == nil && applied != nil && st.Equal(*applied) {
 		// The event changed nothing the kernel carries (a plain pod, a
 		// status or annotation update): no kernel work. Drift is the
 		// resync's job.
@@ -259,7 +213,7 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 	// Only a resync towards the state the kernel already held after the last
 	// successful apply repairs drift; the first sync on a fresh node, or one
 	// that also carries a change, creates rather than restores.
-	drift := resync && applied != nil && reflect.DeepEqual(st, *applied)
+	drift := resync && applied != nil && st.Equal(*applied)
 	start := time.Now()
 	res, applyErr := c.dp.Apply(ctx, st)
 	err := errors.Join(zerr, applyErr)
@@ -281,18 +235,6 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 		for k, v := range res.Writes {
 			c.status.DriftRepairs[k] += v
 		}
-	}
-	if applyErr == nil { // programmed, even if the ztunnel lookup failed
-		c.programmed = map[types.UID]bool{}
-		for _, p := range st.Pods {
-			c.programmed[types.UID(p.UID)] = true
-		}
-	}
-	// What the kernel holds: st when the apply worked (even if the ztunnel
-	// lookup failed and the previous one was kept), unknown otherwise.
-	c.applied = nil
-	if applyErr == nil {
-		c.applied = &zt
 	}
 	c.notifySynced()
 	c.mu.Unlock()

@@ -56,11 +56,14 @@ func BenchmarkSyncOnce(b *testing.B) {
 func BenchmarkFullSync(b *testing.B) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	c, _ := benchController(ctx, b)
+	c, dp := benchController(ctx, b)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for range b.N {
-		c.applied = nil // as after a change: no short cut
+		c.mu.Lock()
+		c.dirtyAll = true
+		c.mu.Unlock()
+		dp.forget() // as after a change: no short cut
 		if err := c.syncOnce(ctx, false); err != nil {
 			b.Fatal(err)
 		}

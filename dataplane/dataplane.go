@@ -596,7 +596,7 @@ func (d *Dataplane) updatePods(upsert []Pod, remove []string, f *fastPath, w *wr
 			if !ok || leaving[holder] {
 				holder = claimed[a]
 			}
-			if err := claim(a, p.UID, holder); err != nil {
+			if err := Claim(a, p.UID, holder); err != nil {
 				return err
 			}
 			claimed[a] = p.UID
@@ -668,6 +668,9 @@ func (d *Dataplane) UpdatePods(ctx context.Context, upsert []Pod, remove []strin
 	w := newWriter(false)
 	err := d.updatePods(upsert, remove, f, w)
 	if err != nil && !errors.Is(err, ErrInvalidState) {
+		// Written in part: what the kernel holds is unknown until a full
+		// apply reads the sets and routes back.
+		d.fast = nil
 		queueResync([]manager{d.mgr.sets[IPv4], d.mgr.sets[IPv6], d.mgr.routes})
 	}
 	w.res.Elapsed = time.Since(start)

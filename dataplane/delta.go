@@ -123,3 +123,10 @@ func (t *deltaTracker[K, V]) clone() *deltaTracker[K, V] {
 	return &deltaTracker[K, V]{equal: t.equal, compare: t.compare, desired: maps.Clone(t.desired), actual: maps.Clone(t.actual),
 		updates: maps.Clone(t.updates), deletes: maps.Clone(t.deletes)}
 }
+
+// IsPending reports k pending an update or a delete.
+func (t *deltaTracker[K, V]) IsPending(k K) bool {
+	_, u := t.updates[k]
+	_, d := t.deletes[k]
+	return u || d
+}

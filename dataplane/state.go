@@ -87,7 +87,7 @@ func (s State) members(f Family) (map[netip.Addr]string, error) {
 			if FamilyOf(a) != f {
 				continue
 			}
-			if err := claim(a, p.UID, out[a]); err != nil {
+			if err := Claim(a, p.UID, out[a]); err != nil {
 				return nil, err
 			}
 			out[a] = p.UID
@@ -100,10 +100,11 @@ func (s State) members(f Family) (map[netip.Addr]string, error) {
 // anything: an invalid pod or ztunnel, or an address two pods claim.
 var ErrInvalidState = errors.New("invalid desired state")
 
-// claim is the one double-claim rule of every path that programs pods: an
-// address belongs to one pod (UID); holder is who holds it already ("" for
+// Claim is the one double-claim rule of every path that programs pods
+// (the controller's dedupe, Apply's validation, UpdatePods): an address
+// belongs to one pod (UID); holder is who holds it already ("" for
 // nobody).
-func claim(a netip.Addr, uid, holder string) error {
+func Claim(a netip.Addr, uid, holder string) error {
 	if holder != "" && holder != uid {
 		return fmt.Errorf("%w: pod IP %s claimed by two pods (%s and %s)", ErrInvalidState, a, holder, uid)
 	}

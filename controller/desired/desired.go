@@ -163,21 +163,26 @@ func boolRank(b bool) int {
 }
 
 // DedupeIPs keeps the first pod claiming an IP (a stale pod object whose IP
-// was reused must not block the new one; both cannot be programmed).
+// was reused must not block the new one; both cannot be programmed), by
+// the dataplane's own rule (dataplane.Claim), which refuses the rest.
 func DedupeIPs(pods []dataplane.Pod, log *zap.Logger) []dataplane.Pod {
-	seen := make(map[netip.Addr]string, 2*len(pods))
+	holders := make(map[netip.Addr]dataplane.Pod, 2*len(pods))
 	out := pods[:0]
 	for _, p := range pods {
 		ips, dropped := p.IPs, false // copied only when one goes
 		for i, a := range p.IPs {
-			if other, ok := seen[a]; ok {
-				log.Warn("pod IP claimed by two enrolled pods; keeping the first", zap.String("ip", a.String()), zap.String("pod", p.Name), zap.String("other", other))
+			holder, held := holders[a]
+			if held {
+				if err := dataplane.Claim(a, p.UID, holder.UID); err != nil {
+					log.Warn("pod IP claimed by two enrolled pods; keeping the first", zap.String("ip", a.String()), zap.String("pod", p.Name), zap.String("other", holder.Name))
+				}
+				// Either another pod's, or listed twice: not kept again.
 				if !dropped {
 					ips, dropped = slices.Clone(p.IPs[:i]), true
 				}
 				continue
 			}
-			seen[a] = p.Name
+			holders[a] = p
 			if dropped {
 				ips = append(ips, a)
 			}
