@@ -53,15 +53,14 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		}
 	}
 	for _, path := range d.ztunnelNamespaces() {
-		if err := d.cleanupZtunnelNS(ctx, path, w); err != nil {
+		if err := d.cleanupZtunnelNS(ctx, &d.mgr, path, w); err != nil {
 			errs = append(errs, fmt.Errorf("ztunnel netns %s: %w", path, err))
 		}
 	}
-	d.lastZtNS, d.liveNS = "", nil
 	for _, m := range d.mgr.nodeFilter {
 		m.forget()
 	}
-	d.fast = nil
+	d.fast, d.wanted = nil, State{}
 	queueResync(d.mgr.all())
 	w.res.Elapsed = time.Since(start)
 	err := errors.Join(errs...)
@@ -75,7 +74,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 // the directory (several nodes on one host) are never touched.
 func (d *Dataplane) ztunnelNamespaces() []string {
 	set := map[string]bool{}
-	for _, p := range d.liveNS {
+	for _, p := range d.mgr.ztunnelNetNS() {
 		set[p] = true
 	}
 	peers := map[int]bool{}

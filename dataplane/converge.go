@@ -20,7 +20,7 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := st.Validate(); err != nil {
 		return err
 	}
-	if f := d.fast; f != nil && !w.dry && sameZtunnel(f.spec, st.Ztunnel) && slices.EqualFunc(f.draining, st.Draining, sameZtunnel) {
+	if f := d.fast; f != nil && !w.dry && sameZtunnel(d.wanted.Ztunnel, st.Ztunnel) && slices.EqualFunc(d.wanted.Draining, st.Draining, sameZtunnel) {
 		if !anyResyncQueued(d.mgr.all()) {
 			// Pod churn with the same ztunnel: only ipset members and
 			// table-100 routes can differ.
@@ -70,6 +70,9 @@ type convergence struct {
 	// (the active one first), runtimes the ones opened (closed at the end).
 	zt       *ztRuntime
 	draining []*ztRuntime
+	// port is the tunnels' UDP port: the first from the configured one
+	// that no foreign device uses.
+	port     int
 	live     []*ztRuntime
 	runtimes []*ztRuntime
 	// next are the node's rule parameters to converge to, prev those the
@@ -119,9 +122,9 @@ func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *conver
 			return nil, err
 		}
 	}
-	d.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
+	c.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
 	c.live = d.assignSlots(c.zt, c.draining, c.m.routes.t.actual)
-	if c.objs, err = d.render(st, facts{zt: c.zt, live: c.live}); err != nil {
+	if c.objs, err = d.render(st, facts{zt: c.zt, live: c.live, port: c.port}); err != nil {
 		return nil, err
 	}
 	for _, f := range []Family{IPv4, IPv6} {
@@ -240,7 +243,7 @@ func (c *convergence) each(ms []manager, steps ...func(manager, context.Context,
 // its veth.
 func (c *convergence) ztunnelNS() error {
 	for _, z := range c.live {
-		if err := c.d.syncZtunnelNS(c.ctx, c.m, z, c.w); err != nil {
+		if err := c.d.syncZtunnelNS(c.ctx, c.m, z, c.port, c.w); err != nil {
 			return err
 		}
 		veth := z.veth.Attrs().Name
@@ -309,34 +312,31 @@ func (c *convergence) reach() error {
 	return c.m.routes.applyUpdatesWhere(func(r route) bool { return !c.d.isInbound(r) }, c.w)
 }
 
-// retire takes our state out of the netns of ztunnels that hold no
-// connections any more (they may still run: it stops them intercepting;
-// best effort, they may be gone; dry, it lists what is left there), then
-// records what a pod-only apply needs.
+// retire takes our state out of every ztunnel netns the managers know
+// (see managers.ztFilter) whose ztunnel holds no connections any more
+// (it may still run: this stops it intercepting; best effort, it may be
+// gone; dry, it lists what is left there), then records what a pod-only
+// apply needs.
 func (c *convergence) retire() {
 	d := c.d
-	newNS, liveNS := "", []string{}
-	if c.zt != nil {
-		newNS = c.zt.spec.NetNS
-	}
+	var liveNS []string
 	for _, z := range c.live {
 		liveNS = append(liveNS, z.spec.NetNS)
 	}
-	for _, old := range d.liveNS { // the active one's (lastZtNS) among them
+	for _, old := range c.m.ztunnelNetNS() {
 		if slices.Contains(liveNS, old) {
 			continue
 		}
-		if err := d.cleanupZtunnelNS(c.ctx, old, c.w); err != nil && !c.w.dry {
+		if err := d.cleanupZtunnelNS(c.ctx, c.m, old, c.w); err != nil && !c.w.dry {
 			d.log.Info("old ztunnel netns not cleaned (likely gone)", zap.String("netns", old), zap.Error(err))
 		}
 	}
 	if c.w.dry {
 		return
 	}
-	d.lastZtNS, d.liveNS = newNS, liveNS
-	drain := make([]*Ztunnel, len(c.st.Draining))
-	for i, z := range c.st.Draining {
-		drain[i] = cloneZtunnel(z)
+	d.wanted = State{Ztunnel: cloneZtunnel(c.st.Ztunnel)}
+	for _, z := range c.st.Draining {
+		d.wanted.Draining = append(d.wanted.Draining, cloneZtunnel(z))
 	}
-	d.fast = &fastPath{spec: cloneZtunnel(c.st.Ztunnel), draining: drain, zt: c.zt, live: c.live}
+	d.fast = &fastPath{zt: c.zt, live: c.live}
 }

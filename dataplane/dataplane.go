@@ -77,20 +77,16 @@ type Dataplane struct {
 	order phaseOrder
 
 	mu sync.Mutex
-	// mgr are the managers of what the agent keeps across applies.
-	mgr      managers
-	lastZtNS string
-	// liveNS are the netns of every ztunnel programmed by the last apply
-	// (the active one and a draining one).
-	liveNS []string
-	port   int
+	// mgr are the managers: what the agent last wrote or read back, all of
+	// it.
+	mgr managers
 	// fast holds what a pod-only apply needs from the last full one; nil
 	// forces a full apply, as does a manager with a resync queued.
 	fast *fastPath
 	// pods are the desired pods by UID.
 	pods map[string]Pod
-	// wanted is the ztunnel part of the last Apply's state (UpdatePods
-	// builds on it).
+	// wanted is the ztunnel part of the last successful full apply's state
+	// (UpdatePods builds on it).
 	wanted State
 
 	locMu   sync.Mutex
@@ -101,10 +97,8 @@ type Dataplane struct {
 // successful full apply: with it, a pod change is rendered and written
 // without reading anything back.
 type fastPath struct {
-	spec     *Ztunnel
-	draining []*Ztunnel
-	zt       *ztRuntime   // k is closed: only addresses and links are used
-	live     []*ztRuntime // likewise
+	zt   *ztRuntime   // k is closed: only addresses and links are used
+	live []*ztRuntime // likewise
 }
 
 // Options are the dependencies of a Dataplane; zero values mean the real kernel.
@@ -220,7 +214,11 @@ func (d *Dataplane) IPTablesBackend() (string, string) { return d.backend, d.bac
 func (d *Dataplane) Tunnel() (TunnelType, string, int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.tunnel, d.tunnelReason, d.port
+	port := 0
+	if f := d.mgr.nodeFilter[IPv4]; f != nil && f.params != nil {
+		port = f.params.TunnelPort // what our rules were written with
+	}
+	return d.tunnel, d.tunnelReason, port
 }
 
 func (d *Dataplane) resolveTunnel() error {
@@ -297,10 +295,6 @@ func (d *Dataplane) Apply(ctx context.Context, st State) (Result, error) {
 }
 
 func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
-	d.wanted = State{Ztunnel: cloneZtunnel(st.Ztunnel)}
-	for _, z := range st.Draining {
-		d.wanted.Draining = append(d.wanted.Draining, cloneZtunnel(z))
-	}
 	start := time.Now()
 	w := newWriter(false)
 	err := d.converge(ctx, st, w)
@@ -344,8 +338,7 @@ func (d *Dataplane) diffView() *Dataplane {
 		cfg: d.cfg, log: d.log, node: d.node, openNS: d.openNS,
 		backend: d.backend, backendReason: d.backendReason, tunnel: d.tunnel, tunnelReason: d.tunnelReason,
 		fams: d.fams, order: d.order,
-		mgr: *d.mgr.clone(), lastZtNS: d.lastZtNS, liveNS: slices.Clone(d.liveNS), port: d.port,
-		pods: maps.Clone(d.pods),
+		mgr: *d.mgr.clone(), pods: maps.Clone(d.pods), wanted: d.wanted,
 	}
 }
 

@@ -119,10 +119,10 @@ func recordIPTables(res iptables.Result, w *writer) {
 
 // nodeParams are the inputs of the node's rules of family f. A ztunnel
 // without an address of f is no ztunnel for f: its fail mode applies.
-func (d *Dataplane) nodeParams(zt *ztRuntime, live []*ztRuntime, f Family) NodeParams {
+func (d *Dataplane) nodeParams(zt *ztRuntime, live []*ztRuntime, port int, f Family) NodeParams {
 	active := zt != nil && zt.ips[f].IsValid()
 	closed := !active && d.cfg.FailMode == FailClosed
-	p := NodeParams{Family: f, TunnelPort: d.port, Capture: active || closed, FailClosed: closed, DNS: d.cfg.DNSCapture, Active: active,
+	p := NodeParams{Family: f, TunnelPort: port, Capture: active || closed, FailClosed: closed, DNS: d.cfg.DNSCapture, Active: active,
 		ResetUncaptured: active && d.cfg.OnEnroll == OnEnrollReset}
 	for _, z := range live {
 		if ip, ok := z.ips[f]; ok {

@@ -15,6 +15,7 @@ package dataplane
 
 import (
 	"context"
+	"maps"
 	"slices"
 )
 
@@ -68,13 +69,19 @@ type managers struct {
 	// nodeFilter are the node's chains, ztFilter each ztunnel netns's, by
 	// path and family.
 	nodeFilter map[Family]*filterManager
-	ztFilter   map[string]map[Family]*filterManager
+	// A netns is in ztFilter from before our first write there until
+	// cleanup took everything of ours out of it.
+	ztFilter map[string]map[Family]*filterManager
 }
 
 func newManagers() managers {
 	return managers{sets: map[Family]*setManager{}, rules: map[Family]*ruleManager{},
 		nodeFilter: map[Family]*filterManager{}, ztFilter: map[string]map[Family]*filterManager{}}
 }
+
+// ztunnelNetNS are the netns of every ztunnel we have written into and
+// not cleaned out yet, sorted.
+func (m *managers) ztunnelNetNS() []string { return slices.Sorted(maps.Keys(m.ztFilter)) }
 
 // netlink are the node's managers that netlink reads back: every kind but
 // the chains (reading those back costs a process per table).

@@ -20,6 +20,7 @@ import (
 type facts struct {
 	zt   *ztRuntime   // the active ztunnel; nil: none
 	live []*ztRuntime // every ztunnel holding a slot, the active one first
+	port int          // the tunnels' UDP port
 }
 
 // nodeObjects are the node's desired kernel objects.
@@ -48,11 +49,11 @@ func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
 	}
 	for _, f := range d.fams {
 		o.Rules[f] = d.nodeRules(f)
-		o.Params[f] = d.nodeParams(fx.zt, fx.live, f)
+		o.Params[f] = d.nodeParams(fx.zt, fx.live, fx.port, f)
 		o.Filter[f] = NodeRuleset(d.cfg, o.Params[f])
 	}
 	if fx.zt != nil {
-		in, out := d.tunnelEnds(fx.zt, true)
+		in, out := d.tunnelEnds(fx.zt, true, fx.port)
 		o.Tunnels = []tunnelEnd{in, out}
 	}
 	o.Sysctls = d.nodeSysctls(fx.zt, fx.live)

@@ -53,7 +53,7 @@ func TestRenderGolden(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			d := newFakeNode(t).dataplane(t, c.cfg)
-			d.port = 4789
+			c.fx.port = 4789
 			d.fams = []Family{IPv4, IPv6} // the fake sysctls have no net.ipv6
 			objs, err := d.render(State{Pods: pods}, c.fx)
 			if err != nil {

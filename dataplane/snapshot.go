@@ -58,8 +58,8 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 	}
 	s.NS, errs = d.nsSnapshot(ctx, d.node, node, []string{NodeInLink, NodeOutLink})
 	s.Errors = append(s.Errors, errs...)
-	if d.lastZtNS != "" {
-		k, err := d.openNS(d.lastZtNS)
+	if z := d.wanted.Ztunnel; z != nil {
+		k, err := d.openNS(z.NetNS)
 		if err != nil {
 			s.Errors = append(s.Errors, err.Error())
 		} else {
@@ -71,7 +71,7 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 			}
 			{
 				zs, errs := d.nsSnapshot(ctx, k, syncers, []string{ZtunnelInLink, ZtunnelOutLink})
-				zs.NetNS = d.lastZtNS
+				zs.NetNS = z.NetNS
 				s.Ztunnel = &zs
 				s.Errors = append(s.Errors, errs...)
 			}

@@ -19,9 +19,9 @@ import (
 // tunnelEnds are the node's (node) or the ztunnel netns's tunnel devices
 // towards zt: inner addresses for each family zt has, whatever the
 // underlay's family (zt.ip's).
-func (d *Dataplane) tunnelEnds(zt *ztRuntime, node bool) (in, out tunnelEnd) {
+func (d *Dataplane) tunnelEnds(zt *ztRuntime, node bool, port int) (in, out tunnelEnd) {
 	mk := func(name string, vni uint32, local, remote netip.Addr, mtu int, nets ...netip.Prefix) tunnelEnd {
-		t := tunnelEnd{Name: name, Type: d.tunnel, VNI: vni, Port: d.port, Local: local, Remote: remote, MTU: mtu - encapOverhead(remote)}
+		t := tunnelEnd{Name: name, Type: d.tunnel, VNI: vni, Port: port, Local: local, Remote: remote, MTU: mtu - encapOverhead(remote)}
 		for i, n := range nets {
 			self, peer := tunnelAddrs(n)
 			if !node {

@@ -39,20 +39,23 @@ func (m *managers) ztFilterManager(path, owner string, f Family, k *kernel.Kerne
 // then their sysctls (read after the devices exist), its rules, chains
 // and the local route TPROXY needs. Its managers live for one convergence
 // but the chains' (reading those back costs a process per table).
-func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRuntime, w *writer) error {
+func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRuntime, port int, w *writer) error {
 	k := zt.k
+	if mgr.ztFilter[zt.spec.NetNS] == nil {
+		mgr.ztFilter[zt.spec.NetNS] = map[Family]*filterManager{} // known before the first write
+	}
 	if err := d.checkRuleConflicts(k.NL, d.ztunnelPriorities()); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
-	if err := d.syncZtunnelObjects(ctx, mgr, zt, w); err != nil {
+	if err := d.syncZtunnelObjects(ctx, mgr, zt, port, w); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
 	return nil
 }
 
-func (d *Dataplane) syncZtunnelObjects(ctx context.Context, mgr *managers, zt *ztRuntime, w *writer) error {
+func (d *Dataplane) syncZtunnelObjects(ctx context.Context, mgr *managers, zt *ztRuntime, port int, w *writer) error {
 	k := zt.k
-	in, out := d.tunnelEnds(zt, false)
+	in, out := d.tunnelEnds(zt, false, port)
 	tunnels := newTunnelManager(k, ZtunnelInLink, ZtunnelOutLink)
 	tunnels.setDesired([]tunnelEnd{in, out})
 	if err := convergeNow(ctx, tunnels, w); err != nil {
@@ -105,8 +108,8 @@ func (d *Dataplane) syncZtunnelObjects(ctx context.Context, mgr *managers, zt *z
 }
 
 // cleanupZtunnelNS removes everything we own from a ztunnel netns.
-func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, path string, w *writer) error {
-	delete(d.mgr.ztFilter, path)
+func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, mgr *managers, path string, w *writer) error {
+	delete(mgr.ztFilter, path)
 	k, err := d.openNS(path)
 	if err != nil {
 		return err
