@@ -20,6 +20,10 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	if err := st.Validate(); err != nil {
 		return err
 	}
+	// Sidecar pods' netns are converged apart, after the node; a resync
+	// verifies them with the chains.
+	verify := anyResyncQueued(d.mgr.filters())
+	defer func() { d.syncSidecars(ctx, st.Sidecars, verify, w) }()
 	if f := d.fast; f != nil && !w.dry && sameZtunnel(d.wanted.Ztunnel, st.Ztunnel) && slices.EqualFunc(d.wanted.Draining, st.Draining, sameZtunnel) {
 		if !anyResyncQueued(d.mgr.all()) {
 			// Pod churn with the same ztunnel: only ipset members and

@@ -34,6 +34,7 @@ const (
 	KindRule     = "rule"
 	KindSysctl   = "sysctl"
 	KindIPTables = "iptables"
+	KindNFT      = "nftables"
 )
 
 // Dataplane converges the kernel of one node (and its ztunnel's netns) to a

@@ -72,11 +72,14 @@ type managers struct {
 	// A netns is in ztFilter from before our first write there until
 	// cleanup took everything of ours out of it.
 	ztFilter map[string]map[Family]*filterManager
+	// sidecars are the sidecar pods' netns, by pod UID: apart from the
+	// node's managers (a pod's failure is its own; see syncSidecars).
+	sidecars map[string]*sidecarManager
 }
 
 func newManagers() managers {
 	return managers{sets: map[Family]*setManager{}, rules: map[Family]*ruleManager{},
-		nodeFilter: map[Family]*filterManager{}, ztFilter: map[string]map[Family]*filterManager{}}
+		nodeFilter: map[Family]*filterManager{}, ztFilter: map[string]map[Family]*filterManager{}, sidecars: map[string]*sidecarManager{}}
 }
 
 // ztunnelNetNS are the netns of every ztunnel we have written into and
@@ -150,6 +153,10 @@ func (m *managers) clone() *managers {
 		for f, n := range fs {
 			c.ztFilter[path][f] = n.clone()
 		}
+	}
+	for uid, s := range m.sidecars {
+		cp := *s
+		c.sidecars[uid] = &cp
 	}
 	queueResync(c.all())
 	return &c

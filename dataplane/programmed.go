@@ -28,6 +28,10 @@ func (d *Dataplane) Applied() (st State, ok bool) {
 		st.Pods = append(st.Pods, p)
 	}
 	slices.SortFunc(st.Pods, func(a, b Pod) int { return strings.Compare(a.UID, b.UID) })
+	for _, m := range d.mgr.sidecars {
+		st.Sidecars = append(st.Sidecars, m.pod)
+	}
+	slices.SortFunc(st.Sidecars, func(a, b Sidecar) int { return strings.Compare(a.UID, b.UID) })
 	return st, true
 }
 
@@ -63,5 +67,10 @@ func (s State) Equal(o State) bool {
 	}
 	byUID := func(a, b Pod) int { return cmp.Compare(a.UID, b.UID) }
 	a, b := slices.SortedFunc(slices.Values(s.Pods), byUID), slices.SortedFunc(slices.Values(o.Pods), byUID)
-	return slices.EqualFunc(a, b, func(x, y Pod) bool { return x.UID == y.UID && x.Name == y.Name && slices.Equal(x.IPs, y.IPs) })
+	if !slices.EqualFunc(a, b, func(x, y Pod) bool { return x.UID == y.UID && x.Name == y.Name && slices.Equal(x.IPs, y.IPs) }) {
+		return false
+	}
+	scUID := func(a, b Sidecar) int { return cmp.Compare(a.UID, b.UID) }
+	sa, sb := slices.SortedFunc(slices.Values(s.Sidecars), scUID), slices.SortedFunc(slices.Values(o.Sidecars), scUID)
+	return slices.EqualFunc(sa, sb, func(x, y Sidecar) bool { return x.Name == y.Name && sameSidecar(x, y) })
 }

@@ -40,6 +40,9 @@ type State struct {
 	Draining []*Ztunnel
 	// Pods are the enrolled (ambient) pods on this node.
 	Pods []Pod
+	// Sidecars are the pods with an Istio sidecar whose capture rules we
+	// write in their own netns; never among Pods.
+	Sidecars []Sidecar
 }
 
 // Ztunnel identifies the node proxy's pod.
@@ -143,6 +146,15 @@ func (s State) Validate() error {
 	}
 	for _, p := range s.Pods {
 		problems = append(problems, p.problems()...)
+	}
+	ambient := map[string]bool{}
+	for _, p := range s.Pods {
+		ambient[p.UID] = true
+	}
+	for _, sc := range s.Sidecars {
+		if ambient[sc.UID] {
+			problems = append(problems, fmt.Sprintf("pod %s: both ambient and a sidecar pod", sc.Name))
+		}
 	}
 	if _, err := s.members(IPv4); err != nil {
 		problems = append(problems, err.Error())
