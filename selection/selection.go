@@ -21,6 +21,12 @@ const (
 	RedirectionEnabled   = "enabled"
 	RedirectionDisabled  = "disabled"
 	SidecarStatusAnno    = "sidecar.istio.io/status"
+	// InterceptionModeAnno is a sidecar pod's capture mode: REDIRECT
+	// (default), TPROXY or NONE.
+	InterceptionModeAnno = "sidecar.istio.io/interceptionMode"
+	InterceptionNone     = "NONE"
+	// IstioInitContainer writes a sidecar pod's rules itself.
+	IstioInitContainer = "istio-init"
 )
 
 // Reasons a pod is or is not enrolled, as shown by the debug endpoint.
@@ -39,6 +45,9 @@ const (
 	ReasonSidecar           = "has an Istio sidecar (" + SidecarStatusAnno + ")"
 	ReasonNotAmbient        = "neither namespace nor pod labelled " + DataplaneModeLabel + "=" + DataplaneModeAmbient
 	ReasonNamespaceUnknown  = "namespace not found in cache"
+	ReasonSidecarCapture    = "sidecar pod: its capture rules are this agent's, in its netns"
+	ReasonSidecarIstioInit  = ReasonSidecar + "; its " + IstioInitContainer + " init container writes its rules"
+	ReasonSidecarModeNone   = ReasonSidecar + "; " + InterceptionModeAnno + "=" + InterceptionNone
 )
 
 // Phases of a pod (status.phase) the rules read.
@@ -62,6 +71,8 @@ type Pod struct {
 	IPs             []netip.Addr
 	Ready           bool      // the Ready condition is True
 	Started         time.Time // the later of creation and status.startTime
+	// InitContainers are the names of spec.initContainers.
+	InitContainers []string
 }
 
 // Namespace is what the rules read of a namespace.
@@ -77,6 +88,9 @@ type Options struct {
 	// ZtunnelSelector selects the ztunnel pods in ZtunnelNamespace; nil
 	// selects none.
 	ZtunnelSelector *Selector
+	// SidecarCapture makes the agent write sidecar pods' capture rules
+	// (SidecarCaptured); off, it leaves them to Istio.
+	SidecarCapture bool
 }
 
 // IsZtunnel reports whether a pod of namespace with labels is a ztunnel pod
@@ -127,6 +141,43 @@ func Ambient(pod *Pod, ns *Namespace, o Options) (bool, string) {
 		return true, ReasonEnrolledNamespace
 	}
 	return false, ReasonNotAmbient
+}
+
+// SidecarEnrolled decides whether pod is a sidecar pod of this node whose
+// capture rules the agent writes now, and why.
+func SidecarEnrolled(pod *Pod, o Options) (bool, string) {
+	switch {
+	case pod.NodeName != o.NodeName:
+		return false, ReasonOtherNode
+	case pod.HostNetwork:
+		return false, ReasonHostNetwork
+	case pod.Terminating:
+		return false, ReasonTerminating
+	case pod.Phase == PhaseSucceeded || pod.Phase == PhaseFailed:
+		return false, ReasonFinished
+	case len(pod.IPs) == 0:
+		return false, ReasonNoIP
+	}
+	return SidecarCaptured(pod, o)
+}
+
+// SidecarCaptured decides from annotations and init containers alone
+// whether pod is a sidecar pod whose capture rules the agent writes:
+// injected (Istio's status annotation), without Istio's own istio-init
+// (the CNI-mode injection), its interception mode not NONE. What the CNI
+// plugin can know of a pod whose sandbox is being created.
+func SidecarCaptured(pod *Pod, o Options) (bool, string) {
+	switch {
+	case !o.SidecarCapture || pod.Annotations[SidecarStatusAnno] == "":
+		return false, ReasonSidecar
+	case slices.Contains(o.ExcludeNamespaces, pod.Namespace):
+		return false, ReasonExcludedNamespace
+	case slices.Contains(pod.InitContainers, IstioInitContainer):
+		return false, ReasonSidecarIstioInit
+	case pod.Annotations[InterceptionModeAnno] == InterceptionNone:
+		return false, ReasonSidecarModeNone
+	}
+	return true, ReasonSidecarCapture
 }
 
 // ParseIPs returns every valid address of podIPs (status.podIPs), falling

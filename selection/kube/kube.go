@@ -26,7 +26,26 @@ func Pod(pod *corev1.Pod) selection.Pod {
 		IPs:         PodIPs(pod),
 		Ready:       PodReady(pod),
 		Started:     startTime(pod),
+		InitContainers: func() []string {
+			var names []string
+			for _, c := range pod.Spec.InitContainers {
+				names = append(names, c.Name)
+			}
+			return names
+		}(),
 	}
+}
+
+// SidecarEnrolled is selection.SidecarEnrolled for pod.
+func SidecarEnrolled(pod *corev1.Pod, o selection.Options) (bool, string) {
+	p := Pod(pod)
+	return selection.SidecarEnrolled(&p, o)
+}
+
+// SidecarCaptured is selection.SidecarCaptured for pod.
+func SidecarCaptured(pod *corev1.Pod, o selection.Options) (bool, string) {
+	p := Pod(pod)
+	return selection.SidecarCaptured(&p, o)
 }
 
 // Namespace is what the rules read of ns; nil for nil (not in the cache).
