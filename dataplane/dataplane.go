@@ -210,7 +210,7 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	}
 	d.mgr.routes = newRouteManager(d.node.NL, cfg.RouteProtocol)
 	if !o.SkipConflictCheck {
-		if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
+		if err := d.checkNodeConflicts(ctx); err != nil {
 			return nil, err
 		}
 	}
@@ -364,15 +364,6 @@ func (d *Dataplane) diffView() *Dataplane {
 		mgr: *d.mgr.clone(), lastZtNS: d.lastZtNS, liveNS: slices.Clone(d.liveNS), port: d.port,
 		resync: true, resyncIPT: true, pods: maps.Clone(d.pods),
 	}
-}
-
-func (d *Dataplane) nodePriorities() []int {
-	p := d.cfg.Priorities
-	return []int{p.ProxyReturn2, p.Skip, p.Outbound, p.ProxyReturn, p.Inbound}
-}
-
-func (d *Dataplane) ztunnelPriorities() []int {
-	return []int{d.cfg.Priorities.ZtunnelTProxy, d.cfg.Priorities.ZtunnelOrigSrc}
 }
 
 // ztRuntime is the ztunnel as found in the kernel.

@@ -37,7 +37,7 @@ func (m *managers) ztFilterManager(path, owner string, f Family, k *kernel.Kerne
 
 func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRuntime, w *writer) error {
 	k := zt.k
-	if err := d.checkRuleConflicts(k.NL, d.ztunnelPriorities()); err != nil {
+	if err := d.checkZtunnelConflicts(k.NL); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
 	in, out := d.tunnelEnds(zt, false)
