@@ -102,3 +102,33 @@ func TestZtunnelConflicts(t *testing.T) {
 		t.Fatalf("%v", cs)
 	}
 }
+
+// Bad combinations of marks, priorities and tables are refused, each
+// naming a flag that fixes it.
+func TestConfigValidateCoexistSettings(t *testing.T) {
+	for name, c := range map[string]struct {
+		mutate func(*dataplane.Config)
+		flag   string
+	}{
+		"two bits":                   {func(c *dataplane.Config) { c.Marks.Skip = 0x300 }, "--mark-skip"},
+		"slot overlaps outbound":     {func(c *dataplane.Config) { c.Marks.Slot = c.Marks.Outbound }, "--mark-slot"},
+		"proxy-return in conn-skip":  {func(c *dataplane.Config) { c.Marks.ProxyReturn = 0x20 }, "--mark-proxy-return"},
+		"conn-skip adds nothing":     {func(c *dataplane.Config) { c.Marks.ConnSkip = c.Marks.Skip }, "--mark-conn-skip"},
+		"conn-skip and proxy share":  {func(c *dataplane.Config) { c.Marks.ConnSkip, c.Marks.Proxy = 0x230, 0x210 }, "--mark-proxy"},
+		"ztunnel mark outside mask":  {func(c *dataplane.Config) { c.Marks.TProxy = 0x1000 }, "--mark-ztunnel-mask"},
+		"skip after outbound":        {func(c *dataplane.Config) { c.Priorities.Skip = 102 }, "--rule-priority-skip"},
+		"slot-1 after proxy-return":  {func(c *dataplane.Config) { c.Priorities.ProxyReturn2 = 102 }, "--rule-priority-proxy-return-slot1"},
+		"priority 0":                 {func(c *dataplane.Config) { c.Priorities.ProxyReturn2 = 0 }, "--rule-priority"},
+		"tables equal":               {func(c *dataplane.Config) { c.Tables.ProxyReturn2 = c.Tables.Inbound }, "--route-table-proxy-return-slot1"},
+		"reserved table":             {func(c *dataplane.Config) { c.Tables.Inbound = 255 }, "--route-table"},
+		"ztunnel priorities equal":   {func(c *dataplane.Config) { c.Priorities.ZtunnelOrigSrc = c.Priorities.ZtunnelTProxy }, "must differ"},
+		"documented, then one moved": {func(c *dataplane.Config) { coexist.Settings(c); c.Priorities.Inbound = 12 }, "--rule-priority-inbound"},
+	} {
+		cfg := dataplane.DefaultConfig()
+		c.mutate(&cfg)
+		err := cfg.Validate()
+		if err == nil || !strings.Contains(err.Error(), c.flag) {
+			t.Errorf("%s: err = %v, want one naming %s", name, err, c.flag)
+		}
+	}
+}
