@@ -27,7 +27,7 @@ type CNI struct {
 	// LocalPriority is where it moves the kernel's `0: lookup local` rule
 	// (0: left alone).
 	LocalPriority int
-	// Devices are dummy devices its routes go through.
+	// Devices are devices its routes go through (veth pairs in tests).
 	Devices []string
 	// Rules are `ip rule add` arguments after "pref N", per family.
 	Rules, Rules6 []Rule
@@ -106,7 +106,7 @@ func Cilium(endpoint string) CNI {
 :CILIUM_POST_mangle - [0:0]
 -A PREROUTING -m comment --comment "cilium-feeder: CILIUM_PRE_mangle" -j CILIUM_PRE_mangle
 -A POSTROUTING -m comment --comment "cilium-feeder: CILIUM_POST_mangle" -j CILIUM_POST_mangle
--A CILIUM_PRE_mangle -m mark ! --mark 0xe00/0xf00 -m mark ! --mark 0x800/0xf00 -m comment --comment "cilium: any->pod redirect proxied traffic to host proxy" -j MARK --set-xmark 0x200/0xffffffff
+-A CILIUM_PRE_mangle ! -o lo -m socket --transparent -m mark ! --mark 0xe00/0xf00 -m mark ! --mark 0x800/0xf00 -m comment --comment "cilium: any->pod redirect proxied traffic to host proxy" -j MARK --set-xmark 0x200/0xffffffff
 -A CILIUM_PRE_mangle -p tcp -m mark --mark 0x1bd80200 -m comment --comment "cilium: TPROXY to host cilium-dns-egress proxy" -j TPROXY --on-port 36795 --on-ip 127.0.0.1 --tproxy-mark 0x200/0xffffffff
 -A CILIUM_PRE_mangle -i cilium_wg0 -m comment --comment "cilium: mark decrypted WireGuard traffic" -j MARK --set-xmark 0x1000/0x1000
 -A CILIUM_POST_mangle -o cilium_host -m mark --mark 0xa00/0xe00 -m comment --comment "cilium: clear proxy mark" -j MARK --set-xmark 0x0/0xf00
@@ -115,7 +115,7 @@ COMMIT
 		IP6Tables: `*mangle
 :CILIUM_PRE_mangle - [0:0]
 -A PREROUTING -m comment --comment "cilium-feeder: CILIUM_PRE_mangle" -j CILIUM_PRE_mangle
--A CILIUM_PRE_mangle -m mark ! --mark 0xe00/0xf00 -m comment --comment "cilium: any->pod redirect proxied traffic to host proxy" -j MARK --set-xmark 0x200/0xffffffff
+-A CILIUM_PRE_mangle ! -o lo -m socket --transparent -m mark ! --mark 0xe00/0xf00 -m comment --comment "cilium: any->pod redirect proxied traffic to host proxy" -j MARK --set-xmark 0x200/0xffffffff
 COMMIT
 `,
 		DefaultConflict: `holds priority 100, which our skip rule needs; move ours with --rule-priority-skip`,
@@ -305,8 +305,11 @@ func table(s string) int {
 // backend), as the CNI would have before the agent starts.
 func (c CNI) Write(t testing.TB, ns string) {
 	t.Helper()
-	for _, d := range c.Devices {
-		netnstest.Exec(t, ns, "ip", "link", "add", d, "type", "dummy")
+	for i, d := range c.Devices {
+		// veth pairs: kernels without the dummy module have them.
+		peer := "cnipeer" + strconv.Itoa(i)
+		netnstest.Exec(t, ns, "ip", "link", "add", d, "type", "veth", "peer", "name", peer)
+		netnstest.Exec(t, ns, "ip", "link", "set", peer, "up")
 		netnstest.Exec(t, ns, "ip", "link", "set", d, "up")
 	}
 	for _, fam := range []string{"-4", "-6"} {
