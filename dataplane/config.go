@@ -187,6 +187,32 @@ func DefaultConfig() Config {
 	}
 }
 
+// The command-line flags (without "--") that set each mark, rule priority
+// and route table: validation and conflict errors name the one to change.
+const (
+	FlagMarkOutbound             = "mark-outbound"
+	FlagMarkSkip                 = "mark-skip"
+	FlagMarkConnSkip             = "mark-conn-skip"
+	FlagMarkProxy                = "mark-proxy"
+	FlagMarkProxyReturn          = "mark-proxy-return"
+	FlagMarkSlot                 = "mark-slot"
+	FlagMarkZtunnelTProxy        = "mark-ztunnel-tproxy"
+	FlagMarkZtunnelOrigSrc       = "mark-ztunnel-orig-src"
+	FlagMarkZtunnelMask          = "mark-ztunnel-mask"
+	FlagPrioritySkip             = "rule-priority-skip"
+	FlagPriorityOutbound         = "rule-priority-outbound"
+	FlagPriorityProxyReturn      = "rule-priority-proxy-return"
+	FlagPriorityInbound          = "rule-priority-inbound"
+	FlagPriorityProxyReturnSlot1 = "rule-priority-proxy-return-slot1"
+	FlagPriorityZtunnelTProxy    = "rule-priority-ztunnel-tproxy"
+	FlagPriorityZtunnelOrigSrc   = "rule-priority-ztunnel-orig-src"
+	FlagTableInbound             = "route-table-inbound"
+	FlagTableOutbound            = "route-table-outbound"
+	FlagTableProxyReturn         = "route-table-proxy-return"
+	FlagTableProxyReturnSlot1    = "route-table-proxy-return-slot1"
+	FlagTableZtunnelLocal        = "route-table-ztunnel-local"
+)
+
 // Validate reports every problem of the configuration at once.
 func (c Config) Validate() error {
 	var errs []error
@@ -217,48 +243,56 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("dns port: %d out of range", c.DNSPort))
 	}
 	m := c.Marks
-	for name, v := range map[string]uint32{"outbound": m.Outbound, "skip": m.Skip, "proxy-return": m.ProxyReturn, "slot": m.Slot} {
-		if v == 0 || v&(v-1) != 0 {
-			errs = append(errs, fmt.Errorf("mark %s: %#x must be a single bit", name, v))
+	for _, x := range []struct {
+		flag string
+		v    uint32
+	}{{FlagMarkOutbound, m.Outbound}, {FlagMarkSkip, m.Skip}, {FlagMarkProxyReturn, m.ProxyReturn}, {FlagMarkSlot, m.Slot}} {
+		if x.v == 0 || x.v&(x.v-1) != 0 {
+			errs = append(errs, fmt.Errorf("--%s %#x must be a single bit", x.flag, x.v))
 		}
 	}
+	connExtra, proxyExtra := m.ConnSkip&^m.Skip, m.Proxy&^m.Skip
 	if m.ConnSkip&m.Skip != m.Skip || m.Proxy&m.Skip != m.Skip {
-		errs = append(errs, fmt.Errorf("marks: conn-skip %#x and proxy %#x must contain the skip bit %#x", m.ConnSkip, m.Proxy, m.Skip))
+		errs = append(errs, fmt.Errorf("--%s %#x and --%s %#x must contain the --%s bit %#x", FlagMarkConnSkip, m.ConnSkip, FlagMarkProxy, m.Proxy, FlagMarkSkip, m.Skip))
+	} else if connExtra == 0 || proxyExtra == 0 || connExtra&proxyExtra != 0 {
+		errs = append(errs, fmt.Errorf("--%s %#x and --%s %#x must each add bits of their own to the --%s bit %#x", FlagMarkConnSkip, m.ConnSkip, FlagMarkProxy, m.Proxy, FlagMarkSkip, m.Skip))
 	}
 	if m.Outbound&(m.ConnSkip|m.Proxy|m.ProxyReturn) != 0 || m.ProxyReturn&(m.ConnSkip|m.Proxy) != 0 {
-		errs = append(errs, errors.New("marks: outbound and proxy-return must not overlap the skip marks"))
+		errs = append(errs, fmt.Errorf("marks: --%s %#x and --%s %#x must not overlap each other or the skip marks (--%s %#x, --%s %#x)",
+			FlagMarkOutbound, m.Outbound, FlagMarkProxyReturn, m.ProxyReturn, FlagMarkConnSkip, m.ConnSkip, FlagMarkProxy, m.Proxy))
 	}
 	if m.Slot&(m.Outbound|m.ConnSkip|m.Proxy|m.ProxyReturn) != 0 {
-		errs = append(errs, errors.New("marks: the slot bit must not overlap any other mark"))
+		errs = append(errs, fmt.Errorf("marks: --%s %#x must not overlap any other mark", FlagMarkSlot, m.Slot))
 	}
-	if m.ConnSkip == m.Proxy {
-		errs = append(errs, errors.New("marks: conn-skip and proxy must differ"))
-	}
-	if m.ZtunnelMask == 0 || m.TProxy&^m.ZtunnelMask != 0 || m.OrigSrc&^m.ZtunnelMask != 0 || m.TProxy == m.OrigSrc {
-		errs = append(errs, errors.New("marks: ztunnel tproxy/orig-src marks must differ and fit the ztunnel mask"))
+	if m.ZtunnelMask == 0 || m.TProxy&^m.ZtunnelMask != 0 || m.OrigSrc&^m.ZtunnelMask != 0 || m.TProxy == m.OrigSrc || m.TProxy == 0 || m.OrigSrc == 0 {
+		errs = append(errs, fmt.Errorf("marks: --%s %#x and --%s %#x must be non-zero, differ and fit --%s %#x",
+			FlagMarkZtunnelTProxy, m.TProxy, FlagMarkZtunnelOrigSrc, m.OrigSrc, FlagMarkZtunnelMask, m.ZtunnelMask))
 	}
 	t := c.Tables
 	tables := []int{t.Inbound, t.Outbound, t.ProxyReturn, t.ProxyReturn2}
 	for _, v := range append(tables, t.ZtunnelLocal) {
 		if v <= 0 || v >= 253 && v <= 255 || v > 0xfffffff0 {
-			errs = append(errs, fmt.Errorf("route table %d is reserved or out of range", v))
+			errs = append(errs, fmt.Errorf("route table %d (--route-table-*) is reserved (0, 253-255) or out of range", v))
 		}
 	}
 	if dup(tables) {
-		errs = append(errs, fmt.Errorf("route tables %v must differ", tables))
+		errs = append(errs, fmt.Errorf("route tables %v (--%s, --%s, --%s, --%s) must differ", tables,
+			FlagTableInbound, FlagTableOutbound, FlagTableProxyReturn, FlagTableProxyReturnSlot1))
 	}
 	p := c.Priorities
 	prios := []int{p.ProxyReturn2, p.Skip, p.Outbound, p.ProxyReturn, p.Inbound}
 	for _, v := range append(prios, p.ZtunnelTProxy, p.ZtunnelOrigSrc) {
 		if v <= 0 || v >= 32766 {
-			errs = append(errs, fmt.Errorf("rule priority %d must be in 1..32765", v))
+			errs = append(errs, fmt.Errorf("rule priority %d (--rule-priority-*) must be in 1..32765 (0 is the local rule's, 32766 main's)", v))
 		}
 	}
 	if dup(prios) || p.ZtunnelTProxy == p.ZtunnelOrigSrc {
-		errs = append(errs, fmt.Errorf("rule priorities %v must differ", prios))
+		errs = append(errs, fmt.Errorf("rule priorities %v (node) and %d, %d (ztunnel netns) must differ", prios, p.ZtunnelTProxy, p.ZtunnelOrigSrc))
 	}
 	if !(p.Skip < p.Outbound && p.Outbound < p.Inbound && p.ProxyReturn2 < p.ProxyReturn && p.ProxyReturn < p.Inbound) {
-		errs = append(errs, errors.New("rule priorities: skip < outbound < inbound and proxy-return of slot 1 < proxy-return < inbound are required"))
+		errs = append(errs, fmt.Errorf("rule priorities: --%s (%d) < --%s (%d) < --%s (%d) and --%s (%d) < --%s (%d) < --%s are required",
+			FlagPrioritySkip, p.Skip, FlagPriorityOutbound, p.Outbound, FlagPriorityInbound, p.Inbound,
+			FlagPriorityProxyReturnSlot1, p.ProxyReturn2, FlagPriorityProxyReturn, p.ProxyReturn, FlagPriorityInbound))
 	}
 	if c.RouteProtocol <= 4 || c.RouteProtocol > 255 {
 		errs = append(errs, fmt.Errorf("route protocol %d must be in 5..255 (0-4 belong to the kernel)", c.RouteProtocol))

@@ -106,7 +106,7 @@ func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *conver
 	if err := d.checkForwarding(st); err != nil {
 		return nil, err
 	}
-	if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
+	if err := d.checkNodeConflicts(ctx); err != nil {
 		return nil, err
 	}
 	if err := c.resolveZtunnels(); err != nil {

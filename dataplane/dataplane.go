@@ -195,7 +195,7 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	d.mgr.tunnels = newTunnelManager(d.node, NodeInLink, NodeOutLink)
 	d.mgr.sysctls = newSysctlManager(d.node.Sysctl)
 	if !o.SkipConflictCheck {
-		if err := d.checkRuleConflicts(d.node.NL, d.nodePriorities()); err != nil {
+		if err := d.checkNodeConflicts(ctx); err != nil {
 			return nil, err
 		}
 	}
@@ -341,15 +341,6 @@ func (d *Dataplane) diffView() *Dataplane {
 		fams: d.fams, order: d.order,
 		mgr: *d.mgr.clone(), pods: maps.Clone(d.pods), wanted: d.wanted,
 	}
-}
-
-func (d *Dataplane) nodePriorities() []int {
-	p := d.cfg.Priorities
-	return []int{p.ProxyReturn2, p.Skip, p.Outbound, p.ProxyReturn, p.Inbound}
-}
-
-func (d *Dataplane) ztunnelPriorities() []int {
-	return []int{d.cfg.Priorities.ZtunnelTProxy, d.cfg.Priorities.ZtunnelOrigSrc}
 }
 
 // ztRuntime is the ztunnel as found in the kernel.

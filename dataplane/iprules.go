@@ -92,21 +92,6 @@ func isLocalRule(r netlink.Rule) bool {
 		r.Src == nil && r.Dst == nil && r.IifName == "" && r.OifName == "" && !r.Invert
 }
 
-func (d *Dataplane) checkRuleConflicts(nl kernel.Netlink, prios []int) error {
-	for _, f := range d.fams {
-		rules, err := nl.RuleList(nlFamily(f))
-		if err != nil {
-			return fmt.Errorf("list %v rules: %w", f, err)
-		}
-		for _, r := range rules {
-			if int(r.Protocol) != d.cfg.RouteProtocol && slices.Contains(prios, r.Priority) {
-				return fmt.Errorf("ip rule priority %d is already used by another agent (%q, protocol %d): choose other priorities", r.Priority, ruleString(r), r.Protocol)
-			}
-		}
-	}
-	return nil
-}
-
 // ruleManager owns our ip rules (by protocol) of one family in one netns,
 // and the swap of the kernel's unconditional local rule for ours.
 type ruleManager struct {
@@ -266,9 +251,12 @@ func (d *Dataplane) syncRules(nl kernel.Netlink, f Family, want []netlink.Rule, 
 }
 
 // restoreLocal adds `0: from all lookup local` unless a rule that is not
-// ours already does that.
+// ours already does that, at 0 or where another agent moved it (Cilium
+// keeps it at 100, the AWS VPC CNI at 20).
 func (m *ruleManager) restoreLocal(w *writer) error {
-	if slices.ContainsFunc(m.all, func(r netlink.Rule) bool { return isLocalRule(r) && int(r.Protocol) != m.proto }) {
+	if slices.ContainsFunc(m.all, func(r netlink.Rule) bool {
+		return (isLocalRule(r) || isMovedLocalRule(r)) && int(r.Protocol) != m.proto
+	}) {
 		return nil
 	}
 	local := newRule(m.fam, 0, unix.RT_TABLE_LOCAL, 0, 0, unix.RTPROT_KERNEL)

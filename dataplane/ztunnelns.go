@@ -44,7 +44,7 @@ func (d *Dataplane) syncZtunnelNS(ctx context.Context, mgr *managers, zt *ztRunt
 	if mgr.ztFilter[zt.spec.NetNS] == nil {
 		mgr.ztFilter[zt.spec.NetNS] = map[Family]*filterManager{} // known before the first write
 	}
-	if err := d.checkRuleConflicts(k.NL, d.ztunnelPriorities()); err != nil {
+	if err := d.checkZtunnelConflicts(k.NL); err != nil {
 		return fmt.Errorf("ztunnel netns %s: %w", zt.spec.NetNS, err)
 	}
 	if err := d.syncZtunnelObjects(ctx, mgr, zt, port, w); err != nil {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/go-logr/zapr"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"k8s.io/client-go/rest"
@@ -180,6 +181,13 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 
 	metrics := controller.NewMetrics()
+	// Other agents in our way (see dataplane.WatchConflicts): not ready,
+	// counted, logged; what works stays.
+	conflicts := dataplane.NewConflictReport(log.Named("conflicts"))
+	metrics.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "ambient_redirect_conflicts",
+		Help: "Rules, routes and firewall rules of other agents in the way of ours (priorities, tables, mark bits).",
+	}, func() float64 { return float64(len(conflicts.Get())) }))
 	// Set by the sync loop once the caches synced, read by the debug server.
 	var dp atomic.Pointer[dataplane.Dataplane]
 	newDP := func(ctx context.Context) (controller.Dataplane, error) {
@@ -188,6 +196,11 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 			return nil, err
 		}
 		dp.Store(d)
+		go func() {
+			if err := d.WatchConflicts(ctx, o.ResyncPeriod, conflicts.Set); err != nil {
+				log.Warn("not watching for conflicts with other agents; the resync still refuses them", zap.Error(err))
+			}
+		}()
 		return d, nil
 	}
 	ctl := controller.New(client, controller.Config{
@@ -220,6 +233,9 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	if pluginHealthy != nil && srv != nil {
 		srv.AddReadyCheck("cniPlugin", pluginHealthy)
 	}
+	if srv != nil {
+		srv.AddReadyCheck("conflicts", conflicts.Err)
+	}
 	if err := ctl.Run(ctx); err != nil {
 		log.Error("agent stopped", zap.Error(err))
 		return 1
@@ -232,7 +248,15 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 }
 
 func configView(o *Options) map[string]any {
+	m, p, t := o.Marks, o.Priorities, o.Tables
+	hex := func(v uint32) string { return fmt.Sprintf("%#x", v) }
 	return map[string]any{
+		"marks": map[string]string{"outbound": hex(m.Outbound), "skip": hex(m.Skip), "connSkip": hex(m.ConnSkip), "proxy": hex(m.Proxy),
+			"proxyReturn": hex(m.ProxyReturn), "slot": hex(m.Slot), "ztunnelTProxy": hex(m.TProxy), "ztunnelOrigSrc": hex(m.OrigSrc), "ztunnelMask": hex(m.ZtunnelMask)},
+		"rulePriorities": map[string]int{"proxyReturnSlot1": p.ProxyReturn2, "skip": p.Skip, "outbound": p.Outbound, "proxyReturn": p.ProxyReturn,
+			"inbound": p.Inbound, "ztunnelTProxy": p.ZtunnelTProxy, "ztunnelOrigSrc": p.ZtunnelOrigSrc},
+		"routeTables": map[string]int{"inbound": t.Inbound, "outbound": t.Outbound, "proxyReturn": t.ProxyReturn, "proxyReturnSlot1": t.ProxyReturn2,
+			"ztunnelLocal": t.ZtunnelLocal},
 		"nodeName": o.NodeName, "ztunnelNamespace": o.ZtunnelNamespace, "ztunnelSelector": o.ZtunnelSelector,
 		"excludeNamespaces": o.excluded(), "tunnel": o.Tunnel, "tunnelPort": o.TunnelPort, "failMode": o.FailMode,
 		"iptablesMode": o.IPTablesMode, "netnsDir": o.NetNSDir, "resyncPeriod": o.ResyncPeriod.String(),

@@ -2,12 +2,16 @@ package main
 
 import (
 	"bytes"
+	"flag"
 	"os"
 	"path/filepath"
 	"runtime/debug"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
+	"github.com/ambient-redirect/ambient-redirect/test/coexist"
 )
 
 func TestBadFlagsAreOneLineExit2(t *testing.T) {
@@ -37,6 +41,13 @@ func TestBadFlagsAreOneLineExit2(t *testing.T) {
 		{[]string{"cleanup", "--netns-dir", "/does/not/exist"}, "netns-dir"},
 		{[]string{"status", "--timeout", "0s"}, "timeout"},
 		{[]string{"frobnicate"}, "frobnicate"},
+		{[]string{"run", "--node-name", "n", "--mark-outbound", "0x300"}, "mark-outbound"},
+		{[]string{"run", "--node-name", "n", "--mark-skip", "zz"}, "mark-skip"},
+		{[]string{"run", "--node-name", "n", "--mark-slot", "0x100"}, "mark-slot"},
+		{[]string{"run", "--node-name", "n", "--rule-priority-skip", "105"}, "rule-priority-skip"},
+		{[]string{"run", "--node-name", "n", "--route-table-outbound", "100"}, "route-table-outbound"},
+		{[]string{"run", "--node-name", "n", "--mark-slot", "0x100", "--rule-priority-skip", "105", "--route-table-outbound", "100"}, "route-table-outbound"},
+		{[]string{"cleanup", "--rule-priority-inbound", "0"}, "rule-priority"},
 	}
 	for _, c := range cases {
 		t.Setenv("NODE_NAME", "")
@@ -192,5 +203,28 @@ func TestVersionShowsRevision(t *testing.T) {
 		if v := versionOf(bi); v != c.want {
 			t.Errorf("version of %s (modified %s): %q, want %q", c.main, c.modified, v, c.want)
 		}
+	}
+}
+
+// The README's documented settings parse to the ones the coexistence
+// tests run with.
+func TestCoexistArgs(t *testing.T) {
+	o := defaultOptions()
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	o.AddFlags(fs)
+	if err := fs.Parse(coexist.Args); err != nil {
+		t.Fatal(err)
+	}
+	got, err := o.dataplaneConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := dataplane.DefaultConfig()
+	coexist.Settings(&want)
+	if got.Marks != want.Marks || got.Priorities != want.Priorities || got.Tables != want.Tables {
+		t.Fatalf("flags give %+v %+v %+v, want %+v %+v %+v", got.Marks, got.Priorities, got.Tables, want.Marks, want.Priorities, want.Tables)
+	}
+	if v := configView(o)["marks"].(map[string]string)["outbound"]; v != "0x10" {
+		t.Fatalf("debug config shows outbound mark %q", v)
 	}
 }

@@ -68,9 +68,33 @@ type Options struct {
 	CNIConfDir        string
 	CNIHostConfDir    string
 	CNIPluginBinary   string
+	// Marks, Priorities and Tables move ours out of other agents' way.
+	Marks      dataplane.Marks
+	Priorities dataplane.Priorities
+	Tables     dataplane.Tables
+}
+
+// markFlag is a packet mark, hex (0x...) or decimal.
+type markFlag struct{ v *uint32 }
+
+func (m markFlag) String() string {
+	if m.v == nil {
+		return ""
+	}
+	return fmt.Sprintf("%#x", *m.v)
+}
+
+func (m markFlag) Set(s string) error {
+	v, err := strconv.ParseUint(s, 0, 32)
+	if err != nil {
+		return fmt.Errorf("%q is not a 32-bit mark (hex 0x... or decimal)", s)
+	}
+	*m.v = uint32(v)
+	return nil
 }
 
 func defaultOptions() *Options {
+	def := dataplane.DefaultConfig()
 	return &Options{
 		NodeName:          os.Getenv("NODE_NAME"),
 		ZtunnelNamespace:  "istio-system",
@@ -89,6 +113,9 @@ func defaultOptions() *Options {
 		CNIBinDir:         "/opt/cni/bin",
 		CNIConfDir:        "/etc/cni/net.d",
 		CNIPluginBinary:   pluginBinary(),
+		Marks:             def.Marks,
+		Priorities:        def.Priorities,
+		Tables:            def.Tables,
 	}
 }
 
@@ -118,6 +145,51 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.CNIHostConfDir, "cni-host-conf-dir", o.CNIHostConfDir, "--cni-conf-dir as the host sees it, when mounted elsewhere (the plugin reads its kubeconfig there); default --cni-conf-dir")
 	fs.StringVar(&o.CNIPluginBinary, "cni-plugin-binary", o.CNIPluginBinary, "the plugin binary to install (with --cni-install)")
 	fs.Var(choice{&o.LogLevel, []string{"debug", "info", "warn", "error"}}, "log-level", "log level")
+	o.addCoexistFlags(fs)
+}
+
+// addCoexistFlags adds a flag for every mark bit, rule priority and route
+// table the agent uses, so it can keep out of other agents' way (see the
+// README's tested settings for Cilium, Calico and the AWS VPC CNI).
+func (o *Options) addCoexistFlags(fs *flag.FlagSet) {
+	m, p, t := &o.Marks, &o.Priorities, &o.Tables
+	for _, f := range []struct {
+		name string
+		v    *uint32
+		help string
+	}{
+		{dataplane.FlagMarkOutbound, &m.Outbound, "mark bit of ambient pods' TCP, routed to ztunnel"},
+		{dataplane.FlagMarkSkip, &m.Skip, "mark bit of traffic that bypasses capture (main table)"},
+		{dataplane.FlagMarkConnSkip, &m.ConnSkip, "skip mark saved to the connection mark (the skip bit plus one of its own)"},
+		{dataplane.FlagMarkProxy, &m.Proxy, "mark of ztunnel's spoofed-source traffic (the skip bit plus one of its own)"},
+		{dataplane.FlagMarkProxyReturn, &m.ProxyReturn, "mark bit of replies to ztunnel's spoofed connections, routed back to ztunnel"},
+		{dataplane.FlagMarkSlot, &m.Slot, "connection mark bit pinning connections to a surge rollout's second ztunnel"},
+		{dataplane.FlagMarkZtunnelTProxy, &m.TProxy, "TPROXY mark inside the ztunnel netns"},
+		{dataplane.FlagMarkZtunnelOrigSrc, &m.OrigSrc, "original-source reply mark inside the ztunnel netns"},
+		{dataplane.FlagMarkZtunnelMask, &m.ZtunnelMask, "mask of the two ztunnel netns marks"},
+	} {
+		fs.Var(markFlag{f.v}, f.name, f.help+" (hex or decimal)")
+	}
+	for _, f := range []struct {
+		name string
+		v    *int
+		help string
+	}{
+		{dataplane.FlagPriorityProxyReturnSlot1, &p.ProxyReturn2, "ip rule priority: slot-1 proxy-return (before --rule-priority-proxy-return)"},
+		{dataplane.FlagPrioritySkip, &p.Skip, "ip rule priority: skip marks go to main"},
+		{dataplane.FlagPriorityOutbound, &p.Outbound, "ip rule priority: outbound capture"},
+		{dataplane.FlagPriorityProxyReturn, &p.ProxyReturn, "ip rule priority: proxy return"},
+		{dataplane.FlagPriorityInbound, &p.Inbound, "ip rule priority: inbound capture (after all the others)"},
+		{dataplane.FlagPriorityZtunnelTProxy, &p.ZtunnelTProxy, "ip rule priority inside the ztunnel netns: TPROXY"},
+		{dataplane.FlagPriorityZtunnelOrigSrc, &p.ZtunnelOrigSrc, "ip rule priority inside the ztunnel netns: original-source replies"},
+		{dataplane.FlagTableInbound, &t.Inbound, "route table: inbound (per-pod routes)"},
+		{dataplane.FlagTableOutbound, &t.Outbound, "route table: outbound"},
+		{dataplane.FlagTableProxyReturn, &t.ProxyReturn, "route table: proxy return"},
+		{dataplane.FlagTableProxyReturnSlot1, &t.ProxyReturn2, "route table: slot-1 proxy return"},
+		{dataplane.FlagTableZtunnelLocal, &t.ZtunnelLocal, "route table inside the ztunnel netns"},
+	} {
+		fs.IntVar(f.v, f.name, *f.v, f.help)
+	}
 }
 
 // Validate checks the options; every problem is reported. The node name is
@@ -226,5 +298,6 @@ func (o *Options) dataplaneConfig() (dataplane.Config, error) {
 	c.IPTablesMode = dataplane.IPTablesMode(o.IPTablesMode)
 	c.NetNSDir = o.NetNSDir
 	c.DNSCapture = o.DNSCapture
+	c.Marks, c.Priorities, c.Tables = o.Marks, o.Priorities, o.Tables
 	return c, c.Validate()
 }

@@ -105,11 +105,30 @@ type Syncer struct {
 	learned map[string]string
 	// last are the tables as last read back, nil when unknown (see Update).
 	last map[string]Parsed
+	// saved is the newest `iptables-save` text of every table, whoever
+	// read it (see Saved); writes since do not clear it.
+	saved string
 }
 
 // NewSyncer returns a syncer owning every chain whose name starts with prefix.
 func NewSyncer(r Runner, prefix string) *Syncer {
 	return &Syncer{run: r, prefix: prefix, learned: map[string]string{}}
+}
+
+// Saved returns the newest full `iptables-save` text this syncer read (or
+// was given with NoteSaved), "" when none: the conflict check reads the
+// other agents' rules from it instead of running iptables-save again.
+func (s *Syncer) Saved() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.saved
+}
+
+// NoteSaved records a full `iptables-save` text read elsewhere (see Saved).
+func (s *Syncer) NoteSaved(text string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.saved = text
 }
 
 // Runner returns the runner in use.
@@ -202,6 +221,7 @@ func (s *Syncer) sync(ctx context.Context, desired Ruleset, dryRun bool, from ma
 		if err != nil {
 			return res, nil, err
 		}
+		s.saved = saved
 		all = ParseSaveAll(saved)
 		if !dryRun { // a dry run (Diff) may run beside a convergence: leave its reads alone
 			s.last = all
@@ -283,7 +303,7 @@ func (s *Syncer) Actual(ctx context.Context) (map[string]map[string][]string, er
 	}
 	all := ParseSaveAll(saved)
 	s.mu.Lock()
-	s.last = all
+	s.last, s.saved = all, saved
 	s.mu.Unlock()
 	for table, cur := range all {
 		for chain, rules := range cur.Rules {
@@ -481,7 +501,7 @@ func (s *Syncer) learn(ctx context.Context, desired Ruleset, tables []string) {
 		return // learning is an optimisation only
 	}
 	all := ParseSaveAll(saved)
-	s.last = all
+	s.last, s.saved = all, saved
 	for _, c := range desired {
 		if !slices.Contains(tables, c.Table) {
 			continue

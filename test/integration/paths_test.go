@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 	"github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 )
@@ -32,6 +33,13 @@ func TestPacketPaths(t *testing.T) {
 }
 
 func packetPaths(t *testing.T, fam netnstest.Family, v6 bool) {
+	packetPathsWith(t, fam, v6, nil, nil)
+}
+
+// packetPathsWith is packetPaths on nodes that setup prepares (another
+// agent's state, say) before the dataplane, configured by mutate, starts;
+// it returns the nodes.
+func packetPathsWith(t *testing.T, fam netnstest.Family, v6 bool, setup func(*node), mutate func(*dataplane.Config)) []*node {
 	_, nodes := clusterOf(t, fam, 2, 2, 2)
 	n1, n2 := nodes[0], nodes[1]
 	// ip is a pod's address of the family under test.
@@ -49,7 +57,10 @@ func packetPaths(t *testing.T, fam netnstest.Family, v6 bool) {
 			cidrs = append(cidrs, c.String())
 		}
 		zt[n] = startZtunnel(t, n.zt, cidrs...)
-		n.dp = newDataplane(t, n, nil)
+		if setup != nil {
+			setup(n)
+		}
+		n.dp = newDataplane(t, n, mutate)
 		apply(t, n, n.state(true))
 		for _, p := range append(append([]*netnstest.Pod{}, n.ambient...), n.plain...) {
 			netnstest.EchoServer(t, p.NS, ipPort(ip(p), echoPort))
@@ -191,6 +202,7 @@ func packetPaths(t *testing.T, fam netnstest.Family, v6 bool) {
 			t.Fatal("not captured")
 		}
 	})
+	return nodes
 }
 
 func unspecified(v6 bool) net.IP {

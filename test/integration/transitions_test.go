@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
+	"github.com/ambient-redirect/ambient-redirect/test/coexist"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
 )
 
@@ -217,10 +218,26 @@ func TestTransitionsNeverLeak(t *testing.T) {
 	}
 }
 
-func transitions(t *testing.T, v6 bool) {
+// TestTransitionsNeverLeakCoexist is the same with the marks, priorities
+// and tables documented for running next to Cilium, on a node with
+// Cilium's rules, routes and marks.
+func TestTransitionsNeverLeakCoexist(t *testing.T) {
+	transitionsWith(t, false, func(n *node) {
+		coexist.Cilium(n.ambient[1].IP.String()).Write(t, n.NS)
+	}, func(c *dataplane.Config) { coexist.Settings(c); c.IPTablesMode = dataplane.IPTablesNFT })
+}
+
+func transitions(t *testing.T, v6 bool) { transitionsWith(t, v6, nil, nil) }
+
+// transitionsWith runs the transitions on a node that setup prepares,
+// with every agent configured by mutate.
+func transitionsWith(t *testing.T, v6 bool, setup func(*node), mutate func(*dataplane.Config)) {
 	const rounds = 10
 	_, nodes := cluster(t, 1, 3, 1)
 	n := nodes[0]
+	if setup != nil {
+		setup(n)
+	}
 	a1, a2, a3, p1 := n.ambient[0], n.ambient[1], n.ambient[2], n.plain[0]
 	n.ambient = []*netnstest.Pod{a1, a2} // a3 joins and leaves
 	// Clients take ports apart from the ztunnels' (which dial upstream with
@@ -234,7 +251,12 @@ func transitions(t *testing.T, v6 bool) {
 	// A fail-mode change is an agent restart with other flags: a new
 	// Dataplane that knows only what it reads back.
 	restart := func(mode dataplane.FailMode) *dataplane.Dataplane {
-		return newDataplane(t, n, func(c *dataplane.Config) { c.FailMode = mode })
+		return newDataplane(t, n, func(c *dataplane.Config) {
+			if mutate != nil {
+				mutate(c)
+			}
+			c.FailMode = mode
+		})
 	}
 	dp := restart(dataplane.FailClosed)
 	var zts []*ztunnel
