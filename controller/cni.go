@@ -65,7 +65,15 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		return cni.Response{}, err
 	}
 	withIPs := handover.WithPodIPs(pod, req.IPs)
-	if ok, why := kube.Enrolled(withIPs, ns, c.cfg.Selection); !ok {
+	ok, why := kube.Enrolled(withIPs, ns, c.cfg.Selection)
+	sidecar, _ := kube.SidecarEnrolled(withIPs, c.cfg.Selection)
+	switch {
+	case sidecar:
+		// Refused at once: the pod must not start with rules we cannot write.
+		if _, err := desired.SidecarCaptureOf(withIPs); err != nil {
+			return cni.Response{Ambient: true, Reason: err.Error()}, err
+		}
+	case !ok:
 		return cni.Response{Reason: why}, nil
 	}
 	cp := handover.Sandbox{UID: pod.UID, ContainerID: req.ContainerID, IPs: slices.Clone(req.IPs)}
@@ -90,12 +98,25 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		// It waits instead, and starts captured from its first packet.
 		noZtunnel := c.cfg.WaitForZtunnel && c.wantZt.Ztunnel == nil
 		done = done && !noZtunnel
-		notAmbient := ok && !pe.Status.Enrolled && pe.Status.UID == string(pod.UID)
+		notAmbient := ok && !pe.Status.Enrolled && pe.Status.UID == string(pod.UID) && pe.Sidecar == nil && pe.SidecarErr == nil
+		sidecarErr := ok && pe.Status.UID == string(pod.UID) && pe.SidecarErr != nil
 		wait := c.synced
 		c.mu.Unlock()
 		// The dataplane says what is programmed (asked without c.mu: an
 		// apply holds its lock).
 		done = done && containsAll(c.dp.Programmed(string(pod.UID)), req.IPs)
+		if sidecar && ok && pe.Sidecar != nil && pe.Sidecar.UID == string(pod.UID) {
+			switch in, err := c.dp.SidecarProgrammed(string(pod.UID)); {
+			case err != nil:
+				return cni.Response{Ambient: true, Reason: err.Error()}, fmt.Errorf("sidecar pod %s: %w", key, err)
+			case in:
+				c.log.Debug("sidecar pod programmed through CNI", zap.String("pod", key))
+				return cni.Response{Ambient: true, Programmed: true, Reason: pe.Status.Reason}, nil
+			}
+		}
+		if sidecarErr {
+			return cni.Response{Ambient: true, Reason: pe.SidecarErr.Error()}, pe.SidecarErr
+		}
 		switch {
 		case done:
 			c.log.Debug("pod programmed through CNI", zap.String("pod", key), zap.Any("ips", req.IPs))

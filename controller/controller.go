@@ -36,6 +36,10 @@ type Dataplane interface {
 	// Programmed returns the captured addresses of pod uid (none: not
 	// programmed). The dataplane is the one record of what is programmed.
 	Programmed(uid string) []netip.Addr
+	// SidecarProgrammed reports whether a sidecar pod's rules are in
+	// place, or what keeps them from it; Sidecars lists them all.
+	SidecarProgrammed(uid string) (bool, error)
+	Sidecars() []dataplane.SidecarState
 	LocateZtunnel(ip net.IP) (veth, netnsPath string, err error)
 	// WatchIPTables repairs our jumps as soon as another agent moves them
 	// (kube-proxy on start), reporting each repair; it runs until ctx ends.

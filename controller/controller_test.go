@@ -36,6 +36,8 @@ type fakeDP struct {
 	writes []map[string]int
 	pods   map[string]dataplane.Pod
 	zt     dataplane.State
+	// sidecars are the sidecar pods of the last Apply, by UID.
+	sidecars map[string]bool
 	// applied: the last Apply worked (and forget was not called since).
 	applied bool
 	// applies and updates count full and pod-only applies.
@@ -53,7 +55,11 @@ func (f *fakeDP) Apply(_ context.Context, st dataplane.State) (dataplane.Result,
 	for _, p := range st.Pods {
 		f.pods[p.UID] = p
 	}
-	f.zt, f.applied = dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining}, true
+	f.zt, f.applied = dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining, Sidecars: st.Sidecars}, true
+	f.sidecars = map[string]bool{}
+	for _, s := range st.Sidecars {
+		f.sidecars[s.UID] = true
+	}
 	return dataplane.Result{Writes: f.nextWrites()}, nil
 }
 
@@ -88,6 +94,14 @@ func (f *fakeDP) Programmed(uid string) []netip.Addr {
 	defer f.mu.Unlock()
 	return f.pods[uid].IPs
 }
+
+func (f *fakeDP) SidecarProgrammed(uid string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.sidecars[uid], nil
+}
+
+func (f *fakeDP) Sidecars() []dataplane.SidecarState { return nil }
 
 // forget makes what the kernel holds unknown, as a failed write does.
 func (f *fakeDP) forget() {

@@ -23,6 +23,7 @@ type DataplaneInfo interface {
 	Tunnel() (typ dataplane.TunnelType, reason string, port int)
 	Diff(ctx context.Context, st dataplane.State) ([]string, error)
 	Snapshot(ctx context.Context) dataplane.Snapshot
+	Sidecars() []dataplane.SidecarState
 }
 
 // DebugState is the body of /debug/state.
@@ -32,13 +33,16 @@ type DebugState struct {
 	Tunnel   map[string]any `json:"tunnel"`
 	Ztunnel  *ZtunnelStatus `json:"ztunnel"`
 	// Draining are older ztunnels that still run and keep their connections.
-	Draining     []string       `json:"draining,omitempty"`
-	Pods         []PodStatus    `json:"pods"`
-	Enrolled     int            `json:"enrolled"`
-	LastSync     *SyncStatus    `json:"lastSync"`
-	LastSuccess  time.Time      `json:"lastSuccess"`
-	DriftRepairs map[string]int `json:"driftRepairs"`
-	Ready        bool           `json:"ready"`
+	Draining []string    `json:"draining,omitempty"`
+	Pods     []PodStatus `json:"pods"`
+	// Sidecars are the sidecar pods whose capture rules are ours: their
+	// effective interception settings and whether the rules are in place.
+	Sidecars     []dataplane.SidecarState `json:"sidecars"`
+	Enrolled     int                      `json:"enrolled"`
+	LastSync     *SyncStatus              `json:"lastSync"`
+	LastSuccess  time.Time                `json:"lastSuccess"`
+	DriftRepairs map[string]int           `json:"driftRepairs"`
+	Ready        bool                     `json:"ready"`
 	// FailedChecks names what keeps the agent not ready besides the first
 	// sync (the CNI plugin's installation), with why.
 	FailedChecks map[string]string `json:"failedChecks,omitempty"`
@@ -187,6 +191,7 @@ func (s *DebugServer) state(w http.ResponseWriter, r *http.Request) {
 		out.Tunnel = map[string]any{"type": t, "reason": why, "port": port}
 		snap := dp.Snapshot(r.Context())
 		out.Kernel = &snap
+		out.Sidecars = dp.Sidecars()
 	}
 	desired := s.ctl.LastDesired()
 	switch {

@@ -14,6 +14,7 @@ import (
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/ambient-redirect/ambient-redirect/controller/desired"
 	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 )
@@ -187,6 +188,10 @@ func minimalPod(obj any) (any, error) {
 			keep[k] = v
 		}
 	}
+	var spec corev1.PodSpec
+	if keep[selection.SidecarStatusAnno] != "" {
+		spec = sidecarSpec(p, keep)
+	}
 	var conds []corev1.PodCondition
 	for _, c := range p.Status.Conditions {
 		if c.Type == corev1.PodReady {
@@ -198,12 +203,44 @@ func minimalPod(obj any) (any, error) {
 			Name: p.Name, Namespace: p.Namespace, UID: p.UID, ResourceVersion: p.ResourceVersion,
 			Labels: p.Labels, Annotations: keep, CreationTimestamp: p.CreationTimestamp, DeletionTimestamp: p.DeletionTimestamp,
 		},
-		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork},
+		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, HostNetwork: p.Spec.HostNetwork,
+			InitContainers: spec.InitContainers, Containers: spec.Containers},
 		Status: corev1.PodStatus{
 			Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs,
 			Conditions: conds, StartTime: p.Status.StartTime,
 		},
 	}, nil
+}
+
+// sidecarSpec keeps of a sidecar pod what its rules are read from: the
+// annotations (into keep), the init containers' names, and the proxy
+// container's uid/gid and the environment variables that matter.
+func sidecarSpec(p *corev1.Pod, keep map[string]string) corev1.PodSpec {
+	for k, v := range p.Annotations {
+		if desired.SidecarAnnotation(k) {
+			keep[k] = v
+		}
+	}
+	var spec corev1.PodSpec
+	for _, c := range p.Spec.InitContainers {
+		spec.InitContainers = append(spec.InitContainers, corev1.Container{Name: c.Name})
+	}
+	for _, c := range p.Spec.Containers {
+		if c.Name != desired.ProxyContainer {
+			continue
+		}
+		pc := corev1.Container{Name: c.Name}
+		if sc := c.SecurityContext; sc != nil {
+			pc.SecurityContext = &corev1.SecurityContext{RunAsUser: sc.RunAsUser, RunAsGroup: sc.RunAsGroup}
+		}
+		for _, e := range c.Env {
+			if desired.SidecarEnv(e.Name) {
+				pc.Env = append(pc.Env, corev1.EnvVar{Name: e.Name, Value: e.Value})
+			}
+		}
+		spec.Containers = append(spec.Containers, pc)
+	}
+	return spec
 }
 
 // minimalPodOf applies the cache's transform to a pod from a GET.

@@ -3,6 +3,7 @@ package controller
 import (
 	"context"
 	"errors"
+	"reflect"
 	"slices"
 	"time"
 
@@ -62,6 +63,12 @@ func (c *Controller) syncPods(ctx context.Context, dirty map[string]bool, pendin
 	}
 	for key := range dirty {
 		old, e := c.pods[key], next[key] // zero when absent or gone
+		if (old.Sidecar != nil || e.Sidecar != nil) && !reflect.DeepEqual(old.Sidecar, e.Sidecar) {
+			// A sidecar pod's netns is converged by the full path (its
+			// cost is the pod's own, not the node's).
+			c.mu.Unlock()
+			return false, nil
+		}
 		if samePod(old.Pod, e.Pod) {
 			continue
 		}

@@ -77,18 +77,7 @@ func (d *Dataplane) ztunnelNamespaces() []string {
 	for _, p := range d.mgr.ztunnelNetNS() {
 		set[p] = true
 	}
-	peers := map[int]bool{}
-	if links, err := d.node.NL.LinkList(); err == nil {
-		for _, l := range links {
-			if l.Type() == "veth" && l.Attrs().NetNsID >= 0 {
-				peers[l.Attrs().NetNsID] = true
-			}
-		}
-	}
-	for _, p := range kernel.ListNetNSDir(d.cfg.NetNSDir) {
-		if id := kernel.NsID(d.node.NL, p); id < 0 || !peers[id] {
-			continue
-		}
+	for _, p := range d.nodePodNetNS() {
 		k, err := d.openNS(p)
 		if err != nil {
 			continue
@@ -104,5 +93,26 @@ func (d *Dataplane) ztunnelNamespaces() []string {
 	}
 	out := slices.Collect(maps.Keys(set))
 	sort.Strings(out)
+	return out
+}
+
+// nodePodNetNS lists the namespaces under NetNSDir that are pods of this
+// node: a veth here has its peer there. Pods of other nodes sharing the
+// directory (several nodes on one host) are never touched.
+func (d *Dataplane) nodePodNetNS() []string {
+	peers := map[int]bool{}
+	if links, err := d.node.NL.LinkList(); err == nil {
+		for _, l := range links {
+			if l.Type() == "veth" && l.Attrs().NetNsID >= 0 {
+				peers[l.Attrs().NetNsID] = true
+			}
+		}
+	}
+	var out []string
+	for _, p := range kernel.ListNetNSDir(d.cfg.NetNSDir) {
+		if id := kernel.NsID(d.node.NL, p); id >= 0 && peers[id] {
+			out = append(out, p)
+		}
+	}
 	return out
 }

@@ -47,6 +47,9 @@ func (m *sidecarManager) kind() string { return "sidecar " + m.pod.Name }
 // veth of its first address.
 func (m *sidecarManager) resolve() error {
 	path := m.pod.NetNS
+	if path == "" && m.path != "" && sameInode(m.path, m.ino) {
+		return nil // still the netns it was: no scan of the netns directory
+	}
 	if path == "" {
 		_, p, err := m.d.LocateZtunnel(net.IP(m.pod.IPs[0].AsSlice()))
 		if err != nil {
@@ -100,6 +103,11 @@ func (m *sidecarManager) applyUpdates(_ context.Context, w *writer) error {
 		}
 	}
 	return m.syncRouting(w)
+}
+
+func sameInode(path string, ino uint64) bool {
+	st, err := os.Stat(path)
+	return err == nil && st.Sys().(*syscall.Stat_t).Ino == ino
 }
 
 // syncRouting makes the pod's rules and routes of ours what TPROXY mode
@@ -255,4 +263,37 @@ func (d *Dataplane) SidecarProgrammed(uid string) (bool, error) {
 		return false, m.err
 	}
 	return !m.queued, nil
+}
+
+// CleanupSidecars takes our table, rule and route out of every sidecar
+// pod's netns of this node (remove), or only counts them: removing them
+// takes running pods out of their mesh, so cleanup leaves them by default.
+func (d *Dataplane) CleanupSidecars(ctx context.Context, remove bool) (pods int, res Result, err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	w := newWriter(!remove)
+	var errs []string
+	for _, path := range d.nodePodNetNS() {
+		c, done, err := nft.Open(path)
+		if err != nil {
+			continue // gone meanwhile
+		}
+		a, err := nft.ReadBack(c, SidecarTable)
+		done()
+		if err != nil || !a.Exists {
+			continue
+		}
+		pods++
+		m := &sidecarManager{d: d, pod: Sidecar{Name: path}, path: path}
+		if err := m.remove(w); err != nil {
+			errs = append(errs, err.Error())
+		}
+	}
+	if remove {
+		clear(d.mgr.sidecars)
+	}
+	if len(errs) > 0 {
+		err = fmt.Errorf("sidecar pods' rules: %s", strings.Join(errs, "; "))
+	}
+	return pods, *w.res, err
 }

@@ -190,6 +190,24 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	}, func() float64 { return float64(len(conflicts.Get())) }))
 	// Set by the sync loop once the caches synced, read by the debug server.
 	var dp atomic.Pointer[dataplane.Dataplane]
+	for _, state := range []string{"programmed", "failed"} {
+		metrics.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "ambient_redirect_sidecar_pods", Help: "Sidecar pods whose capture rules are ours, by state (programmed: in place).",
+			ConstLabels: prometheus.Labels{"state": state},
+		}, func() float64 {
+			d := dp.Load()
+			if d == nil {
+				return 0
+			}
+			n := 0
+			for _, s := range d.Sidecars() {
+				if s.InPlace == (state == "programmed") {
+					n++
+				}
+			}
+			return float64(n)
+		}))
+	}
 	newDP := func(ctx context.Context) (controller.Dataplane, error) {
 		d, err := dataplane.New(ctx, dpCfg, dataplane.Options{Logger: log.Named("dataplane")})
 		if err != nil {
@@ -206,7 +224,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	ctl := controller.New(client, controller.Config{
 		Selection: selection.Options{
 			NodeName: o.NodeName, ExcludeNamespaces: o.excluded(),
-			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: sel,
+			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: sel, SidecarCapture: o.SidecarCapture,
 		},
 		ResyncPeriod:   o.ResyncPeriod,
 		WaitForZtunnel: o.FailMode == string(dataplane.FailClosed),
@@ -301,6 +319,16 @@ func cmdCleanup(args []string, stdout, stderr io.Writer) int {
 		// Pods keep the annotation while the kernel may still redirect them.
 		log.Error("cleanup incomplete", zap.Error(err), zap.Any("writes", res.Writes))
 		return 1
+	}
+	sidecars, scRes, err := dp.CleanupSidecars(ctx, o.RemoveSidecarRules)
+	switch {
+	case err != nil:
+		log.Error("cleanup of sidecar pods' rules incomplete", zap.Error(err), zap.Any("writes", scRes.Writes))
+		return 1
+	case o.RemoveSidecarRules:
+		fmt.Fprintf(stdout, "removed the capture rules of %d sidecar pods (%d kernel writes)\n", sidecars, scRes.TotalWrites())
+	case sidecars > 0:
+		fmt.Fprintf(stdout, "left the capture rules of %d running sidecar pods in place: removing them takes those pods out of their mesh (--remove-sidecar-rules removes them)\n", sidecars)
 	}
 	// Annotations go only after the kernel no longer redirects, and their
 	// failure does not fail the cleanup: the node is what must be clean.

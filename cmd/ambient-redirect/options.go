@@ -59,15 +59,19 @@ type Options struct {
 	ResyncPeriod      time.Duration
 	DebugAddr         string
 	DNSCapture        bool
-	LogLevel          string
-	KubeAPIQPS        float64
-	KubeAPIBurst      int
-	CNISocket         string
-	CNIInstall        bool
-	CNIBinDir         string
-	CNIConfDir        string
-	CNIHostConfDir    string
-	CNIPluginBinary   string
+	// SidecarCapture writes sidecar pods' capture rules; RemoveSidecarRules
+	// makes cleanup remove them too.
+	SidecarCapture     bool
+	RemoveSidecarRules bool
+	LogLevel           string
+	KubeAPIQPS         float64
+	KubeAPIBurst       int
+	CNISocket          string
+	CNIInstall         bool
+	CNIBinDir          string
+	CNIConfDir         string
+	CNIHostConfDir     string
+	CNIPluginBinary    string
 	// Marks, Priorities and Tables move ours out of other agents' way.
 	Marks      dataplane.Marks
 	Priorities dataplane.Priorities
@@ -100,6 +104,7 @@ func defaultOptions() *Options {
 		ZtunnelNamespace:  "istio-system",
 		ZtunnelSelector:   "app=ztunnel",
 		ExcludeNamespaces: "kube-system",
+		SidecarCapture:    true,
 		Tunnel:            string(dataplane.TunnelAuto),
 		FailMode:          string(dataplane.FailClosed),
 		OnEnroll:          string(dataplane.OnEnrollKeep),
@@ -134,6 +139,8 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&o.ResyncPeriod, "resync-period", o.ResyncPeriod, "full resync (drift repair) period")
 	fs.StringVar(&o.DebugAddr, "debug-addr", o.DebugAddr, "address of the debug/health/metrics server; empty disables it")
 	fs.BoolVar(&o.DNSCapture, "dns-capture", o.DNSCapture, "DNAT ambient pods' UDP/53 to ztunnel's DNS proxy (port 15053)")
+	fs.BoolVar(&o.SidecarCapture, "sidecar-capture", o.SidecarCapture, "write the capture rules of pods with an Istio sidecar and no istio-init init container in their own netns at CNI ADD (false: leave them to Istio)")
+	fs.BoolVar(&o.RemoveSidecarRules, "remove-sidecar-rules", o.RemoveSidecarRules, "cleanup only: also remove running sidecar pods' capture rules (takes them out of their mesh)")
 	fs.Float64Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "client-side QPS limit towards the API server (annotation patches)")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "client-side burst towards the API server")
 	fs.Var(choice{&o.IPTablesMode, []string{"auto", "nft", "legacy"}}, "iptables-mode", "iptables backend: auto (detect kubelet's), nft or legacy")

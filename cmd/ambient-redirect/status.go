@@ -81,6 +81,15 @@ func printStatus(w io.Writer, st controller.DebugState, verbose bool) {
 		fmt.Fprintf(w, "iptables:  %v (%v)\n", st.IPTables["backend"], st.IPTables["reason"])
 	}
 	fmt.Fprintf(w, "pods:      %d on node, %d enrolled\n", len(st.Pods), st.Enrolled)
+	if len(st.Sidecars) > 0 {
+		inPlace := 0
+		for _, s := range st.Sidecars {
+			if s.InPlace {
+				inPlace++
+			}
+		}
+		fmt.Fprintf(w, "sidecars:  %d sidecar pods, rules in place in %d\n", len(st.Sidecars), inPlace)
+	}
 	if ls := st.LastSync; ls != nil {
 		fmt.Fprintf(w, "last sync: %s took %s writes %v", ls.Time.Format(time.RFC3339), ls.Duration, ls.Writes)
 		if ls.Error != "" {
@@ -113,5 +122,20 @@ func printStatus(w io.Writer, st controller.DebugState, verbose bool) {
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", p.Namespace, p.Name, strings.Join(p.IPs, ","), p.Enrolled, reason)
 		}
 		_ = tw.Flush()
+		if len(st.Sidecars) > 0 {
+			tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SIDECAR POD\tRULES\tINTERCEPTION")
+			for _, s := range st.Sidecars {
+				state := "in place"
+				if !s.InPlace {
+					state = "NOT in place"
+					if s.Error != "" {
+						state += ": " + s.Error
+					}
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\n", s.Name, state, s.Capture)
+			}
+			_ = tw.Flush()
+		}
 	}
 }

@@ -49,6 +49,10 @@ type Entry struct {
 	// Pod is what to program for it; nil when it is not enrolled (or
 	// lost all its addresses to other pods).
 	Pod *dataplane.Pod
+	// Sidecar is what to program for a sidecar pod whose rules are ours;
+	// SidecarErr why its annotations cannot be honoured.
+	Sidecar    *dataplane.Sidecar
+	SidecarErr error
 }
 
 // HandedOver applies what CNI said about a pod's sandbox: the pod to
@@ -73,10 +77,18 @@ func PodEntry(p *corev1.Pod, ns *corev1.Namespace, sel selection.Options, withCN
 	}
 	ps.ViaCNI = viaCNI
 	e := Entry{Status: ps}
+	ips := kube.PodIPs(p)
+	slices.SortFunc(ips, netip.Addr.Compare) // the status's and CNI's orders may differ
 	if ok {
-		ips := kube.PodIPs(p)
-		slices.SortFunc(ips, netip.Addr.Compare) // the status's and CNI's orders may differ
 		e.Pod = &dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips}
+	} else if sc, why := kube.SidecarEnrolled(p, sel); sc && !deleted {
+		e.Status.Reason = why
+		capture, err := SidecarCaptureOf(p)
+		if err != nil {
+			e.SidecarErr, e.Status.Reason = err, "sidecar pod, not programmed: "+err.Error()
+		} else {
+			e.Sidecar = &dataplane.Sidecar{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips, Capture: capture}
+		}
 	}
 	return e
 }
@@ -132,6 +144,9 @@ func Build(in Input) Output {
 		if e.Pod != nil {
 			st.Pods = append(st.Pods, *e.Pod)
 			e.Pod = nil // set again below unless dedupe drops it
+		}
+		if e.Sidecar != nil {
+			st.Sidecars = append(st.Sidecars, *e.Sidecar)
 		}
 		entries[p.Namespace+"/"+p.Name] = e
 	}
