@@ -10,9 +10,14 @@ import (
 	"testing"
 
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
+	"github.com/ambient-redirect/ambient-redirect/test/sidecar/sidecartest"
 )
 
-var bins harness.Binaries
+var (
+	bins harness.Binaries
+	// sidecarProxy is the sidecar test proxy (test/sidecar/proxy).
+	sidecarProxy string
+)
 
 func TestMain(m *testing.M) {
 	os.Exit(func() int {
@@ -26,6 +31,10 @@ func TestMain(m *testing.M) {
 		}
 		defer os.RemoveAll(dir)
 		if bins, err = harness.Build("../..", dir); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		if sidecarProxy, err = sidecartest.BuildProxy(dir); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
