@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -231,5 +232,29 @@ func TestTPROXY(t *testing.T) {
 				t.Errorf("app saw %s, proxy's upstream %s; want the client's address %s", saw, rec.Upstream, f.peer)
 			}
 		})
+	}
+}
+
+// TestLoopDetected: rules that do not exempt the proxy's uid capture its own
+// upstream connection; the proxy records that as a loop (and resets it)
+// instead of dialling forever.
+func TestLoopDetected(t *testing.T) {
+	netnstest.RequireRoot(t)
+	pod, _ := pair(t)
+	netnstest.Exec(t, pod, "iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", fmt.Sprint(remotePort), "-j", "REDIRECT", "--to-ports", "15001")
+	p := sidecartest.StartProxy(t, pod, proxyBin, sidecartest.ProxyOptions{})
+	if b, err := netnstest.RoundTrip(pod, hostPort(peerIP4, remotePort), nil, 5*time.Second); err == nil && len(b) > 0 {
+		t.Errorf("the app reached the peer (%q) through a looping proxy", b)
+	}
+	recs := p.WaitRecords(t, 2, 5*time.Second)
+	first, second := recs[0], recs[1]
+	if first.OrigDst != hostPort(peerIP4, remotePort) || first.DialError != "" || first.Upstream == "" {
+		t.Errorf("first record %+v", first)
+	}
+	if second.Peer != first.Upstream || second.OrigDst != first.OrigDst || !strings.HasPrefix(second.DialError, "loop:") {
+		t.Errorf("second record %+v; want the first's upstream %s captured as a loop", second, first.Upstream)
+	}
+	if len(recs) != 2 {
+		t.Errorf("%d records, want 2: %+v", len(recs), recs)
 	}
 }
