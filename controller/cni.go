@@ -76,7 +76,7 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 	case !ok:
 		return cni.Response{Reason: why}, nil
 	}
-	cp := handover.Sandbox{UID: pod.UID, ContainerID: req.ContainerID, IPs: slices.Clone(req.IPs)}
+	cp := handover.Sandbox{UID: pod.UID, ContainerID: req.ContainerID, IPs: slices.Clone(req.IPs), NetNS: req.NetNS}
 	if !cached {
 		cp.Pod = pod // the cache has not seen it (this UID) yet
 	}
@@ -218,7 +218,10 @@ func (c *Controller) podKey(key string) { c.mark(func() { c.dirty[key] = true })
 
 // withCNI applies what CNI said about p's sandbox (handover.Apply).
 // Called with c.mu held.
-func (c *Controller) withCNI(p *corev1.Pod) (*corev1.Pod, bool, bool) { return c.cni.Apply(p) }
+func (c *Controller) withCNI(p *corev1.Pod) (*corev1.Pod, bool, bool, string) {
+	hp, via, deleted := c.cni.Apply(p)
+	return hp, via, deleted, c.cni.NetNS(p)
+}
 
 func containsAll(have, want []netip.Addr) bool {
 	for _, a := range want {

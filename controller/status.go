@@ -113,6 +113,11 @@ func (c *Controller) stateOf(zt dataplane.State) dataplane.State {
 	for _, e := range es {
 		zt.Pods = append(zt.Pods, *e.Pod)
 	}
+	for _, e := range c.pods {
+		if e.Sidecar != nil {
+			zt.Sidecars = append(zt.Sidecars, *e.Sidecar)
+		}
+	}
 	return zt
 }
 

@@ -116,10 +116,11 @@ func (s Sidecar) families() []Family {
 	return fams
 }
 
-// sameSidecar reports two sidecar pods whose rules are the same, in the
-// same netns.
+// sameSidecar reports two sidecar pods whose rules are the same. The
+// netns path is a hint (CNI's, until the hand-over is forgotten): the
+// manager keeps the netns it found.
 func sameSidecar(a, b Sidecar) bool {
-	return a.UID == b.UID && a.NetNS == b.NetNS && slices.Equal(a.IPs, b.IPs) && a.Capture.render() == b.Capture.render()
+	return a.UID == b.UID && slices.Equal(a.IPs, b.IPs) && a.Capture.render() == b.Capture.render()
 }
 
 // render is a stable text form of the settings (equality, logs).

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
 )
 
@@ -102,7 +103,7 @@ func (m *sidecarManager) applyUpdates(_ context.Context, w *writer) error {
 			m.actual = written(m.want)
 		}
 	}
-	return m.syncRouting(w)
+	return m.syncRouting(w, true)
 }
 
 func sameInode(path string, ino uint64) bool {
@@ -111,14 +112,19 @@ func sameInode(path string, ino uint64) bool {
 }
 
 // syncRouting makes the pod's rules and routes of ours what TPROXY mode
-// needs (none otherwise).
-func (m *sidecarManager) syncRouting(w *writer) error {
+// needs (none otherwise), and puts the proxy's IPv6 inbound source (::6)
+// on lo when the pod's IPv6 is captured, as Istio does; without keep, it
+// takes all of that out.
+func (m *sidecarManager) syncRouting(w *writer, keep bool) error {
 	k, err := m.d.openNS(m.path)
 	if err != nil {
 		return err
 	}
 	defer k.Close()
-	tproxy := m.pod.Capture.Mode == SidecarTProxy
+	if err := m.syncPassthrough(k.NL, keep && slices.Contains(m.pod.families(), IPv6), w); err != nil {
+		return err
+	}
+	tproxy := keep && m.pod.Capture.Mode == SidecarTProxy
 	proto := m.d.cfg.RouteProtocol
 	var routes []route
 	for _, f := range []Family{IPv4, IPv6} {
@@ -134,6 +140,28 @@ func (m *sidecarManager) syncRouting(w *writer) error {
 		}
 	}
 	return syncRoutes(k.NL, proto, routes, w)
+}
+
+// syncPassthrough puts ::6/128 on the pod's lo (want) or takes it off.
+func (m *sidecarManager) syncPassthrough(nl kernel.Netlink, want bool, w *writer) error {
+	lo, err := nl.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("lo of sidecar pod %s: %w", m.pod.Name, err)
+	}
+	addrs, err := nl.AddrList(lo, netlink.FAMILY_V6)
+	if err != nil {
+		return fmt.Errorf("addresses of lo of sidecar pod %s: %w", m.pod.Name, err)
+	}
+	p := nft.Host(passthrough(IPv6))
+	has := slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return a.IPNet.String() == p.String() })
+	addr := &netlink.Addr{IPNet: ipNet(p), Flags: unix.IFA_F_NODAD}
+	switch {
+	case want && !has:
+		return w.do(KindAddr, fmt.Sprintf("add %s dev lo in %s", p, m.pod.Name), func() error { return nl.AddrReplace(lo, addr) })
+	case !want && has:
+		return w.do(KindAddr, fmt.Sprintf("del %s dev lo in %s", p, m.pod.Name), func() error { return ignoreNotExist(nl.AddrDel(lo, addr)) })
+	}
+	return nil
 }
 
 // written is the table as the kernel holds it after Replace.
@@ -169,8 +197,7 @@ func (m *sidecarManager) remove(w *writer) error {
 	if err := w.do(KindNFT, "delete "+SidecarTable+" in "+m.pod.Name, func() error { return nft.Delete(c, SidecarTable) }); err != nil {
 		return err
 	}
-	m.pod.Capture.Mode = "" // neither rule nor route
-	return m.syncRouting(w)
+	return m.syncRouting(w, false)
 }
 
 // syncSidecars converges every desired sidecar pod: a new or changed one,
@@ -296,4 +323,16 @@ func (d *Dataplane) CleanupSidecars(ctx context.Context, remove bool) (pods int,
 		err = fmt.Errorf("sidecar pods' rules: %s", strings.Join(errs, "; "))
 	}
 	return pods, *w.res, err
+}
+
+// ProgramSidecar converges one sidecar pod's netns at path to s, outside
+// any agent: what the agent does for the pod at CNI ADD, for tools and
+// tests that compare it with other rules engines.
+func ProgramSidecar(ctx context.Context, cfg Config, path string, s Sidecar) (Result, error) {
+	d := &Dataplane{cfg: cfg, log: zap.NewNop(), openNS: kernel.Open}
+	m := d.newSidecarManager(s)
+	m.pod.NetNS = path
+	w := newWriter(false)
+	err := d.convergeSidecar(ctx, m, w)
+	return *w.res, err
 }

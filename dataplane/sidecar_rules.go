@@ -10,6 +10,7 @@ package dataplane
 
 import (
 	"net/netip"
+	"slices"
 
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
@@ -52,44 +53,62 @@ func loopback(f Family) netip.Addr {
 }
 
 // SidecarRules renders a sidecar pod's table: Istio's sidecar capture
-// (see ../shared/reference/sidecar.md) for the families s captures.
+// (see ../shared/reference/sidecar.md), in the order istio-iptables writes
+// it, for the families s captures.
 func SidecarRules(s Sidecar) nft.Table {
 	c := s.Capture
 	fams := s.families()
-	onlyV4 := len(fams) == 1
+	tproxyMode := c.Mode == SidecarTProxy
 	natPre := &nft.Chain{Name: scNatPrerouting, Hook: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest, Type: nftables.ChainTypeNAT}
 	natOut := &nft.Chain{Name: scNatOutput, Hook: nftables.ChainHookOutput, Priority: nftables.ChainPriorityNATDest, Type: nftables.ChainTypeNAT}
-	inbound := &nft.Chain{Name: scInbound}
 	inRedirect := &nft.Chain{Name: scInRedirect, Rules: []nft.Rule{nft.R(nft.TCP(), nft.Redirect(SidecarInboundPort))}}
-	output := &nft.Chain{Name: scOutput}
 	redir := &nft.Chain{Name: scRedirect, Rules: []nft.Rule{nft.R(nft.TCP(), nft.Redirect(SidecarOutboundPort))}}
 	t := nft.Table{Name: SidecarTable}
 
 	// Packets of a family we do not capture leave every base chain at once.
 	skipV6 := func(ch *nft.Chain) {
-		if onlyV4 {
+		if len(fams) == 1 {
 			ch.Rules = append(ch.Rules, nft.R(nft.NFProto(true), nft.Return()))
 		}
 	}
+	// toRedirect captures outbound traffic matching extra: every address,
+	// or the included ranges.
+	toRedirect := func(extra ...nft.Term) []nft.Rule {
+		if c.OutboundCIDRs == nil {
+			return []nft.Rule{nft.R(append(extra, nft.Jump(scRedirect))...)}
+		}
+		var rules []nft.Rule
+		for _, p := range c.OutboundCIDRs {
+			if captures(fams, p) {
+				rules = append(rules, nft.R(append(append(slices.Clone(extra), nft.Addr(false, false, p)), nft.Jump(scRedirect))...))
+			}
+		}
+		return rules
+	}
 
-	// Inbound.
+	// Inbound (nat, REDIRECT mode; TPROXY mode's is in mangle).
 	skipV6(natPre)
 	for _, i := range c.ExcludeInterfaces {
 		natPre.Rules = append(natPre.Rules, nft.R(nft.IIF(i), nft.Return()))
 	}
+	// Rerouted (virtual machine) interfaces: their inbound is outbound.
 	for _, i := range c.RerouteInterfaces {
-		natPre.Rules = append(natPre.Rules, nft.R(nft.IIF(i), nft.TCP(), nft.Jump(scRedirect)))
+		natPre.Rules = append(natPre.Rules, toRedirect(nft.IIF(i))...)
+		natPre.Rules = append(natPre.Rules, nft.R(nft.IIF(i), nft.Return()))
 	}
-	tproxyMode := c.Mode == SidecarTProxy
+	var inbound *nft.Chain
 	if !tproxyMode {
 		natPre.Rules = append(natPre.Rules, nft.R(nft.TCP(), nft.Jump(scInbound)))
-		inbound.Rules = inboundRules(c, SidecarAlwaysExcludedInbound, func(extra ...nft.Term) nft.Rule {
+		inbound = &nft.Chain{Name: scInbound, Rules: inboundRules(c, SidecarAlwaysExcludedInbound, func(extra ...nft.Term) nft.Rule {
 			return nft.R(append(append([]nft.Term{nft.TCP()}, extra...), nft.Jump(scInRedirect))...)
-		})
+		})}
 	}
 
 	// Outbound, the same in both modes: REDIRECT to the outbound listener.
 	skipV6(natOut)
+	for _, p := range c.ExcludeOutboundPorts {
+		natOut.Rules = append(natOut.Rules, nft.R(nft.UDP(), nft.DPort("udp", p), nft.Return()))
+	}
 	if c.DNS {
 		// The app's DNS goes to the proxy's resolver; the proxy's own does not.
 		natOut.Rules = append(natOut.Rules,
@@ -98,8 +117,12 @@ func SidecarRules(s Sidecar) nft.Table {
 			nft.R(nft.UDP(), nft.DPort("udp", 53), nft.Redirect(SidecarDNSPort)))
 	}
 	natOut.Rules = append(natOut.Rules, nft.R(nft.NotL4Proto(unix.IPPROTO_TCP, "tcp"), nft.Return()), nft.R(nft.Jump(scOutput)))
+	output := &nft.Chain{Name: scOutput}
 	for _, i := range c.ExcludeInterfaces {
 		output.Rules = append(output.Rules, nft.R(nft.OIF(i, false), nft.Return()))
+	}
+	for _, p := range c.ExcludeOutboundPorts {
+		output.Rules = append(output.Rules, nft.R(nft.TCP(), nft.DPort("tcp", p), nft.Return()))
 	}
 	for _, f := range fams {
 		output.Rules = append(output.Rules, nft.R(nft.Addr(true, false, nft.Host(passthrough(f))), nft.OIF("lo", false), nft.Return()))
@@ -110,8 +133,10 @@ func SidecarRules(s Sidecar) nft.Table {
 			id = c.ProxyGID
 		}
 		for _, f := range fams {
-			// The proxy's own connection to this pod's address: inbound.
-			output.Rules = append(output.Rules, nft.R(nft.Addr(false, true, nft.Host(loopback(f))), nft.OIF("lo", false), nft.Owner(gid, false, id), nft.Jump(scInRedirect)))
+			// The proxy's own connection to this pod's address: inbound
+			// (but its HBONE port).
+			output.Rules = append(output.Rules, nft.R(nft.Addr(false, true, nft.Host(loopback(f))), nft.OIF("lo", false), nft.TCP(),
+				nft.NotDPort("tcp", 15008), nft.Owner(gid, false, id), nft.Jump(scInRedirect)))
 		}
 		output.Rules = append(output.Rules,
 			nft.R(nft.OIF("lo", false), nft.Owner(gid, true, id), nft.Return()), // the app's own loopback traffic
@@ -123,34 +148,23 @@ func SidecarRules(s Sidecar) nft.Table {
 	for _, f := range fams {
 		output.Rules = append(output.Rules, nft.R(nft.Addr(false, false, nft.Host(loopback(f))), nft.Return()))
 	}
-	for _, p := range c.IncludeOutboundPorts {
-		output.Rules = append(output.Rules, nft.R(nft.TCP(), nft.DPort("tcp", p), nft.Jump(scRedirect)))
-	}
 	for _, p := range c.ExcludeOutboundCIDRs {
 		if captures(fams, p) {
 			output.Rules = append(output.Rules, nft.R(nft.Addr(false, false, p), nft.Return()))
 		}
 	}
-	for _, p := range c.ExcludeOutboundPorts {
-		output.Rules = append(output.Rules, nft.R(nft.TCP(), nft.DPort("tcp", p), nft.Return()))
+	for _, p := range c.IncludeOutboundPorts {
+		output.Rules = append(output.Rules, nft.R(nft.TCP(), nft.DPort("tcp", p), nft.Jump(scRedirect)))
 	}
-	if c.OutboundCIDRs == nil {
-		output.Rules = append(output.Rules, nft.R(nft.Jump(scRedirect)))
-	}
-	for _, p := range c.OutboundCIDRs {
-		if captures(fams, p) {
-			output.Rules = append(output.Rules, nft.R(nft.Addr(false, false, p), nft.Jump(scRedirect)))
-		}
-	}
+	output.Rules = append(output.Rules, toRedirect()...)
+
 	t.Chains = append(t.Chains, natPre, natOut)
-	if !tproxyMode {
-		t.Chains = append(t.Chains, inbound, inRedirect)
-	} else {
-		t.Chains = append(t.Chains, inRedirect) // the proxy's own connections to the pod's address
+	if inbound != nil {
+		t.Chains = append(t.Chains, inbound)
 	}
-	t.Chains = append(t.Chains, output, redir)
+	t.Chains = append(t.Chains, inRedirect, output, redir)
 	if tproxyMode || c.InvalidDrop {
-		t.Chains = append(t.Chains, tproxyChains(c, fams, tproxyMode)...)
+		t.Chains = append(t.Chains, mangleChains(c, fams, tproxyMode)...)
 	}
 	return t
 }
@@ -160,7 +174,7 @@ func SidecarRules(s Sidecar) nft.Table {
 func inboundRules(c SidecarCapture, always []uint16, capture func(...nft.Term) nft.Rule) []nft.Rule {
 	var rules []nft.Rule
 	if c.InboundPorts == nil {
-		for _, p := range append(append([]uint16{}, always...), c.ExcludeInboundPorts...) {
+		for _, p := range append(slices.Clone(always), c.ExcludeInboundPorts...) {
 			rules = append(rules, nft.R(nft.TCP(), nft.DPort("tcp", p), nft.Return()))
 		}
 		return append(rules, capture())
@@ -171,9 +185,13 @@ func inboundRules(c SidecarCapture, always []uint16, capture func(...nft.Term) n
 	return rules
 }
 
-// tproxyChains are TPROXY mode's mangle chains (inbound keeps the client's
+// sidecarOwnMark (1338) marks the proxy's own connections to this pod's
+// address over lo, which TPROXY mode captures inbound.
+const sidecarOwnMark = SidecarTProxyMark + 1
+
+// mangleChains are TPROXY mode's chains (inbound keeps the client's
 // address) and the INVALID drop.
-func tproxyChains(c SidecarCapture, fams []Family, tproxyMode bool) []*nft.Chain {
+func mangleChains(c SidecarCapture, fams []Family, tproxyMode bool) []*nft.Chain {
 	pre := &nft.Chain{Name: scManglePrerouting, Hook: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle, Type: nftables.ChainTypeFilter}
 	if c.InvalidDrop {
 		pre.Rules = append(pre.Rules, nft.R(nft.CtInvalid(), nft.Drop()))
@@ -187,15 +205,23 @@ func tproxyChains(c SidecarCapture, fams []Family, tproxyMode bool) []*nft.Chain
 	for _, i := range c.ExcludeInterfaces {
 		pre.Rules = append(pre.Rules, nft.R(nft.IIF(i), nft.Return()))
 	}
-	pre.Rules = append(pre.Rules, nft.R(nft.TCP(), nft.Jump(scTProxyInbound)))
-	in := &nft.Chain{Name: scTProxyInbound}
+	pre.Rules = append(pre.Rules,
+		nft.R(nft.TCP(), nft.Jump(scTProxyInbound)),
+		nft.R(nft.TCP(), nft.MarkIs(SidecarTProxyMark), nft.SaveMark()))
+	in := &nft.Chain{Name: scTProxyInbound, Rules: []nft.Rule{nft.R(nft.TCP(), nft.MarkIs(SidecarTProxyMark), nft.Return())}}
+	for _, f := range fams {
+		in.Rules = append(in.Rules, nft.R(nft.Addr(true, false, nft.Host(passthrough(f))), nft.IIF("lo"), nft.TCP(), nft.Return()))
+	}
+	// Loopback traffic stays local, but the proxy's own connections to
+	// this pod's address (marked in mangle-output).
+	in.Rules = append(in.Rules, nft.R(nft.IIF("lo"), nft.TCP(), nft.MarkIsNot(sidecarOwnMark), nft.Return()))
 	// 15008 is not skipped in TPROXY mode (Istio's skip sits in a chain
 	// that mode does not use): it reaches the proxy.
-	in.Rules = inboundRules(c, SidecarAlwaysExcludedInbound[1:], func(extra ...nft.Term) nft.Rule {
+	in.Rules = append(in.Rules, inboundRules(c, SidecarAlwaysExcludedInbound[1:], func(extra ...nft.Term) nft.Rule {
 		return nft.R(append(append([]nft.Term{nft.TCP()}, extra...), nft.Jump(scTProxy))...)
-	})
+	})...)
 	divert := &nft.Chain{Name: scDivert, Rules: []nft.Rule{nft.R(nft.SetMark(SidecarTProxyMark), nft.Accept())}}
-	tp := &nft.Chain{Name: scTProxy, Rules: []nft.Rule{nft.R(nft.TCP(), nft.SocketTransparent(), nft.Jump(scDivert))}}
+	tp := &nft.Chain{Name: scTProxy, Rules: []nft.Rule{nft.R(nft.TCP(), nft.CtEstablished(), nft.Jump(scDivert))}}
 	for _, f := range fams {
 		tp.Rules = append(tp.Rules, nft.R(nft.Addr(false, true, nft.Host(loopback(f))), nft.TCP(), nft.SetMark(SidecarTProxyMark), nft.TProxy(f == IPv6, SidecarInboundPort), nft.Accept()))
 	}
@@ -203,7 +229,18 @@ func tproxyChains(c SidecarCapture, fams []Family, tproxyMode bool) []*nft.Chain
 	// its mark; the app's replies get it back from the connection, and the
 	// mark's rule delivers them to the proxy.
 	out := &nft.Chain{Name: scMangleOutput, Hook: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle, Type: nftables.ChainTypeRoute,
-		Rules: []nft.Rule{nft.R(nft.TCP(), nft.MarkIs(SidecarTProxyMark), nft.SaveMark()), nft.R(nft.TCP(), nft.CtMarkIs(SidecarTProxyMark), nft.RestoreMark())}}
+		Rules: []nft.Rule{nft.R(nft.OIF("lo", false), nft.TCP(), nft.MarkIs(SidecarTProxyMark), nft.Return())}}
+	for _, gid := range []bool{false, true} {
+		id := c.ProxyUID
+		if gid {
+			id = c.ProxyGID
+		}
+		for _, f := range fams {
+			out.Rules = append(out.Rules, nft.R(nft.Addr(false, true, nft.Host(loopback(f))), nft.OIF("lo", false), nft.TCP(),
+				nft.Owner(gid, false, id), nft.SetMark(sidecarOwnMark)))
+		}
+	}
+	out.Rules = append(out.Rules, nft.R(nft.TCP(), nft.CtMarkIs(SidecarTProxyMark), nft.RestoreMark()))
 	return []*nft.Chain{pre, in, divert, tp, out}
 }
 

@@ -58,12 +58,12 @@ type Entry struct {
 // HandedOver applies what CNI said about a pod's sandbox: the pod to
 // decide, whether CNI handed it over, whether its sandbox was deleted
 // (handover.Apply).
-type HandedOver func(p *corev1.Pod) (pod *corev1.Pod, viaCNI, deleted bool)
+type HandedOver func(p *corev1.Pod) (pod *corev1.Pod, viaCNI, deleted bool, netns string)
 
 // PodEntry is a pod's selection outcome and, when enrolled, what to
 // program.
 func PodEntry(p *corev1.Pod, ns *corev1.Namespace, sel selection.Options, withCNI HandedOver) Entry {
-	p, viaCNI, deleted := withCNI(p)
+	p, viaCNI, deleted, netns := withCNI(p)
 	ok, why := kube.Enrolled(p, ns, sel)
 	if deleted {
 		ok, why = false, ReasonSandboxDeleted
@@ -87,7 +87,7 @@ func PodEntry(p *corev1.Pod, ns *corev1.Namespace, sel selection.Options, withCN
 		if err != nil {
 			e.SidecarErr, e.Status.Reason = err, "sidecar pod, not programmed: "+err.Error()
 		} else {
-			e.Sidecar = &dataplane.Sidecar{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips, Capture: capture}
+			e.Sidecar = &dataplane.Sidecar{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips, NetNS: netns, Capture: capture}
 		}
 	}
 	return e
@@ -128,7 +128,10 @@ func Build(in Input) Output {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	withCNI := func(p *corev1.Pod) (*corev1.Pod, bool, bool) { return handover.Apply(p, in.Sandboxes) }
+	withCNI := func(p *corev1.Pod) (*corev1.Pod, bool, bool, string) {
+		hp, via, deleted := handover.Apply(p, in.Sandboxes)
+		return hp, via, deleted, handover.NetNS(p, in.Sandboxes)
+	}
 	pods := in.Pods
 	var st dataplane.State
 	entries := make(map[string]Entry, len(pods))

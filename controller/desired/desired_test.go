@@ -195,7 +195,7 @@ func TestBuild(t *testing.T) {
 // TestPodEntry: a pod's status lists its addresses as the status gives
 // them (PodIP when PodIPs is empty) and its annotation.
 func TestPodEntry(t *testing.T) {
-	none := func(p *corev1.Pod) (*corev1.Pod, bool, bool) { return p, false, false }
+	none := func(p *corev1.Pod) (*corev1.Pod, bool, bool, string) { return p, false, false, "" }
 	p := mk("apps/a", "u1")
 	p.Status.PodIP = "10.0.0.1"
 	p.Annotations = map[string]string{selection.RedirectionAnno: selection.RedirectionEnabled}

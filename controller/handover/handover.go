@@ -34,6 +34,8 @@ type Sandbox struct {
 	Pod *corev1.Pod
 	// Deleted: DEL came for the sandbox; nothing is captured until ADD.
 	Deleted bool
+	// NetNS is the sandbox's netns path, as the runtime gave it.
+	NetNS string
 }
 
 // Store holds the handed-over pods by namespace/name. It does no locking:
@@ -133,6 +135,18 @@ func Apply(p *corev1.Pod, sandboxes map[string]Sandbox) (*corev1.Pod, bool, bool
 	// The sandbox's addresses: a status may still show an earlier one's.
 	return WithPodIPs(p, e.IPs), true, false
 }
+
+// NetNS is the netns path CNI gave for p's sandbox ("" unknown).
+func NetNS(p *corev1.Pod, sandboxes map[string]Sandbox) string {
+	e, ok := sandboxes[p.Namespace+"/"+p.Name]
+	if !ok || e.UID != p.UID || e.Deleted {
+		return ""
+	}
+	return e.NetNS
+}
+
+// NetNS is NetNS over the store's sandboxes.
+func (s *Store) NetNS(p *corev1.Pod) string { return NetNS(p, s.m) }
 
 // WithPodIPs is a copy of p with ips as its status addresses.
 func WithPodIPs(p *corev1.Pod, ips []netip.Addr) *corev1.Pod {

@@ -116,10 +116,15 @@ func NotL4Proto(p byte, name string) Term {
 func TCP() Term { return L4Proto(unix.IPPROTO_TCP, "tcp") }
 func UDP() Term { return L4Proto(unix.IPPROTO_UDP, "udp") }
 
-// dport matches the destination port; an l4proto term must come first.
-func DPort(proto string, p uint16) Term {
-	return Term{fmt.Sprintf("%s dport %d", proto, p), []expr.Any{
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2}, cmpEq(be16(p))}}
+// DPort matches the destination port; an l4proto term must come first.
+func DPort(proto string, p uint16) Term { return dport(proto, false, p) }
+
+// NotDPort matches any other destination port.
+func NotDPort(proto string, p uint16) Term { return dport(proto, true, p) }
+
+func dport(proto string, neg bool, p uint16) Term {
+	return Term{fmt.Sprintf("%s dport %s%d", proto, neq(neg), p), []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2}, cmpOp(neg, be16(p))}}
 }
 
 // NFProto matches the packet's family.
@@ -183,8 +188,20 @@ func Owner(gid, neg bool, id uint32) Term {
 	return Term{fmt.Sprintf("meta %s %s%d", name, neq(neg), id), []expr.Any{&expr.Meta{Key: key, Register: 1}, cmpOp(neg, ne32(id))}}
 }
 
-func MarkIs(v uint32) Term {
-	return Term{fmt.Sprintf("meta mark %#x", v), []expr.Any{&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}, cmpEq(ne32(v))}}
+func MarkIs(v uint32) Term { return markCmp(false, v) }
+
+// MarkIsNot matches any other packet mark.
+func MarkIsNot(v uint32) Term { return markCmp(true, v) }
+
+func markCmp(neg bool, v uint32) Term {
+	return Term{fmt.Sprintf("meta mark %s%#x", neq(neg), v), []expr.Any{&expr.Meta{Key: expr.MetaKeyMARK, Register: 1}, cmpOp(neg, ne32(v))}}
+}
+
+// CtEstablished matches packets of established or related connections.
+func CtEstablished() Term {
+	return Term{"ct state established,related", []expr.Any{&expr.Ct{Key: expr.CtKeySTATE, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: ne32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED), Xor: ne32(0)},
+		cmpOp(true, ne32(0))}}
 }
 
 func CtMarkIs(v uint32) Term {
@@ -223,15 +240,16 @@ func Redirect(port uint16) Term {
 		&expr.Redir{RegisterProtoMin: 1}}}
 }
 
-// TProxy hands the packet to the local socket at loopback:port (no verdict).
+// TProxy hands the packet to the local socket at port on its destination
+// address (no verdict).
 func TProxy(v6 bool, port uint16) Term {
-	ip, fam, name := netip.MustParseAddr("127.0.0.1"), byte(nftables.TableFamilyIPv4), "ip"
+	fam, name := byte(nftables.TableFamilyIPv4), "ip"
 	if v6 {
-		ip, fam, name = netip.IPv6Loopback(), byte(nftables.TableFamilyIPv6), "ip6"
+		fam, name = byte(nftables.TableFamilyIPv6), "ip6"
 	}
-	return Term{fmt.Sprintf("tproxy %s to %s", name, netip.AddrPortFrom(ip, port)), []expr.Any{
-		&expr.Immediate{Register: 1, Data: ip.AsSlice()}, &expr.Immediate{Register: 2, Data: be16(port)},
-		&expr.TProxy{Family: fam, TableFamily: byte(nftables.TableFamilyINet), RegAddr: 1, RegPort: 2}}}
+	return Term{fmt.Sprintf("tproxy %s to :%d", name, port), []expr.Any{
+		&expr.Immediate{Register: 1, Data: be16(port)},
+		&expr.TProxy{Family: fam, TableFamily: byte(nftables.TableFamilyINet), RegPort: 1}}}
 }
 
 func verdict(k expr.VerdictKind, chain, text string) Term {
