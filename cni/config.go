@@ -54,6 +54,10 @@ type PluginConf struct {
 	ExcludeNamespaces []string `json:"excludeNamespaces,omitempty"` // nil: DefaultExcludeNamespaces
 	ZtunnelNamespace  string   `json:"ztunnelNamespace,omitempty"`
 	ZtunnelSelector   string   `json:"ztunnelSelector,omitempty"`
+	// SidecarCapture says the agent writes sidecar pods' rules (its
+	// --sidecar-capture; nil: true), so that with the agent unreachable
+	// such a pod waits as an ambient one does (failMode).
+	SidecarCapture *bool `json:"sidecarCapture,omitempty"`
 }
 
 // ParseConf decodes the plugin's stdin config, fills in defaults and
@@ -159,6 +163,7 @@ func (c *PluginConf) SelectionOptions() (selection.Options, error) {
 		ExcludeNamespaces: c.ExcludeNamespaces,
 		ZtunnelNamespace:  c.ZtunnelNamespace,
 		ZtunnelSelector:   sel,
+		SidecarCapture:    c.SidecarCapture == nil || *c.SidecarCapture,
 	}, nil
 }
 
@@ -174,13 +179,14 @@ type OwnFields struct {
 	ExcludeNamespaces *[]string `json:"excludeNamespaces,omitempty"`
 	ZtunnelNamespace  string    `json:"ztunnelNamespace,omitempty"`
 	ZtunnelSelector   string    `json:"ztunnelSelector,omitempty"`
+	SidecarCapture    *bool     `json:"sidecarCapture,omitempty"`
 }
 
 // Own returns c's own fields.
 func (c *PluginConf) Own() OwnFields {
 	f := OwnFields{
 		Socket: c.Socket, FailMode: c.FailMode, Timeout: c.Timeout, Kubeconfig: c.Kubeconfig,
-		ZtunnelNamespace: c.ZtunnelNamespace, ZtunnelSelector: c.ZtunnelSelector,
+		ZtunnelNamespace: c.ZtunnelNamespace, ZtunnelSelector: c.ZtunnelSelector, SidecarCapture: c.SidecarCapture,
 	}
 	if c.ExcludeNamespaces != nil {
 		f.ExcludeNamespaces = &c.ExcludeNamespaces

@@ -39,6 +39,14 @@ func Lookup(ctx context.Context, kubeconfigPath, namespace, name string, o selec
 	}
 	p := &selection.Pod{Namespace: pod.Metadata.Namespace, Name: pod.Metadata.Name,
 		Labels: pod.Metadata.Labels, Annotations: pod.Metadata.Annotations}
+	for _, c := range pod.Spec.InitContainers {
+		p.InitContainers = append(p.InitContainers, c.Name)
+	}
+	// A sidecar pod whose rules are the agent's needs it as an ambient
+	// pod does.
+	if sidecar, reason := selection.SidecarCaptured(p, o); sidecar {
+		return true, reason, nil
+	}
 	// The pod's own labels often decide; the namespace is read only if not.
 	if ambient, reason := selection.Ambient(p, nil, o); reason != selection.ReasonNamespaceUnknown {
 		return ambient, reason, nil
@@ -52,8 +60,8 @@ func Lookup(ctx context.Context, kubeconfigPath, namespace, name string, o selec
 }
 
 // object is what Lookup reads of a pod or a namespace: the metadata that
-// selection.Ambient decides with. Decoding only these fields keeps the
-// plugin free of the API's types.
+// selection.Ambient decides with, and a pod's init containers' names.
+// Decoding only these fields keeps the plugin free of the API's types.
 type object struct {
 	Metadata struct {
 		Namespace   string            `json:"namespace"`
@@ -61,6 +69,11 @@ type object struct {
 		Labels      map[string]string `json:"labels"`
 		Annotations map[string]string `json:"annotations"`
 	} `json:"metadata"`
+	Spec struct {
+		InitContainers []struct {
+			Name string `json:"name"`
+		} `json:"initContainers"`
+	} `json:"spec"`
 }
 
 // get decodes the JSON object at path into out; any status but 200 is an

@@ -20,6 +20,16 @@ func pod(ns, name string, lbls map[string]string) *corev1.Pod {
 	return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: lbls}}
 }
 
+// sidecar is a pod injected with Istio's sidecar, with or without istio-init.
+func sidecar(ns, name string, istioInit bool) *corev1.Pod {
+	p := pod(ns, name, nil)
+	p.Annotations = map[string]string{selection.SidecarStatusAnno: "{}"}
+	if istioInit {
+		p.Spec.InitContainers = []corev1.Container{{Name: selection.IstioInitContainer}}
+	}
+	return p
+}
+
 func namespace(name string, lbls map[string]string) *corev1.Namespace {
 	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: lbls}}
 }
@@ -33,6 +43,7 @@ func TestLookup(t *testing.T) {
 		pod("plain", "b", nil),
 		pod("plain", "labelled", map[string]string{selection.DataplaneModeLabel: selection.DataplaneModeAmbient}),
 		pod("istio-system", "ztunnel-x", map[string]string{"app": "ztunnel"}),
+		sidecar("plain", "sidecar", false), sidecar("plain", "istio-init", true),
 	)
 	sel, err := selection.ParseSelector("app=ztunnel")
 	if err != nil {
@@ -42,6 +53,7 @@ func TestLookup(t *testing.T) {
 		ExcludeNamespaces: []string{"kube-system"},
 		ZtunnelNamespace:  "istio-system",
 		ZtunnelSelector:   sel,
+		SidecarCapture:    true,
 	}
 	cases := []struct {
 		ns, name   string
@@ -53,6 +65,10 @@ func TestLookup(t *testing.T) {
 		{"plain", "b", false, selection.ReasonNotAmbient},
 		{"plain", "labelled", true, selection.ReasonEnrolledPodLabel},
 		{"istio-system", "ztunnel-x", false, selection.ReasonZtunnel},
+		// A sidecar pod whose rules are the agent's waits for it, as an
+		// ambient pod does; one with istio-init writes its own.
+		{"plain", "sidecar", true, selection.ReasonSidecarCapture},
+		{"plain", "istio-init", false, selection.ReasonSidecar},
 	}
 	for _, tc := range cases {
 		got, reason, err := cni.Lookup(context.Background(), api.Kubeconfig, tc.ns, tc.name, o)

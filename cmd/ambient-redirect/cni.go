@@ -34,6 +34,10 @@ func (o *Options) installer(restCfg *rest.Config, log *zap.Logger) (*install.Ins
 	in := &install.Installer{BinDir: o.CNIBinDir, ConfDir: o.CNIConfDir, Binary: o.CNIPluginBinary, Log: log,
 		Conf: cni.PluginConf{Socket: o.CNISocket, FailMode: o.FailMode, ExcludeNamespaces: o.excluded(),
 			ZtunnelNamespace: o.ZtunnelNamespace, ZtunnelSelector: o.ZtunnelSelector}}
+	if !o.SidecarCapture {
+		off := false
+		in.Conf.SidecarCapture = &off // the plugin's default is on
+	}
 	in.Conf.Type = cni.PluginType
 	if o.CNIHostConfDir != "" {
 		in.Conf.Kubeconfig = filepath.Join(o.CNIHostConfDir, install.KubeconfigName)
