@@ -114,7 +114,9 @@ func TestAgent(t *testing.T) {
 			reasons[ps.Name] = ps.Reason
 		}
 		for name, want := range map[string]string{"optout-label": selection.ReasonOptOutLabel, "optout-anno": selection.ReasonOptOutAnnotation,
-			"sidecar": selection.ReasonSidecar, "hostnet": selection.ReasonHostNetwork, "sys": selection.ReasonExcludedNamespace} {
+			// A sidecar pod is never ambient: its rules are ours, in its
+			// own netns (TestSidecarPodCapturedInItsNetns).
+			"sidecar": selection.ReasonSidecarCapture, "hostnet": selection.ReasonHostNetwork, "sys": selection.ReasonExcludedNamespace} {
 			if reasons[name] != want {
 				t.Errorf("%s: reason %q, want %q", name, reasons[name], want)
 			}

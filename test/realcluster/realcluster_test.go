@@ -88,7 +88,7 @@ func TestMain(m *testing.M) {
 
 // clusterTests are the tests that need the cluster, in the order they run.
 var clusterTests = []string{"TestInstall", "TestCapture", "TestProbes", "TestLeastPrivilege", "TestUninstall",
-	"TestZtunnelRollout", "TestAgentRollout", "TestNodeRestart"}
+	"TestZtunnelRollout", "TestAgentRollout", "TestNodeRestart", "TestSidecarPod"}
 
 // runsClusterTest reports whether -test.run selects one of clusterTests
 // (a -run of unit tests only does not start a cluster).

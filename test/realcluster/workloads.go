@@ -153,6 +153,54 @@ spec:
 `, ns, name, node, image.App+":v1", strings.Join(quoted, ", "), AppHTTPPort)
 }
 
+// SidecarAppPod is a pod with Istio's CNI-mode sidecar injection: the
+// status annotation, no istio-init, the proxy (the sidecar test proxy as
+// uid/gid 1337) as a native sidecar that starts before the app, and the
+// app with args.
+func SidecarAppPod(ns, name, node string, args ...string) string {
+	quoted := []string{`"serve"`}
+	for _, a := range args {
+		quoted = append(quoted, fmt.Sprintf("%q", a))
+	}
+	return fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata:
+  name: %[2]s
+  namespace: %[1]s
+  labels:
+    app: %[2]s
+  annotations:
+    sidecar.istio.io/status: '{"containers":["istio-proxy"]}'
+spec:
+  nodeName: %[3]s
+  terminationGracePeriodSeconds: 1
+  initContainers:
+    - name: istio-proxy
+      image: %[7]s
+      imagePullPolicy: IfNotPresent
+      restartPolicy: Always
+      args: ["--record-file", "/dev/stderr"]
+      securityContext:
+        runAsUser: 1337
+        runAsGroup: 1337
+      startupProbe:
+        tcpSocket:
+          port: 15006
+        periodSeconds: 1
+  containers:
+    - name: app
+      image: %[4]s
+      imagePullPolicy: IfNotPresent
+      args: [%[5]s]
+      readinessProbe:
+        httpGet:
+          path: /healthz
+          port: %[6]d
+        periodSeconds: 1
+---
+`, ns, name, node, image.App+":v1", strings.Join(quoted, ", "), AppHTTPPort, image.SidecarProxy+":v1")
+}
+
 // WaitReady waits until the app Deployment ns/name has replicas Ready pods
 // and returns them; on timeout it dumps the namespace's pods and fails.
 func (c *Cluster) WaitReady(t testing.TB, ns, name string, replicas int) []corev1.Pod {

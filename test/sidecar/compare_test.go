@@ -3,6 +3,8 @@ package sidecar_test
 import (
 	"context"
 	"fmt"
+	"maps"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -23,6 +25,7 @@ import (
 // veth, and the ports the probes use.
 const (
 	podIP, peerIP            = "10.77.0.2", "10.77.0.1"
+	podIP6, peerIP6          = "fd77::2", "fd77::1"
 	appPort, exclOut, exclIn = 8080, 9901, 9902
 	healthPort               = 15021
 )
@@ -48,23 +51,35 @@ func TestMain(m *testing.M) {
 	}())
 }
 
-// engine writes a sidecar pod's rules into the netns at path.
-type engine func(t *testing.T, path string, annos map[string]string)
+// engine writes a sidecar pod's rules into the netns at path; dual says
+// the proxy's environment has ISTIO_DUAL_STACK=true.
+type engine func(t *testing.T, path string, annos map[string]string, dual bool)
 
-func ours(t *testing.T, path string, annos map[string]string) {
+func ours(t *testing.T, path string, annos map[string]string, dual bool) {
 	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "web", Annotations: annos}}
+	ips := []netip.Addr{netip.MustParseAddr(podIP)}
+	if dual {
+		p.Spec.Containers = []corev1.Container{{Name: desired.ProxyContainer, Env: []corev1.EnvVar{{Name: desired.EnvDualStack, Value: "true"}}}}
+		ips = append(ips, netip.MustParseAddr(podIP6))
+	}
 	c, err := desired.SidecarCaptureOf(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := dataplane.Sidecar{UID: "uid", Name: "apps/web", IPs: []netip.Addr{netip.MustParseAddr(podIP)}, Capture: c}
+	s := dataplane.Sidecar{UID: "uid", Name: "apps/web", IPs: ips, Capture: c}
 	if _, err := dataplane.ProgramSidecar(context.Background(), dataplane.DefaultConfig(), path, s); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func istioEngine(t *testing.T, path string, annos map[string]string) {
-	istio.Run(t, path, istio.ArgsFor(annos)...)
+func istioEngine(t *testing.T, path string, annos map[string]string, dual bool) {
+	var env []string
+	if dual {
+		env = []string{"ISTIO_DUAL_STACK=true"}
+	}
+	if out, err := istio.RunEnv(t, path, env, istio.ArgsFor(annos)...); err != nil {
+		t.Fatalf("istio-iptables: %v\n%s", err, out)
+	}
 }
 
 // probe is one connection and where it went: through the proxy (at which
@@ -79,7 +94,7 @@ type probe struct {
 
 // run sets up the pod and its peer, has e write the rules, starts the
 // proxy and sends every probe; it returns each probe's outcome.
-func run(t *testing.T, e engine, annos map[string]string, tproxy bool) []string {
+func run(t *testing.T, e engine, annos map[string]string, tproxy, dual bool) []string {
 	pod, peer := sidecartest.NewNetns(t), sidecartest.NewNetns(t)
 	vp, vq := "arsc-p"+pod[4:8], "arsc-q"+pod[4:8]
 	netnstest.Exec(t, pod, "ip", "link", "add", vp, "type", "veth", "peer", "name", vq, "netns", peer)
@@ -87,24 +102,36 @@ func run(t *testing.T, e engine, annos map[string]string, tproxy bool) []string 
 	netnstest.Exec(t, pod, "ip", "link", "set", vp, "up")
 	netnstest.Exec(t, peer, "ip", "addr", "add", peerIP+"/24", "dev", vq)
 	netnstest.Exec(t, peer, "ip", "link", "set", vq, "up")
-	for _, port := range []int{appPort, exclIn, healthPort} {
-		netnstest.EchoServer(t, pod, fmt.Sprintf("%s:%d", podIP, port))
+	if dual {
+		netnstest.Exec(t, pod, "ip", "addr", "add", podIP6+"/64", "dev", vp, "nodad")
+		netnstest.Exec(t, peer, "ip", "addr", "add", peerIP6+"/64", "dev", vq, "nodad")
 	}
-	netnstest.EchoServer(t, pod, fmt.Sprintf("127.0.0.1:%d", appPort))
-	for _, port := range []int{appPort, exclOut} {
-		netnstest.EchoServer(t, peer, fmt.Sprintf("%s:%d", peerIP, port))
+	type fam struct{ pod, peer, lo string }
+	fams := []fam{{podIP, peerIP, "127.0.0.1"}}
+	if dual {
+		fams = append(fams, fam{podIP6, peerIP6, "::1"})
 	}
-	e(t, netnstest.NsPath(pod), annos)
+	var probes []probe
+	for _, f := range fams {
+		hp := func(ip string, port int) string { return net.JoinHostPort(ip, fmt.Sprint(port)) }
+		for _, port := range []int{appPort, exclIn, healthPort} {
+			netnstest.EchoServer(t, pod, hp(f.pod, port))
+		}
+		netnstest.EchoServer(t, pod, hp(f.lo, appPort))
+		for _, port := range []int{appPort, exclOut} {
+			netnstest.EchoServer(t, peer, hp(f.peer, port))
+		}
+		probes = append(probes,
+			probe{name: "outbound", fromPod: true, dst: hp(f.peer, appPort)},
+			probe{name: "outbound, excluded port", fromPod: true, dst: hp(f.peer, exclOut)},
+			probe{name: "inbound", dst: hp(f.pod, appPort)},
+			probe{name: "inbound, excluded port", dst: hp(f.pod, exclIn)},
+			probe{name: "inbound, health port", dst: hp(f.pod, healthPort)},
+			probe{name: "app to its own address", fromPod: true, dst: hp(f.pod, appPort)},
+			probe{name: "app to loopback", fromPod: true, dst: hp(f.lo, appPort)})
+	}
+	e(t, netnstest.NsPath(pod), annos, dual)
 	px := sidecartest.StartProxy(t, pod, proxyBin, sidecartest.ProxyOptions{TPROXY: tproxy})
-	probes := []probe{
-		{name: "outbound", fromPod: true, dst: fmt.Sprintf("%s:%d", peerIP, appPort)},
-		{name: "outbound, excluded port", fromPod: true, dst: fmt.Sprintf("%s:%d", peerIP, exclOut)},
-		{name: "inbound", dst: fmt.Sprintf("%s:%d", podIP, appPort)},
-		{name: "inbound, excluded port", dst: fmt.Sprintf("%s:%d", podIP, exclIn)},
-		{name: "inbound, health port", dst: fmt.Sprintf("%s:%d", podIP, healthPort)},
-		{name: "app to its own address", fromPod: true, dst: fmt.Sprintf("%s:%d", podIP, appPort)},
-		{name: "app to 127.0.0.1", fromPod: true, dst: fmt.Sprintf("127.0.0.1:%d", appPort)},
-	}
 	var out []string
 	payload := []byte(strings.Repeat("sidecar ", 64))
 	for _, p := range probes {
@@ -126,13 +153,13 @@ func run(t *testing.T, e engine, annos map[string]string, tproxy bool) []string 
 		p.recorded = "direct"
 		if recs := px.Records(t); len(recs) > before {
 			r := recs[before]
-			peerHost := r.Peer[:strings.LastIndex(r.Peer, ":")]
-			if peerHost != peerIP {
+			peerHost, _, _ := net.SplitHostPort(r.Peer)
+			if peerHost != peerIP && peerHost != peerIP6 {
 				peerHost = "the pod"
 			}
 			p.recorded = fmt.Sprintf("via %d to %s from %s (%d records)", r.Listener, r.OrigDst, peerHost, len(recs)-before)
 		}
-		out = append(out, fmt.Sprintf("%-26s %-9s %s", p.name, p.outcome, p.recorded))
+		out = append(out, fmt.Sprintf("%-26s %-22s %-9s %s", p.name, p.dst, p.outcome, p.recorded))
 	}
 	return out
 }
@@ -145,22 +172,52 @@ func run(t *testing.T, e engine, annos map[string]string, tproxy bool) []string 
 func TestSameBehaviourAsIstio(t *testing.T) {
 	netnstest.RequireRoot(t)
 	istio.Build(t) // skips, saying why, when it cannot be built
+	excludes := map[string]string{desired.AnnoExcludeOutboundPorts: fmt.Sprint(exclOut), desired.AnnoExcludeInboundPorts: fmt.Sprint(exclIn)}
+	with := func(kv ...string) map[string]string {
+		m := maps.Clone(excludes)
+		for i := 0; i+1 < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return m
+	}
 	for _, c := range []struct {
-		name   string
-		annos  map[string]string
-		tproxy bool
+		name         string
+		annos        map[string]string
+		tproxy, dual bool
 	}{
-		{"redirect", map[string]string{desired.AnnoExcludeOutboundPorts: fmt.Sprint(exclOut), desired.AnnoExcludeInboundPorts: fmt.Sprint(exclIn)}, false},
-		{"tproxy", map[string]string{"sidecar.istio.io/interceptionMode": "TPROXY",
-			desired.AnnoExcludeOutboundPorts: fmt.Sprint(exclOut), desired.AnnoExcludeInboundPorts: fmt.Sprint(exclIn)}, true},
+		{"redirect", excludes, false, false},
+		{"redirect-dualstack", excludes, false, true},
+		{"tproxy", with("sidecar.istio.io/interceptionMode", "TPROXY"), true, false},
+		{"includes", with(desired.AnnoIncludeInboundPorts, fmt.Sprint(exclIn), desired.AnnoIncludeOutboundIPRanges, "10.77.0.1/32",
+			desired.AnnoExcludeOutboundIPRanges, ""), false, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			want := run(t, istioEngine, c.annos, c.tproxy)
-			got := run(t, ours, c.annos, c.tproxy)
+			want := run(t, istioEngine, c.annos, c.tproxy, c.dual)
+			got := run(t, ours, c.annos, c.tproxy, c.dual)
 			t.Logf("istio-iptables:\n  %s", strings.Join(want, "\n  "))
 			if strings.Join(got, "\n") != strings.Join(want, "\n") {
 				t.Fatalf("behaviour differs from Istio's:\nours:\n  %s\nistio:\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
 			}
 		})
+	}
+}
+
+// TestIstioValidationPasses runs Istio's own check of a CNI-mode pod (what
+// its istio-validation init container runs) in a pod whose rules we wrote;
+// in a pod without them it must fail, or it proves nothing.
+func TestIstioValidationPasses(t *testing.T) {
+	netnstest.RequireRoot(t)
+	istio.Build(t)
+	pod, peer := sidecartest.NewNetns(t), sidecartest.NewNetns(t)
+	vp, vq := "arsc-p"+pod[4:8], "arsc-q"+pod[4:8]
+	netnstest.Exec(t, pod, "ip", "link", "add", vp, "type", "veth", "peer", "name", vq, "netns", peer)
+	netnstest.Exec(t, pod, "ip", "addr", "add", podIP+"/24", "dev", vp)
+	netnstest.Exec(t, pod, "ip", "link", "set", vp, "up")
+	if out, err := istio.Validate(t, netnstest.NsPath(pod), nil); err == nil {
+		t.Fatalf("Istio's validation passed in a pod without rules:\n%s", out)
+	}
+	ours(t, netnstest.NsPath(pod), nil, false)
+	if out, err := istio.Validate(t, netnstest.NsPath(pod), nil); err != nil {
+		t.Fatalf("Istio's validation failed in a pod whose rules we wrote: %v\n%s", err, out)
 	}
 }

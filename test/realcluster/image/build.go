@@ -39,7 +39,9 @@ const (
 	Agent    = Registry + "/ambient-redirect"
 	Ztunnel  = Registry + "/test-ztunnel"
 	App      = Registry + "/app"
-	Pause    = Registry + "/pause:v1"
+	// SidecarProxy is the sidecar test proxy (test/sidecar/proxy).
+	SidecarProxy = Registry + "/sidecar-proxy"
+	Pause        = Registry + "/pause:v1"
 )
 
 // debianPath is the PATH of Debian's images.
@@ -49,17 +51,18 @@ const debianPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 // references they carry.
 type Archives struct {
 	// Agent has one archive per tag.
-	Agent   map[string]string
-	Ztunnel string
-	App     string
-	Pause   string
+	Agent        map[string]string
+	Ztunnel      string
+	App          string
+	SidecarProxy string
+	Pause        string
 	// Refs maps an archive to its image reference.
 	Refs map[string]string
 }
 
 // All returns every archive.
 func (a Archives) All() []string {
-	out := []string{a.Ztunnel, a.App, a.Pause}
+	out := []string{a.Ztunnel, a.App, a.SidecarProxy, a.Pause}
 	for _, p := range a.Agent {
 		out = append(out, p)
 	}
@@ -77,7 +80,8 @@ func Build(repo, outDir, cacheDir string, agentTags []string, logf func(string, 
 	if err := os.MkdirAll(bin, 0o755); err != nil {
 		return a, err
 	}
-	pkgs := map[string]string{"test-ztunnel": "./test/ztunnel", "app": "./test/realcluster/app", "pause": "./test/realcluster/pause"}
+	pkgs := map[string]string{"test-ztunnel": "./test/ztunnel", "app": "./test/realcluster/app", "pause": "./test/realcluster/pause",
+		"test-sidecar-proxy": "./test/sidecar/proxy"}
 	for name, pkg := range AgentBinaries {
 		pkgs[name] = pkg
 	}
@@ -113,6 +117,10 @@ func Build(repo, outDir, cacheDir string, agentTags []string, logf func(string, 
 		return a, err
 	}
 	if a.App, err = single("app", "app", "/app", App+":v1", Config{Entrypoint: []string{"/app"}}); err != nil {
+		return a, err
+	}
+	if a.SidecarProxy, err = single("sidecar-proxy", "test-sidecar-proxy", "/test-sidecar-proxy", SidecarProxy+":v1",
+		Config{Entrypoint: []string{"/test-sidecar-proxy"}}); err != nil {
 		return a, err
 	}
 	if a.Pause, err = single("pause", "pause", "/pause", Pause, Config{Entrypoint: []string{"/pause"}}); err != nil {

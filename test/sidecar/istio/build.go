@@ -284,3 +284,36 @@ func excludeInboundPort(port, excluded string) string {
 	}
 	return strings.Join(append(out, port), ",")
 }
+
+// Validate runs what Istio's istio-validation init container runs in a
+// CNI-mode pod (`istio-iptables --run-validation --skip-rule-apply` with
+// the pod's arguments, as uid/gid 1337): it passes only when the netns's
+// rules redirect as the sidecar needs. The binary is copied where uid 1337
+// can run it.
+func Validate(t testing.TB, netnsPath string, annotations map[string]string) (string, error) {
+	t.Helper()
+	bin := Build(t)
+	dir, err := os.MkdirTemp("", "ar-istio-validation-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	b, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(dir, "istio-iptables")
+	if err := os.WriteFile(exe, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	args := append([]string{"--net=" + netnsPath, "--setuid=1337", "--setgid=1337", "--", exe}, ArgsFor(annotations)...)
+	cmd := exec.CommandContext(ctx, "nsenter", append(args, "--run-validation", "--skip-rule-apply")...)
+	cmd.Env = []string{basePath}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
