@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -51,17 +52,23 @@ func TestMain(m *testing.M) {
 	}())
 }
 
-// engine writes a sidecar pod's rules into the netns at path; dual says
-// the proxy's environment has ISTIO_DUAL_STACK=true.
-type engine func(t *testing.T, path string, annos map[string]string, dual bool)
+// engine writes a sidecar pod's rules into the netns at path; dual and
+// dns say the proxy's environment has ISTIO_DUAL_STACK=true and
+// ISTIO_META_DNS_CAPTURE=true.
+type engine func(t *testing.T, path string, annos map[string]string, dual, dns bool)
 
-func ours(t *testing.T, path string, annos map[string]string, dual bool) {
+func ours(t *testing.T, path string, annos map[string]string, dual, dns bool) {
 	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "apps", Name: "web", Annotations: annos}}
 	ips := []netip.Addr{netip.MustParseAddr(podIP)}
+	proxy := corev1.Container{Name: desired.ProxyContainer}
 	if dual {
-		p.Spec.Containers = []corev1.Container{{Name: desired.ProxyContainer, Env: []corev1.EnvVar{{Name: desired.EnvDualStack, Value: "true"}}}}
+		proxy.Env = append(proxy.Env, corev1.EnvVar{Name: desired.EnvDualStack, Value: "true"})
 		ips = append(ips, netip.MustParseAddr(podIP6))
 	}
+	if dns {
+		proxy.Env = append(proxy.Env, corev1.EnvVar{Name: desired.EnvDNSCapture, Value: "true"})
+	}
+	p.Spec.Containers = []corev1.Container{proxy}
 	c, err := desired.SidecarCaptureOf(p)
 	if err != nil {
 		t.Fatal(err)
@@ -72,12 +79,18 @@ func ours(t *testing.T, path string, annos map[string]string, dual bool) {
 	}
 }
 
-func istioEngine(t *testing.T, path string, annos map[string]string, dual bool) {
+func istioEngine(t *testing.T, path string, annos map[string]string, dual, dns bool) {
 	var env []string
 	if dual {
 		env = []string{"ISTIO_DUAL_STACK=true"}
 	}
-	if out, err := istio.RunEnv(t, path, env, istio.ArgsFor(annos)...); err != nil {
+	args := istio.ArgsFor(annos)
+	if dns {
+		// What istio-agent asks for with DNS capture on, for every server
+		// (we capture all UDP/TCP 53 of the app).
+		args = append(args, "--redirect-dns", "--capture-all-dns")
+	}
+	if out, err := istio.RunEnv(t, path, env, args...); err != nil {
 		t.Fatalf("istio-iptables: %v\n%s", err, out)
 	}
 }
@@ -87,14 +100,28 @@ func istioEngine(t *testing.T, path string, annos map[string]string, dual bool) 
 type probe struct {
 	name     string
 	fromPod  bool // the app's connection; else the peer's
+	asProxy  bool // from the pod, as the proxy's uid/gid (1337)
+	udp      bool
 	dst      string
 	outcome  string
 	recorded string
 }
 
+// roundTripAsProxy sends a line from the pod's netns as uid/gid 1337 (the
+// proxy's own connection) and wants it echoed.
+func roundTripAsProxy(path, dst string) error {
+	host, port, _ := net.SplitHostPort(dst)
+	script := fmt.Sprintf("exec 3<>/dev/tcp/%s/%s && echo ping >&3 && timeout 2 head -n1 <&3", host, port)
+	out, err := exec.Command("nsenter", "--net="+path, "--setuid=1337", "--setgid=1337", "--", "bash", "-c", script).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "ping" {
+		return fmt.Errorf("%v: %s", err, out)
+	}
+	return nil
+}
+
 // run sets up the pod and its peer, has e write the rules, starts the
 // proxy and sends every probe; it returns each probe's outcome.
-func run(t *testing.T, e engine, annos map[string]string, tproxy, dual bool) []string {
+func run(t *testing.T, e engine, annos map[string]string, tproxy, dual, dns bool) []string {
 	pod, peer := sidecartest.NewNetns(t), sidecartest.NewNetns(t)
 	vp, vq := "arsc-p"+pod[4:8], "arsc-q"+pod[4:8]
 	netnstest.Exec(t, pod, "ip", "link", "add", vp, "type", "veth", "peer", "name", vq, "netns", peer)
@@ -114,12 +141,15 @@ func run(t *testing.T, e engine, annos map[string]string, tproxy, dual bool) []s
 	var probes []probe
 	for _, f := range fams {
 		hp := func(ip string, port int) string { return net.JoinHostPort(ip, fmt.Sprint(port)) }
-		for _, port := range []int{appPort, exclIn, healthPort} {
+		for _, port := range []int{appPort, exclIn, healthPort, 15008, 15020, 15090} {
 			netnstest.EchoServer(t, pod, hp(f.pod, port))
 		}
 		netnstest.EchoServer(t, pod, hp(f.lo, appPort))
 		for _, port := range []int{appPort, exclOut} {
 			netnstest.EchoServer(t, peer, hp(f.peer, port))
+		}
+		for _, port := range []int{53, 5353} {
+			netnstest.UDPEcho(t, peer, hp(f.peer, port))
 		}
 		probes = append(probes,
 			probe{name: "outbound", fromPod: true, dst: hp(f.peer, appPort)},
@@ -128,10 +158,21 @@ func run(t *testing.T, e engine, annos map[string]string, tproxy, dual bool) []s
 			probe{name: "inbound, excluded port", dst: hp(f.pod, exclIn)},
 			probe{name: "inbound, health port", dst: hp(f.pod, healthPort)},
 			probe{name: "app to its own address", fromPod: true, dst: hp(f.pod, appPort)},
-			probe{name: "app to loopback", fromPod: true, dst: hp(f.lo, appPort)})
+			probe{name: "app to loopback", fromPod: true, dst: hp(f.lo, appPort)},
+			probe{name: "inbound, 15008", dst: hp(f.pod, 15008)},
+			probe{name: "inbound, 15020", dst: hp(f.pod, 15020)},
+			probe{name: "inbound, 15090", dst: hp(f.pod, 15090)},
+			probe{name: "proxy to the pod's address", asProxy: true, dst: hp(f.pod, appPort)},
+			probe{name: "proxy to the peer", asProxy: true, dst: hp(f.peer, appPort)},
+			probe{name: "app UDP", fromPod: true, udp: true, dst: hp(f.peer, 5353)},
+			probe{name: "app DNS over UDP", fromPod: true, udp: true, dst: hp(f.peer, 53)})
 	}
-	e(t, netnstest.NsPath(pod), annos, dual)
-	px := sidecartest.StartProxy(t, pod, proxyBin, sidecartest.ProxyOptions{TPROXY: tproxy})
+	e(t, netnstest.NsPath(pod), annos, dual, dns)
+	o := sidecartest.ProxyOptions{TPROXY: tproxy}
+	if dns {
+		o.DNSPort = dataplane.SidecarDNSPort
+	}
+	px := sidecartest.StartProxy(t, pod, proxyBin, o)
 	var out []string
 	payload := []byte(strings.Repeat("sidecar ", 64))
 	for _, p := range probes {
@@ -140,7 +181,18 @@ func run(t *testing.T, e engine, annos map[string]string, tproxy, dual bool) []s
 			ns = pod
 		}
 		before := len(px.Records(t))
-		got, err := netnstest.RoundTrip(ns, p.dst, payload, 2*time.Second)
+		var got []byte
+		var err error
+		switch {
+		case p.asProxy:
+			if err = roundTripAsProxy(netnstest.NsPath(pod), p.dst); err == nil {
+				got = payload
+			}
+		case p.udp:
+			got, err = netnstest.UDPRoundTrip(ns, p.dst, payload, time.Second)
+		default:
+			got, err = netnstest.RoundTrip(ns, p.dst, payload, 2*time.Second)
+		}
 		switch {
 		case err != nil:
 			p.outcome = "failed"
@@ -181,19 +233,20 @@ func TestSameBehaviourAsIstio(t *testing.T) {
 		return m
 	}
 	for _, c := range []struct {
-		name         string
-		annos        map[string]string
-		tproxy, dual bool
+		name              string
+		annos             map[string]string
+		tproxy, dual, dns bool
 	}{
-		{"redirect", excludes, false, false},
-		{"redirect-dualstack", excludes, false, true},
-		{"tproxy", with("sidecar.istio.io/interceptionMode", "TPROXY"), true, false},
+		{"redirect", excludes, false, false, false},
+		{"redirect-dualstack", excludes, false, true, false},
+		{"tproxy", with("sidecar.istio.io/interceptionMode", "TPROXY"), true, false, false},
 		{"includes", with(desired.AnnoIncludeInboundPorts, fmt.Sprint(exclIn), desired.AnnoIncludeOutboundIPRanges, "10.77.0.1/32",
-			desired.AnnoExcludeOutboundIPRanges, ""), false, true},
+			desired.AnnoExcludeOutboundIPRanges, ""), false, true, false},
+		{"dns", excludes, false, false, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			want := run(t, istioEngine, c.annos, c.tproxy, c.dual)
-			got := run(t, ours, c.annos, c.tproxy, c.dual)
+			want := run(t, istioEngine, c.annos, c.tproxy, c.dual, c.dns)
+			got := run(t, ours, c.annos, c.tproxy, c.dual, c.dns)
 			t.Logf("istio-iptables:\n  %s", strings.Join(want, "\n  "))
 			if strings.Join(got, "\n") != strings.Join(want, "\n") {
 				t.Fatalf("behaviour differs from Istio's:\nours:\n  %s\nistio:\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
@@ -216,7 +269,7 @@ func TestIstioValidationPasses(t *testing.T) {
 	if out, err := istio.Validate(t, netnstest.NsPath(pod), nil); err == nil {
 		t.Fatalf("Istio's validation passed in a pod without rules:\n%s", out)
 	}
-	ours(t, netnstest.NsPath(pod), nil, false)
+	ours(t, netnstest.NsPath(pod), nil, false, false)
 	if out, err := istio.Validate(t, netnstest.NsPath(pod), nil); err != nil {
 		t.Fatalf("Istio's validation failed in a pod whose rules we wrote: %v\n%s", err, out)
 	}
