@@ -219,8 +219,8 @@ func (d *Dataplane) syncSidecars(ctx context.Context, want []Sidecar, verify boo
 		if verify || w.dry {
 			m.queueResync()
 		}
-		if !m.queued && m.err == nil && len(m.pending()) == 0 {
-			continue
+		if !m.queued && m.err == nil {
+			continue // in place since it was last read back or written: a pod event costs nothing here
 		}
 		m.err = d.convergeSidecar(ctx, m, w)
 		if m.err != nil {
