@@ -20,6 +20,9 @@ import (
 // DataplaneInfo is what the debug server reads from the dataplane.
 type DataplaneInfo interface {
 	IPTablesBackend() (backend, reason string)
+	// KubeProxyWarning says what the backend cannot do for this node's
+	// kube-proxy ("" when nothing).
+	KubeProxyWarning() string
 	Tunnel() (typ dataplane.TunnelType, reason string, port int)
 	Diff(ctx context.Context, st dataplane.State) ([]string, error)
 	Snapshot(ctx context.Context) dataplane.Snapshot
@@ -187,6 +190,9 @@ func (s *DebugServer) state(w http.ResponseWriter, r *http.Request) {
 	if dp != nil {
 		b, why := dp.IPTablesBackend()
 		out.IPTables = map[string]any{"backend": b, "reason": why}
+		if w := dp.KubeProxyWarning(); w != "" {
+			out.IPTables["warning"] = w
+		}
 		t, why, port := dp.Tunnel()
 		out.Tunnel = map[string]any{"type": t, "reason": why, "port": port}
 		snap := dp.Snapshot(r.Context())

@@ -199,6 +199,7 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 			return nil, err
 		}
 	}
+	d.warnKubeProxy()
 	d.log.Info("dataplane ready",
 		zap.String("iptablesBackend", d.backend), zap.String("iptablesReason", d.backendReason),
 		zap.String("tunnel", string(d.tunnel)), zap.String("tunnelReason", d.tunnelReason))

@@ -79,6 +79,9 @@ func printStatus(w io.Writer, st controller.DebugState, verbose bool) {
 	}
 	if st.IPTables != nil {
 		fmt.Fprintf(w, "iptables:  %v (%v)\n", st.IPTables["backend"], st.IPTables["reason"])
+		if warn, ok := st.IPTables["warning"]; ok {
+			fmt.Fprintf(w, "WARNING:   %v\n", warn)
+		}
 	}
 	fmt.Fprintf(w, "pods:      %d on node, %d enrolled\n", len(st.Pods), st.Enrolled)
 	if len(st.Sidecars) > 0 {
