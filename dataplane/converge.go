@@ -128,18 +128,14 @@ func (d *Dataplane) prepare(ctx context.Context, st State, w *writer) (_ *conver
 	}
 	c.port = pickPort(d.startPort(), links, map[string]bool{NodeInLink: true, NodeOutLink: true})
 	c.live = d.assignSlots(c.zt, c.draining, c.m.routes.t.actual)
-	moved := map[Family]bool{}
-	for _, f := range d.fams {
-		moved[f] = c.m.rules[f].localMoved()
-	}
-	if c.objs, err = d.render(st, facts{zt: c.zt, live: c.live, port: c.port, localMoved: moved}); err != nil {
+	if c.objs, err = d.render(st, facts{zt: c.zt, live: c.live, port: c.port}); err != nil {
 		return nil, err
 	}
 	for _, f := range []Family{IPv4, IPv6} {
 		c.m.sets[f].setDesired(c.objs.Members[f])
 	}
 	for _, f := range d.fams {
-		c.m.rules[f].setDesired(c.objs.Rules[f], d.cfg.CaptureNodeLocal && !moved[f])
+		c.m.rules[f].setDesired(c.objs.Rules[f], d.cfg.CaptureNodeLocal)
 	}
 	c.m.routes.replaceDesired(c.objs.Routes)
 	c.m.tunnels.setDesired(c.objs.Tunnels)

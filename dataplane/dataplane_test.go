@@ -901,33 +901,3 @@ func TestNetlinkDriftReadsNoIPTables(t *testing.T) {
 		t.Fatal("the periodic resync did not read the iptables chains")
 	}
 }
-
-// TestMovedLocalRuleIsNotShadowed: where another agent moved the kernel's
-// local rule (Cilium: 100), there is none at 0 to replace, and our rule 0
-// would deliver locally ahead of that agent's own rules: it is not added,
-// and theirs stays untouched.
-func TestMovedLocalRuleIsNotShadowed(t *testing.T) {
-	f := newFakeNode(t)
-	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
-		at0 := netlink.NewRule()
-		at0.Family, at0.Priority, at0.Table, at0.Protocol = fam, 0, unix.RT_TABLE_LOCAL, unix.RTPROT_KERNEL
-		if err := f.nl.RuleDel(at0); err != nil {
-			t.Fatal(err)
-		}
-		moved := *at0
-		moved.Priority = 100
-		if err := f.nl.RuleAdd(&moved); err != nil {
-			t.Fatal(err)
-		}
-	}
-	d := f.dataplane(t, func(c *Config) {
-		c.Priorities = Priorities{ProxyReturn2: 11, Skip: 12, Outbound: 13, ProxyReturn: 14, Inbound: 15, ZtunnelTProxy: 20000, ZtunnelOrigSrc: 20003}
-	})
-	if _, err := d.Apply(context.Background(), State{Ztunnel: f.zt, Pods: pods(1)}); err != nil {
-		t.Fatal(err)
-	}
-	dump := f.nl.Dump()
-	if strings.Contains(dump, "rule inet 0:") || !strings.Contains(dump, "rule inet 100: lookup 255 proto 2") {
-		t.Fatalf("want the moved local rule alone, none of ours at 0:\n%s", dump)
-	}
-}

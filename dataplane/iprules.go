@@ -36,13 +36,7 @@ func newRule(f Family, prio, table int, mark, mask uint32, proto int) netlink.Ru
 	return r
 }
 
-// nodeRules are the node's rules of family f. Our rule 0 replaces the
-// kernel's unconditional local rule; where another agent moved that rule
-// (Cilium keeps it at 100, the AWS VPC CNI at 20) there is none at 0 to
-// replace, and ours would put local delivery in front of that agent's own
-// rules: it is left out (our rules come before the moved one, or the
-// conflict check refuses).
-func (d *Dataplane) nodeRules(f Family, localMoved bool) []netlink.Rule {
+func (d *Dataplane) nodeRules(f Family) []netlink.Rule {
 	p, t, m, proto := d.cfg.Priorities, d.cfg.Tables, d.cfg.Marks, d.cfg.RouteProtocol
 	skip := newRule(f, p.Skip, -1, m.Skip, m.Skip, proto)
 	skip.Goto = 32766 // the main table's rule
@@ -53,7 +47,7 @@ func (d *Dataplane) nodeRules(f Family, localMoved bool) []netlink.Rule {
 		newRule(f, p.ProxyReturn, t.ProxyReturn, m.ProxyReturn, m.ProxyReturn, proto),
 		newRule(f, p.Inbound, t.Inbound, 0, 0, proto),
 	}
-	if d.cfg.CaptureNodeLocal && !localMoved {
+	if d.cfg.CaptureNodeLocal {
 		rules = append([]netlink.Rule{newRule(f, 0, unix.RT_TABLE_LOCAL, 0, m.Outbound|m.ProxyReturn, proto)}, rules...)
 	}
 	return rules
@@ -165,15 +159,6 @@ func (m *ruleManager) setDesired(rules []netlink.Rule, swapLocal bool) {
 	}
 	m.t.ReplaceDesired(want)
 	m.swapLocal = swapLocal
-}
-
-// localMoved reports that another agent moved the kernel's local rule:
-// none of theirs at 0, one further down.
-func (m *ruleManager) localMoved() bool {
-	foreign := func(match func(netlink.Rule) bool) bool {
-		return slices.ContainsFunc(m.all, func(r netlink.Rule) bool { return int(r.Protocol) != m.proto && match(r) })
-	}
-	return !foreign(isLocalRule) && foreign(isMovedLocalRule)
 }
 
 // kernelLocal is the kernel's unconditional local rule ours replaces, if

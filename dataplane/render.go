@@ -21,8 +21,6 @@ type facts struct {
 	zt   *ztRuntime   // the active ztunnel; nil: none
 	live []*ztRuntime // every ztunnel holding a slot, the active one first
 	port int          // the tunnels' UDP port
-	// localMoved are the families whose local rule another agent moved.
-	localMoved map[Family]bool
 }
 
 // nodeObjects are the node's desired kernel objects.
@@ -50,7 +48,7 @@ func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
 		o.Members[f] = m
 	}
 	for _, f := range d.fams {
-		o.Rules[f] = d.nodeRules(f, fx.localMoved[f])
+		o.Rules[f] = d.nodeRules(f)
 		o.Params[f] = d.nodeParams(fx.zt, fx.live, fx.port, f)
 		o.Filter[f] = NodeRuleset(d.cfg, o.Params[f])
 	}
