@@ -38,6 +38,7 @@ const (
 // Its methods are safe for concurrent use.
 type KubeProxy struct {
 	ns, node string
+	mode     string // --proxy-mode
 	argv     []string
 	logPath  string
 
@@ -53,15 +54,23 @@ type KubeProxy struct {
 // go even when the test fails. Fails t on error.
 func (cp *ControlPlane) LaunchKubeProxy(t testing.TB, ns, node, kubeconfig string) *KubeProxy {
 	t.Helper()
+	return cp.LaunchKubeProxyMode(t, ns, node, kubeconfig, "iptables")
+}
+
+// LaunchKubeProxyMode is LaunchKubeProxy in mode ("iptables" or
+// "nftables").
+func (cp *ControlPlane) LaunchKubeProxyMode(t testing.TB, ns, node, kubeconfig, mode string) *KubeProxy {
+	t.Helper()
 	loopback := func(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
 	kp := &KubeProxy{
 		ns:   ns,
 		node: node,
+		mode: mode,
 		argv: []string{
 			filepath.Join(cp.binDir, KubeProxyBinary),
 			"--kubeconfig=" + kubeconfig,
 			"--hostname-override=" + node,
-			"--proxy-mode=iptables",
+			"--proxy-mode=" + mode,
 			"--cluster-cidr=" + KubeProxyClusterCIDR,
 			// The global conntrack limit is not writable from a netns.
 			"--conntrack-max-per-core=0",
@@ -135,7 +144,7 @@ func (kp *KubeProxy) cleanup() (string, error) {
 	if kp.p != nil && !kp.p.exited() {
 		return "", errors.New("kube-proxy is still running")
 	}
-	cmd := exec.Command("ip", "netns", "exec", kp.ns, kp.argv[0], "--cleanup", "--proxy-mode=iptables", "--v=2")
+	cmd := exec.Command("ip", "netns", "exec", kp.ns, kp.argv[0], "--cleanup", "--proxy-mode="+kp.mode, "--v=2")
 	cmd.Env = childEnv()
 	out, err := cmd.CombinedOutput()
 	return string(out), err

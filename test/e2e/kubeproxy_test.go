@@ -339,3 +339,39 @@ func logTimeline(kp *cluster.KubeProxy, n *harness.Node, since time.Time) string
 	}
 	return strings.Join(out, "; ")
 }
+
+// TestKubeProxyNFTablesMode: with the real kube-proxy in nftables mode on
+// the node, ambient pods are still captured and a non-ambient client's
+// connection to a ClusterIP is still balanced by kube-proxy; the agent says
+// in /debug/state and status that its iptables backend cannot keep the
+// VIP as a captured connection's original destination there (issue 19).
+func TestKubeProxyNFTablesMode(t *testing.T) {
+	e := harness.New(t, 1, bins)
+	n := e.Nodes[0]
+	client := e.RunPod(t, n, harness.AmbientNS, "client")
+	server := e.RunPod(t, n, harness.AmbientNS, "server")
+	plain := e.RunPod(t, n, harness.PlainNS, "plain")
+	e.StartAgent(t, n)
+	e.CreateService(t, harness.AmbientNS, "echo", kubeProxyVIP, kubeProxyPort, server)
+	kp := e.LaunchKubeProxyMode(t, n, "nftables")
+	kp.WaitHealthy(t, vipAnswerTimeout)
+	harness.Eventually(t, vipAnswerTimeout, func() error {
+		if out := netnstest.Exec(t, n.NS, "nft", "list", "tables"); !strings.Contains(out, "kube-proxy") {
+			return fmt.Errorf("kube-proxy in nftables mode has no table yet:\n%s\nkube-proxy log:\n%s", out, kp.Log())
+		}
+		return nil
+	})
+	vip := harness.Hostport(kubeProxyVIP, kubeProxyPort)
+	harness.Eventually(t, 10*time.Second, func() error {
+		return harness.RoundTrip(plain, vip) // kube-proxy balances it
+	})
+	if err := harness.Captured(t, n.ZT, 15001, client, server); err != nil {
+		t.Fatalf("ambient capture with kube-proxy in nftables mode: %v", err)
+	}
+	harness.Eventually(t, 5*time.Second, func() error {
+		if w := fmt.Sprint(e.State(t, n).IPTables["warning"]); !strings.Contains(w, "nftables mode") {
+			return fmt.Errorf("no warning in /debug/state: %q", w)
+		}
+		return nil
+	})
+}

@@ -641,11 +641,17 @@ func (e *Env) RunPodObject(t testing.TB, n *Node, namespace, name, ip string) *c
 // rules removed (kube-proxy --cleanup) in t.Cleanup.
 func (e *Env) LaunchKubeProxy(t testing.TB, n *Node) *cluster.KubeProxy {
 	t.Helper()
+	return e.LaunchKubeProxyMode(t, n, "iptables")
+}
+
+// LaunchKubeProxyMode is LaunchKubeProxy in mode ("iptables" or "nftables").
+func (e *Env) LaunchKubeProxyMode(t testing.TB, n *Node, mode string) *cluster.KubeProxy {
+	t.Helper()
 	e.CP.EnsureNode(t, n.Name, n.IP.String(), n.PodCIDR.String())
 	if e.adminKC == "" {
 		e.adminKC = e.CP.AdminKubeconfig(e.T) // outlives the subtest that made it
 	}
-	return e.CP.LaunchKubeProxy(t, n.NS, n.Name, e.adminKC)
+	return e.CP.LaunchKubeProxyMode(t, n.NS, n.Name, e.adminKC, mode)
 }
 
 // CreateService creates a ClusterIP Service vip:port (vip inside

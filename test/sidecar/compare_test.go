@@ -243,6 +243,7 @@ func TestSameBehaviourAsIstio(t *testing.T) {
 		{"includes", with(desired.AnnoIncludeInboundPorts, fmt.Sprint(exclIn), desired.AnnoIncludeOutboundIPRanges, "10.77.0.1/32",
 			desired.AnnoExcludeOutboundIPRanges, ""), false, true, false},
 		{"dns", excludes, false, false, true},
+		{"exclude-range", with(desired.AnnoExcludeOutboundIPRanges, "10.77.0.1/32,fd77::1/128"), false, true, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			want := run(t, istioEngine, c.annos, c.tproxy, c.dual, c.dns)
