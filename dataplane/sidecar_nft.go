@@ -202,7 +202,7 @@ func (m *sidecarManager) remove(w *writer) error {
 
 // syncSidecars converges every desired sidecar pod: a new or changed one,
 // and with verify (a resync) every one, is read back and repaired; the
-// others cost nothing. Pods no longer desired have our state removed.
+// others cost nothing.
 func (d *Dataplane) syncSidecars(ctx context.Context, want []Sidecar, verify bool, w *writer) {
 	seen := map[string]bool{}
 	for _, s := range want {
@@ -228,14 +228,11 @@ func (d *Dataplane) syncSidecars(ctx context.Context, want []Sidecar, verify boo
 			d.log.Info("sidecar pod not programmed; retried at the resync", zap.String("pod", s.Name), zap.Error(m.err))
 		}
 	}
-	for uid, m := range d.mgr.sidecars {
-		if seen[uid] {
-			continue
-		}
-		if err := m.remove(w); err != nil && !w.dry {
-			d.log.Info("sidecar pod's rules not removed", zap.String("pod", m.pod.Name), zap.Error(err))
-		}
-		if !w.dry {
+	// A pod that leaves is forgotten, its rules left in its netns: a
+	// terminating pod's proxy still drains through them, and they go with
+	// the netns. Only cleanup --remove-sidecar-rules takes them out.
+	for uid := range d.mgr.sidecars {
+		if !seen[uid] && !w.dry {
 			delete(d.mgr.sidecars, uid)
 		}
 	}
