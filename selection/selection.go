@@ -103,6 +103,15 @@ func (o Options) IsZtunnel(namespace string, labels map[string]string) bool {
 // Enrolled decides whether pod is an ambient pod on this node, and why.
 // ns may be nil when the namespace is not (yet) in the cache.
 func Enrolled(pod *Pod, ns *Namespace, o Options) (bool, string) {
+	if ok, why := capturable(pod, o); !ok {
+		return false, why
+	}
+	return Ambient(pod, ns, o)
+}
+
+// capturable decides what every captured pod must be, whoever captures
+// it: on this node, with a network and an address of its own, running.
+func capturable(pod *Pod, o Options) (bool, string) {
 	switch {
 	case pod.NodeName != o.NodeName:
 		return false, ReasonOtherNode
@@ -115,7 +124,7 @@ func Enrolled(pod *Pod, ns *Namespace, o Options) (bool, string) {
 	case len(pod.IPs) == 0:
 		return false, ReasonNoIP
 	}
-	return Ambient(pod, ns, o)
+	return true, ""
 }
 
 // Ambient decides from labels, annotations and namespace alone whether pod
@@ -146,17 +155,8 @@ func Ambient(pod *Pod, ns *Namespace, o Options) (bool, string) {
 // SidecarEnrolled decides whether pod is a sidecar pod of this node whose
 // capture rules the agent writes now, and why.
 func SidecarEnrolled(pod *Pod, o Options) (bool, string) {
-	switch {
-	case pod.NodeName != o.NodeName:
-		return false, ReasonOtherNode
-	case pod.HostNetwork:
-		return false, ReasonHostNetwork
-	case pod.Terminating:
-		return false, ReasonTerminating
-	case pod.Phase == PhaseSucceeded || pod.Phase == PhaseFailed:
-		return false, ReasonFinished
-	case len(pod.IPs) == 0:
-		return false, ReasonNoIP
+	if ok, why := capturable(pod, o); !ok {
+		return false, why
 	}
 	return SidecarCaptured(pod, o)
 }

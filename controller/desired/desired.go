@@ -64,7 +64,8 @@ type HandedOver func(p *corev1.Pod) (pod *corev1.Pod, viaCNI, deleted bool, netn
 // program.
 func PodEntry(p *corev1.Pod, ns *corev1.Namespace, sel selection.Options, withCNI HandedOver) Entry {
 	p, viaCNI, deleted, netns := withCNI(p)
-	ok, why := kube.Enrolled(p, ns, sel)
+	sp := kube.Pod(p) // what both rules read, converted once
+	ok, why := selection.Enrolled(&sp, kube.Namespace(ns), sel)
 	if deleted {
 		ok, why = false, ReasonSandboxDeleted
 	}
@@ -77,11 +78,10 @@ func PodEntry(p *corev1.Pod, ns *corev1.Namespace, sel selection.Options, withCN
 	}
 	ps.ViaCNI = viaCNI
 	e := Entry{Status: ps}
-	ips := kube.PodIPs(p)
-	slices.SortFunc(ips, netip.Addr.Compare) // the status's and CNI's orders may differ
+	ips := slices.SortedFunc(slices.Values(sp.IPs), netip.Addr.Compare) // the status's and CNI's orders may differ
 	if ok {
 		e.Pod = &dataplane.Pod{UID: string(p.UID), Name: p.Namespace + "/" + p.Name, IPs: ips}
-	} else if sc, why := kube.SidecarEnrolled(p, sel); sc && !deleted {
+	} else if sc, why := selection.SidecarEnrolled(&sp, sel); sc && !deleted {
 		e.Status.Reason = why
 		capture, err := SidecarCaptureOf(p)
 		if err != nil {

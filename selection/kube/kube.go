@@ -42,12 +42,6 @@ func SidecarEnrolled(pod *corev1.Pod, o selection.Options) (bool, string) {
 	return selection.SidecarEnrolled(&p, o)
 }
 
-// SidecarCaptured is selection.SidecarCaptured for pod.
-func SidecarCaptured(pod *corev1.Pod, o selection.Options) (bool, string) {
-	p := Pod(pod)
-	return selection.SidecarCaptured(&p, o)
-}
-
 // Namespace is what the rules read of ns; nil for nil (not in the cache).
 func Namespace(ns *corev1.Namespace) *selection.Namespace {
 	if ns == nil {
