@@ -100,7 +100,7 @@ func (m *sidecarManager) applyUpdates(_ context.Context, w *writer) error {
 			return err
 		}
 		if !w.dry {
-			m.actual = written(m.want)
+			m.actual = m.want.Written()
 		}
 	}
 	return m.syncRouting(w, true)
@@ -162,19 +162,6 @@ func (m *sidecarManager) syncPassthrough(nl kernel.Netlink, want bool, w *writer
 		return w.do(KindAddr, fmt.Sprintf("del %s dev lo in %s", p, m.pod.Name), func() error { return ignoreNotExist(nl.AddrDel(lo, addr)) })
 	}
 	return nil
-}
-
-// written is the table as the kernel holds it after Replace.
-func written(t nft.Table) nft.Actual {
-	a := nft.Actual{Exists: true, Chains: map[string]string{}, Rules: map[string][]string{}}
-	for _, c := range t.Chains {
-		a.Chains[c.Name] = nft.Kind(c)
-		a.Rules[c.Name] = []string{}
-		for _, r := range c.Rules {
-			a.Rules[c.Name] = append(a.Rules[c.Name], r.String())
-		}
-	}
-	return a
 }
 
 // applyDeletes does nothing: the table is replaced whole.

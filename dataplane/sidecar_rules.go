@@ -128,10 +128,7 @@ func SidecarRules(s Sidecar) nft.Table {
 		output.Rules = append(output.Rules, nft.R(nft.Addr(true, false, nft.Host(passthrough(f))), nft.OIF("lo", false), nft.Return()))
 	}
 	for _, gid := range []bool{false, true} {
-		id := c.ProxyUID
-		if gid {
-			id = c.ProxyGID
-		}
+		id := c.proxyID(gid)
 		for _, f := range fams {
 			// The proxy's own connection to this pod's address: inbound
 			// (but its HBONE port).
@@ -231,10 +228,7 @@ func mangleChains(c SidecarCapture, fams []Family, tproxyMode bool) []*nft.Chain
 	out := &nft.Chain{Name: scMangleOutput, Hook: nftables.ChainHookOutput, Priority: nftables.ChainPriorityMangle, Type: nftables.ChainTypeRoute,
 		Rules: []nft.Rule{nft.R(nft.OIF("lo", false), nft.TCP(), nft.MarkIs(SidecarTProxyMark), nft.Return())}}
 	for _, gid := range []bool{false, true} {
-		id := c.ProxyUID
-		if gid {
-			id = c.ProxyGID
-		}
+		id := c.proxyID(gid)
 		for _, f := range fams {
 			out.Rules = append(out.Rules, nft.R(nft.Addr(false, true, nft.Host(loopback(f))), nft.OIF("lo", false), nft.TCP(),
 				nft.Owner(gid, false, id), nft.SetMark(sidecarOwnMark)))
@@ -242,6 +236,14 @@ func mangleChains(c SidecarCapture, fams []Family, tproxyMode bool) []*nft.Chain
 	}
 	out.Rules = append(out.Rules, nft.R(nft.TCP(), nft.CtMarkIs(SidecarTProxyMark), nft.RestoreMark()))
 	return []*nft.Chain{pre, in, divert, tp, out}
+}
+
+// proxyID is the proxy's gid (gid) or uid, which the owner matches exempt.
+func (c SidecarCapture) proxyID(gid bool) uint32 {
+	if gid {
+		return c.ProxyGID
+	}
+	return c.ProxyUID
 }
 
 // captures reports a prefix of a family the rules capture.

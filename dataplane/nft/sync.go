@@ -86,6 +86,24 @@ func chainKind(c *nftables.Chain) string {
 	return fmt.Sprintf("%d/%d/%s", *c.Hooknum, *c.Priority, c.Type)
 }
 
+// Written is t as ReadBack finds it once Replace wrote it.
+func (t Table) Written() Actual {
+	a := Actual{Exists: true, Chains: map[string]string{}, Rules: map[string][]string{}}
+	for _, c := range t.Chains {
+		a.Chains[c.Name], a.Rules[c.Name] = Kind(c), c.texts()
+	}
+	return a
+}
+
+// texts are the chain's rules as their comments carry them.
+func (c *Chain) texts() []string {
+	out := []string{}
+	for _, r := range c.Rules {
+		out = append(out, r.String())
+	}
+	return out
+}
+
 // Diff lists how the table read back differs from t (nothing: equal).
 func Diff(a Actual, t Table) []string {
 	if !a.Exists {
@@ -103,11 +121,7 @@ func Diff(a Actual, t Table) []string {
 		if kind != Kind(ch) {
 			out = append(out, "re-create chain "+ch.Name)
 		}
-		var rules []string
-		for _, r := range ch.Rules {
-			rules = append(rules, r.String())
-		}
-		if !slices.Equal(rules, a.Rules[ch.Name]) {
+		if rules := ch.texts(); !slices.Equal(rules, a.Rules[ch.Name]) {
 			out = append(out, fmt.Sprintf("rewrite chain %s (%d rules, have %d)", ch.Name, len(rules), len(a.Rules[ch.Name])))
 		}
 	}

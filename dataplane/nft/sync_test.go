@@ -21,6 +21,9 @@ func TestDiff(t *testing.T) {
 	if d := Diff(same, want); len(d) != 0 {
 		t.Fatalf("equal tables differ: %v", d)
 	}
+	if d := Diff(want.Written(), want); len(d) != 0 {
+		t.Fatalf("a table just written differs from itself: %v", d)
+	}
 	for name, c := range map[string]struct {
 		mut  func(a *Actual)
 		want string
