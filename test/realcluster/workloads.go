@@ -51,11 +51,6 @@ func Namespace(name string, ambient bool) string {
 // node (required anti-affinity), the kubelet's HTTP liveness and readiness
 // probes and an exec startup probe, and extra arguments for `app serve`.
 func AppDeployment(ns, name string, replicas int, args ...string) string {
-	quoted := make([]string, 0, len(args)+1)
-	quoted = append(quoted, `"serve"`)
-	for _, a := range args {
-		quoted = append(quoted, fmt.Sprintf("%q", a))
-	}
 	return fmt.Sprintf(`apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -101,7 +96,7 @@ spec:
               port: %[6]d
             periodSeconds: 1
 ---
-`, ns, name, replicas, image.App+":v1", strings.Join(quoted, ", "), AppHTTPPort)
+`, ns, name, replicas, image.App+":v1", serveArgs(args), AppHTTPPort)
 }
 
 // Service returns a ClusterIP Service for the app's echo port.
@@ -125,32 +120,7 @@ spec:
 // AppPod returns a Pod of the test app pinned to node (no probes but an
 // HTTP readiness probe), with extra arguments for `app serve`.
 func AppPod(ns, name, node string, args ...string) string {
-	quoted := []string{`"serve"`}
-	for _, a := range args {
-		quoted = append(quoted, fmt.Sprintf("%q", a))
-	}
-	return fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata:
-  name: %[2]s
-  namespace: %[1]s
-  labels:
-    app: %[2]s
-spec:
-  nodeName: %[3]s
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: app
-      image: %[4]s
-      imagePullPolicy: IfNotPresent
-      args: [%[5]s]
-      readinessProbe:
-        httpGet:
-          path: /healthz
-          port: %[6]d
-        periodSeconds: 1
----
-`, ns, name, node, image.App+":v1", strings.Join(quoted, ", "), AppHTTPPort)
+	return appPod(ns, name, node, "", "", args)
 }
 
 // SidecarAppPod is a pod with Istio's CNI-mode sidecar injection: the
@@ -158,25 +128,13 @@ spec:
 // uid/gid 1337) as a native sidecar that starts before the app, and the
 // app with args.
 func SidecarAppPod(ns, name, node string, args ...string) string {
-	quoted := []string{`"serve"`}
-	for _, a := range args {
-		quoted = append(quoted, fmt.Sprintf("%q", a))
-	}
-	return fmt.Sprintf(`apiVersion: v1
-kind: Pod
-metadata:
-  name: %[2]s
-  namespace: %[1]s
-  labels:
-    app: %[2]s
+	annotations := `
   annotations:
-    sidecar.istio.io/status: '{"containers":["istio-proxy"]}'
-spec:
-  nodeName: %[3]s
-  terminationGracePeriodSeconds: 1
+    sidecar.istio.io/status: '{"containers":["istio-proxy"]}'`
+	initContainers := fmt.Sprintf(`
   initContainers:
     - name: istio-proxy
-      image: %[7]s
+      image: %s
       imagePullPolicy: IfNotPresent
       restartPolicy: Always
       args: ["--record-file", "/dev/stderr"]
@@ -186,7 +144,23 @@ spec:
       startupProbe:
         tcpSocket:
           port: 15006
-        periodSeconds: 1
+        periodSeconds: 1`, image.SidecarProxy+":v1")
+	return appPod(ns, name, node, annotations, initContainers, args)
+}
+
+// appPod is the app's Pod pinned to node, with YAML added to its metadata
+// (annotations) and to its spec before the containers (initContainers).
+func appPod(ns, name, node, annotations, initContainers string, args []string) string {
+	return fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata:
+  name: %[2]s
+  namespace: %[1]s
+  labels:
+    app: %[2]s%[7]s
+spec:
+  nodeName: %[3]s
+  terminationGracePeriodSeconds: 1%[8]s
   containers:
     - name: app
       image: %[4]s
@@ -198,7 +172,16 @@ spec:
           port: %[6]d
         periodSeconds: 1
 ---
-`, ns, name, node, image.App+":v1", strings.Join(quoted, ", "), AppHTTPPort, image.SidecarProxy+":v1")
+`, ns, name, node, image.App+":v1", serveArgs(args), AppHTTPPort, annotations, initContainers)
+}
+
+// serveArgs are `app serve` and args as a YAML flow list.
+func serveArgs(args []string) string {
+	quoted := []string{`"serve"`}
+	for _, a := range args {
+		quoted = append(quoted, fmt.Sprintf("%q", a))
+	}
+	return strings.Join(quoted, ", ")
 }
 
 // WaitReady waits until the app Deployment ns/name has replicas Ready pods
