@@ -62,7 +62,8 @@ func (d *Dataplane) Programmed(uid string) []netip.Addr {
 // Equal reports two states with the same ztunnels and pods, in any pod
 // order.
 func (s State) Equal(o State) bool {
-	if !sameZtunnel(s.Ztunnel, o.Ztunnel) || !slices.EqualFunc(s.Draining, o.Draining, sameZtunnel) || len(s.Pods) != len(o.Pods) {
+	if !sameZtunnel(s.Ztunnel, o.Ztunnel) || !slices.EqualFunc(s.Draining, o.Draining, sameZtunnel) || len(s.Pods) != len(o.Pods) ||
+		!slices.Equal(s.ServiceCIDRs, o.ServiceCIDRs) {
 		return false
 	}
 	byUID := func(a, b Pod) int { return cmp.Compare(a.UID, b.UID) }

@@ -43,6 +43,11 @@ type State struct {
 	// Sidecars are the pods with an Istio sidecar whose capture rules we
 	// write in their own netns; never among Pods.
 	Sidecars []Sidecar
+	// ServiceCIDRs are the cluster's Service IP ranges (ServiceCIDR objects
+	// or --service-cidr). The nftables backend keeps ambient pods'
+	// captured connections to them out of conntrack, so that no kube-proxy
+	// mode rewrites or rejects a VIP before ztunnel sees it.
+	ServiceCIDRs []netip.Prefix
 }
 
 // Ztunnel identifies the node proxy's pod.
