@@ -20,6 +20,8 @@ import (
 // DataplaneInfo is what the debug server reads from the dataplane.
 type DataplaneInfo interface {
 	IPTablesBackend() (backend, reason string)
+	// Backend is how our rules are written (iptables or nftables) and why.
+	Backend() (dataplane.Backend, string)
 	// KubeProxyWarning says what the backend cannot do for this node's
 	// kube-proxy ("" when nothing).
 	KubeProxyWarning() string
@@ -31,7 +33,10 @@ type DataplaneInfo interface {
 
 // DebugState is the body of /debug/state.
 type DebugState struct {
-	Config   map[string]any `json:"config"`
+	Config map[string]any `json:"config"`
+	// Backend is how our rules are written, why, and (warning) what it
+	// cannot do on this node.
+	Backend  map[string]any `json:"backend"`
 	IPTables map[string]any `json:"iptables"`
 	Tunnel   map[string]any `json:"tunnel"`
 	Ztunnel  *ZtunnelStatus `json:"ztunnel"`
@@ -188,10 +193,12 @@ func (s *DebugServer) state(w http.ResponseWriter, r *http.Request) {
 	}
 	dp := s.dp()
 	if dp != nil {
+		fb, fwhy := dp.Backend()
+		out.Backend = map[string]any{"name": fb, "reason": fwhy}
 		b, why := dp.IPTablesBackend()
 		out.IPTables = map[string]any{"backend": b, "reason": why}
 		if w := dp.KubeProxyWarning(); w != "" {
-			out.IPTables["warning"] = w
+			out.Backend["warning"], out.IPTables["warning"] = w, w
 		}
 		t, why, port := dp.Tunnel()
 		out.Tunnel = map[string]any{"type": t, "reason": why, "port": port}

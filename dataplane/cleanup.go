@@ -41,17 +41,7 @@ func (d *Dataplane) Cleanup(ctx context.Context) (Result, error) {
 		errs = append(errs, routes.applyDeletesWhere(d.isInbound, w))
 	}
 	errs = append(errs, d.cleanupNS(ctx, d.node, []string{NodeInLink, NodeOutLink}, w))
-	for _, f := range []Family{IPv4, IPv6} {
-		name := d.setName(f)
-		_, exists, err := ipsetMembers(d.node.NL, d.setName(f), f)
-		if err != nil {
-			errs = append(errs, err) // a foreign set under our name is left alone
-			continue
-		}
-		if exists {
-			errs = append(errs, w.do(KindIPSet, "destroy "+name, func() error { return ignoreNotExist(d.node.NL.IpsetDestroy(name)) }))
-		}
-	}
+	errs = append(errs, d.destroyIPSets(w))
 	for _, path := range d.ztunnelNamespaces() {
 		if err := d.cleanupZtunnelNS(ctx, &d.mgr, path, w); err != nil {
 			errs = append(errs, fmt.Errorf("ztunnel netns %s: %w", path, err))

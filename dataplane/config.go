@@ -65,6 +65,18 @@ const (
 	IPTablesLegacy IPTablesMode = "legacy"
 )
 
+// Backend picks how our packet-filter rules are written: iptables (in the
+// flavour IPTablesMode picks) or our own nftables table. Auto picks
+// nftables where kube-proxy runs in nftables mode or no iptables works.
+type Backend string
+
+// Backends.
+const (
+	BackendAuto     Backend = "auto"
+	BackendIPTables Backend = "iptables"
+	BackendNFTables Backend = "nftables"
+)
+
 // Default tunnel ports.
 const (
 	DefaultGenevePort = 6081
@@ -122,6 +134,7 @@ type Config struct {
 	FailMode     FailMode
 	OnEnroll     OnEnroll
 	IPTablesMode IPTablesMode
+	Backend      Backend
 	// DNSCapture DNATs ambient pods' UDP/53 to ztunnel's DNS proxy on DNSPort.
 	DNSCapture bool
 	DNSPort    int
@@ -163,6 +176,7 @@ func DefaultConfig() Config {
 		FailMode:         FailClosed,
 		OnEnroll:         OnEnrollKeep,
 		IPTablesMode:     IPTablesAuto,
+		Backend:          BackendAuto,
 		DNSPort:          15053,
 		CaptureNodeLocal: true,
 		Marks: Marks{
@@ -235,6 +249,11 @@ func (c Config) Validate() error {
 	case IPTablesAuto, IPTablesNFT, IPTablesLegacy:
 	default:
 		errs = append(errs, fmt.Errorf("iptables mode: %q is not one of auto, nft, legacy", c.IPTablesMode))
+	}
+	switch c.Backend {
+	case BackendAuto, BackendIPTables, BackendNFTables:
+	default:
+		errs = append(errs, fmt.Errorf("backend: %q is not one of auto, iptables, nftables", c.Backend))
 	}
 	if c.TunnelPort < 0 || c.TunnelPort > 65535 {
 		errs = append(errs, fmt.Errorf("tunnel port: %d out of range", c.TunnelPort))

@@ -510,17 +510,17 @@ func (d *Dataplane) NodeConflicts(ctx context.Context) ([]Conflict, error) {
 	}
 	v.IPTables = map[Family]string{}
 	for _, f := range d.fams {
-		m := d.mgr.nodeFilter[f]
-		if m == nil {
+		s := d.iptSyncer(f)
+		if s == nil {
 			continue
 		}
-		text := m.s.Saved()
+		text := s.Saved()
 		if text == "" {
-			if text, err = m.s.Runner().Save(ctx, ""); err != nil {
+			if text, err = s.Runner().Save(ctx, ""); err != nil {
 				d.log.Info("cannot read iptables for the mark conflict check", zap.Stringer("family", f), zap.Error(err))
 				continue
 			}
-			m.s.NoteSaved(text)
+			s.NoteSaved(text)
 		}
 		v.IPTables[f] = text
 	}

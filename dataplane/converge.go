@@ -276,7 +276,7 @@ func (c *convergence) writeRules(withCapture, final bool) error {
 			p = unionParams(c.prev[f], c.next[f], vethExists, withCapture)
 		}
 		nf := c.m.nodeFilter[f]
-		nf.setDesired(NodeRuleset(c.d.cfg, p), &p)
+		nf.setDesired(c.d.nodeChains(p), &p)
 		return nf.applyUpdates(c.ctx, w)
 	})
 }

@@ -67,6 +67,15 @@ type Dataplane struct {
 
 	backend       string
 	backendReason string
+	// filter is the backend our rules are written with (iptables or
+	// nftables), filterReason why.
+	filter       Backend
+	filterReason string
+	// otherRetired says the other backend's rules (a restart with the
+	// other one) are gone.
+	otherRetired bool
+	// iptReader reads other agents' iptables when ours are nftables.
+	iptReader map[Family]*iptables.Syncer
 	tunnel        TunnelType
 	tunnelReason  string
 
@@ -157,17 +166,8 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 			}
 		}()
 	}
-	switch cfg.IPTablesMode {
-	case IPTablesNFT:
-		d.backend, d.backendReason = iptables.NFT, "forced by configuration"
-	case IPTablesLegacy:
-		d.backend, d.backendReason = iptables.Legacy, "forced by configuration"
-	default:
-		b, why, err := iptables.Detect(ctx, func(b string) (iptables.Runner, error) { return d.node.IPT(b, 4) })
-		if err != nil {
-			return nil, err
-		}
-		d.backend, d.backendReason = b, why
+	if err := d.chooseBackend(ctx); err != nil {
+		return nil, err
 	}
 	d.fams = []Family{IPv4}
 	if _, err := d.node.Sysctl.Get("net.ipv6.conf.all.forwarding"); err == nil {
@@ -176,17 +176,20 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 		d.log.Info("IPv6 is disabled in this kernel (no net.ipv6 sysctls): programming IPv4 only", zap.Error(err))
 	}
 	for _, f := range d.fams {
-		r, err := d.node.IPT(d.backend, int(f))
+		cw, err := d.chainWriter(d.node, f)
 		if err != nil {
 			return nil, err
 		}
-		d.mgr.nodeFilter[f] = newFilterManager(r)
+		d.mgr.nodeFilter[f] = newFilterManager(cw)
 	}
 	if err := d.resolveTunnel(); err != nil {
 		return nil, err
 	}
 	for _, f := range []Family{IPv4, IPv6} {
 		d.mgr.sets[f] = newSetManager(cfg, f, d.node.NL)
+		if d.filter == BackendNFTables {
+			d.mgr.sets[f].nft = newNFTSetStore(d.node, nftSet(cfg, f))
+		}
 	}
 	d.mgr.routes = newRouteManager(d.node.NL, cfg.RouteProtocol)
 	for _, f := range d.fams {
@@ -200,7 +203,7 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 		}
 	}
 	d.warnKubeProxy()
-	d.log.Info("dataplane ready",
+	d.log.Info("dataplane ready", zap.String("backend", string(d.filter)), zap.String("backendReason", d.filterReason),
 		zap.String("iptablesBackend", d.backend), zap.String("iptablesReason", d.backendReason),
 		zap.String("tunnel", string(d.tunnel)), zap.String("tunnelReason", d.tunnelReason))
 	return d, nil
@@ -303,6 +306,12 @@ func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
 	if err != nil {
 		// A failure may leave anything half-done: verify everything next time.
 		queueResync(d.mgr.all())
+	} else if !d.otherRetired {
+		if rerr := d.retireOtherBackend(ctx, w); rerr != nil {
+			d.log.Info("rules of the other backend not removed yet; the next apply retries", zap.Error(rerr))
+		} else {
+			d.otherRetired = true
+		}
 	}
 	w.res.Elapsed = time.Since(start)
 	if n := w.res.TotalWrites(); n > 0 || err != nil {

@@ -873,11 +873,11 @@ func TestNetlinkDriftReadsNoIPTables(t *testing.T) {
 	// tables: count the reads once those are done.
 	saves := func() int {
 		for _, m := range d.mgr.nodeFilter {
-			m.s.Wait()
+			m.syncer().Wait()
 		}
 		for _, fs := range d.mgr.ztFilter {
 			for _, m := range fs {
-				m.s.Wait()
+				m.syncer().Wait()
 			}
 		}
 		return f.ipt.Saves + f.ipt6.Saves + f.ztIPT.Saves + f.ztIPT6.Saves

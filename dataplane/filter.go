@@ -9,20 +9,36 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 )
 
-// filterManager owns our iptables chains of one family in one netns: the
-// ruleset last converged to (what the kernel holds as far as this process
-// knows; "" unknown) and, on the node, the parameters it was rendered
-// from, which a transition starts from. The chains themselves (ownership
-// by prefix, read-back, learned kernel formats) are the Syncer's. Each
-// write replaces whole tables atomically, so deletes are part of updates.
+// ruleset is one family's chains in one netns as a backend renders them.
+type ruleset interface{ Render() string }
+
+// chainWriter writes one family's chains of ours in one netns: iptables
+// tables by iptables-restore, or the chains of our nftables table through
+// netlink.
+type chainWriter interface {
+	// read forgets what was last written and reads our chains back, by
+	// table (iptables) or by table name (nftables), then chain.
+	read(ctx context.Context) (map[string]map[string][]string, error)
+	// update writes want where it differs from what was last read back or
+	// written.
+	update(ctx context.Context, want ruleset, w *writer) error
+	// sync reads back, then writes want where it differs (nil: removes all
+	// of ours); dry, it records what it would write.
+	sync(ctx context.Context, want ruleset, w *writer) error
+}
+
+// filterManager owns our chains of one family in one netns: the ruleset
+// last converged to (what the kernel holds as far as this process knows;
+// "" unknown) and, on the node, the parameters it was rendered from,
+// which a transition starts from. The chains themselves are the writer's.
 type filterManager struct {
 	resyncFlag
-	s       *iptables.Syncer
+	cw      chainWriter
 	written string
 	params  *NodeParams
 	// want is the ruleset to converge to, wantParams what it was rendered
 	// from (nil in a ztunnel netns).
-	want       iptables.Ruleset
+	want       ruleset
 	wantParams *NodeParams
 	// actual are our chains as last read back (adoption parses them).
 	actual map[string]map[string][]string
@@ -30,21 +46,32 @@ type filterManager struct {
 	owner string
 }
 
-func newFilterManager(r iptables.Runner) *filterManager {
-	return &filterManager{resyncFlag: resyncFlag{true}, s: iptables.NewSyncer(r, ChainPrefix)}
+// syncer is the iptables writer's Syncer (nil with nftables).
+func (m *filterManager) syncer() *iptables.Syncer {
+	if c, ok := m.cw.(*iptChains); ok {
+		return c.s
+	}
+	return nil
 }
 
-func (m *filterManager) kind() string { return KindIPTables }
+func newFilterManager(cw chainWriter) *filterManager {
+	return &filterManager{resyncFlag: resyncFlag{true}, cw: cw}
+}
+
+func (m *filterManager) kind() string {
+	if _, ok := m.cw.(*nftChains); ok {
+		return KindNFT
+	}
+	return KindIPTables
+}
 
 // setDesired makes rs (rendered from p, nil in a ztunnel netns) the chains
 // to converge to.
-func (m *filterManager) setDesired(rs iptables.Ruleset, p *NodeParams) { m.want, m.wantParams = rs, p }
+func (m *filterManager) setDesired(rs ruleset, p *NodeParams) { m.want, m.wantParams = rs, p }
 
-// readBack reads our chains (a process per table): the writes after it
-// start from what it read.
+// readBack reads our chains: the writes after it start from what it read.
 func (m *filterManager) readBack(ctx context.Context) error {
-	m.s.Forget()
-	actual, err := m.s.Actual(ctx)
+	actual, err := m.cw.read(ctx)
 	if err != nil {
 		return err
 	}
@@ -63,13 +90,13 @@ func (m *filterManager) pending() []string {
 }
 
 // applyUpdates converges the chains to the desired ruleset: nothing when
-// it is the one last converged to; otherwise the tables that differ from
+// it is the one last converged to; otherwise the chains that differ from
 // what was last read back or written (with a resync queued, read first).
 // A dry run reads back and records.
 func (m *filterManager) applyUpdates(ctx context.Context, w *writer) error {
 	rendered := m.want.Render()
 	if w.dry {
-		return runIPTables(ctx, m.s, m.want, w)
+		return m.cw.sync(ctx, m.want, w)
 	}
 	if !m.queued && m.written == rendered {
 		return nil
@@ -77,11 +104,9 @@ func (m *filterManager) applyUpdates(ctx context.Context, w *writer) error {
 	m.written, m.params = "", nil // a table may be written, another not
 	var err error
 	if m.queued {
-		err = runIPTables(ctx, m.s, m.want, w)
+		err = m.cw.sync(ctx, m.want, w)
 	} else {
-		var res iptables.Result
-		res, err = m.s.Update(ctx, m.want)
-		recordIPTables(res, w)
+		err = m.cw.update(ctx, m.want, w)
 	}
 	if err != nil {
 		m.queued = true
@@ -91,17 +116,50 @@ func (m *filterManager) applyUpdates(ctx context.Context, w *writer) error {
 	return nil
 }
 
-// applyDeletes does nothing: see filterManager.
+// applyDeletes does nothing: a write replaces whole chains, so deletes
+// are part of updates.
 func (m *filterManager) applyDeletes(context.Context, *writer) error { return nil }
 
 // clone is a copy for a dry run (Diff).
 func (m *filterManager) clone() *filterManager {
 	c := *m
+	c.cw = cloneWriter(m.cw)
 	return &c
 }
 
 // forget makes the next convergence read back, with nothing known.
 func (m *filterManager) forget() { m.written, m.params, m.queued = "", nil, true }
+
+// iptChains writes our chains with iptables; the Syncer owns them
+// (ownership by prefix, read-back, learned kernel formats).
+type iptChains struct{ s *iptables.Syncer }
+
+func newIPTChains(r iptables.Runner) *iptChains { return &iptChains{iptables.NewSyncer(r, ChainPrefix)} }
+
+func (c *iptChains) read(ctx context.Context) (map[string]map[string][]string, error) {
+	c.s.Forget()
+	return c.s.Actual(ctx)
+}
+
+func (c *iptChains) update(ctx context.Context, want ruleset, w *writer) error {
+	res, err := c.s.Update(ctx, want.(iptables.Ruleset))
+	recordIPTables(res, w)
+	return err
+}
+
+func (c *iptChains) sync(ctx context.Context, want ruleset, w *writer) error {
+	rs, _ := want.(iptables.Ruleset)
+	return runIPTables(ctx, c.s, rs, w)
+}
+
+func cloneWriter(cw chainWriter) chainWriter {
+	switch c := cw.(type) {
+	case *nftChains:
+		cp := *c
+		return &cp
+	}
+	return cw // the Syncer's learned formats are shared: a dry run reads back
+}
 
 // runIPTables syncs s to rs (nil removes all our chains) and records the changes.
 func runIPTables(ctx context.Context, s *iptables.Syncer, rs iptables.Ruleset, w *writer) error {

@@ -35,9 +35,12 @@ const iptLegacyPoll = time.Second
 func (d *Dataplane) WatchIPTables(ctx context.Context, repaired func(Result)) error {
 	var changed <-chan struct{}
 	var err error
-	if d.backend == iptables.NFT {
+	switch {
+	case d.filter == BackendNFTables:
+		changed, err = subscribe(ctx, d.node.InNS, unix.NETLINK_NETFILTER, []int{unix.NFNLGRP_NFTABLES}, touchesOurTable, d.log)
+	case d.backend == iptables.NFT:
 		changed, err = watchNFT(ctx, d.node.InNS, d.log)
-	} else {
+	default:
 		changed, err = pollLegacy(ctx, d.node.InNS, slices.Contains(d.fams, IPv6))
 	}
 	if err != nil {
@@ -69,6 +72,16 @@ func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	w := newWriter(false)
+	if d.filter == BackendNFTables {
+		// Our table holds the sets too: a deleted table or element is
+		// written back before the chains that match on them.
+		for _, m := range d.mgr.setList() {
+			m.queueResync()
+			if err := convergeNow(ctx, m, w); err != nil {
+				return *w.res, err
+			}
+		}
+	}
 	for _, f := range d.fams {
 		m := d.mgr.nodeFilter[f]
 		if m.params == nil {
@@ -76,7 +89,7 @@ func (d *Dataplane) repairNodeIPTables(ctx context.Context) (Result, error) {
 		}
 		p := *m.params
 		m.queueResync()
-		m.setDesired(NodeRuleset(d.cfg, p), &p)
+		m.setDesired(d.nodeChains(p), &p)
 		if err := m.applyUpdates(ctx, w); err != nil {
 			return *w.res, err
 		}
@@ -109,26 +122,51 @@ func touchesBuiltinChain(m syscall.NetlinkMessage) bool {
 	default:
 		return false
 	}
-	table, chain := "", ""
-	for b := m.Data[4:]; len(b) >= 4; {
-		l := int(binary.NativeEndian.Uint16(b[0:2]))
-		typ := binary.NativeEndian.Uint16(b[2:4]) & 0x3fff // without NLA_F_NESTED/NET_BYTEORDER
-		if l < 4 || l > len(b) {
-			break
-		}
-		v := string(trimNUL(b[4:l]))
-		switch typ {
-		case tableAttr:
-			table = v
-		case chainAttr:
-			chain = v
-		}
-		b = b[min(len(b), (l+3)&^3):]
+	table, chain := nlAttr(m.Data[4:], tableAttr), ""
+	if chainAttr != 0 {
+		chain = nlAttr(m.Data[4:], chainAttr)
 	}
 	if !slices.Contains([]string{"mangle", "nat", "filter"}, table) {
 		return false
 	}
 	return chainAttr == 0 || slices.Contains(iptables.Builtin[table], chain)
+}
+
+// touchesOurTable reports an nf_tables event that changes our own table's
+// rules, chains or set elements, or deletes it.
+func touchesOurTable(m syscall.NetlinkMessage) bool {
+	if m.Header.Type>>8 != unix.NFNL_SUBSYS_NFTABLES || len(m.Data) < 4 || m.Data[0] != unix.NFPROTO_INET {
+		return false
+	}
+	var tableAttr uint16
+	switch m.Header.Type & 0xff {
+	case unix.NFT_MSG_NEWRULE, unix.NFT_MSG_DELRULE:
+		tableAttr = unix.NFTA_RULE_TABLE
+	case unix.NFT_MSG_DELCHAIN:
+		tableAttr = unix.NFTA_CHAIN_TABLE
+	case unix.NFT_MSG_DELTABLE:
+		tableAttr = unix.NFTA_TABLE_NAME
+	case unix.NFT_MSG_DELSETELEM:
+		tableAttr = unix.NFTA_SET_ELEM_LIST_TABLE
+	default:
+		return false
+	}
+	return nlAttr(m.Data[4:], tableAttr) == NFTTable
+}
+
+// nlAttr is the string value of attribute typ in b ("" when absent).
+func nlAttr(b []byte, typ uint16) string {
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b[0:2]))
+		if l < 4 || l > len(b) {
+			break
+		}
+		if binary.NativeEndian.Uint16(b[2:4])&0x3fff == typ {
+			return string(trimNUL(b[4:l]))
+		}
+		b = b[min(len(b), (l+3)&^3):]
+	}
+	return ""
 }
 
 func trimNUL(b []byte) []byte {

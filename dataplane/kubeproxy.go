@@ -41,10 +41,10 @@ func (d *Dataplane) kubeProxyNFTables() bool {
 // lives in its own table, which an ACCEPT of ours does not stop, so
 // ztunnel sees a captured connection's endpoint, not the Service VIP.
 func (d *Dataplane) KubeProxyWarning() string {
-	if !d.kubeProxyNFTables() {
+	if d.filter == BackendNFTables || !d.kubeProxyNFTables() {
 		return ""
 	}
-	return "kube-proxy runs in nftables mode: the iptables backend cannot keep a captured connection's Service VIP " +
+	return "kube-proxy runs in nftables mode: --backend iptables cannot keep a captured connection's Service VIP " +
 		"as its original destination (kube-proxy's DNAT in table " + kubeProxyTable + " runs first); ztunnel sees the endpoint instead"
 }
 

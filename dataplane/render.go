@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"strings"
 
-	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/vishvananda/netlink"
 )
 
@@ -31,7 +30,7 @@ type nodeObjects struct {
 	// Params are what the chains (Filter) are rendered from: a transition
 	// writes unions of the params before and after it (unionParams).
 	Params  map[Family]NodeParams
-	Filter  map[Family]iptables.Ruleset
+	Filter  map[Family]ruleset
 	Tunnels []tunnelEnd
 	Sysctls [][2]string
 }
@@ -39,7 +38,7 @@ type nodeObjects struct {
 // render computes the node's desired objects for st given fx.
 func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
 	o := nodeObjects{Members: map[Family]map[netip.Addr]string{}, Rules: map[Family][]netlink.Rule{},
-		Params: map[Family]NodeParams{}, Filter: map[Family]iptables.Ruleset{}}
+		Params: map[Family]NodeParams{}, Filter: map[Family]ruleset{}}
 	for _, f := range []Family{IPv4, IPv6} {
 		m, err := st.members(f)
 		if err != nil {
@@ -50,7 +49,7 @@ func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
 	for _, f := range d.fams {
 		o.Rules[f] = d.nodeRules(f)
 		o.Params[f] = d.nodeParams(fx.zt, fx.live, fx.port, f)
-		o.Filter[f] = NodeRuleset(d.cfg, o.Params[f])
+		o.Filter[f] = d.nodeChains(o.Params[f])
 	}
 	if fx.zt != nil {
 		in, out := d.tunnelEnds(fx.zt, true, fx.port)

@@ -60,6 +60,9 @@ type setManager struct {
 	// exists says the set was found or created.
 	exists bool
 	t      *deltaTracker[netip.Addr, string]
+	// nft, with the nftables backend, keeps the members in our table's set
+	// instead of an ipset.
+	nft *nftSetStore
 }
 
 func newSetManager(cfg Config, f Family, nl kernel.Netlink) *setManager {
@@ -67,7 +70,12 @@ func newSetManager(cfg Config, f Family, nl kernel.Netlink) *setManager {
 		t: newDeltaTracker(func(a, b string) bool { return a == b }, netip.Addr.Compare)}
 }
 
-func (m *setManager) kind() string { return KindIPSet + " " + m.name }
+func (m *setManager) kind() string {
+	if m.nft != nil {
+		return KindNFT + " set " + m.name
+	}
+	return KindIPSet + " " + m.name
+}
 
 // clone is a copy for a dry run (Diff), which must not disturb what the
 // next apply starts from.
@@ -82,7 +90,11 @@ func (m *setManager) setDesired(members map[netip.Addr]string) { m.t.ReplaceDesi
 
 // readBack records the set's members (none when it does not exist yet).
 func (m *setManager) readBack(context.Context) error {
-	have, exists, err := ipsetMembers(m.nl, m.name, m.fam)
+	list := func() (map[netip.Addr]string, bool, error) { return ipsetMembers(m.nl, m.name, m.fam) }
+	if m.nft != nil {
+		list = m.nft.members
+	}
+	have, exists, err := list()
 	if err != nil {
 		return err
 	}
@@ -112,6 +124,9 @@ func (m *setManager) pending() []string {
 // applyUpdates creates the set if it is missing, then adds (or re-labels)
 // every pending member.
 func (m *setManager) applyUpdates(_ context.Context, w *writer) error {
+	if m.nft != nil {
+		return m.nft.write(m, w, m.t.PendingUpdates(), nil)
+	}
 	if !m.exists {
 		opts := netlink.IpsetCreateOptions{Family: familyNum(m.fam), Comments: true}
 		if err := w.do(KindIPSet, "create "+m.name, func() error { return m.nl.IpsetCreate(m.name, "hash:ip", opts) }); err != nil {
@@ -132,6 +147,9 @@ func (m *setManager) applyUpdates(_ context.Context, w *writer) error {
 
 // applyDeletes deletes every member nothing desires.
 func (m *setManager) applyDeletes(_ context.Context, w *writer) error {
+	if m.nft != nil {
+		return m.nft.write(m, w, nil, m.t.PendingDeletes())
+	}
 	for _, a := range m.t.PendingDeletes() {
 		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice())}
 		if err := w.do(KindIPSet, fmt.Sprintf("del %s %s", m.name, a), func() error { return ignoreNotExist(m.nl.IpsetDel(m.name, e)) }); err != nil {

@@ -3,16 +3,19 @@ package dataplane
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"slices"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
 )
 
 // Snapshot is the kernel state we own, as read back (for debugging).
 type Snapshot struct {
+	Backend         Backend                      `json:"backend"`
 	IPTablesBackend string                       `json:"iptablesBackend"`
 	Tunnel          TunnelType                   `json:"tunnel"`
 	IPSets          map[string]map[string]string `json:"ipsets"`
@@ -30,15 +33,22 @@ type NSSnapshot struct {
 	IPTables map[string]map[string][]string `json:"iptables"`
 	// IP6Tables is ip6tables, where the node carries IPv6.
 	IP6Tables map[string]map[string][]string `json:"ip6tables,omitempty"`
+	// NFTables are the chains of our nftables table, by name, each rule as
+	// its comment (the rule's text) reads back.
+	NFTables map[string][]string `json:"nftables,omitempty"`
 }
 
 // Snapshot reads back everything we own on the node and in the last ztunnel netns.
 func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	s := Snapshot{IPTablesBackend: d.backend, Tunnel: d.tunnel, IPSets: map[string]map[string]string{}}
+	s := Snapshot{Backend: d.filter, IPTablesBackend: d.backend, Tunnel: d.tunnel, IPSets: map[string]map[string]string{}}
 	for _, f := range []Family{IPv4, IPv6} {
-		m, exists, err := ipsetMembers(d.node.NL, d.setName(f), f)
+		list := func() (map[netip.Addr]string, bool, error) { return ipsetMembers(d.node.NL, d.setName(f), f) }
+		if sm := d.mgr.sets[f]; sm != nil && sm.nft != nil {
+			list = sm.nft.members
+		}
+		m, exists, err := list()
 		if err != nil {
 			s.Errors = append(s.Errors, err.Error())
 		}
@@ -54,7 +64,9 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 	var errs []string
 	node := map[Family]*iptables.Syncer{}
 	for f, m := range d.mgr.nodeFilter {
-		node[f] = m.s
+		if s := m.syncer(); s != nil {
+			node[f] = s
+		}
 	}
 	s.NS, errs = d.nsSnapshot(ctx, d.node, node, []string{NodeInLink, NodeOutLink})
 	s.Errors = append(s.Errors, errs...)
@@ -65,7 +77,7 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 		} else {
 			syncers := map[Family]*iptables.Syncer{}
 			for _, f := range d.fams {
-				if r, err := k.IPT(d.backend, int(f)); err == nil {
+				if r, err := k.IPT(d.backend, int(f)); err == nil && d.filter == BackendIPTables {
 					syncers[f] = iptables.NewSyncer(r, ChainPrefix)
 				}
 			}
@@ -109,6 +121,19 @@ func (d *Dataplane) nsSnapshot(ctx context.Context, k *kernel.Kernel, ipt map[Fa
 			ns.Routes = append(ns.Routes, routeString(r))
 		}
 		slices.Sort(ns.Routes)
+	}
+	if k.NFT != nil {
+		if c, done, err := k.NFT(); err != nil {
+			errs = append(errs, err.Error())
+		} else {
+			a, err := nft.ReadBack(c, NFTTable)
+			done()
+			if err != nil {
+				errs = append(errs, err.Error())
+			} else if a.Exists {
+				ns.NFTables = a.Rules
+			}
+		}
 	}
 	for f, s := range ipt {
 		t, err := s.Actual(ctx)

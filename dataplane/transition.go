@@ -1,6 +1,7 @@
 package dataplane
 
 import (
+	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
 	"slices"
 	"strings"
 )
@@ -115,17 +116,29 @@ func unionParams(prev, next NodeParams, vethExists func(string) bool, withCaptur
 // as their slot routes exist (classify ⊆ slot routes in every phase order).
 func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]string, zts []ZtunnelRef) NodeParams {
 	p := NodeParams{Family: next.Family, TunnelPort: next.TunnelPort, DNS: next.DNS, Ztunnels: zts}
-	capture := "--match-set " + setName(cfg, next.Family) + " src"
-	for _, r := range actual["mangle"][ChainPrefix+"PREROUTING"] {
-		if strings.Contains(r, capture) && strings.HasSuffix(r, setMark(cfg.Marks.Outbound)) {
+	m := cfg.Marks
+	// Our chains as either backend writes them: the capture rule sets the
+	// outbound mark on members of the set; the forward chain's resets
+	// check the proxy connmark (on enrolment) or not (fail closed).
+	pre := actual["mangle"][ChainPrefix+"PREROUTING"]
+	fwd := actual["filter"][ChainPrefix+"FORWARD"]
+	capture, captureMark := "--match-set "+setName(cfg, next.Family)+" src", setMark(m.Outbound)
+	reject, resetUncaptured := "REJECT", "-m connmark ! --mark"
+	if t, ok := actual["inet "+NFTTable]; ok {
+		pre, fwd = t[nftChainName("prerouting", next.Family)], t[nftChainName("filter-forward", next.Family)]
+		capture, captureMark = "saddr @"+setName(cfg, next.Family), nft.SetMarkX(m.Outbound, m.Outbound).String()
+		reject, resetUncaptured = "reject", nft.CtMarkLacks(m.Proxy).String()
+	}
+	for _, r := range pre {
+		if strings.Contains(r, capture) && strings.HasSuffix(r, captureMark) {
 			p.Capture = true
 		}
 	}
-	for _, r := range actual["filter"][ChainPrefix+"FORWARD"] {
+	for _, r := range fwd {
 		switch {
-		case strings.Contains(r, "REJECT") && strings.Contains(r, "-m connmark ! --mark"):
+		case strings.Contains(r, reject) && strings.Contains(r, resetUncaptured):
 			p.ResetUncaptured = true
-		case strings.Contains(r, "REJECT"):
+		case strings.Contains(r, reject):
 			p.FailClosed = true
 		}
 	}

@@ -6,9 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os/exec"
 
-	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -18,15 +16,15 @@ import (
 // family f.
 // owner identifies the ztunnel whose netns is at path: another one behind
 // a reused path starts with no chains known.
-func (m *managers) ztFilterManager(path, owner string, f Family, k *kernel.Kernel, backend string) (*filterManager, error) {
+func (d *Dataplane) ztFilterManager(m *managers, path, owner string, f Family, k *kernel.Kernel) (*filterManager, error) {
 	if fm, ok := m.ztFilter[path][f]; ok && fm.owner == owner {
 		return fm, nil
 	}
-	r, err := k.IPT(backend, int(f))
+	cw, err := d.chainWriter(k, f)
 	if err != nil {
 		return nil, err
 	}
-	fm := newFilterManager(r)
+	fm := newFilterManager(cw)
 	fm.owner = owner
 	if m.ztFilter[path] == nil {
 		m.ztFilter[path] = map[Family]*filterManager{}
@@ -90,11 +88,11 @@ func (d *Dataplane) syncZtunnelObjects(ctx context.Context, mgr *managers, zt *z
 		}
 		locals = append(locals, route{Route: netlink.Route{Table: d.cfg.Tables.ZtunnelLocal, Dst: ipNet(defaultPrefix(f)),
 			Type: unix.RTN_LOCAL, Scope: routeScope(f, netlink.SCOPE_HOST), Protocol: netlink.RouteProtocol(proto)}, Dev: "lo"})
-		fm, err := mgr.ztFilterManager(zt.spec.NetNS, zt.owner(), f, k, d.backend)
+		fm, err := d.ztFilterManager(mgr, zt.spec.NetNS, zt.owner(), f, k)
 		if err != nil {
 			return err
 		}
-		fm.setDesired(ZtunnelRuleset(d.cfg, ZtunnelParams{Family: f, ZtunnelIP: ip, Eth: zt.eth.Attrs().Name}), nil)
+		fm.setDesired(d.ztunnelChains(ZtunnelParams{Family: f, ZtunnelIP: ip, Eth: zt.eth.Attrs().Name}), nil)
 		filters[f] = fm
 		fams = append(fams, f)
 	}
@@ -121,20 +119,7 @@ func (d *Dataplane) cleanupZtunnelNS(ctx context.Context, mgr *managers, path st
 // cleanupNS removes our chains (both backends), rules, routes and tunnel
 // links from one netns.
 func (d *Dataplane) cleanupNS(ctx context.Context, k *kernel.Kernel, links []string, w *writer) error {
-	var errs []error
-	for _, f := range d.fams {
-		for _, b := range []string{d.backend, otherBackend(d.backend)} {
-			r, err := k.IPT(b, int(f))
-			if err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			// The other backend's tools may be absent; anything else is an error.
-			if err := runIPTables(ctx, iptables.NewSyncer(r, ChainPrefix), nil, w); err != nil && (b == d.backend || !errors.Is(err, exec.ErrNotFound)) {
-				errs = append(errs, err)
-			}
-		}
-	}
+	errs := []error{d.removeIPTables(ctx, k, w), removeNFTTable(k, w)}
 	// syncRules puts the kernel's local rule back before removing ours.
 	for _, f := range d.fams {
 		if err := d.syncRules(k.NL, f, nil, w); err != nil {

@@ -277,7 +277,7 @@ func configView(o *Options) map[string]any {
 			"ztunnelLocal": t.ZtunnelLocal},
 		"nodeName": o.NodeName, "ztunnelNamespace": o.ZtunnelNamespace, "ztunnelSelector": o.ZtunnelSelector,
 		"excludeNamespaces": o.excluded(), "tunnel": o.Tunnel, "tunnelPort": o.TunnelPort, "failMode": o.FailMode,
-		"iptablesMode": o.IPTablesMode, "netnsDir": o.NetNSDir, "resyncPeriod": o.ResyncPeriod.String(),
+		"iptablesMode": o.IPTablesMode, "backend": o.Backend, "netnsDir": o.NetNSDir, "resyncPeriod": o.ResyncPeriod.String(),
 		"debugAddr": o.DebugAddr, "dnsCapture": o.DNSCapture, "onEnroll": o.OnEnroll,
 		"cniSocket": o.CNISocket, "cniInstall": o.CNIInstall, "cniBinDir": o.CNIBinDir, "cniConfDir": o.CNIConfDir,
 	}

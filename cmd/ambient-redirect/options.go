@@ -55,6 +55,7 @@ type Options struct {
 	FailMode          string
 	OnEnroll          string
 	IPTablesMode      string
+	Backend           string
 	NetNSDir          string
 	ResyncPeriod      time.Duration
 	DebugAddr         string
@@ -109,6 +110,7 @@ func defaultOptions() *Options {
 		FailMode:          string(dataplane.FailClosed),
 		OnEnroll:          string(dataplane.OnEnrollKeep),
 		IPTablesMode:      string(dataplane.IPTablesAuto),
+		Backend:           string(dataplane.BackendAuto),
 		NetNSDir:          "/var/run/netns",
 		ResyncPeriod:      30 * time.Second,
 		DebugAddr:         "127.0.0.1:15099",
@@ -143,7 +145,8 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&o.RemoveSidecarRules, "remove-sidecar-rules", o.RemoveSidecarRules, "cleanup only: also remove running sidecar pods' capture rules (takes them out of their mesh)")
 	fs.Float64Var(&o.KubeAPIQPS, "kube-api-qps", o.KubeAPIQPS, "client-side QPS limit towards the API server (annotation patches)")
 	fs.IntVar(&o.KubeAPIBurst, "kube-api-burst", o.KubeAPIBurst, "client-side burst towards the API server")
-	fs.Var(choice{&o.IPTablesMode, []string{"auto", "nft", "legacy"}}, "iptables-mode", "iptables backend: auto (detect kubelet's), nft or legacy")
+	fs.Var(choice{&o.IPTablesMode, []string{"auto", "nft", "legacy"}}, "iptables-mode", "iptables flavour for the iptables backend: auto (detect kubelet's), nft or legacy")
+	fs.Var(choice{&o.Backend, []string{"auto", "iptables", "nftables"}}, "backend", "how our rules are written: iptables, nftables (our own inet table, native sets), or auto (nftables where kube-proxy runs in nftables mode or no iptables works)")
 	fs.StringVar(&o.NetNSDir, "netns-dir", o.NetNSDir, "directory of named network namespaces (where the CRI puts pod netns)")
 	fs.StringVar(&o.CNISocket, "cni-socket", o.CNISocket, "unix socket the ambient-redirect CNI plugin hands pods over on (default with --cni-install: "+cni.DefaultSocket+"); empty and no --cni-install: no plugin")
 	fs.BoolVar(&o.CNIInstall, "cni-install", o.CNIInstall, "install the CNI plugin (binary into --cni-bin-dir, entry at the end of the primary conflist in --cni-conf-dir); cleanup uninstalls it")
@@ -303,6 +306,7 @@ func (o *Options) dataplaneConfig() (dataplane.Config, error) {
 	c.FailMode = dataplane.FailMode(o.FailMode)
 	c.OnEnroll = dataplane.OnEnroll(o.OnEnroll)
 	c.IPTablesMode = dataplane.IPTablesMode(o.IPTablesMode)
+	c.Backend = dataplane.Backend(o.Backend)
 	c.NetNSDir = o.NetNSDir
 	c.DNSCapture = o.DNSCapture
 	c.Marks, c.Priorities, c.Tables = o.Marks, o.Priorities, o.Tables

@@ -77,6 +77,9 @@ func printStatus(w io.Writer, st controller.DebugState, verbose bool) {
 	if st.Tunnel != nil {
 		fmt.Fprintf(w, "tunnel:    %v port %v (%v)\n", st.Tunnel["type"], st.Tunnel["port"], st.Tunnel["reason"])
 	}
+	if st.Backend != nil {
+		fmt.Fprintf(w, "backend:   %v (%v)\n", st.Backend["name"], st.Backend["reason"])
+	}
 	if st.IPTables != nil {
 		fmt.Fprintf(w, "iptables:  %v (%v)\n", st.IPTables["backend"], st.IPTables["reason"])
 		if warn, ok := st.IPTables["warning"]; ok {

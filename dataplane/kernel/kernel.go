@@ -12,11 +12,13 @@ import (
 	"path/filepath"
 	"runtime"
 
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
 )
 
 // Netlink is the subset of *netlink.Handle the dataplane uses. A handle is
@@ -67,7 +69,10 @@ type Kernel struct {
 	// ip6tables) in this netns.
 	IPT func(backend string, family int) (iptables.Runner, error)
 	// InNS runs f on a thread in this netns (for binaries and /proc/sys).
-	InNS  iptables.InNS
+	InNS iptables.InNS
+	// NFT connects to nf_tables in this netns (nil: none, a fake kernel).
+	// Close the returned closer when done.
+	NFT   func() (*nftables.Conn, func(), error)
 	close func()
 }
 
@@ -124,6 +129,7 @@ func Open(path string) (*Kernel, error) {
 		NL:     nl,
 		Sysctl: procSysctl{inNS: inNS},
 		InNS:   inNS,
+		NFT:    func() (*nftables.Conn, func(), error) { return nft.Open(path) },
 		IPT: func(backend string, family int) (iptables.Runner, error) {
 			if family == 6 {
 				return iptables.NewExecRunner6(backend, inNS)

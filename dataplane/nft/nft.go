@@ -79,6 +79,12 @@ func hookName(h nftables.ChainHook) string {
 		return "prerouting"
 	case *nftables.ChainHookOutput:
 		return "output"
+	case *nftables.ChainHookInput:
+		return "input"
+	case *nftables.ChainHookForward:
+		return "forward"
+	case *nftables.ChainHookPostrouting:
+		return "postrouting"
 	}
 	return fmt.Sprint(uint32(h))
 }
@@ -266,3 +272,5 @@ func R(ts ...Term) Rule { return ts }
 
 // Host is the single-address prefix of a.
 func Host(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
+
+func (t Term) String() string { return t.text }

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -202,6 +203,9 @@ func (e *Env) LaunchAgent(t testing.TB, n *Node, extra ...string) {
 	t.Helper()
 	args := append([]string{e.Bins.Agent, "run", "--node-name", n.Name, "--kubeconfig", e.KC, "--netns-dir", e.NSDir,
 		"--resync-period", "2s", "--debug-addr", DebugAddr}, extra...)
+	if b := os.Getenv("AR_BACKEND"); b != "" && !slices.Contains(extra, "--backend") {
+		args = append(args, "--backend", b) // the suite on another backend
+	}
 	env := e.AgentEnv
 	if os.Getenv("AR_RACE") == "1" {
 		env = append(env, "GORACE=halt_on_error=1 exitcode=66")

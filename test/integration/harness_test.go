@@ -161,6 +161,11 @@ func newDataplane(t testing.TB, n *node, mutate func(*dataplane.Config)) *datapl
 	t.Helper()
 	cfg := dataplane.DefaultConfig()
 	cfg.NetNSDir = n.nsDir
+	// AR_BACKEND runs the suite on another backend (the README's test
+	// command runs the path, transition and pinning suites on both).
+	if b := os.Getenv("AR_BACKEND"); b != "" {
+		cfg.Backend = dataplane.Backend(b)
+	}
 	if mutate != nil {
 		mutate(&cfg)
 	}

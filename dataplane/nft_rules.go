@@ -1,0 +1,199 @@
+package dataplane
+
+// The nftables backend's rules: the same rules as filter_rules.go renders
+// for iptables, in our own inet table, one set of base chains per family
+// (a chain's first rule sends the other family on). Each base chain runs
+// just before the iptables table it stands for (mangle-1, dstnat-1, ...),
+// so that our marks are set first, as a jump at position 1 of the
+// built-in chain does. An accept ends only our chain: where the iptables
+// rules ACCEPT to stop another agent's NAT, these set up an identity NAT,
+// which ends every NAT chain of the hook.
+
+import (
+	"net/netip"
+
+	"github.com/google/nftables"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
+)
+
+// NFTTable is our table in every netns we write, family inet.
+const NFTTable = "ambient-redirect"
+
+var (
+	prioMangle = nftables.ChainPriority(-151) // before iptables' mangle (-150)
+	prioDstNAT = nftables.ChainPriority(-101) // before kube-proxy's DNAT (-100)
+	prioFilter = nftables.ChainPriority(-1)   // before iptables' filter (0)
+	prioSrcNAT = nftables.ChainPriority(99)   // before masquerading (100)
+)
+
+// nftChainName is a base chain of family f: each family's manager owns
+// the chains with its suffix.
+func nftChainName(name string, f Family) string {
+	if f == IPv6 {
+		return name + "-ip6"
+	}
+	return name + "-ip"
+}
+
+func nftSet(cfg Config, f Family) nft.Set { return nft.Set{Name: setName(cfg, f), V6: f == IPv6} }
+
+func baseChain(name string, f Family, typ nftables.ChainType, hook *nftables.ChainHook, prio nftables.ChainPriority, rules ...nft.Rule) *nft.Chain {
+	p := prio
+	// The other family's packets are not this chain's.
+	rules = append([]nft.Rule{nft.R(nft.NotFamily(f == IPv6), nft.Return())}, rules...)
+	return &nft.Chain{Name: nftChainName(name, f), Type: typ, Hook: hook, Priority: &p, Rules: rules}
+}
+
+// nftRuleset is one family's chains in one netns's table.
+type nftRuleset struct {
+	Family Family
+	Sets   []nft.Set
+	Chains []*nft.Chain
+}
+
+// Render is the chains as their rules' texts (golden tests; what a
+// manager compares with what it last wrote).
+func (r nftRuleset) Render() string {
+	return nft.Table{Name: NFTTable, Chains: r.Chains}.String()
+}
+
+func mk(v, mask uint32) nft.Term { return nft.SetMarkX(v, mask) }
+
+// NodeChains renders the node's chains of p.Family for the nftables backend.
+func NodeChains(cfg Config, p NodeParams) nftRuleset {
+	m := cfg.Marks
+	v6 := p.Family == IPv6
+	act, zt := p.active()
+	set := setName(cfg, p.Family)
+	tcp, ret := nft.TCP(), nft.Return()
+	skip := func(ts ...nft.Term) nft.Rule { return append(nft.R(ts...), mk(m.Skip, m.Skip)) }
+	returnIf := func(v uint32) nft.Rule { return nft.R(nft.MarkHas(v), ret) }
+
+	var pre []nft.Rule
+	for _, dev := range []string{NodeInLink, NodeOutLink} {
+		pre = append(pre, skip(nft.IIF(dev)), nft.R(nft.IIF(dev), ret))
+	}
+	pre = append(pre,
+		nft.R(nft.UDP(), nft.DPort("udp", uint16(p.TunnelPort)), ret),
+		nft.R(tcp, nft.Syn(false), nft.SetCtMarkX(0, m.ConnSkip|m.Proxy|m.Slot)),
+		skip(nft.CtMarkHas(m.ConnSkip)),
+		returnIf(m.Skip),
+	)
+	fromZtunnel := func(z ZtunnelRef) nft.Rule {
+		return nft.R(nft.Addr(true, true, nft.Host(z.IP)), nft.IIF(z.Veth), mk(m.Proxy|slotBit(m, z.Slot), m.Proxy|m.Slot))
+	}
+	switch len(p.Ztunnels) {
+	case 0:
+		pre = append(pre, returnIf(m.ProxyReturn), returnIf(m.Skip))
+	case 1:
+		z := p.Ztunnels[0]
+		pre = append(pre,
+			nft.R(nft.NotIIF(z.Veth), nft.CtMarkHas(m.Proxy|m.Slot), mk(m.Slot, m.Slot)),
+			nft.R(nft.NotIIF(z.Veth), nft.CtMarkHas(m.Proxy), mk(m.ProxyReturn, m.ProxyReturn)),
+			returnIf(m.ProxyReturn),
+			fromZtunnel(z),
+			returnIf(m.Skip),
+			nft.R(nft.IIF(z.Veth), mk(m.ConnSkip, m.ConnSkip)),
+		)
+	default:
+		for _, z := range p.Ztunnels {
+			pre = append(pre, fromZtunnel(z))
+		}
+		pre = append(pre, returnIf(m.Skip))
+		for _, z := range p.Ztunnels {
+			pre = append(pre, nft.R(nft.IIF(z.Veth), mk(m.ConnSkip, m.ConnSkip)))
+		}
+		pre = append(pre, returnIf(m.Skip),
+			nft.R(nft.CtMarkHas(m.Proxy|m.Slot), mk(m.Slot, m.Slot)),
+			nft.R(nft.CtMarkHas(m.Proxy), mk(m.ProxyReturn, m.ProxyReturn)),
+			returnIf(m.ProxyReturn))
+	}
+	pre = append(pre,
+		skip(tcp, nft.Syn(true), nft.CtNew(true)),
+		skip(nft.NotL4Proto(6, "tcp"), nft.CtNew(true)),
+		nft.R(nft.UDP(), mk(m.ConnSkip, m.ConnSkip)),
+		returnIf(m.Skip),
+	)
+	if p.Capture {
+		pre = append(pre, nft.R(tcp, nft.Syn(false), nft.InSet(true, v6, set), mk(m.Outbound, m.Outbound)))
+	}
+
+	save := []nft.Rule{
+		nft.R(nft.MarkHas(m.ConnSkip), nft.SetCtMarkX(m.ConnSkip, m.ConnSkip)),
+		nft.R(nft.MarkMasked(m.Proxy|m.Slot, m.Proxy|m.Slot), nft.SetCtMarkX(m.Proxy|m.Slot, m.Proxy|m.Slot)),
+		nft.R(nft.MarkMasked(m.Proxy, m.Proxy|m.Slot), nft.SetCtMarkX(m.Proxy, m.Proxy|m.Slot)),
+	}
+
+	out := []nft.Rule{
+		nft.R(nft.CtMarkHas(m.Proxy|m.Slot), mk(m.Slot, m.Slot)),
+		nft.R(nft.CtMarkHas(m.Proxy), mk(m.ProxyReturn, m.ProxyReturn)),
+		returnIf(m.ProxyReturn),
+		skip(tcp, nft.Syn(true), nft.InSet(false, v6, set), nft.CtNew(true)),
+	}
+	// Resets the node makes itself and kubelet probes from HOSTIP go
+	// straight to the pod (see NodeRuleset); any other local socket's
+	// connection to a pod is captured.
+	if p.HostIP.IsValid() {
+		out = append(out, nft.R(tcp, nft.InSet(false, v6, set), nft.SocketExists(), nft.Addr(true, true, nft.Host(p.HostIP)), ret))
+	}
+	out = append(out, nft.R(tcp, nft.InSet(false, v6, set), mk(m.ConnSkip, m.ConnSkip)), save[0])
+
+	natPre := []nft.Rule{nft.R(nft.MarkHas(m.Outbound), nft.KeepDestination(v6))} // ztunnel sees the VIP
+	if p.DNS && zt {
+		natPre = append(natPre, nft.R(nft.UDP(), nft.InSet(true, v6, set), nft.DPort("udp", 53), nft.DNAT(netip.AddrPortFrom(act.IP, uint16(cfg.DNSPort)))))
+	}
+	natPost := []nft.Rule{nft.R(nft.MarkHas(m.Outbound), nft.KeepSource(v6))} // no masquerade
+
+	fwd := []nft.Rule{returnIf(m.Outbound)}
+	if p.ResetUncaptured {
+		for _, src := range []bool{true, false} {
+			fwd = append(fwd, nft.R(tcp, nft.Syn(true), nft.InSet(src, v6, set), nft.CtMarkLacks(m.Proxy), nft.RejectReset()))
+		}
+	}
+	if p.FailClosed {
+		fwd = []nft.Rule{
+			nft.R(tcp, nft.MarkHas(m.Outbound), nft.RejectReset()),
+			nft.R(tcp, nft.Syn(false), nft.InSet(false, v6, set), nft.RejectReset()),
+		}
+	}
+
+	f := p.Family
+	return nftRuleset{Family: f, Sets: []nft.Set{nftSet(cfg, f)}, Chains: []*nft.Chain{
+		baseChain("prerouting", f, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioMangle, pre...),
+		baseChain("input", f, nftables.ChainTypeFilter, nftables.ChainHookInput, prioMangle, save...),
+		baseChain("forward", f, nftables.ChainTypeFilter, nftables.ChainHookForward, prioMangle, save...),
+		// A route chain: a mark set here re-routes the packet, as iptables' mangle OUTPUT does.
+		baseChain("output", f, nftables.ChainTypeRoute, nftables.ChainHookOutput, prioMangle, out...),
+		baseChain("nat-prerouting", f, nftables.ChainTypeNAT, nftables.ChainHookPrerouting, prioDstNAT, natPre...),
+		baseChain("nat-postrouting", f, nftables.ChainTypeNAT, nftables.ChainHookPostrouting, prioSrcNAT, natPost...),
+		baseChain("filter-forward", f, nftables.ChainTypeFilter, nftables.ChainHookForward, prioFilter, fwd...),
+	}}
+}
+
+// ZtunnelChains renders the TPROXY rules inside the ztunnel netns for the
+// nftables backend. iptables' TPROXY drops a packet it finds no socket
+// for; a tproxy statement goes on to the next rule, so each is followed
+// by that drop.
+func ZtunnelChains(cfg Config, p ZtunnelParams) nftRuleset {
+	m, pp := cfg.Marks, cfg.ProxyPorts
+	listen := cfg.ZtunnelListenIP
+	if p.Family == IPv6 {
+		listen = cfg.ZtunnelListenIP6
+	}
+	var rules []nft.Rule
+	tproxy := func(port int, match ...nft.Term) {
+		rules = append(rules,
+			append(nft.R(match...), nft.TProxyTo(netip.AddrPortFrom(listen, uint16(port))), mk(m.TProxy, m.ZtunnelMask), nft.Accept()),
+			append(nft.R(match...), nft.Drop()))
+	}
+	tproxy(pp.HBONE, nft.IIF(ZtunnelInLink), nft.TCP(), nft.DPort("tcp", uint16(pp.HBONE)))
+	tproxy(pp.Outbound, nft.IIF(ZtunnelOutLink), nft.TCP())
+	tproxy(pp.Inbound, nft.IIF(ZtunnelInLink), nft.TCP())
+	// Replies to ztunnel's original-source sockets are delivered locally.
+	rules = append(rules, nft.R(nft.Addr(false, true, nft.Host(p.ZtunnelIP)), nft.IIF(p.Eth), nft.TCP(), mk(m.OrigSrc, m.ZtunnelMask)))
+	return nftRuleset{Family: p.Family, Chains: []*nft.Chain{
+		baseChain("prerouting", p.Family, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioMangle, rules...),
+	}}
+}
+
