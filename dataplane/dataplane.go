@@ -75,9 +75,9 @@ type Dataplane struct {
 	// other one) are gone.
 	otherRetired bool
 	// iptReader reads other agents' iptables when ours are nftables.
-	iptReader map[Family]*iptables.Syncer
-	tunnel        TunnelType
-	tunnelReason  string
+	iptReader    map[Family]*iptables.Syncer
+	tunnel       TunnelType
+	tunnelReason string
 
 	// fams are the families this node can carry: IPv4, and IPv6 unless
 	// the kernel was booted without it.

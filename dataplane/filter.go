@@ -134,7 +134,9 @@ func (m *filterManager) forget() { m.written, m.params, m.queued = "", nil, true
 // (ownership by prefix, read-back, learned kernel formats).
 type iptChains struct{ s *iptables.Syncer }
 
-func newIPTChains(r iptables.Runner) *iptChains { return &iptChains{iptables.NewSyncer(r, ChainPrefix)} }
+func newIPTChains(r iptables.Runner) *iptChains {
+	return &iptChains{iptables.NewSyncer(r, ChainPrefix)}
+}
 
 func (c *iptChains) read(ctx context.Context) (map[string]map[string][]string, error) {
 	c.s.Forget()

@@ -17,7 +17,6 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
 )
 
-
 var errNoNFT = errors.New("no nftables in this kernel view")
 
 // nftChains writes the chains of family fam in our table.

@@ -196,4 +196,3 @@ func ZtunnelChains(cfg Config, p ZtunnelParams) nftRuleset {
 		baseChain("prerouting", p.Family, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioMangle, rules...),
 	}}
 }
-
