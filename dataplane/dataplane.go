@@ -347,7 +347,8 @@ func (d *Dataplane) diffView() *Dataplane {
 	defer d.mu.Unlock()
 	return &Dataplane{
 		cfg: d.cfg, log: d.log, node: d.node, openNS: d.openNS,
-		backend: d.backend, backendReason: d.backendReason, tunnel: d.tunnel, tunnelReason: d.tunnelReason,
+		backend: d.backend, backendReason: d.backendReason, filter: d.filter, filterReason: d.filterReason,
+		tunnel: d.tunnel, tunnelReason: d.tunnelReason,
 		fams: d.fams, order: d.order,
 		mgr: *d.mgr.clone(), pods: maps.Clone(d.pods), wanted: d.wanted,
 	}

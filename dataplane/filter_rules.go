@@ -26,6 +26,9 @@ type NodeParams struct {
 	// carries (opened before enrolment), both ways (--on-enroll=reset).
 	ResetUncaptured bool
 	DNS             bool
+	// ServiceCIDRs are the cluster's Service ranges of the family: the
+	// nftables backend keeps captured connections to them untracked.
+	ServiceCIDRs []netip.Prefix
 }
 
 // active returns the ztunnel new connections go to.

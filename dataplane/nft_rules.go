@@ -21,6 +21,7 @@ import (
 const NFTTable = "ambient-redirect"
 
 var (
+	prioRaw    = nftables.ChainPriority(-301) // before conntrack (-200) and iptables' raw (-300)
 	prioMangle = nftables.ChainPriority(-151) // before iptables' mangle (-150)
 	prioDstNAT = nftables.ChainPriority(-101) // before kube-proxy's DNAT (-100)
 	prioFilter = nftables.ChainPriority(-1)   // before iptables' filter (0)
@@ -159,7 +160,8 @@ func NodeChains(cfg Config, p NodeParams) nftRuleset {
 	}
 
 	f := p.Family
-	return nftRuleset{Family: f, Sets: []nft.Set{nftSet(cfg, f)}, Chains: []*nft.Chain{
+	return nftRuleset{Family: f, Sets: []nft.Set{nftSet(cfg, f), vipFlows(f)}, Chains: []*nft.Chain{
+		baseChain("raw-prerouting", f, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioRaw, vipRules(cfg, p)...),
 		baseChain("prerouting", f, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioMangle, pre...),
 		baseChain("input", f, nftables.ChainTypeFilter, nftables.ChainHookInput, prioMangle, save...),
 		baseChain("forward", f, nftables.ChainTypeFilter, nftables.ChainHookForward, prioMangle, save...),
@@ -169,6 +171,54 @@ func NodeChains(cfg Config, p NodeParams) nftRuleset {
 		baseChain("nat-postrouting", f, nftables.ChainTypeNAT, nftables.ChainHookPostrouting, prioSrcNAT, natPost...),
 		baseChain("filter-forward", f, nftables.ChainTypeFilter, nftables.ChainHookForward, prioFilter, fwd...),
 	}}
+}
+
+// vipFlows is the flow map of family f's captured connections to Service
+// VIPs.
+func vipFlows(f Family) nft.Set {
+	return nft.Set{Name: nftChainName("vip-flows", f), V6: f == IPv6, Flows: true}
+}
+
+// vipRules keep an ambient pod's captured connections to a Service VIP
+// out of conntrack, so that no kube-proxy mode NATs or rejects them before
+// ztunnel sees the VIP: kube-proxy's nftables mode DNATs in a table of its
+// own, which nothing of ours can end, and rejects forwarded packets still
+// addressed to a ClusterIP while their connection is new. The flow map
+// stands in for the connection mark: a connection's first packet (a pure
+// SYN) records its 4-tuple with the proxy-return mark of the ztunnel
+// (slot) it goes to; its later packets take that mark (straight back to
+// that ztunnel, as a connmark would send them), and the ztunnel's answers
+// are untracked too. Connections that began before their pod was
+// captured are not in the map and stay tracked (and DNATed) as they were.
+func vipRules(cfg Config, p NodeParams) []nft.Rule {
+	if len(p.ServiceCIDRs) == 0 || len(p.Ztunnels) == 0 {
+		return nil
+	}
+	m, v6, flows := cfg.Marks, p.Family == IPv6, vipFlows(p.Family)
+	tcp := nft.TCP()
+	var out []nft.Rule
+	if act, ok := p.active(); ok && p.Capture && !p.FailClosed {
+		for _, svc := range p.ServiceCIDRs {
+			r := nft.R(tcp, nft.Syn(false), nft.InSet(true, v6, setName(cfg, p.Family)), nft.Addr(false, false, svc))
+			for _, z := range p.Ztunnels {
+				r = append(r, nft.NotIIF(z.Veth)) // a ztunnel's own (original-source) connections are kube-proxy's
+			}
+			out = append(out, append(r, nft.RememberFlow(flows, m.ProxyReturn|slotBit(m, act.Slot)), nft.Notrack(), nft.Return()))
+		}
+	}
+	for _, svc := range p.ServiceCIDRs {
+		r := nft.R(tcp, nft.Addr(false, false, svc))
+		for _, z := range p.Ztunnels {
+			r = append(r, nft.NotIIF(z.Veth))
+		}
+		out = append(out, append(r, nft.FollowFlow(flows, false), nft.Notrack()))
+	}
+	for _, z := range p.Ztunnels {
+		for _, svc := range p.ServiceCIDRs {
+			out = append(out, nft.R(nft.IIF(z.Veth), tcp, nft.Addr(true, false, svc), nft.FollowFlow(flows, true), nft.Notrack()))
+		}
+	}
+	return out
 }
 
 // ZtunnelChains renders the TPROXY rules inside the ztunnel netns for the

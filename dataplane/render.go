@@ -48,7 +48,9 @@ func (d *Dataplane) render(st State, fx facts) (nodeObjects, error) {
 	}
 	for _, f := range d.fams {
 		o.Rules[f] = d.nodeRules(f)
-		o.Params[f] = d.nodeParams(fx.zt, fx.live, fx.port, f)
+		p := d.nodeParams(fx.zt, fx.live, fx.port, f)
+		p.ServiceCIDRs = st.serviceCIDRs(f)
+		o.Params[f] = p
 		o.Filter[f] = d.nodeChains(o.Params[f])
 	}
 	if fx.zt != nil {

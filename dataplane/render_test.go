@@ -16,6 +16,8 @@ var updateGolden = flag.Bool("update", false, "rewrite the golden files of the r
 // matter: dual-stack with one ztunnel, a surge rollout (two slots), a
 // ztunnel of one family, and no ztunnel in each fail mode. A change to
 // any rule, route, member or device shows up as a diff of the dump.
+func nftBackend(c *Config) { c.Backend = BackendNFTables }
+
 func TestRenderGolden(t *testing.T) {
 	a4, a6 := netip.MustParseAddr("10.244.1.2"), netip.MustParseAddr("fd00:10:244:1::2")
 	b4, b6 := netip.MustParseAddr("10.244.1.3"), netip.MustParseAddr("fd00:10:244:1::3")
@@ -50,12 +52,17 @@ func TestRenderGolden(t *testing.T) {
 		{"ztunnel-ipv4-only", nil, facts{zt: z4, live: []*ztRuntime{z4}}},
 		{"none-fail-open", nil, facts{}},
 		{"none-fail-closed", func(c *Config) { c.FailMode = FailClosed }, facts{}},
+		// The nftables backend, with the Service ranges it keeps untracked.
+		{"dualstack-nftables", nftBackend, facts{zt: za, live: []*ztRuntime{za}}},
+		{"surge-nftables", nftBackend, facts{zt: zb, live: []*ztRuntime{zb, za}}},
+		{"none-fail-closed-nftables", func(c *Config) { nftBackend(c); c.FailMode = FailClosed }, facts{}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			d := newFakeNode(t).dataplane(t, c.cfg)
 			c.fx.port = 4789
 			d.fams = []Family{IPv4, IPv6} // the fake sysctls have no net.ipv6
-			objs, err := d.render(State{Pods: pods}, c.fx)
+			svc := []netip.Prefix{netip.MustParsePrefix("10.96.0.0/16"), netip.MustParsePrefix("fd00:96::/108")}
+			objs, err := d.render(State{Pods: pods, ServiceCIDRs: svc}, c.fx)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -173,3 +173,14 @@ func (s State) Validate() error {
 	}
 	return nil
 }
+
+// serviceCIDRs are the Service ranges of family f.
+func (s State) serviceCIDRs(f Family) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range s.ServiceCIDRs {
+		if FamilyOf(p.Addr()) == f {
+			out = append(out, p.Masked())
+		}
+	}
+	return out
+}

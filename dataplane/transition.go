@@ -115,7 +115,7 @@ func unionParams(prev, next NodeParams, vethExists func(string) bool, withCaptur
 // model (each slot table's default route): they are classified for as long
 // as their slot routes exist (classify ⊆ slot routes in every phase order).
 func adoptedParams(cfg Config, next NodeParams, actual map[string]map[string][]string, zts []ZtunnelRef) NodeParams {
-	p := NodeParams{Family: next.Family, TunnelPort: next.TunnelPort, DNS: next.DNS, Ztunnels: zts}
+	p := NodeParams{Family: next.Family, TunnelPort: next.TunnelPort, DNS: next.DNS, Ztunnels: zts, ServiceCIDRs: next.ServiceCIDRs}
 	m := cfg.Marks
 	// Our chains as either backend writes them: the capture rule sets the
 	// outbound mark on members of the set; the forward chain's resets

@@ -60,7 +60,11 @@ func SetCtMarkX(v, mask uint32) Term {
 // TCP packet); a TCP term must come first.
 func Syn(neg bool) Term {
 	const flags = 0x01 | 0x02 | 0x04 | 0x10 // fin, syn, rst, ack
-	return Term{fmt.Sprintf("tcp flags & (fin|syn|rst|ack) %s== syn", neq(neg)), []expr.Any{
+	op := "=="
+	if neg {
+		op = "!="
+	}
+	return Term{fmt.Sprintf("tcp flags & (fin|syn|rst|ack) %s syn", op), []expr.Any{
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{flags}, Xor: []byte{0}},
 		cmpOp(neg, []byte{0x02})}}

@@ -14,13 +14,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Set is an address set of the table (one family).
+// Set is an address set of the table (one family), or a flow map.
 type Set struct {
 	Name string
 	V6   bool
+	// Flows makes it a map of TCP 4-tuples to marks that rules fill from
+	// the packet path (see flows.go).
+	Flows bool
 }
 
 func (s Set) of(t *nftables.Table) *nftables.Set {
+	if s.Flows {
+		return s.flowMap(t)
+	}
 	typ := nftables.TypeIPAddr
 	if s.V6 {
 		typ = nftables.TypeIP6Addr

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -239,33 +240,42 @@ func (cp *ControlPlane) EnsureNode(t testing.TB, name, ip, podCIDR string) {
 // targetPort. Fails t on error.
 func (cp *ControlPlane) CreateClusterIPService(t testing.TB, namespace, name, clusterIP string, port, targetPort int, endpointIPs ...string) {
 	t.Helper()
+	cp.CreateClusterIPServiceProtocols(t, namespace, name, clusterIP, port, targetPort, []corev1.Protocol{corev1.ProtocolTCP}, endpointIPs...)
+}
+
+// CreateClusterIPServiceProtocols is CreateClusterIPService with the port
+// served over each of protocols.
+func (cp *ControlPlane) CreateClusterIPServiceProtocols(t testing.TB, namespace, name, clusterIP string, port, targetPort int, protocols []corev1.Protocol, endpointIPs ...string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
-	portName := "tcp"
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
 		Spec: corev1.ServiceSpec{
 			Type:       corev1.ServiceTypeClusterIP,
 			ClusterIP:  clusterIP,
 			ClusterIPs: []string{clusterIP},
-			Ports: []corev1.ServicePort{{
-				Name: portName, Protocol: corev1.ProtocolTCP,
-				Port: int32(port), TargetPort: intstr.FromInt32(int32(targetPort)),
-			}},
 		},
 	}
-	if _, err := cp.admin.CoreV1().Services(namespace).Create(ctx, svc, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
-		t.Fatalf("cluster: create service %s/%s: %v", namespace, name, err)
-	}
-	ready, proto, tp := true, corev1.ProtocolTCP, int32(targetPort)
 	slice := &discoveryv1.EndpointSlice{
 		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name + "-e2e", Labels: map[string]string{
 			discoveryv1.LabelServiceName: name,
 			discoveryv1.LabelManagedBy:   FieldManager,
 		}},
 		AddressType: discoveryv1.AddressTypeIPv4,
-		Ports:       []discoveryv1.EndpointPort{{Name: &portName, Protocol: &proto, Port: &tp}},
 	}
+	tp := int32(targetPort)
+	for _, proto := range protocols {
+		portName := strings.ToLower(string(proto))
+		svc.Spec.Ports = append(svc.Spec.Ports, corev1.ServicePort{
+			Name: portName, Protocol: proto, Port: int32(port), TargetPort: intstr.FromInt32(tp),
+		})
+		slice.Ports = append(slice.Ports, discoveryv1.EndpointPort{Name: &portName, Protocol: &proto, Port: &tp})
+	}
+	if _, err := cp.admin.CoreV1().Services(namespace).Create(ctx, svc, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
+		t.Fatalf("cluster: create service %s/%s: %v", namespace, name, err)
+	}
+	ready := true
 	for _, ip := range endpointIPs {
 		slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{
 			Addresses:  []string{ip},

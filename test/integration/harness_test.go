@@ -157,6 +157,17 @@ func nsDirFor(t testing.TB, c *netnstest.Cluster) string {
 	return dir
 }
 
+// backends are the ways our rules can be written: iptables in either
+// flavour, and our own nftables table.
+var backends = []struct {
+	name string
+	set  func(*dataplane.Config)
+}{
+	{"nft", func(c *dataplane.Config) { c.IPTablesMode, c.Backend = dataplane.IPTablesNFT, dataplane.BackendIPTables }},
+	{"legacy", func(c *dataplane.Config) { c.IPTablesMode, c.Backend = dataplane.IPTablesLegacy, dataplane.BackendIPTables }},
+	{"nftables", func(c *dataplane.Config) { c.Backend = dataplane.BackendNFTables }},
+}
+
 func newDataplane(t testing.TB, n *node, mutate func(*dataplane.Config)) *dataplane.Dataplane {
 	t.Helper()
 	cfg := dataplane.DefaultConfig()

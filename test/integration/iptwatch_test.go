@@ -16,7 +16,7 @@ import (
 func TestForeignJumpInFrontIsUndone(t *testing.T) {
 	for _, backend := range []dataplane.IPTablesMode{dataplane.IPTablesNFT, dataplane.IPTablesLegacy} {
 		t.Run(string(backend), func(t *testing.T) {
-			n, z := oneNode(t, func(c *dataplane.Config) { c.IPTablesMode = backend })
+			n, z := oneNode(t, func(c *dataplane.Config) { c.IPTablesMode, c.Backend = backend, dataplane.BackendIPTables })
 			apply(t, n, n.state(true))
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)

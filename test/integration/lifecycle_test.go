@@ -71,9 +71,9 @@ func requireCaptured(t *testing.T, n *node, z *ztunnel) {
 }
 
 func TestApplyTwiceWritesNothing(t *testing.T) {
-	for _, backend := range []dataplane.IPTablesMode{dataplane.IPTablesNFT, dataplane.IPTablesLegacy} {
-		t.Run(string(backend), func(t *testing.T) {
-			n, z := oneNode(t, func(c *dataplane.Config) { c.IPTablesMode = backend; c.DNSCapture = true })
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) {
+			n, z := oneNode(t, func(c *dataplane.Config) { b.set(c); c.DNSCapture = true })
 			first := apply(t, n, n.state(true))
 			if first.TotalWrites() == 0 {
 				t.Fatal("first apply wrote nothing")
@@ -85,7 +85,7 @@ func TestApplyTwiceWritesNothing(t *testing.T) {
 				t.Fatalf("second apply wrote %v:\n%s", second.Writes, strings.Join(second.Changes, "\n"))
 			}
 			// A fresh agent adopts the state with zero writes too.
-			fresh := newDataplane(t, n, func(c *dataplane.Config) { c.IPTablesMode = backend; c.DNSCapture = true })
+			fresh := newDataplane(t, n, func(c *dataplane.Config) { b.set(c); c.DNSCapture = true })
 			res, err := fresh.Apply(context.Background(), n.state(true))
 			if err != nil || res.TotalWrites() != 0 {
 				t.Fatalf("fresh dataplane: writes %v, err %v:\n%s", res.Writes, err, strings.Join(res.Changes, "\n"))
@@ -98,7 +98,7 @@ func TestApplyTwiceWritesNothing(t *testing.T) {
 }
 
 func TestDriftIsRepaired(t *testing.T) {
-	n, z := oneNode(t, nil)
+	n, z := oneNode(t, func(c *dataplane.Config) { c.Backend = dataplane.BackendIPTables }) // iptables and ipset commands below
 	apply(t, n, n.state(true))
 	zns := n.zt.NS
 	a2 := n.ambient[1].IP.String()
@@ -309,8 +309,8 @@ func TestZtunnelSwitchKeepsPodState(t *testing.T) {
 }
 
 func TestCleanupLeavesNoResidue(t *testing.T) {
-	for _, backend := range []dataplane.IPTablesMode{dataplane.IPTablesNFT, dataplane.IPTablesLegacy} {
-		t.Run(string(backend), func(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) {
 			c, nodes := cluster(t, 1, 2, 1)
 			n := nodes[0]
 			// Two slots in use: a surge rollout's old ztunnel next to the new.
@@ -321,7 +321,7 @@ func TestCleanupLeavesNoResidue(t *testing.T) {
 			ztBefore := map[string]string{old.NS: netnstest.Dump(t, old.NS), n.zt.NS: netnstest.Dump(t, n.zt.NS)}
 			startZtunnel(t, old)
 			z := startZtunnel(t, n.zt)
-			n.dp = newDataplane(t, n, func(c *dataplane.Config) { c.IPTablesMode = backend; c.DNSCapture = true })
+			n.dp = newDataplane(t, n, func(c *dataplane.Config) { b.set(c); c.DNSCapture = true })
 			echoServers(t, n.ambient...)
 			st := n.state(true)
 			st.Ztunnel = ztunnelOf(old)
