@@ -163,8 +163,12 @@ var backends = []struct {
 	name string
 	set  func(*dataplane.Config)
 }{
-	{"nft", func(c *dataplane.Config) { c.IPTablesMode, c.Backend = dataplane.IPTablesNFT, dataplane.BackendIPTables }},
-	{"legacy", func(c *dataplane.Config) { c.IPTablesMode, c.Backend = dataplane.IPTablesLegacy, dataplane.BackendIPTables }},
+	{"nft", func(c *dataplane.Config) {
+		c.IPTablesMode, c.Backend = dataplane.IPTablesNFT, dataplane.BackendIPTables
+	}},
+	{"legacy", func(c *dataplane.Config) {
+		c.IPTablesMode, c.Backend = dataplane.IPTablesLegacy, dataplane.BackendIPTables
+	}},
 	{"nftables", func(c *dataplane.Config) { c.Backend = dataplane.BackendNFTables }},
 }
 
