@@ -5,6 +5,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -15,12 +16,15 @@ import (
 )
 
 // API is what the agent asks of the Kubernetes API: this node's pods and
-// the namespaces (list, watch, get; pods also patch), and whether the API
-// server is ready. NewAPI is the agent's; a client-go clientset's CoreV1()
-// pods and namespaces have exactly these methods (the tests adapt a fake).
+// the namespaces (list, watch, get; pods also patch), the ServiceCIDRs
+// (list, watch), and whether the API server is ready. NewAPI is the
+// agent's; a client-go clientset's CoreV1() pods and namespaces and
+// NetworkingV1() servicecidrs have exactly these methods (the tests adapt a
+// fake).
 type API interface {
 	Pods(namespace string) PodAPI
 	Namespaces() NamespaceAPI
+	ServiceCIDRs() ServiceCIDRAPI
 	// Readyz is nil when the API server answers /readyz with success.
 	Readyz(ctx context.Context) error
 }
@@ -40,28 +44,49 @@ type NamespaceAPI interface {
 	Get(ctx context.Context, name string, opts metav1.GetOptions) (*corev1.Namespace, error)
 }
 
-// NewAPI is an API over one REST client whose scheme holds core/v1 alone.
-// client-go's clientset (kubernetes.NewForConfig) links a typed client and
-// the types of every API group: half the agent's binary, and so several
-// MiB of its resident memory, for two resources.
+// ServiceCIDRAPI is the ServiceCIDRs (cluster-scoped).
+type ServiceCIDRAPI interface {
+	List(ctx context.Context, opts metav1.ListOptions) (*networkingv1.ServiceCIDRList, error)
+	Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error)
+}
+
+// NewAPI is an API over REST clients whose scheme holds core/v1 and
+// networking.k8s.io/v1 alone. client-go's clientset (kubernetes.NewForConfig)
+// links a typed client and the types of every API group: half the agent's
+// binary, and so several MiB of its resident memory, for three resources.
 func NewAPI(cfg *rest.Config) (API, error) {
 	scheme := runtime.NewScheme()
 	metav1.AddToGroupVersion(scheme, schema.GroupVersion{Version: "v1"})
 	if err := corev1.AddToScheme(scheme); err != nil {
 		return nil, err
 	}
-	c := rest.CopyConfig(cfg)
-	c.APIPath = "/api"
-	c.GroupVersion = &corev1.SchemeGroupVersion
-	c.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
-	if c.UserAgent == "" {
-		c.UserAgent = rest.DefaultKubernetesUserAgent()
+	if err := networkingv1.AddToScheme(scheme); err != nil {
+		return nil, err
 	}
-	rc, err := rest.RESTClientFor(c)
+	base := rest.CopyConfig(cfg)
+	base.NegotiatedSerializer = serializer.NewCodecFactory(scheme).WithoutConversion()
+	if base.UserAgent == "" {
+		base.UserAgent = rest.DefaultKubernetesUserAgent()
+	}
+	// One HTTP client under both: one connection to the API server.
+	hc, err := rest.HTTPClientFor(base)
 	if err != nil {
 		return nil, err
 	}
-	return &restAPI{rc: rc, params: runtime.NewParameterCodec(scheme)}, nil
+	clientFor := func(apiPath string, gv schema.GroupVersion) (*rest.RESTClient, error) {
+		c := rest.CopyConfig(base)
+		c.APIPath, c.GroupVersion = apiPath, &gv
+		return rest.RESTClientForConfigAndClient(c, hc)
+	}
+	rc, err := clientFor("/api", corev1.SchemeGroupVersion)
+	if err != nil {
+		return nil, err
+	}
+	nc, err := clientFor("/apis", networkingv1.SchemeGroupVersion)
+	if err != nil {
+		return nil, err
+	}
+	return &restAPI{rc: rc, networking: nc, params: runtime.NewParameterCodec(scheme)}, nil
 }
 
 // timeout is the request timeout a list or watch asks the server for.
@@ -73,13 +98,16 @@ func timeout(opts metav1.ListOptions) time.Duration {
 }
 
 type restAPI struct {
-	rc     *rest.RESTClient
-	params runtime.ParameterCodec
+	rc         *rest.RESTClient // core/v1
+	networking *rest.RESTClient // networking.k8s.io/v1
+	params     runtime.ParameterCodec
 }
 
 func (a *restAPI) Pods(namespace string) PodAPI { return &restPods{a, namespace} }
 
 func (a *restAPI) Namespaces() NamespaceAPI { return &restNamespaces{a} }
+
+func (a *restAPI) ServiceCIDRs() ServiceCIDRAPI { return &restServiceCIDRs{a} }
 
 func (a *restAPI) Readyz(ctx context.Context) error {
 	return a.rc.Get().AbsPath("/readyz").Do(ctx).Error()
@@ -131,4 +159,17 @@ func (n *restNamespaces) Get(ctx context.Context, name string, opts metav1.GetOp
 	out := &corev1.Namespace{}
 	err := n.a.rc.Get().Resource("namespaces").Name(name).VersionedParams(&opts, n.a.params).Do(ctx).Into(out)
 	return out, err
+}
+
+type restServiceCIDRs struct{ a *restAPI }
+
+func (s *restServiceCIDRs) List(ctx context.Context, opts metav1.ListOptions) (*networkingv1.ServiceCIDRList, error) {
+	out := &networkingv1.ServiceCIDRList{}
+	err := s.a.networking.Get().Resource("servicecidrs").VersionedParams(&opts, s.a.params).Timeout(timeout(opts)).Do(ctx).Into(out)
+	return out, err
+}
+
+func (s *restServiceCIDRs) Watch(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+	opts.Watch = true
+	return s.a.networking.Get().Resource("servicecidrs").VersionedParams(&opts, s.a.params).Timeout(timeout(opts)).Watch(ctx)
 }

@@ -96,7 +96,7 @@ func (c *Controller) HandleCNI(ctx context.Context, req cni.Request) (cni.Respon
 		// Fail closed with no ztunnel programmed (a node starting, its
 		// ztunnel not Ready yet): the pod would start with its TCP reset.
 		// It waits instead, and starts captured from its first packet.
-		noZtunnel := c.cfg.WaitForZtunnel && c.wantZt.Ztunnel == nil
+		noZtunnel := c.cfg.WaitForZtunnel && c.wantBase.Ztunnel == nil
 		done = done && !noZtunnel
 		notAmbient := ok && !pe.Status.Enrolled && pe.Status.UID == string(pod.UID) && pe.Sidecar == nil && pe.SidecarErr == nil
 		sidecarErr := ok && pe.Status.UID == string(pod.UID) && pe.SidecarErr != nil

@@ -60,6 +60,9 @@ type Config struct {
 	// from its first packet once one is, instead of starting with its TCP
 	// reset.
 	WaitForZtunnel bool
+	// ServiceCIDRs (--service-cidr, masked) are added to the ServiceCIDR
+	// objects' CIDRs, and are all there is where those are not served.
+	ServiceCIDRs []netip.Prefix
 }
 
 // Hooks let the caller observe syncs (metrics) without the controller
@@ -90,6 +93,13 @@ type Controller struct {
 	// inf is the current informer set; it is replaced after an API outage.
 	infMu sync.Mutex
 	inf   *informerSet
+	// watchServiceCIDRs: the API server serves ServiceCIDRs to us (decided
+	// once at start, before the first informer set).
+	watchServiceCIDRs bool
+	// appliedServiceCIDRs are the Service CIDRs of the last successful
+	// Apply: dataplane.Applied does not report them, and without them no
+	// full sync would find its state already applied. Sync loop only.
+	appliedServiceCIDRs []netip.Prefix
 
 	kick chan struct{}
 	// anno keeps the redirection annotations following programmed.
@@ -102,8 +112,10 @@ type Controller struct {
 	// pods are every pod of the node as the last sync saw it, by
 	// namespace/name: its status and, when enrolled, what is programmed.
 	pods map[string]podEntry
-	// wantZt is the ztunnel part of the last sync's desired state.
-	wantZt       dataplane.State
+	// wantBase is the last full sync's desired state without its pods and
+	// sidecars: the ztunnels and the Service CIDRs, which pod-only syncs
+	// leave as they are.
+	wantBase     dataplane.State
 	pendingSince time.Time // oldest event not yet programmed
 	// dirty are the pods (namespace/name) changed since the last sync;
 	// dirtyAll asks for a full one (a namespace or ztunnel changed, the
@@ -166,6 +178,9 @@ func (c *Controller) mark(what func()) {
 // Run syncs until ctx ends. It returns after the loop stopped; the kernel
 // state is left in place on purpose (see cmd).
 func (c *Controller) Run(ctx context.Context) error {
+	if err := c.startServiceCIDRs(ctx); err != nil {
+		return errors.New("the ServiceCIDR probe did not finish before shutdown")
+	}
 	c.inf = c.newInformers(ctx)
 	defer func() {
 		c.infMu.Lock()
@@ -244,6 +259,7 @@ func (c *Controller) desired() (dataplane.State, map[string]podEntry, *ZtunnelSt
 	c.mu.Unlock()
 	out := desired.Build(desired.Input{
 		Pods: pods, Sandboxes: sandboxes, Selection: c.cfg.Selection, Log: c.log,
+		ServiceCIDRObjects: c.serviceCIDRObjects(), FlagServiceCIDRs: c.cfg.ServiceCIDRs,
 		Namespace: func(name string) *corev1.Namespace { ns, _ := nsLister.Get(name); return ns },
 	})
 	st := out.State

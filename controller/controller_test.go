@@ -123,6 +123,9 @@ type clientsetAPI struct{ kubernetes.Interface }
 
 func (c clientsetAPI) Pods(ns string) PodAPI    { return c.CoreV1().Pods(ns) }
 func (c clientsetAPI) Namespaces() NamespaceAPI { return c.CoreV1().Namespaces() }
+func (c clientsetAPI) ServiceCIDRs() ServiceCIDRAPI {
+	return c.NetworkingV1().ServiceCIDRs()
+}
 func (c clientsetAPI) Readyz(ctx context.Context) error {
 	return c.Discovery().RESTClient().Get().AbsPath("/readyz").Do(ctx).Error()
 }

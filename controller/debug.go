@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 	"slices"
 	"sync"
 	"time"
@@ -51,6 +52,11 @@ type DebugState struct {
 	LastSuccess  time.Time                `json:"lastSuccess"`
 	DriftRepairs map[string]int           `json:"driftRepairs"`
 	Ready        bool                     `json:"ready"`
+	// ServiceCIDRs are the cluster's Service CIDRs in the desired state;
+	// ServiceCIDRSource says where they come from ("ServiceCIDR objects +
+	// flag", "flag (ServiceCIDR API not served: ...)", ...).
+	ServiceCIDRs      []netip.Prefix `json:"serviceCIDRs"`
+	ServiceCIDRSource string         `json:"serviceCIDRSource"`
 	// FailedChecks names what keeps the agent not ready besides the first
 	// sync (the CNI plugin's installation), with why.
 	FailedChecks map[string]string `json:"failedChecks,omitempty"`
@@ -182,6 +188,10 @@ func (s *DebugServer) state(w http.ResponseWriter, r *http.Request) {
 	out := DebugState{
 		Config: s.config, Ztunnel: st.Ztunnel, Draining: st.Draining, Pods: st.Pods, LastSync: st.LastSync, LastSuccess: st.LastSuccess,
 		DriftRepairs: st.DriftRepairs, Ready: st.FirstSyncDone, Diff: []string{},
+		ServiceCIDRs: st.ServiceCIDRs, ServiceCIDRSource: st.ServiceCIDRSource,
+	}
+	if out.ServiceCIDRs == nil {
+		out.ServiceCIDRs = []netip.Prefix{}
 	}
 	if failed := s.failedChecks(); len(failed) > 0 {
 		out.FailedChecks, out.Ready = failed, false

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
@@ -19,23 +20,26 @@ import (
 	"github.com/ambient-redirect/ambient-redirect/selection/kube"
 )
 
-// The informers and their caches: one generation of pod and namespace
-// informers (replaced after an API outage), the transforms that keep the
-// caches small, and the event handlers that mark pods dirty.
+// The informers and their caches: one generation of pod, namespace and
+// ServiceCIDR informers (replaced after an API outage), the transforms that
+// keep the caches small, and the event handlers that mark pods dirty.
 
 // informerSet is one generation of informers and their listers.
 type informerSet struct {
-	pods   corelisters.PodLister
-	nss    corelisters.NamespaceLister
-	synced []cache.InformerSynced
-	cancel context.CancelFunc
+	pods corelisters.PodLister
+	nss  corelisters.NamespaceLister
+	// serviceCIDRs is nil when they are not watched (see probeServiceCIDRs).
+	serviceCIDRs cache.Store
+	synced       []cache.InformerSynced
+	cancel       context.CancelFunc
 }
 
-// newInformers starts a pod informer (this node's pods only) and a
-// namespace informer. They are built directly rather than through
-// client-go's informer factory: the factory links the informers and
-// listers of every API group, which made the binary and the agent's
-// resident memory (the binary's mapped pages) several MiB larger.
+// newInformers starts a pod informer (this node's pods only), a namespace
+// informer and, when the API server lets us, a ServiceCIDR informer. They
+// are built directly rather than through client-go's informer factory: the
+// factory links the informers and listers of every API group, which made
+// the binary and the agent's resident memory (the binary's mapped pages)
+// several MiB larger.
 func (c *Controller) newInformers(ctx context.Context) *informerSet {
 	node := c.cfg.Selection.NodeName
 	core := c.client
@@ -79,9 +83,32 @@ func (c *Controller) newInformers(ctx context.Context) *informerSet {
 		pods: corelisters.NewPodLister(podInf.GetIndexer()), nss: corelisters.NewNamespaceLister(nsInf.GetIndexer()),
 		synced: []cache.InformerSynced{podInf.HasSynced, nsInf.HasSynced},
 	}
+	infs := []cache.SharedIndexInformer{podInf, nsInf}
+	if c.watchServiceCIDRs {
+		cidrInf := newInformer(&networkingv1.ServiceCIDR{}, minimalServiceCIDR, &cache.ListWatch{
+			ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+				return c.client.ServiceCIDRs().List(ctx, o)
+			},
+			WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+				return c.client.ServiceCIDRs().Watch(ctx, o)
+			},
+		})
+		_, _ = cidrInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { c.queue() },
+			UpdateFunc: func(old, cur any) {
+				if serviceCIDRChanged(old, cur) {
+					c.queue()
+				}
+			},
+			DeleteFunc: func(any) { c.queue() },
+		})
+		set.serviceCIDRs = cidrInf.GetStore()
+		set.synced = append(set.synced, cidrInf.HasSynced)
+		infs = append(infs, cidrInf)
+	}
 	sctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	for _, inf := range []cache.SharedIndexInformer{podInf, nsInf} {
+	for _, inf := range infs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -117,6 +144,24 @@ func (c *Controller) listers() (corelisters.PodLister, corelisters.NamespaceList
 	c.infMu.Lock()
 	defer c.infMu.Unlock()
 	return c.inf.pods, c.inf.nss
+}
+
+// serviceCIDRObjects are the cached ServiceCIDR objects (none when they
+// are not watched).
+func (c *Controller) serviceCIDRObjects() []*networkingv1.ServiceCIDR {
+	c.infMu.Lock()
+	store := c.inf.serviceCIDRs
+	c.infMu.Unlock()
+	if store == nil {
+		return nil
+	}
+	var out []*networkingv1.ServiceCIDR
+	for _, o := range store.List() {
+		if sc, ok := o.(*networkingv1.ServiceCIDR); ok {
+			out = append(out, sc)
+		}
+	}
+	return out
 }
 
 // watchAPI restarts the informers when the API server comes back from an

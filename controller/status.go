@@ -2,6 +2,7 @@ package controller
 
 import (
 	"cmp"
+	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -47,6 +48,10 @@ type Status struct {
 	DriftRepairs  map[string]int `json:"driftRepairs"`
 	Syncs         int            `json:"syncs"`
 	Failures      int            `json:"failures"`
+	// ServiceCIDRs are the last full sync's; ServiceCIDRSource says where
+	// they come from (serviceCIDRSource).
+	ServiceCIDRs      []netip.Prefix `json:"serviceCIDRs"`
+	ServiceCIDRSource string         `json:"serviceCIDRSource"`
 }
 
 // Status returns a copy of the controller's status.
@@ -84,6 +89,7 @@ func (c *Controller) summary() Status {
 		t := c.pendingSince
 		s.PendingSince = &t
 	}
+	s.ServiceCIDRs = slices.Clone(c.wantBase.ServiceCIDRs)
 	return s
 }
 
@@ -94,13 +100,13 @@ func (c *Controller) LastDesired() *dataplane.State {
 	if c.pods == nil {
 		return nil
 	}
-	st := c.stateOf(c.wantZt)
+	st := c.stateOf(c.wantBase)
 	return &st
 }
 
-// stateOf is zt's ztunnels with the pods of the last sync, in the order
+// stateOf is st (wantBase) with the pods of the last sync, in the order
 // desired() gives them. Called with c.mu held.
-func (c *Controller) stateOf(zt dataplane.State) dataplane.State {
+func (c *Controller) stateOf(st dataplane.State) dataplane.State {
 	var es []podEntry
 	for _, e := range c.pods {
 		if e.Pod != nil {
@@ -111,14 +117,14 @@ func (c *Controller) stateOf(zt dataplane.State) dataplane.State {
 		return cmp.Or(strings.Compare(a.Status.Namespace, b.Status.Namespace), strings.Compare(a.Status.Name, b.Status.Name))
 	})
 	for _, e := range es {
-		zt.Pods = append(zt.Pods, *e.Pod)
+		st.Pods = append(st.Pods, *e.Pod)
 	}
 	for _, e := range c.pods {
 		if e.Sidecar != nil {
-			zt.Sidecars = append(zt.Sidecars, *e.Sidecar)
+			st.Sidecars = append(st.Sidecars, *e.Sidecar)
 		}
 	}
-	return zt
+	return st
 }
 
 // recordSync records a sync's outcome for the debug endpoint. Called

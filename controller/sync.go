@@ -184,6 +184,19 @@ func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
 	return desired.PodEntry(p, ns, c.cfg.Selection, c.withCNI)
 }
 
+// applied is the state the kernel holds (nil: unknown), with the Service
+// CIDRs last applied where the dataplane does not report them.
+func (c *Controller) applied() *dataplane.State {
+	a, ok := c.dp.Applied()
+	if !ok {
+		return nil
+	}
+	if a.ServiceCIDRs == nil {
+		a.ServiceCIDRs = c.appliedServiceCIDRs
+	}
+	return &a
+}
+
 // syncAll recomputes the node's whole desired state from the caches and
 // applies it.
 func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time) error {
@@ -191,24 +204,21 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 	if pods == nil && zerr != nil {
 		return zerr
 	}
-	var applied *dataplane.State
-	if a, ok := c.dp.Applied(); ok {
-		applied = &a
-	}
+	applied := c.applied()
 	if zerr != nil && applied != nil && applied.Ztunnel != nil && zs != nil && applied.Ztunnel.Pod == zs.Pod {
 		// The running ztunnel could not be re-located (a transient netlink
 		// or netns-scan failure): keep it rather than tear capture down;
 		// the error still shows and the sync is retried.
 		st.Ztunnel = applied.Ztunnel
 	}
-	zt := dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining}
+	base := dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining, ServiceCIDRs: st.ServiceCIDRs}
 	if !resync && zerr == nil && applied != nil && st.Equal(*applied) {
 		// The event changed nothing the kernel carries (a plain pod, a
 		// status or annotation update): no kernel work. Drift is the
 		// resync's job.
 		c.mu.Lock()
 		c.setPods(pods)
-		c.status.Ztunnel, c.wantZt = zs, zt
+		c.status.Ztunnel, c.wantBase = zs, base
 		c.notifySynced()
 		c.mu.Unlock()
 		if !pending.IsZero() && c.hooks.OnProgrammed != nil {
@@ -223,10 +233,13 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 	drift := resync && applied != nil && st.Equal(*applied)
 	start := time.Now()
 	res, applyErr := c.dp.Apply(ctx, st)
+	if applyErr == nil {
+		c.appliedServiceCIDRs = st.ServiceCIDRs
+	}
 	err := errors.Join(zerr, applyErr)
 	c.mu.Lock()
 	c.setPods(pods)
-	c.wantZt = zt
+	c.wantBase = base
 	c.status.Draining = nil
 	for _, z := range st.Draining {
 		c.status.Draining = append(c.status.Draining, z.Pod)

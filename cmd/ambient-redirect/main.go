@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -228,6 +229,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		},
 		ResyncPeriod:   o.ResyncPeriod,
 		WaitForZtunnel: o.FailMode == string(dataplane.FailClosed),
+		ServiceCIDRs:   o.ServiceCIDRs,
 	}, newDP, log.Named("controller"), metrics.Hooks())
 
 	var srv *controller.DebugServer
@@ -280,6 +282,7 @@ func configView(o *Options) map[string]any {
 		"iptablesMode": o.IPTablesMode, "backend": o.Backend, "netnsDir": o.NetNSDir, "resyncPeriod": o.ResyncPeriod.String(),
 		"debugAddr": o.DebugAddr, "dnsCapture": o.DNSCapture, "onEnroll": o.OnEnroll,
 		"cniSocket": o.CNISocket, "cniInstall": o.CNIInstall, "cniBinDir": o.CNIBinDir, "cniConfDir": o.CNIConfDir,
+		"serviceCIDR": []netip.Prefix(o.ServiceCIDRs),
 	}
 }
 

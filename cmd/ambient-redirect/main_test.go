@@ -3,9 +3,11 @@ package main
 import (
 	"bytes"
 	"flag"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -48,6 +50,8 @@ func TestBadFlagsAreOneLineExit2(t *testing.T) {
 		{[]string{"run", "--node-name", "n", "--route-table-outbound", "100"}, "route-table-outbound"},
 		{[]string{"run", "--node-name", "n", "--mark-slot", "0x100", "--rule-priority-skip", "105", "--route-table-outbound", "100"}, "route-table-outbound"},
 		{[]string{"cleanup", "--rule-priority-inbound", "0"}, "rule-priority"},
+		{[]string{"run", "--node-name", "n", "--service-cidr", "10.96.0.0/12,10.97.0.0/33"}, "service-cidr"},
+		{[]string{"run", "--node-name", "n", "--service-cidr", "10.96.0.0/12", "--service-cidr", "10.96.0.1"}, `"10.96.0.1" is not a CIDR`},
 	}
 	for _, c := range cases {
 		t.Setenv("NODE_NAME", "")
@@ -95,7 +99,7 @@ func runArgs(t *testing.T) []string {
 		"--resync-period", "2s", "--debug-addr", "127.0.0.1:15099", "--fail-mode", "closed",
 		"--ztunnel-namespace", "istio-system", "--ztunnel-selector", "app=ztunnel", "--exclude-namespaces", "kube-system,other",
 		"--tunnel", "vxlan", "--tunnel-port", "4789", "--iptables-mode", "auto", "--dns-capture",
-		"--kube-api-qps", "5", "--kube-api-burst", "10", "--log-level", "debug"}
+		"--kube-api-qps", "5", "--kube-api-burst", "10", "--log-level", "debug", "--service-cidr", "10.96.0.0/16"}
 }
 
 func TestCleanupTakesRunArgs(t *testing.T) {
@@ -142,6 +146,7 @@ func TestCleanupBadValues(t *testing.T) {
 		"node-name": "Bad_Name", "kubeconfig": "/does/not/exist", "netns-dir": "/does/not/exist",
 		"resync-period": "10ms", "debug-addr": "nowhere", "fail-mode": "maybe", "tunnel": "gre",
 		"tunnel-port": "70000", "ztunnel-selector": "a in ((", "kube-api-qps": "NaN", "iptables-mode": "ebpf",
+		"service-cidr": "10.96.0.0/33",
 	} {
 		args := append([]string{"cleanup"}, runArgs(t)...)
 		for i := range args {
@@ -226,5 +231,37 @@ func TestCoexistArgs(t *testing.T) {
 	}
 	if v := configView(o)["marks"].(map[string]string)["outbound"]; v != "0x10" {
 		t.Fatalf("debug config shows outbound mark %q", v)
+	}
+}
+
+// TestServiceCIDRFlag: --service-cidr takes comma-separated lists and
+// repeats, masks each prefix, and names the flag and the value it refuses.
+func TestServiceCIDRFlag(t *testing.T) {
+	t.Setenv("NODE_NAME", "")
+	args := append(runArgs(t), "--service-cidr", " 10.96.0.1/12, fd00:10:96::1/112,", "--service-cidr", "192.168.0.0/24")
+	var out, errb bytes.Buffer
+	o, _, code, ok := parseOptions("run", args, &out, &errb)
+	if !ok {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	var got []string
+	for _, p := range o.ServiceCIDRs {
+		got = append(got, p.String())
+	}
+	// runArgs gives 10.96.0.0/16 first.
+	want := []string{"10.96.0.0/16", "10.96.0.0/12", "fd00:10:96::/112", "192.168.0.0/24"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("--service-cidr gives %v, want %v", got, want)
+	}
+	if v := configView(o)["serviceCIDR"].([]netip.Prefix); len(v) != len(want) {
+		t.Fatalf("debug config shows %v", v)
+	}
+	if o := defaultOptions(); len(o.ServiceCIDRs) != 0 {
+		t.Fatalf("default %v, want none", o.ServiceCIDRs)
+	}
+	errb.Reset()
+	code = run(append([]string{"run"}, append(runArgs(t), "--service-cidr", "10.96.0.0/12,10.0.0.0/40")...), &out, &errb)
+	if msg := errb.String(); code != 2 || !strings.Contains(msg, "-service-cidr") || !strings.Contains(msg, `"10.0.0.0/40"`) {
+		t.Fatalf("exit %d: %q", code, msg)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -73,6 +74,9 @@ type Options struct {
 	CNIConfDir         string
 	CNIHostConfDir     string
 	CNIPluginBinary    string
+	// ServiceCIDRs (--service-cidr) are added to the cluster's ServiceCIDR
+	// objects' ranges, or are all there is where those are not served.
+	ServiceCIDRs prefixList
 	// Marks, Priorities and Tables move ours out of other agents' way.
 	Marks      dataplane.Marks
 	Priorities dataplane.Priorities
@@ -95,6 +99,36 @@ func (m markFlag) Set(s string) error {
 		return fmt.Errorf("%q is not a 32-bit mark (hex 0x... or decimal)", s)
 	}
 	*m.v = uint32(v)
+	return nil
+}
+
+// prefixList is a list of CIDRs, comma-separated and/or repeated, each
+// masked (10.96.0.1/12 is 10.96.0.0/12); a bad one fails at parse time
+// with the flag's name and the value.
+type prefixList []netip.Prefix
+
+func (l *prefixList) String() string {
+	if l == nil {
+		return ""
+	}
+	s := make([]string, len(*l))
+	for i, p := range *l {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *prefixList) Set(v string) error {
+	for _, item := range strings.Split(v, ",") {
+		if item = strings.TrimSpace(item); item == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(item)
+		if err != nil {
+			return fmt.Errorf("%q is not a CIDR (address/bits, e.g. 10.96.0.0/12 or fd00:10:96::/112)", item)
+		}
+		*l = append(*l, p.Masked())
+	}
 	return nil
 }
 
@@ -134,6 +168,7 @@ func (o *Options) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&o.ZtunnelNamespace, "ztunnel-namespace", o.ZtunnelNamespace, "namespace of the ztunnel pods")
 	fs.StringVar(&o.ZtunnelSelector, "ztunnel-selector", o.ZtunnelSelector, "label selector of the ztunnel pods")
 	fs.StringVar(&o.ExcludeNamespaces, "exclude-namespaces", o.ExcludeNamespaces, "comma-separated namespaces never enrolled")
+	fs.Var(&o.ServiceCIDRs, "service-cidr", "the cluster's Service CIDRs, comma-separated or repeated: added to the ServiceCIDR objects' (networking.k8s.io/v1), or all there is where the API server does not serve them to the agent")
 	fs.Var(choice{&o.Tunnel, []string{"auto", "geneve", "vxlan"}}, "tunnel", "tunnel type: auto (geneve if the kernel has it, else vxlan), geneve or vxlan")
 	fs.IntVar(&o.TunnelPort, "tunnel-port", o.TunnelPort, "tunnel UDP port; 0 = 6081 for geneve, 4789 for vxlan (the next free port is used if a foreign device holds it)")
 	fs.Var(choice{&o.FailMode, []string{"closed", "open"}}, "fail-mode", "with no ztunnel: closed (ambient TCP fails fast) or open (flows directly)")

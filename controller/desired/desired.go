@@ -20,6 +20,7 @@ import (
 
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 
 	"github.com/ambient-redirect/ambient-redirect/controller/handover"
 	"github.com/ambient-redirect/ambient-redirect/dataplane"
@@ -104,6 +105,11 @@ type Input struct {
 	// Sandboxes are the CNI hand-over facts, by namespace/name.
 	Sandboxes map[string]handover.Sandbox
 	Selection selection.Options
+	// ServiceCIDRObjects are the cluster's ServiceCIDR objects (none when
+	// the API does not serve them to us); FlagServiceCIDRs are
+	// --service-cidr's prefixes, added to theirs.
+	ServiceCIDRObjects []*networkingv1.ServiceCIDR
+	FlagServiceCIDRs   []netip.Prefix
 	// Log receives the address conflicts; nil: none.
 	Log *zap.Logger
 }
@@ -169,8 +175,33 @@ func Build(in Input) Output {
 		e.Pod = &st.Pods[i]
 		entries[st.Pods[i].Name] = e
 	}
+	st.ServiceCIDRs = ServiceCIDRs(in.ServiceCIDRObjects, in.FlagServiceCIDRs)
 	zt := kube.PickZtunnel(pods, in.Selection)
 	return Output{State: st, Entries: entries, Ztunnel: zt, Draining: kube.DrainingZtunnels(pods, in.Selection, zt)}
+}
+
+// ServiceCIDRs is the union of the objects' spec.cidrs and extra, masked,
+// sorted and without duplicates, so that equal inputs give equal states
+// whatever the cache's order. An object being deleted no longer counts.
+func ServiceCIDRs(objects []*networkingv1.ServiceCIDR, extra []netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range extra {
+		out = append(out, p.Masked())
+	}
+	for _, o := range objects {
+		if o.DeletionTimestamp != nil {
+			continue
+		}
+		for _, c := range o.Spec.CIDRs {
+			// The API server validates spec.cidrs; a value it let through
+			// that we cannot parse is nothing we could program either.
+			if p, err := netip.ParsePrefix(c); err == nil {
+				out = append(out, p.Masked())
+			}
+		}
+	}
+	slices.SortFunc(out, netip.Prefix.Compare)
+	return slices.Compact(out)
 }
 
 func boolRank(b bool) int {

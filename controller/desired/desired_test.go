@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -216,5 +217,52 @@ func TestDedupeIPs(t *testing.T) {
 	}, zap.NewNop())
 	if len(got) != 2 || !slices.Equal(got[0].IPs, []netip.Addr{a, b}) || got[1].Name != "second" || !slices.Equal(got[1].IPs, []netip.Addr{c}) {
 		t.Fatalf("dedupe: %+v", got)
+	}
+}
+
+// TestServiceCIDRs: the union of the objects' CIDRs and the flag's, masked,
+// sorted and deduplicated whatever the input order; an object being
+// deleted no longer counts.
+func TestServiceCIDRs(t *testing.T) {
+	now := metav1.Now()
+	obj := func(name string, deleting bool, cidrs ...string) *networkingv1.ServiceCIDR {
+		o := &networkingv1.ServiceCIDR{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: networkingv1.ServiceCIDRSpec{CIDRs: cidrs}}
+		if deleting {
+			o.DeletionTimestamp = &now
+		}
+		return o
+	}
+	prefixes := func(ss ...string) []netip.Prefix {
+		var out []netip.Prefix
+		for _, s := range ss {
+			out = append(out, netip.MustParsePrefix(s))
+		}
+		return out
+	}
+	objects := []*networkingv1.ServiceCIDR{
+		obj("kubernetes", false, "10.96.0.0/16", "fd00:10:96::/112"),
+		obj("extra", false, "10.100.0.0/24"),
+		obj("going", true, "10.200.0.0/24"),
+		obj("duplicate", false, "10.96.0.0/16"),
+	}
+	flag := prefixes("10.96.0.1/16", "192.168.0.0/24", "fd00:10:96::/112")
+	want := prefixes("10.96.0.0/16", "10.100.0.0/24", "192.168.0.0/24", "fd00:10:96::/112")
+	if got := ServiceCIDRs(objects, flag); !slices.Equal(got, want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	slices.Reverse(objects)
+	slices.Reverse(flag)
+	if got := ServiceCIDRs(objects, flag); !slices.Equal(got, want) {
+		t.Fatalf("reversed inputs: got %v, want %v", got, want)
+	}
+	if got := ServiceCIDRs(nil, prefixes("10.0.0.0/8")); !slices.Equal(got, prefixes("10.0.0.0/8")) {
+		t.Fatalf("flag alone: got %v", got)
+	}
+	if got := ServiceCIDRs([]*networkingv1.ServiceCIDR{obj("going", true, "10.200.0.0/24")}, nil); got != nil {
+		t.Fatalf("only an object being deleted: got %v, want none", got)
+	}
+	out := Build(Input{Selection: selOpts(), ServiceCIDRObjects: objects, FlagServiceCIDRs: flag})
+	if !slices.Equal(out.State.ServiceCIDRs, want) {
+		t.Fatalf("Build: got %v, want %v", out.State.ServiceCIDRs, want)
 	}
 }

@@ -107,7 +107,8 @@ func TestAdmission(t *testing.T) {
 				}
 			}
 			sort.Strings(got)
-			want := []string{"/namespaces:get", "/namespaces:list", "/namespaces:watch", "/pods:get", "/pods:list", "/pods:patch", "/pods:watch"}
+			want := []string{"/namespaces:get", "/namespaces:list", "/namespaces:watch", "/pods:get", "/pods:list", "/pods:patch", "/pods:watch",
+				"networking.k8s.io/servicecidrs:list", "networking.k8s.io/servicecidrs:watch"}
 			if !slices.Equal(got, want) {
 				t.Errorf("namespace %s: agent may %v, want %v", ns, got, want)
 			}
