@@ -96,10 +96,6 @@ type Controller struct {
 	// watchServiceCIDRs: the API server serves ServiceCIDRs to us (decided
 	// once at start, before the first informer set).
 	watchServiceCIDRs bool
-	// appliedServiceCIDRs are the Service CIDRs of the last successful
-	// Apply: dataplane.Applied does not report them, and without them no
-	// full sync would find its state already applied. Sync loop only.
-	appliedServiceCIDRs []netip.Prefix
 
 	kick chan struct{}
 	// anno keeps the redirection annotations following programmed.

@@ -55,7 +55,7 @@ func (f *fakeDP) Apply(_ context.Context, st dataplane.State) (dataplane.Result,
 	for _, p := range st.Pods {
 		f.pods[p.UID] = p
 	}
-	f.zt, f.applied = dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining, Sidecars: st.Sidecars}, true
+	f.zt, f.applied = dataplane.State{Ztunnel: st.Ztunnel, Draining: st.Draining, Sidecars: st.Sidecars, ServiceCIDRs: st.ServiceCIDRs}, true
 	f.sidecars = map[string]bool{}
 	for _, s := range st.Sidecars {
 		f.sidecars[s.UID] = true

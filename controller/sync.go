@@ -184,15 +184,11 @@ func (c *Controller) entry(p *corev1.Pod, ns *corev1.Namespace) podEntry {
 	return desired.PodEntry(p, ns, c.cfg.Selection, c.withCNI)
 }
 
-// applied is the state the kernel holds (nil: unknown), with the Service
-// CIDRs last applied where the dataplane does not report them.
+// applied is the state the kernel holds (nil: unknown).
 func (c *Controller) applied() *dataplane.State {
 	a, ok := c.dp.Applied()
 	if !ok {
 		return nil
-	}
-	if a.ServiceCIDRs == nil {
-		a.ServiceCIDRs = c.appliedServiceCIDRs
 	}
 	return &a
 }
@@ -233,9 +229,6 @@ func (c *Controller) syncAll(ctx context.Context, resync bool, pending time.Time
 	drift := resync && applied != nil && st.Equal(*applied)
 	start := time.Now()
 	res, applyErr := c.dp.Apply(ctx, st)
-	if applyErr == nil {
-		c.appliedServiceCIDRs = st.ServiceCIDRs
-	}
 	err := errors.Join(zerr, applyErr)
 	c.mu.Lock()
 	c.setPods(pods)

@@ -338,7 +338,7 @@ func (c *convergence) retire() {
 	if c.w.dry {
 		return
 	}
-	d.wanted = State{Ztunnel: cloneZtunnel(c.st.Ztunnel)}
+	d.wanted = State{Ztunnel: cloneZtunnel(c.st.Ztunnel), ServiceCIDRs: slices.Clone(c.st.ServiceCIDRs)}
 	for _, z := range c.st.Draining {
 		d.wanted.Draining = append(d.wanted.Draining, cloneZtunnel(z))
 	}

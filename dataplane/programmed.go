@@ -20,7 +20,7 @@ func (d *Dataplane) Applied() (st State, ok bool) {
 	if d.fast == nil {
 		return State{}, false
 	}
-	st = State{Ztunnel: cloneZtunnel(d.wanted.Ztunnel)}
+	st = State{Ztunnel: cloneZtunnel(d.wanted.Ztunnel), ServiceCIDRs: slices.Clone(d.wanted.ServiceCIDRs)}
 	for _, z := range d.wanted.Draining {
 		st.Draining = append(st.Draining, cloneZtunnel(z))
 	}

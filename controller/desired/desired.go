@@ -182,16 +182,15 @@ func Build(in Input) Output {
 
 // ServiceCIDRs is the union of the objects' spec.cidrs and extra, masked,
 // sorted and without duplicates, so that equal inputs give equal states
-// whatever the cache's order. An object being deleted no longer counts.
+// whatever the cache's order. An object being deleted still counts: the
+// API server holds it (finalizer) while Services still have addresses in
+// it, and those must stay captured with their VIPs until it is gone.
 func ServiceCIDRs(objects []*networkingv1.ServiceCIDR, extra []netip.Prefix) []netip.Prefix {
 	var out []netip.Prefix
 	for _, p := range extra {
 		out = append(out, p.Masked())
 	}
 	for _, o := range objects {
-		if o.DeletionTimestamp != nil {
-			continue
-		}
 		for _, c := range o.Spec.CIDRs {
 			// The API server validates spec.cidrs; a value it let through
 			// that we cannot parse is nothing we could program either.

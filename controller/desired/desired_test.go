@@ -222,7 +222,7 @@ func TestDedupeIPs(t *testing.T) {
 
 // TestServiceCIDRs: the union of the objects' CIDRs and the flag's, masked,
 // sorted and deduplicated whatever the input order; an object being
-// deleted no longer counts.
+// deleted still counts (Services may hold addresses in it until it goes).
 func TestServiceCIDRs(t *testing.T) {
 	now := metav1.Now()
 	obj := func(name string, deleting bool, cidrs ...string) *networkingv1.ServiceCIDR {
@@ -246,7 +246,7 @@ func TestServiceCIDRs(t *testing.T) {
 		obj("duplicate", false, "10.96.0.0/16"),
 	}
 	flag := prefixes("10.96.0.1/16", "192.168.0.0/24", "fd00:10:96::/112")
-	want := prefixes("10.96.0.0/16", "10.100.0.0/24", "192.168.0.0/24", "fd00:10:96::/112")
+	want := prefixes("10.96.0.0/16", "10.100.0.0/24", "10.200.0.0/24", "192.168.0.0/24", "fd00:10:96::/112")
 	if got := ServiceCIDRs(objects, flag); !slices.Equal(got, want) {
 		t.Fatalf("got %v, want %v", got, want)
 	}
@@ -258,8 +258,8 @@ func TestServiceCIDRs(t *testing.T) {
 	if got := ServiceCIDRs(nil, prefixes("10.0.0.0/8")); !slices.Equal(got, prefixes("10.0.0.0/8")) {
 		t.Fatalf("flag alone: got %v", got)
 	}
-	if got := ServiceCIDRs([]*networkingv1.ServiceCIDR{obj("going", true, "10.200.0.0/24")}, nil); got != nil {
-		t.Fatalf("only an object being deleted: got %v, want none", got)
+	if got := ServiceCIDRs([]*networkingv1.ServiceCIDR{obj("going", true, "10.200.0.0/24")}, nil); !slices.Equal(got, prefixes("10.200.0.0/24")) {
+		t.Fatalf("only an object being deleted: got %v, want it", got)
 	}
 	out := Build(Input{Selection: selOpts(), ServiceCIDRObjects: objects, FlagServiceCIDRs: flag})
 	if !slices.Equal(out.State.ServiceCIDRs, want) {
