@@ -63,9 +63,9 @@ func (c *nftChains) update(ctx context.Context, want ruleset, w *writer) error {
 			return err
 		}
 	}
-	var r nftRuleset
+	var r NFTRuleset
 	if want != nil {
-		r = want.(nftRuleset)
+		r = want.(NFTRuleset)
 	}
 	t := nft.Table{Name: NFTTable, Chains: r.Chains}
 	var changes, drop []string

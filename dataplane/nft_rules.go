@@ -11,6 +11,7 @@ package dataplane
 
 import (
 	"net/netip"
+	"slices"
 
 	"github.com/google/nftables"
 
@@ -46,8 +47,8 @@ func baseChain(name string, f Family, typ nftables.ChainType, hook *nftables.Cha
 	return &nft.Chain{Name: nftChainName(name, f), Type: typ, Hook: hook, Priority: &p, Rules: rules}
 }
 
-// nftRuleset is one family's chains in one netns's table.
-type nftRuleset struct {
+// NFTRuleset is one family's chains in one netns's table.
+type NFTRuleset struct {
 	Family Family
 	Sets   []nft.Set
 	Chains []*nft.Chain
@@ -55,14 +56,14 @@ type nftRuleset struct {
 
 // Render is the chains as their rules' texts (golden tests; what a
 // manager compares with what it last wrote).
-func (r nftRuleset) Render() string {
+func (r NFTRuleset) Render() string {
 	return nft.Table{Name: NFTTable, Chains: r.Chains}.String()
 }
 
 func mk(v, mask uint32) nft.Term { return nft.SetMarkX(v, mask) }
 
 // NodeChains renders the node's chains of p.Family for the nftables backend.
-func NodeChains(cfg Config, p NodeParams) nftRuleset {
+func NodeChains(cfg Config, p NodeParams) NFTRuleset {
 	m := cfg.Marks
 	v6 := p.Family == IPv6
 	act, zt := p.active()
@@ -160,8 +161,10 @@ func NodeChains(cfg Config, p NodeParams) nftRuleset {
 	}
 
 	f := p.Family
-	return nftRuleset{Family: f, Sets: []nft.Set{nftSet(cfg, f), vipFlows(f)}, Chains: []*nft.Chain{
-		baseChain("raw-prerouting", f, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioRaw, vipRules(cfg, p)...),
+	raw, vip := vipRules(cfg, p)
+	return NFTRuleset{Family: f, Sets: []nft.Set{nftSet(cfg, f), vipFlows(f)}, Chains: []*nft.Chain{
+		baseChain("raw-prerouting", f, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioRaw, raw...),
+		{Name: vipChainName(f), Rules: vip},
 		baseChain("prerouting", f, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioMangle, pre...),
 		baseChain("input", f, nftables.ChainTypeFilter, nftables.ChainHookInput, prioMangle, save...),
 		baseChain("forward", f, nftables.ChainTypeFilter, nftables.ChainHookForward, prioMangle, save...),
@@ -179,6 +182,10 @@ func vipFlows(f Family) nft.Set {
 	return nft.Set{Name: nftChainName("vip-flows", f), V6: f == IPv6, Flows: true}
 }
 
+// vipChainName is the regular chain the raw chain sends a family's TCP to
+// Service ranges to.
+func vipChainName(f Family) string { return nftChainName("vip", f) }
+
 // vipRules keep an ambient pod's captured connections to a Service VIP
 // out of conntrack, so that no kube-proxy mode NATs or rejects them before
 // ztunnel sees the VIP: kube-proxy's nftables mode DNATs in a table of its
@@ -187,45 +194,55 @@ func vipFlows(f Family) nft.Set {
 // stands in for the connection mark: a connection's first packet (a pure
 // SYN) records its 4-tuple with the proxy-return mark of the ztunnel
 // (slot) it goes to; its later packets take that mark (straight back to
-// that ztunnel, as a connmark would send them), and the ztunnel's answers
-// are untracked too. Connections that began before their pod was
-// captured are not in the map and stay tracked (and DNATed) as they were.
-func vipRules(cfg Config, p NodeParams) []nft.Rule {
+// that ztunnel, as a connmark would send them) and renew it, and the
+// ztunnel's answers are untracked too. Connections that began before
+// their pod was captured are not in the map and stay tracked (and
+// DNATed) as they were. The first chain is the raw base chain's rules,
+// the second the regular chain they jump to.
+func vipRules(cfg Config, p NodeParams) (raw, vip []nft.Rule) {
 	if len(p.ServiceCIDRs) == 0 || len(p.Ztunnels) == 0 {
-		return nil
+		return nil, nil
 	}
 	m, v6, flows := cfg.Marks, p.Family == IPv6, vipFlows(p.Family)
 	tcp := nft.TCP()
-	var out []nft.Rule
-	if act, ok := p.active(); ok && p.Capture && !p.FailClosed {
-		for _, svc := range p.ServiceCIDRs {
-			r := nft.R(tcp, nft.Syn(false), nft.InSet(true, v6, setName(cfg, p.Family)), nft.Addr(false, false, svc))
-			for _, z := range p.Ztunnels {
-				r = append(r, nft.NotIIF(z.Veth)) // a ztunnel's own (original-source) connections are kube-proxy's
-			}
-			out = append(out, append(r, nft.RememberFlow(flows, m.ProxyReturn|slotBit(m, act.Slot)), nft.Notrack(), nft.Return()))
-		}
-	}
 	for _, svc := range p.ServiceCIDRs {
 		r := nft.R(tcp, nft.Addr(false, false, svc))
 		for _, z := range p.Ztunnels {
-			r = append(r, nft.NotIIF(z.Veth))
+			r = append(r, nft.NotIIF(z.Veth)) // a ztunnel's own (original-source) connections are kube-proxy's
 		}
-		out = append(out, append(r, nft.FollowFlow(flows, false), nft.Notrack()))
+		raw = append(raw, append(r, nft.Jump(vipChainName(p.Family))))
 	}
 	for _, z := range p.Ztunnels {
 		for _, svc := range p.ServiceCIDRs {
-			out = append(out, nft.R(nft.IIF(z.Veth), tcp, nft.Addr(true, false, svc), nft.FollowFlow(flows, true), nft.Notrack()))
+			raw = append(raw, nft.R(nft.IIF(z.Veth), tcp, nft.Addr(true, false, svc), nft.ReplyOfFlow(flows), nft.Notrack()))
 		}
 	}
-	return out
+	if act, ok := p.active(); ok && p.Capture && !p.FailClosed {
+		mark := m.ProxyReturn | slotBit(m, act.Slot)
+		opening := nft.R(tcp, nft.Syn(false), nft.InSet(true, v6, setName(cfg, p.Family)))
+		vip = append(vip,
+			append(slices.Clone(opening), nft.ForgetFlow(flows, mark)), // an older connection's, on the same 4-tuple
+			append(slices.Clone(opening), nft.RememberFlow(flows, mark, nft.FlowClosing), nft.Notrack(), nft.Return()))
+	}
+	// The family match only lets nft print the 4-tuple (the base chain
+	// already sent the other family on).
+	fam := nft.NFProto(v6)
+	vip = append(vip, nft.R(fam, nft.MarkFromFlow(flows), nft.Notrack()))
+	for slot := range Slots {
+		mark := m.ProxyReturn | slotBit(m, slot)
+		flow := nft.MarkMasked(mark, m.ProxyReturn|m.Slot)
+		vip = append(vip,
+			nft.R(nft.CtUntracked(), flow, fam, tcp, nft.FinOrRst(), nft.RenewFlow(flows, mark, nft.FlowClosing), nft.Return()),
+			nft.R(nft.CtUntracked(), flow, fam, nft.RenewFlow(flows, mark, 0)))
+	}
+	return raw, vip
 }
 
 // ZtunnelChains renders the TPROXY rules inside the ztunnel netns for the
 // nftables backend. iptables' TPROXY drops a packet it finds no socket
 // for; a tproxy statement goes on to the next rule, so each is followed
 // by that drop.
-func ZtunnelChains(cfg Config, p ZtunnelParams) nftRuleset {
+func ZtunnelChains(cfg Config, p ZtunnelParams) NFTRuleset {
 	m, pp := cfg.Marks, cfg.ProxyPorts
 	listen := cfg.ZtunnelListenIP
 	if p.Family == IPv6 {
@@ -242,7 +259,7 @@ func ZtunnelChains(cfg Config, p ZtunnelParams) nftRuleset {
 	tproxy(pp.Inbound, nft.IIF(ZtunnelInLink), nft.TCP())
 	// Replies to ztunnel's original-source sockets are delivered locally.
 	rules = append(rules, nft.R(nft.Addr(false, true, nft.Host(p.ZtunnelIP)), nft.IIF(p.Eth), nft.TCP(), mk(m.OrigSrc, m.ZtunnelMask)))
-	return nftRuleset{Family: p.Family, Chains: []*nft.Chain{
+	return NFTRuleset{Family: p.Family, Chains: []*nft.Chain{
 		baseChain("prerouting", p.Family, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, prioMangle, rules...),
 	}}
 }

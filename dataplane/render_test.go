@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -67,6 +68,11 @@ func TestRenderGolden(t *testing.T) {
 				t.Fatal(err)
 			}
 			got := objs.String()
+			for _, line := range strings.Split(got, "\n") {
+				if len(line) > 240 {
+					t.Errorf("rule too long for its comment (the kernel keeps 256 bytes of user data): %q", line)
+				}
+			}
 			path := filepath.Join("testdata", "render", c.name+".golden")
 			if *updateGolden {
 				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {

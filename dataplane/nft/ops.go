@@ -52,6 +52,10 @@ func WriteChains(c *nftables.Conn, table string, sets []Set, want []*Chain, have
 		}
 	}
 	writes := 0
+	var rewrite []*Chain
+	added := map[string]*nftables.Chain{}
+	// Every chain first, then the rules: a rule may jump to a chain that
+	// comes later.
 	for _, ch := range want {
 		kind, exists := have.Chains[ch.Name]
 		if exists && kind == Kind(ch) && slices.Equal(have.Rules[ch.Name], ch.texts()) {
@@ -73,8 +77,11 @@ func WriteChains(c *nftables.Conn, table string, sets []Set, want []*Chain, have
 		if !exists {
 			c.AddChain(nc)
 		}
+		rewrite, added[ch.Name] = append(rewrite, ch), nc
+	}
+	for _, ch := range rewrite {
 		for _, r := range ch.Rules {
-			c.AddRule(&nftables.Rule{Table: t, Chain: nc, Exprs: r.Exprs(),
+			c.AddRule(&nftables.Rule{Table: t, Chain: added[ch.Name], Exprs: r.Exprs(),
 				UserData: userdata.AppendString(nil, userdata.TypeComment, r.String())})
 		}
 	}
