@@ -56,3 +56,61 @@ func TestForeignJumpInFrontIsUndone(t *testing.T) {
 		})
 	}
 }
+
+// TestNFTablesDriftIsRepaired: with the nftables backend, a rule, chain,
+// set element or the whole table of ours removed by someone else is put
+// back within 2 s by the nf_tables event watch, not at the resync, and
+// capture works again.
+func TestNFTablesDriftIsRepaired(t *testing.T) {
+	n, z := oneNode(t, func(c *dataplane.Config) { c.Backend = dataplane.BackendNFTables })
+	apply(t, n, n.state(true))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	var repairs atomic.Int64
+	go func() {
+		done <- n.dp.WatchIPTables(ctx, func(r dataplane.Result) { repairs.Add(int64(r.TotalWrites())) })
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("watch: %v", err)
+		}
+	})
+	time.Sleep(100 * time.Millisecond) // subscribed
+	table := "inet " + dataplane.NFTTable
+	member := n.ambient[1].IP.String()
+	intact := func() bool {
+		rs, err := netnstest.ExecErr(n.NS, "nft", "list", "table", "inet", dataplane.NFTTable)
+		return err == nil && strings.Contains(rs, "ip saddr @ztunnel-pods-ips meta mark set meta mark | 0x100") &&
+			strings.Contains(netnstest.Exec(t, n.NS, "nft", "list", "set", "inet", dataplane.NFTTable, "ztunnel-pods-ips"), member)
+	}
+	for _, c := range []struct{ name, cmd string }{
+		{"chain flushed", "nft flush chain " + table + " prerouting-ip"},
+		{"set element deleted", "nft delete element " + table + " ztunnel-pods-ips { " + member + " }"},
+		{"table deleted", "nft delete table " + table},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			before := repairs.Load()
+			netnstest.Exec(t, n.NS, strings.Fields(c.cmd)...)
+			start := time.Now()
+			for !intact() {
+				if time.Since(start) > 2*time.Second {
+					t.Fatalf("not repaired 2s after %q:\n%s", c.cmd, netnstest.Exec(t, n.NS, "nft", "list", "ruleset"))
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			t.Logf("%s: repaired after %v", c.name, time.Since(start).Round(time.Millisecond))
+			repairReported(t, func() bool { return repairs.Load() > before })
+			requireCaptured(t, n, z)
+		})
+	}
+}
+
+func repairReported(t *testing.T, cond func() bool) {
+	t.Helper()
+	for start := time.Now(); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Since(start) > 2*time.Second {
+			t.Fatal("repair not reported")
+		}
+	}
+}
