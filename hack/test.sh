@@ -20,3 +20,8 @@ shellcheck .ci/run hack/*.sh hack/kind/*.sh hack/cluster/*.sh
 # -p 1: the root test packages measure latencies; running them side by side
 # on a 2-core machine only adds noise.
 go test -count=1 -p 1 -timeout 60m "$@" ./...
+
+# The real-kernel dataplane suite once more on the nftables backend (the
+# run above uses the default, iptables on these nodes): paths, transitions,
+# pinning, drift, lifecycle.
+AR_BACKEND=nftables go test -count=1 -p 1 -timeout 30m "$@" ./test/integration/

@@ -5,8 +5,8 @@
 // of its own holding a Debian containerd + runc and a kubelet, with ptp +
 // host-local as the primary CNI; etcd, kube-apiserver (test/cluster),
 // kube-controller-manager and kube-scheduler in a control-plane namespace
-// joined to the nodes by a bridge (the underlay); kube-proxy (iptables)
-// per node. Images are docker-archive tars (package image) imported into
+// joined to the nodes by a bridge (the underlay); kube-proxy (iptables,
+// or nftables where Options say so) per node. Images are docker-archive tars (package image) imported into
 // every node's containerd. The agent is then installed with `kubectl apply
 // -k` like a user installs it (see the tests and cmd/cluster).
 //
@@ -65,6 +65,9 @@ type Options struct {
 	Repo string
 	// AgentTags are the agent image tags to build (default "v1").
 	AgentTags []string
+	// KubeProxyModes are the nodes' kube-proxy modes, by node index
+	// ("iptables" or "nftables"; default iptables).
+	KubeProxyModes []string
 }
 
 // Node is one node.
@@ -75,6 +78,8 @@ type Node struct {
 	IP      string
 	PodCIDR string
 	Dir     string
+	// KubeProxyMode is the mode its kube-proxy runs in.
+	KubeProxyMode string
 	// CNIConfDir, CNIBinDir are the node's /etc/cni/net.d and /opt/cni/bin
 	// as seen from this machine.
 	CNIConfDir, CNIBinDir string
@@ -453,7 +458,11 @@ func (n *Node) start(t testing.TB) {
 	n.startContainerd(t)
 	n.importImages(t)
 	n.startKubelet(t)
-	n.kubeProxy = c.CP.LaunchKubeProxy(t, n.Netns, n.Name, c.AdminKC)
+	n.KubeProxyMode = "iptables"
+	if n.Index < len(c.Opts.KubeProxyModes) {
+		n.KubeProxyMode = c.Opts.KubeProxyModes[n.Index]
+	}
+	n.kubeProxy = c.CP.LaunchKubeProxyMode(t, n.Netns, n.Name, c.AdminKC, n.KubeProxyMode)
 	t.Logf("realcluster: %s: containerd and kubelet started in %s", n.Name, time.Since(began).Round(time.Millisecond))
 }
 

@@ -71,7 +71,10 @@ func TestMain(m *testing.M) {
 	}()
 	began := time.Now()
 	if err := r.Run(func(t testing.TB) {
-		c = realcluster.Start(t, realcluster.Options{Dir: testDir, Prefix: "art", Repo: repo, AgentTags: []string{"v1", "v2"}})
+		c = realcluster.Start(t, realcluster.Options{Dir: testDir, Prefix: "art", Repo: repo, AgentTags: []string{"v1", "v2"},
+			// Both kube-proxy modes: the agent (--backend auto) picks its
+			// backend from what it finds on each node.
+			KubeProxyModes: []string{"iptables", "nftables"}})
 		c.InstallZtunnel(t)
 	}); err != nil {
 		c = nil
@@ -383,6 +386,23 @@ func TestCapture(t *testing.T) {
 					}
 				}
 			}
+		}
+	}
+	// Each agent picked the backend that keeps VIPs under its node's
+	// kube-proxy: nftables beside kube-proxy's nftables mode.
+	for _, n := range c.Nodes {
+		code, body, err := n.AgentDebug("/debug/state")
+		var st struct {
+			Backend map[string]any `json:"backend"`
+		}
+		if err == nil {
+			err = json.Unmarshal(body, &st)
+		}
+		want := map[string]string{"iptables": "iptables", "nftables": "nftables"}[n.KubeProxyMode]
+		if err != nil || code != 200 || st.Backend["name"] != want {
+			t.Errorf("%s (kube-proxy %s): agent backend %v (%v), want %s; %d %v", n.Name, n.KubeProxyMode, st.Backend["name"], st.Backend["reason"], want, code, err)
+		} else {
+			t.Logf("%s (kube-proxy %s): backend %v: %v", n.Name, n.KubeProxyMode, st.Backend["name"], st.Backend["reason"])
 		}
 	}
 	// Every ambient pod is enrolled and annotated by its node's agent.
