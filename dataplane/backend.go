@@ -11,7 +11,6 @@ import (
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
-	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
 )
 
 // chooseBackend picks the iptables flavour (which kubelet uses; kept for
@@ -158,16 +157,11 @@ func removeNFTTable(k *kernel.Kernel, w *writer) error {
 	if k.NFT == nil {
 		return nil
 	}
-	c, done, err := k.NFT()
-	if err != nil {
-		return err
-	}
-	defer done()
-	a, err := nft.ReadBack(c, NFTTable)
+	a, err := k.NFT.ReadBack(NFTTable)
 	if err != nil || !a.Exists {
 		return err
 	}
-	return w.do(KindNFT, "delete table inet "+NFTTable, func() error { return nft.Delete(c, NFTTable) })
+	return w.do(KindNFT, "delete table inet "+NFTTable, func() error { return k.NFT.DeleteTable(NFTTable) })
 }
 
 // destroyIPSets destroys the node's pod ipsets (a foreign set under our

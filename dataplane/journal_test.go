@@ -62,6 +62,7 @@ type jzt struct {
 	nl               *kerneltest.FakeNetlink
 	sys              *kerneltest.FakeSysctl
 	ipt, ipt6        *iptables.Fake
+	nft              *kerneltest.FakeNFT
 	k                *kernel.Kernel
 	gone             bool
 }
@@ -77,6 +78,8 @@ type jnode struct {
 	nl        *kerneltest.FakeNetlink
 	sys       *kerneltest.FakeSysctl
 	ipt, ipt6 *iptables.Fake
+	nft       *kerneltest.FakeNFT
+	backend   Backend
 	zts       []*jzt
 	v4, v6    bool
 	swap      [2]string
@@ -84,8 +87,10 @@ type jnode struct {
 
 func newJNode(t *testing.T, v4, v6 bool) *jnode {
 	j := kerneltest.NewJournal()
-	n := &jnode{t: t, j: j, nl: kerneltest.NewFakeNetlink(), sys: kerneltest.NewFakeSysctl(), ipt: iptables.NewFake(), ipt6: iptables.NewFake(), v4: v4, v6: v6}
+	n := &jnode{t: t, j: j, nl: kerneltest.NewFakeNetlink(), sys: kerneltest.NewFakeSysctl(), ipt: iptables.NewFake(), ipt6: iptables.NewFake(),
+		nft: kerneltest.NewFakeNFT(), backend: BackendIPTables, v4: v4, v6: v6}
 	n.nl.Journal, n.nl.NS, n.sys.Journal, n.sys.NS = j, "node", j, "node"
+	n.nft.Journal, n.nft.NS = j, "node"
 	n.nl.Src, n.nl.Src6 = netip.MustParseAddr("10.244.1.1"), netip.MustParseAddr("fd00:10:244:1::1")
 	if v6 {
 		n.sys.Values["net.ipv6.conf.all.forwarding"] = "1"
@@ -96,8 +101,9 @@ func newJNode(t *testing.T, v4, v6 bool) *jnode {
 // addZtunnel starts ztunnel pod number i: its netns and its veth.
 func (n *jnode) addZtunnel(i int) *jzt {
 	z := &jzt{name: fmt.Sprintf("zt%d", i), path: fmt.Sprintf("/run/netns/zt%d", i), veth: fmt.Sprintf("vethzt%d", i),
-		nl: kerneltest.NewFakeNetlink(), sys: kerneltest.NewFakeSysctl(), ipt: iptables.NewFake(), ipt6: iptables.NewFake()}
+		nl: kerneltest.NewFakeNetlink(), sys: kerneltest.NewFakeSysctl(), ipt: iptables.NewFake(), ipt6: iptables.NewFake(), nft: kerneltest.NewFakeNFT()}
 	z.nl.Journal, z.nl.NS, z.sys.Journal, z.sys.NS = n.j, z.name, n.j, z.name
+	z.nft.Journal, z.nft.NS = n.j, z.name
 	if n.v4 {
 		z.ips = append(z.ips, netip.AddrFrom4([4]byte{10, 244, 1, byte(100 + i)}))
 	}
@@ -108,6 +114,7 @@ func (n *jnode) addZtunnel(i int) *jzt {
 	eth := z.nl.AddVeth("eth0", 1500, 0)
 	n.nl.AddVeth(z.veth, 1500, eth)
 	z.k = kerneltest.NewFakeKernel(z.nl, z.sys, z.ipt, z.ipt6)
+	z.k.NFT = z.nft
 	n.zts = append(n.zts, z)
 	return z
 }
@@ -132,8 +139,10 @@ func (n *jnode) dataplane(mode FailMode, onEnroll OnEnroll) *Dataplane {
 	cfg := DefaultConfig()
 	cfg.IPTablesMode = IPTablesNFT
 	cfg.NetNSDir = n.t.TempDir()
-	cfg.FailMode, cfg.OnEnroll = mode, onEnroll
-	d, err := New(context.Background(), cfg, Options{Node: kerneltest.NewFakeKernel(n.nl, n.sys, n.ipt, n.ipt6), OpenNS: n.open})
+	cfg.FailMode, cfg.OnEnroll, cfg.Backend = mode, onEnroll, n.backend
+	k := kerneltest.NewFakeKernel(n.nl, n.sys, n.ipt, n.ipt6)
+	k.NFT = n.nft
+	d, err := New(context.Background(), cfg, Options{Node: k, OpenNS: n.open})
 	if err != nil {
 		n.t.Fatal(err)
 	}
@@ -438,14 +447,23 @@ func (n *jnode) probe(iif string, src, dst netip.Addr, dport int) (f fate) {
 		ipt = n.ipt6
 	}
 	p := &pkt{iif: iif, src: src, dst: dst, dport: dport}
-	if v := evalChain(chains(ipt, "mangle"), "PREROUTING", p, n.nl); v == "REJECT" {
+	prerouting := func() string { return evalChain(chains(ipt, "mangle"), "PREROUTING", p, n.nl) }
+	forward := func() string { return evalChain(chains(ipt, "filter"), "FORWARD", p, n.nl) }
+	if n.backend == BackendNFTables {
+		f := FamilyOf(dst)
+		prerouting = func() string {
+			return evalNFTChains(n.nft, p, nftChainName("raw-prerouting", f), nftChainName("prerouting", f))
+		}
+		forward = func() string { return evalNFTChains(n.nft, p, nftChainName("forward", f), nftChainName("filter-forward", f)) }
+	}
+	if prerouting() == "REJECT" {
 		return fate{kind: "blocked"}
 	}
 	rt, main := lookup(n.nl, dst, p.mark)
 	if rt == nil && !main {
 		return fate{kind: "lost", why: "no route"}
 	}
-	if evalChain(chains(ipt, "filter"), "FORWARD", p, n.nl) == "REJECT" {
+	if forward() == "REJECT" {
 		return fate{kind: "blocked"}
 	}
 	if main {
@@ -533,7 +551,11 @@ func (n *jnode) tunnel(rt *netlink.Route, p *pkt) fate {
 		ipt = z.ipt6
 	}
 	in := &pkt{iif: peer, src: p.src, dst: p.dst, dport: p.dport, mark: p.mark}
-	if evalChain(chains(ipt, "mangle"), "PREROUTING", in, z.nl) != "TPROXY" {
+	tproxy := func() string { return evalChain(chains(ipt, "mangle"), "PREROUTING", in, z.nl) }
+	if n.backend == BackendNFTables {
+		tproxy = func() string { return evalNFTChains(z.nft, in, nftChainName("prerouting", FamilyOf(p.dst))) }
+	}
+	if tproxy() != "TPROXY" {
 		return lost("%s does not TPROXY from %s", z.name, peer)
 	}
 	if r, _ := lookup(z.nl, p.dst, in.mark); r == nil || r.Type != unix.RTN_LOCAL {
@@ -720,8 +742,9 @@ func matrix(n *jnode, onEnroll OnEnroll) []step {
 	return steps
 }
 
-func runMatrix(t *testing.T, v4, v6 bool, onEnroll OnEnroll, swap [2]string) *matrixRun {
+func runMatrix(t *testing.T, v4, v6 bool, onEnroll OnEnroll, backend Backend, swap [2]string) *matrixRun {
 	n := newJNode(t, v4, v6)
+	n.backend = backend
 	n.swap = swap
 	m := &matrixRun{n: n}
 	m.run(t, matrix(n, onEnroll))
@@ -732,11 +755,16 @@ var journalCases = []struct {
 	name     string
 	v4, v6   bool
 	onEnroll OnEnroll
+	backend  Backend
 }{
-	{"ipv4", true, false, OnEnrollKeep},
-	{"ipv6", false, true, OnEnrollKeep},
-	{"dual-stack", true, true, OnEnrollKeep},
-	{"dual-stack on-enroll=reset", true, true, OnEnrollReset},
+	{"ipv4", true, false, OnEnrollKeep, BackendIPTables},
+	{"ipv6", false, true, OnEnrollKeep, BackendIPTables},
+	{"dual-stack", true, true, OnEnrollKeep, BackendIPTables},
+	{"dual-stack on-enroll=reset", true, true, OnEnrollReset, BackendIPTables},
+	{"nftables ipv4", true, false, OnEnrollKeep, BackendNFTables},
+	{"nftables ipv6", false, true, OnEnrollKeep, BackendNFTables},
+	{"nftables dual-stack", true, true, OnEnrollKeep, BackendNFTables},
+	{"nftables dual-stack on-enroll=reset", true, true, OnEnrollReset, BackendNFTables},
 }
 
 // TestJournalTransitionsNeverLeak replays the transition matrix on the fake
@@ -746,7 +774,7 @@ var journalCases = []struct {
 func TestJournalTransitionsNeverLeak(t *testing.T) {
 	for _, c := range journalCases {
 		t.Run(c.name, func(t *testing.T) {
-			m := runMatrix(t, c.v4, c.v6, c.onEnroll, [2]string{})
+			m := runMatrix(t, c.v4, c.v6, c.onEnroll, c.backend, [2]string{})
 			if len(m.violations) > 0 {
 				t.Fatalf("%d violations in %d writes:\n%s", len(m.violations), m.entries, strings.Join(first(m.violations, 30), "\n"))
 			}
@@ -763,12 +791,18 @@ func TestJournalTransitionsNeverLeak(t *testing.T) {
 // or writing the final rules (REJECTs gone) before the reach routes exist,
 // must show up as a stalled or escaping connection.
 func TestJournalCatchesSwappedPhases(t *testing.T) {
-	for _, swap := range [][2]string{
-		{phaseZtunnelNS, phaseTunnels},
-		{phaseClassify, phaseFinalRules},
+	for _, c := range []struct {
+		swap    [2]string
+		backend Backend
+	}{
+		{[2]string{phaseZtunnelNS, phaseTunnels}, BackendIPTables},
+		{[2]string{phaseClassify, phaseFinalRules}, BackendIPTables},
+		{[2]string{phaseZtunnelNS, phaseTunnels}, BackendNFTables},
+		{[2]string{phaseClassify, phaseFinalRules}, BackendNFTables},
 	} {
-		t.Run(swap[0]+" <-> "+swap[1], func(t *testing.T) {
-			m := runMatrix(t, true, true, OnEnrollKeep, swap)
+		swap := c.swap
+		t.Run(string(c.backend)+" "+swap[0]+" <-> "+swap[1], func(t *testing.T) {
+			m := runMatrix(t, true, true, OnEnrollKeep, c.backend, swap)
 			// Caught between two writes, not only once they are all done.
 			var mid []string
 			for _, v := range m.violations {

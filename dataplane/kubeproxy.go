@@ -2,12 +2,7 @@ package dataplane
 
 // kube-proxy's mode, as far as what we write depends on it.
 
-import (
-	"slices"
-
-	"github.com/google/nftables"
-	"go.uber.org/zap"
-)
+import "go.uber.org/zap"
 
 // kubeProxyTable is the table kube-proxy's nftables mode keeps its rules in.
 const kubeProxyTable = "kube-proxy"
@@ -15,25 +10,13 @@ const kubeProxyTable = "kube-proxy"
 // kubeProxyNFTables reports whether kube-proxy runs in nftables mode on
 // this node: its table exists (in the ip or ip6 family).
 func (d *Dataplane) kubeProxyNFTables() bool {
-	found := false
-	if d.node.InNS == nil {
-		return false // a fake kernel
+	nf := nftOf(d.node)
+	for _, fam := range []string{"ip", "ip6"} {
+		if found, err := nf.HasTable(fam, kubeProxyTable); err == nil && found {
+			return true
+		}
 	}
-	_ = d.node.InNS(func() error {
-		c, err := nftables.New()
-		if err != nil {
-			return err
-		}
-		for _, fam := range []nftables.TableFamily{nftables.TableFamilyIPv4, nftables.TableFamilyIPv6} {
-			tables, err := c.ListTablesOfFamily(fam)
-			if err != nil {
-				return err
-			}
-			found = found || slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == kubeProxyTable })
-		}
-		return nil
-	})
-	return found
+	return false
 }
 
 // KubeProxyWarning says what the iptables backend cannot do for this

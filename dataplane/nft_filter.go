@@ -8,10 +8,9 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
-
-	"github.com/google/nftables"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
@@ -21,20 +20,39 @@ var errNoNFT = errors.New("no nftables in this kernel view")
 
 // nftChains writes the chains of family fam in our table.
 type nftChains struct {
-	open func() (*nftables.Conn, func(), error)
-	fam  Family
+	nf  kernel.NFTables
+	fam Family
 	// have are this family's chains as read back or last written (nil
 	// Chains: unknown).
 	have nft.Actual
 }
 
 func newNFTChains(k *kernel.Kernel, f Family) *nftChains {
-	open := k.NFT
-	if open == nil {
-		open = func() (*nftables.Conn, func(), error) { return nil, nil, errNoNFT }
-	}
-	return &nftChains{open: open, fam: f}
+	return &nftChains{nf: nftOf(k), fam: f}
 }
+
+// nftOf is k's nf_tables (one that fails every call where k has none).
+func nftOf(k *kernel.Kernel) kernel.NFTables {
+	if k.NFT == nil {
+		return noNFT{}
+	}
+	return k.NFT
+}
+
+type noNFT struct{}
+
+func (noNFT) ReadBack(string) (nft.Actual, error) { return nft.Actual{}, errNoNFT }
+func (noNFT) WriteChains(string, []nft.Set, []*nft.Chain, nft.Actual, []string) error {
+	return errNoNFT
+}
+func (noNFT) Elements(string, nft.Set) (map[netip.Addr]string, bool, error) {
+	return nil, false, errNoNFT
+}
+func (noNFT) UpdateElements(string, nft.Set, map[netip.Addr]string, []netip.Addr, []netip.Addr) error {
+	return errNoNFT
+}
+func (noNFT) DeleteTable(string) error              { return errNoNFT }
+func (noNFT) HasTable(string, string) (bool, error) { return false, errNoNFT }
 
 // ours says chain is one of this family's (see nftChainName).
 func (c *nftChains) ours(chain string) bool {
@@ -42,12 +60,7 @@ func (c *nftChains) ours(chain string) bool {
 }
 
 func (c *nftChains) read(context.Context) (map[string]map[string][]string, error) {
-	conn, done, err := c.open()
-	if err != nil {
-		return nil, err
-	}
-	defer done()
-	a, err := nft.ReadBack(conn, NFTTable)
+	a, err := c.nf.ReadBack(NFTTable)
 	if err != nil {
 		return nil, err
 	}
@@ -94,13 +107,8 @@ func (c *nftChains) update(ctx context.Context, want ruleset, w *writer) error {
 	if w.dry {
 		return nil
 	}
-	conn, done, err := c.open()
-	if err != nil {
-		return err
-	}
-	defer done()
 	slices.Sort(drop)
-	if _, err := nft.WriteChains(conn, NFTTable, r.Sets, r.Chains, c.have, drop); err != nil {
+	if err := c.nf.WriteChains(NFTTable, r.Sets, r.Chains, c.have, drop); err != nil {
 		c.have = nft.Actual{}
 		return err
 	}

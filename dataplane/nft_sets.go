@@ -7,32 +7,21 @@ import (
 	"fmt"
 	"net/netip"
 
-	"github.com/google/nftables"
-
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
 )
 
 type nftSetStore struct {
-	open func() (*nftables.Conn, func(), error)
-	set  nft.Set
+	nf  kernel.NFTables
+	set nft.Set
 }
 
 func newNFTSetStore(k *kernel.Kernel, s nft.Set) *nftSetStore {
-	open := k.NFT
-	if open == nil {
-		open = func() (*nftables.Conn, func(), error) { return nil, nil, errNoNFT }
-	}
-	return &nftSetStore{open: open, set: s}
+	return &nftSetStore{nf: nftOf(k), set: s}
 }
 
 func (s *nftSetStore) members() (map[netip.Addr]string, bool, error) {
-	c, done, err := s.open()
-	if err != nil {
-		return nil, false, err
-	}
-	defer done()
-	return nft.Elements(c, NFTTable, s.set)
+	return s.nf.Elements(NFTTable, s.set)
 }
 
 // write adds (or re-labels) the addresses in add and deletes those in
@@ -59,12 +48,7 @@ func (s *nftSetStore) write(m *setManager, w *writer, add, del []netip.Addr) err
 	if w.dry {
 		return nil
 	}
-	c, done, err := s.open()
-	if err != nil {
-		return err
-	}
-	defer done()
-	if err := nft.UpdateElements(c, NFTTable, s.set, elems, relabel, del); err != nil {
+	if err := s.nf.UpdateElements(NFTTable, s.set, elems, relabel, del); err != nil {
 		return fmt.Errorf("%s: %w", KindNFT, err)
 	}
 	w.res.Writes[KindNFT]++

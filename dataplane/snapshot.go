@@ -10,7 +10,6 @@ import (
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
-	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
 )
 
 // Snapshot is the kernel state we own, as read back (for debugging).
@@ -123,16 +122,10 @@ func (d *Dataplane) nsSnapshot(ctx context.Context, k *kernel.Kernel, ipt map[Fa
 		slices.Sort(ns.Routes)
 	}
 	if k.NFT != nil {
-		if c, done, err := k.NFT(); err != nil {
+		if a, err := k.NFT.ReadBack(NFTTable); err != nil {
 			errs = append(errs, err.Error())
-		} else {
-			a, err := nft.ReadBack(c, NFTTable)
-			done()
-			if err != nil {
-				errs = append(errs, err.Error())
-			} else if a.Exists {
-				ns.NFTables = a.Rules
-			}
+		} else if a.Exists {
+			ns.NFTables = a.Rules
 		}
 	}
 	for f, s := range ipt {

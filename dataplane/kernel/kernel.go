@@ -8,11 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
 
-	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -70,10 +70,23 @@ type Kernel struct {
 	IPT func(backend string, family int) (iptables.Runner, error)
 	// InNS runs f on a thread in this netns (for binaries and /proc/sys).
 	InNS iptables.InNS
-	// NFT connects to nf_tables in this netns (nil: none, a fake kernel).
-	// Close the returned closer when done.
-	NFT   func() (*nftables.Conn, func(), error)
+	// NFT is nf_tables in this netns (nil: none).
+	NFT   NFTables
 	close func()
+}
+
+// NFTables is what the dataplane does with its nftables tables in one
+// netns (nft.NetNS; kerneltest has a fake).
+type NFTables interface {
+	ReadBack(table string) (nft.Actual, error)
+	// WriteChains makes want's chains exactly so and deletes drop, in one
+	// transaction, creating the table and sets if missing.
+	WriteChains(table string, sets []nft.Set, want []*nft.Chain, have nft.Actual, drop []string) error
+	Elements(table string, s nft.Set) (map[netip.Addr]string, bool, error)
+	UpdateElements(table string, s nft.Set, add map[netip.Addr]string, relabel, del []netip.Addr) error
+	DeleteTable(table string) error
+	// HasTable reports a table of family ("ip", "ip6", "inet") name.
+	HasTable(family, name string) (bool, error)
 }
 
 // New bundles kernel interfaces (fakes); close may be nil.
@@ -129,7 +142,7 @@ func Open(path string) (*Kernel, error) {
 		NL:     nl,
 		Sysctl: procSysctl{inNS: inNS},
 		InNS:   inNS,
-		NFT:    func() (*nftables.Conn, func(), error) { return nft.Open(path) },
+		NFT:    nft.NetNS{Path: path},
 		IPT: func(backend string, family int) (iptables.Runner, error) {
 			if family == 6 {
 				return iptables.NewExecRunner6(backend, inNS)

@@ -95,7 +95,9 @@ func (t Table) Written() Actual {
 	return a
 }
 
-// texts are the chain's rules as their comments carry them.
+// Texts are the chain's rules as their comments carry them.
+func (c *Chain) Texts() []string { return c.texts() }
+
 func (c *Chain) texts() []string {
 	out := []string{}
 	for _, r := range c.Rules {

@@ -1,0 +1,163 @@
+package kerneltest
+
+// FakeNFT is nf_tables in one fake netns: our inet tables with their
+// chains (rules as their texts) and address sets, journalled like the
+// other fakes.
+
+import (
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
+	"github.com/ambient-redirect/ambient-redirect/dataplane/nft"
+)
+
+type fakeTable struct {
+	chains map[string]string   // name -> kind
+	rules  map[string][]string // name -> rule texts
+	sets   map[string]map[netip.Addr]string
+}
+
+// FakeNFT holds inet tables by name; Foreign lists other tables by
+// "family name" (kube-proxy's, say).
+type FakeNFT struct {
+	mu      sync.Mutex
+	tables  map[string]*fakeTable
+	Foreign map[string]bool
+	// Writes counts transactions.
+	Writes  int
+	Journal *Journal
+	NS      string
+}
+
+var _ kernel.NFTables = (*FakeNFT)(nil)
+
+func NewFakeNFT() *FakeNFT {
+	return &FakeNFT{tables: map[string]*fakeTable{}, Foreign: map[string]bool{}}
+}
+
+func (f *FakeNFT) record(op Op, format string, a ...any) {
+	f.Writes++
+	if f.Journal != nil {
+		f.Journal.record(Entry{NS: f.NS, Kind: "nftables", Op: op, Object: fmt.Sprintf(format, a...)})
+	}
+}
+
+func (f *FakeNFT) ReadBack(table string) (nft.Actual, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	a := nft.Actual{Chains: map[string]string{}, Rules: map[string][]string{}}
+	t, ok := f.tables[table]
+	if !ok {
+		return a, nil
+	}
+	a.Exists = true
+	for name, kind := range t.chains {
+		a.Chains[name], a.Rules[name] = kind, slices.Clone(t.rules[name])
+	}
+	return a, nil
+}
+
+// WriteChains writes without looking at have: the result is the same.
+func (f *FakeNFT) WriteChains(table string, sets []nft.Set, want []*nft.Chain, _ nft.Actual, drop []string) error {
+	f.mu.Lock()
+	t, ok := f.tables[table]
+	if !ok {
+		t = &fakeTable{chains: map[string]string{}, rules: map[string][]string{}, sets: map[string]map[netip.Addr]string{}}
+		f.tables[table] = t
+	}
+	for _, s := range sets {
+		if t.sets[s.Name] == nil {
+			t.sets[s.Name] = map[netip.Addr]string{}
+		}
+	}
+	var names []string
+	for _, ch := range want {
+		t.chains[ch.Name], t.rules[ch.Name] = nft.Kind(ch), ch.Texts()
+		names = append(names, ch.Name)
+	}
+	for _, name := range drop {
+		delete(t.chains, name)
+		delete(t.rules, name)
+	}
+	f.mu.Unlock()
+	f.record(OpReplace, "inet %s chains %v, dropped %v", table, names, drop)
+	return nil
+}
+
+// Rules are a chain's rule texts (the oracle's reading).
+func (f *FakeNFT) Rules(table, chain string) []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if t, ok := f.tables[table]; ok {
+		return slices.Clone(t.rules[chain])
+	}
+	return nil
+}
+
+func (f *FakeNFT) Elements(table string, s nft.Set) (map[netip.Addr]string, bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	t, ok := f.tables[table]
+	if !ok || t.sets[s.Name] == nil {
+		return nil, false, nil
+	}
+	return maps.Clone(t.sets[s.Name]), true, nil
+}
+
+// Has reports a as an element of set.
+func (f *FakeNFT) Has(table, set string, a netip.Addr) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	t, ok := f.tables[table]
+	if !ok {
+		return false
+	}
+	_, has := t.sets[set][a]
+	return has
+}
+
+func (f *FakeNFT) UpdateElements(table string, s nft.Set, add map[netip.Addr]string, relabel, del []netip.Addr) error {
+	f.mu.Lock()
+	t, ok := f.tables[table]
+	if !ok {
+		t = &fakeTable{chains: map[string]string{}, rules: map[string][]string{}, sets: map[string]map[netip.Addr]string{}}
+		f.tables[table] = t
+	}
+	if t.sets[s.Name] == nil {
+		t.sets[s.Name] = map[netip.Addr]string{}
+	}
+	for _, a := range del {
+		if _, ok := t.sets[s.Name][a]; !ok {
+			f.mu.Unlock()
+			return fmt.Errorf("delete %s from %s: no such element", a, s.Name)
+		}
+	}
+	for _, a := range del {
+		delete(t.sets[s.Name], a)
+	}
+	maps.Copy(t.sets[s.Name], add)
+	f.mu.Unlock()
+	f.record(OpReplace, "inet %s set %s +%v -%v", table, s.Name, slices.SortedFunc(maps.Keys(add), netip.Addr.Compare), del)
+	return nil
+}
+
+func (f *FakeNFT) DeleteTable(table string) error {
+	f.mu.Lock()
+	_, ok := f.tables[table]
+	delete(f.tables, table)
+	f.mu.Unlock()
+	if ok {
+		f.record(OpDelete, "inet %s", table)
+	}
+	return nil
+}
+
+func (f *FakeNFT) HasTable(family, name string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.Foreign[family+" "+name], nil
+}
