@@ -454,7 +454,9 @@ func (n *jnode) probe(iif string, src, dst netip.Addr, dport int) (f fate) {
 		prerouting = func() string {
 			return evalNFTChains(n.nft, p, nftChainName("raw-prerouting", f), nftChainName("prerouting", f))
 		}
-		forward = func() string { return evalNFTChains(n.nft, p, nftChainName("forward", f), nftChainName("filter-forward", f)) }
+		forward = func() string {
+			return evalNFTChains(n.nft, p, nftChainName("forward", f), nftChainName("filter-forward", f))
+		}
 	}
 	if prerouting() == "REJECT" {
 		return fate{kind: "blocked"}
