@@ -523,11 +523,30 @@ func takeDumps(t *testing.T) map[string]string {
 	return out
 }
 
+// withoutKubeProxyTables drops kube-proxy's nftables tables from a dump:
+// in nftables mode it keeps a deleted Service's chains, flushed, for a
+// while, which is kube-proxy's state, not ours.
+func withoutKubeProxyTables(dump string) string {
+	var out []string
+	skip := false
+	for _, l := range strings.Split(dump, "\n") {
+		switch {
+		case l == "table ip kube-proxy {" || l == "table ip6 kube-proxy {":
+			skip = true
+		case skip && l == "}":
+			skip = false
+		case !skip:
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
 func dumpAll(t *testing.T) map[string]string {
 	t.Helper()
 	out := map[string]string{}
 	for _, n := range c.Nodes {
-		out[n.Name] = netnstest.DumpPath(t, n.NodeNetnsPath())
+		out[n.Name] = withoutKubeProxyTables(netnstest.DumpPath(t, n.NodeNetnsPath()))
 	}
 	for _, z := range c.PodsOf(t, realcluster.ZtunnelNamespace, "app=ztunnel") {
 		n := c.Node(z.Spec.NodeName)
