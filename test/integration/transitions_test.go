@@ -259,6 +259,17 @@ func transitionsWith(t *testing.T, v6 bool, setup func(*node), mutate func(*data
 		})
 	}
 	dp := restart(dataplane.FailClosed)
+	// An agent restarted with the other backend (fail closed).
+	restartWith := func(b dataplane.Backend) *dataplane.Dataplane {
+		return newDataplane(t, n, func(c *dataplane.Config) {
+			if mutate != nil {
+				mutate(c)
+			}
+			c.Backend = b
+		})
+	}
+	first, _ := dp.Backend()
+	other := map[dataplane.Backend]dataplane.Backend{dataplane.BackendIPTables: dataplane.BackendNFTables, dataplane.BackendNFTables: dataplane.BackendIPTables}[first]
 	var zts []*ztunnel
 	startZt := func(name string) *ztunnel {
 		pod := n.AddPod(t, name)
@@ -352,6 +363,13 @@ func transitionsWith(t *testing.T, v6 bool, setup func(*node), mutate func(*data
 			settle()
 			tl.transition(t, "fail-closed agent adopts", viaZtunnel, applyWith(restart(dataplane.FailClosed), state(cur, false)))
 			settle()
+			// A backend switch writes the new backend's rules before it
+			// removes the old one's: no gap, and nothing of the old left.
+			for _, b := range []dataplane.Backend{other, first} {
+				tl.transition(t, "agent restarted with backend "+string(b), viaZtunnel, applyWith(restartWith(b), state(cur, false)))
+				requireOnlyBackend(t, n, b)
+				settle()
+			}
 		} else {
 			tl.transition(t, "cleanup", failOpen, func() error { _, err := dp.Cleanup(ctx); return err })
 			settle()
@@ -421,4 +439,24 @@ func classify(p probe, seen *sightings, captures map[string][]time.Time) outcome
 		return reset
 	}
 	return stalled
+}
+
+// requireOnlyBackend fails unless the node holds rules of backend b alone.
+func requireOnlyBackend(t *testing.T, n *node, b dataplane.Backend) {
+	t.Helper()
+	_, err := netnstest.ExecErr(n.NS, "nft", "list", "table", "inet", dataplane.NFTTable)
+	hasNFT := err == nil
+	var ipt []string
+	for _, save := range []string{"iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"} {
+		if strings.Contains(netnstest.Exec(t, n.NS, save), dataplane.ChainPrefix) {
+			ipt = append(ipt, save)
+		}
+	}
+	ipsets := strings.Contains(netnstest.Exec(t, n.NS, "ipset", "list", "-n"), "ztunnel-pods-ips")
+	switch {
+	case b == dataplane.BackendNFTables && (!hasNFT || len(ipt) > 0 || ipsets):
+		t.Fatalf("after a switch to nftables: our table %v, iptables chains in %v, ipsets %v", hasNFT, ipt, ipsets)
+	case b == dataplane.BackendIPTables && (hasNFT || len(ipt) == 0 || !ipsets):
+		t.Fatalf("after a switch to iptables: our nftables table %v, iptables chains in %v, ipsets %v", hasNFT, ipt, ipsets)
+	}
 }
