@@ -67,6 +67,11 @@ func vipMatrixCell(t *testing.T, mode, backend string) {
 	if fmt.Sprint(st.Backend["name"]) != backend {
 		t.Fatalf("backend %v, want %s", st.Backend["name"], backend)
 	}
+	// The ruleset as read back: our table's chains with the nftables
+	// backend, none of it with iptables.
+	if chains := st.Kernel.NS.NFTables; (backend == "nftables") != (len(chains["prerouting-ip"]) > 0 && len(chains["raw-prerouting-ip"]) > 1) {
+		t.Fatalf("/debug/state kernel.node.nftables with the %s backend: %v", backend, chains)
+	}
 	cantKeepVIP := mode == "nftables" && backend == "iptables"
 	if w := fmt.Sprint(st.Backend["warning"]); cantKeepVIP != strings.Contains(w, "nftables mode") {
 		t.Fatalf("warning %q with kube-proxy in %s mode and the %s backend", w, mode, backend)
