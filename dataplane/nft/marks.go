@@ -37,11 +37,14 @@ func CtMarkLacks(v uint32) Term {
 // xset is iptables' --set-xmark v/mask: the bits of mask cleared, then v
 // xored in.
 func xset(key string, load, store expr.Any, v, mask uint32) Term {
-	text := fmt.Sprintf("%s set %s & %#x ^ %#x", key, key, ^mask, v)
-	if v == mask {
+	var text string
+	switch v {
+	case mask:
 		text = fmt.Sprintf("%s set %s | %#x", key, key, v)
-	} else if v == 0 {
+	case 0:
 		text = fmt.Sprintf("%s set %s & %#x", key, key, ^mask)
+	default:
+		text = fmt.Sprintf("%s set %s & %#x ^ %#x", key, key, ^mask, v)
 	}
 	return Term{text, []expr.Any{load, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: ne32(^mask), Xor: ne32(v)}, store}}
 }
@@ -90,25 +93,8 @@ func CtUntracked() Term {
 // InSet matches the source (src) or destination address against a named
 // set of the table, with the family check an inet table needs.
 func InSet(src, v6 bool, set string) Term {
-	off, size, name := uint32(16), uint32(4), "ip"
-	if src {
-		off = 12
-	}
-	if v6 {
-		off, size, name = 24, 16, "ip6"
-		if src {
-			off = 8
-		}
-	}
-	dir := "daddr"
-	if src {
-		dir = "saddr"
-	}
-	t := NFProto(v6)
-	t.text = fmt.Sprintf("%s %s @%s", name, dir, set)
-	t.exprs = append(t.exprs, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: size},
-		&expr.Lookup{SourceRegister: 1, SetName: set})
-	return t
+	field, exprs := loadAddr(src, v6)
+	return Term{fmt.Sprintf("%s @%s", field, set), append(exprs, &expr.Lookup{SourceRegister: 1, SetName: set})}
 }
 
 // SocketExists matches packets of a local socket (meta skuid loads only
@@ -138,27 +124,21 @@ func natFamily(v6 bool) (uint32, string) {
 // KeepDestination is an identity DNAT: the connection's destination NAT
 // is set up, unchanged, so no later NAT chain on the hook (kube-proxy's,
 // in any mode) rewrites it.
-func KeepDestination(v6 bool) Term {
-	fam, name := natFamily(v6)
-	off, size := uint32(16), uint32(4)
-	if v6 {
-		off, size = 24, 16
-	}
-	return Term{fmt.Sprintf("dnat %s to %s daddr", name, name), []expr.Any{
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: size},
-		&expr.NAT{Type: expr.NATTypeDestNAT, Family: fam, RegAddrMin: 1}}}
-}
+func KeepDestination(v6 bool) Term { return keepAddr(false, v6) }
 
 // KeepSource is an identity SNAT: no later masquerade rewrites the source.
-func KeepSource(v6 bool) Term {
+func KeepSource(v6 bool) Term { return keepAddr(true, v6) }
+
+func keepAddr(src, v6 bool) Term {
 	fam, name := natFamily(v6)
-	off, size := uint32(12), uint32(4)
-	if v6 {
-		off, size = 8, 16
+	off, size, field := addrField(src, v6)
+	typ, verb := expr.NATTypeDestNAT, "dnat"
+	if src {
+		typ, verb = expr.NATTypeSourceNAT, "snat"
 	}
-	return Term{fmt.Sprintf("snat %s to %s saddr", name, name), []expr.Any{
+	return Term{fmt.Sprintf("%s %s to %s", verb, name, field), []expr.Any{
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: size},
-		&expr.NAT{Type: expr.NATTypeSourceNAT, Family: fam, RegAddrMin: 1}}}
+		&expr.NAT{Type: typ, Family: fam, RegAddrMin: 1}}}
 }
 
 // DNAT rewrites the destination to to.

@@ -142,13 +142,12 @@ func NFProto(v6 bool) Term {
 	return Term{"meta nfproto " + name, []expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1}, cmpEq([]byte{p})}}
 }
 
-// addr matches the source (src) or destination address against a prefix,
-// with the family check an inet table needs before reading the header.
-func Addr(src, neg bool, p netip.Prefix) Term {
-	v6 := p.Addr().Is6()
-	off, size, name := uint32(16), uint32(4), "ip"
+// addrField is where the source (src) or destination address of family
+// v6 is in the network header, and how nft names it ("ip saddr").
+func addrField(src, v6 bool) (off, size uint32, text string) {
+	off, size, name, dir := uint32(16), uint32(4), "ip", "daddr"
 	if src {
-		off = 12
+		off, dir = 12, "saddr"
 	}
 	if v6 {
 		off, size, name = 24, 16, "ip6"
@@ -156,13 +155,22 @@ func Addr(src, neg bool, p netip.Prefix) Term {
 			off = 8
 		}
 	}
-	dir := "daddr"
-	if src {
-		dir = "saddr"
-	}
+	return off, size, name + " " + dir
+}
+
+// loadAddr is the family check an inet table needs before reading the
+// header, then the address loaded into register 1.
+func loadAddr(src, v6 bool) (string, []expr.Any) {
+	off, size, text := addrField(src, v6)
 	t := NFProto(v6)
-	t.text = fmt.Sprintf("%s %s %s%s", name, dir, neq(neg), p)
-	t.exprs = append(t.exprs, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: size})
+	return text, append(t.exprs, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: size})
+}
+
+// Addr matches the source (src) or destination address against a prefix.
+func Addr(src, neg bool, p netip.Prefix) Term {
+	field, exprs := loadAddr(src, p.Addr().Is6())
+	size := uint32(p.Addr().BitLen() / 8)
+	t := Term{fmt.Sprintf("%s %s%s", field, neq(neg), p), exprs}
 	if p.Bits() < p.Addr().BitLen() {
 		mask := netip.PrefixFrom(p.Addr(), p.Bits()).Masked()
 		m := make([]byte, size)

@@ -18,19 +18,7 @@ func TestForeignJumpInFrontIsUndone(t *testing.T) {
 		t.Run(string(backend), func(t *testing.T) {
 			n, z := oneNode(t, func(c *dataplane.Config) { c.IPTablesMode, c.Backend = backend, dataplane.BackendIPTables })
 			apply(t, n, n.state(true))
-			ctx, cancel := context.WithCancel(context.Background())
-			done := make(chan error, 1)
-			var repairs atomic.Int64
-			go func() {
-				done <- n.dp.WatchIPTables(ctx, func(r dataplane.Result) { repairs.Add(int64(r.TotalWrites())) })
-			}()
-			t.Cleanup(func() {
-				cancel()
-				if err := <-done; err != nil {
-					t.Errorf("watch: %v", err)
-				}
-			})
-			time.Sleep(100 * time.Millisecond) // subscribed
+			repairs := watchRules(t, n)
 			bin := "iptables-" + string(backend)
 			for _, table := range []string{"nat", "mangle"} {
 				chain := "KUBE-TEST-" + strings.ToUpper(table)
@@ -64,19 +52,7 @@ func TestForeignJumpInFrontIsUndone(t *testing.T) {
 func TestNFTablesDriftIsRepaired(t *testing.T) {
 	n, z := oneNode(t, func(c *dataplane.Config) { c.Backend = dataplane.BackendNFTables })
 	apply(t, n, n.state(true))
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	var repairs atomic.Int64
-	go func() {
-		done <- n.dp.WatchIPTables(ctx, func(r dataplane.Result) { repairs.Add(int64(r.TotalWrites())) })
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("watch: %v", err)
-		}
-	})
-	time.Sleep(100 * time.Millisecond) // subscribed
+	repairs := watchRules(t, n)
 	table := "inet " + dataplane.NFTTable
 	member := n.ambient[1].IP.String()
 	intact := func() bool {
@@ -113,4 +89,23 @@ func repairReported(t *testing.T, cond func() bool) {
 			t.Fatal("repair not reported")
 		}
 	}
+}
+
+// watchRules runs n's rule watch until the test ends; the counter is the
+// writes of the repairs it reported.
+func watchRules(t *testing.T, n *node) *atomic.Int64 {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	repairs := &atomic.Int64{}
+	go func() {
+		done <- n.dp.WatchIPTables(ctx, func(r dataplane.Result) { repairs.Add(int64(r.TotalWrites())) })
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("watch: %v", err)
+		}
+	})
+	time.Sleep(100 * time.Millisecond) // subscribed
+	return repairs
 }
