@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"os/exec"
 
+	"go.uber.org/zap"
+
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
 )
@@ -43,6 +45,30 @@ func (d *Dataplane) chooseBackend(ctx context.Context) error {
 		d.filter, d.filterReason = BackendIPTables, "kube-proxy does not run in nftables mode and iptables ("+d.backend+") works"
 	}
 	return nil
+}
+
+// followKubeProxy switches an auto-chosen iptables backend to nftables
+// once kube-proxy runs in nftables mode (its table appeared after we
+// started, as on a booting node): the next convergence writes our table
+// and then removes the iptables rules, as a restart with the other
+// backend would. Called with d.mu held, before a full convergence.
+func (d *Dataplane) followKubeProxy() {
+	if d.cfg.Backend != BackendAuto || d.filter != BackendIPTables || !d.kubeProxyNFTables() {
+		return
+	}
+	d.filter, d.filterReason = BackendNFTables, "kube-proxy runs in nftables mode (its table "+kubeProxyTable+" appeared after start): only our own nftables table keeps a Service VIP from its DNAT"
+	d.log.Warn("switching to the nftables backend", zap.String("reason", d.filterReason))
+	for _, f := range d.fams {
+		d.mgr.nodeFilter[f] = newFilterManager(newNFTChains(d.node, f))
+	}
+	for f, m := range d.mgr.sets {
+		m.nft = newNFTSetStore(d.node, nftSet(d.cfg, f))
+	}
+	for path := range d.mgr.ztFilter {
+		d.mgr.ztFilter[path] = map[Family]*filterManager{} // written anew, then the old chains retired
+	}
+	d.fast, d.otherRetired = nil, false
+	queueResync(d.mgr.all())
 }
 
 // Backend returns the backend our rules are written with and why.

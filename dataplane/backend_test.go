@@ -60,3 +60,51 @@ func TestAutoBackend(t *testing.T) {
 		})
 	}
 }
+
+// TestAutoFollowsKubeProxy: an agent that chose iptables (kube-proxy had
+// no table yet, as on a booting node) switches to nftables at the next
+// full apply once kube-proxy runs in nftables mode: our table and its set
+// written, then the iptables chains (node and ztunnel netns) and the
+// ipsets removed.
+func TestAutoFollowsKubeProxy(t *testing.T) {
+	f := newFakeNode(t)
+	k := kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6)
+	nf, ztNF := kerneltest.NewFakeNFT(), kerneltest.NewFakeNFT()
+	k.NFT, f.ztPaths["/run/netns/zt"].NFT = nf, ztNF
+	cfg := DefaultConfig()
+	cfg.NetNSDir = t.TempDir()
+	d, err := New(context.Background(), cfg, Options{Node: k, OpenNS: f.open})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := State{Ztunnel: f.zt, Pods: pods(2)}
+	if _, err := d.Apply(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	dump := func(f *iptables.Fake) string { s, _ := f.Save(context.Background(), ""); return s }
+	if b, _ := d.Backend(); b != BackendIPTables || !strings.Contains(dump(f.ipt), ChainPrefix) {
+		t.Fatalf("backend %s before kube-proxy's table", b)
+	}
+	nf.Foreign["ip kube-proxy"] = true
+	if _, err := d.Apply(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	b, why := d.Backend()
+	if b != BackendNFTables || !strings.Contains(why, "appeared after start") {
+		t.Fatalf("backend %s (%s) after kube-proxy's table appeared", b, why)
+	}
+	for name, left := range map[string]string{"node": dump(f.ipt), "ztunnel netns": dump(f.ztIPT)} {
+		if strings.Contains(left, ChainPrefix) {
+			t.Errorf("iptables chains left in the %s:\n%s", name, left)
+		}
+	}
+	if _, exists, _ := ipsetMembers(f.nl, cfg.IPSetName, IPv4); exists {
+		t.Error("ipset left")
+	}
+	if m, _, _ := nf.Elements(NFTTable, nftSet(cfg, IPv4)); len(m) != 2 || len(nf.Rules(NFTTable, "prerouting-ip")) == 0 || len(ztNF.Rules(NFTTable, "prerouting-ip")) == 0 {
+		t.Errorf("nftables not written: members %v, node chain %v, ztunnel chain %v", m, nf.Rules(NFTTable, "prerouting-ip"), ztNF.Rules(NFTTable, "prerouting-ip"))
+	}
+	if w := d.KubeProxyWarning(); w != "" {
+		t.Errorf("warning after the switch: %s", w)
+	}
+}

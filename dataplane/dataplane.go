@@ -302,6 +302,7 @@ func (d *Dataplane) Apply(ctx context.Context, st State) (Result, error) {
 func (d *Dataplane) applyLocked(ctx context.Context, st State) (Result, error) {
 	start := time.Now()
 	w := newWriter(false)
+	d.followKubeProxy()
 	err := d.converge(ctx, st, w)
 	if err != nil {
 		// A failure may leave anything half-done: verify everything next time.

@@ -340,18 +340,23 @@ func logTimeline(kp *cluster.KubeProxy, n *harness.Node, since time.Time) string
 	return strings.Join(out, "; ")
 }
 
-// TestKubeProxyNFTablesMode: with the real kube-proxy in nftables mode on
-// the node, ambient pods are still captured and a non-ambient client's
-// connection to a ClusterIP is still balanced by kube-proxy; the agent says
-// in /debug/state and status that its iptables backend cannot keep the
-// VIP as a captured connection's original destination there (issue 19).
+// TestKubeProxyNFTablesMode: an agent started before kube-proxy (as on a
+// booting node) finds no kube-proxy table and, with --backend auto, picks
+// iptables; once the real kube-proxy runs in nftables mode it switches to
+// nftables at its next full sync (the periodic resync at the latest):
+// ambient pods stay captured throughout, a non-ambient client's
+// connection to a ClusterIP is balanced by kube-proxy, and from then on an
+// ambient client's reaches ztunnel with the VIP (issue 19).
 func TestKubeProxyNFTablesMode(t *testing.T) {
 	e := harness.New(t, 1, bins)
 	n := e.Nodes[0]
 	client := e.RunPod(t, n, harness.AmbientNS, "client")
 	server := e.RunPod(t, n, harness.AmbientNS, "server")
 	plain := e.RunPod(t, n, harness.PlainNS, "plain")
-	e.StartAgent(t, n)
+	e.StartAgent(t, n) // --backend auto, resync 2s
+	if b := fmt.Sprint(e.State(t, n).Backend["name"]); b != "iptables" {
+		t.Fatalf("backend %s before kube-proxy runs", b)
+	}
 	e.CreateService(t, harness.AmbientNS, "echo", kubeProxyVIP, kubeProxyPort, server)
 	kp := e.LaunchKubeProxyMode(t, n, "nftables")
 	kp.WaitHealthy(t, vipAnswerTimeout)
@@ -361,6 +366,7 @@ func TestKubeProxyNFTablesMode(t *testing.T) {
 		}
 		return nil
 	})
+	appeared := time.Now()
 	vip := harness.Hostport(kubeProxyVIP, kubeProxyPort)
 	harness.Eventually(t, 10*time.Second, func() error {
 		return harness.RoundTrip(plain, vip) // kube-proxy balances it
@@ -368,9 +374,25 @@ func TestKubeProxyNFTablesMode(t *testing.T) {
 	if err := harness.Captured(t, n.ZT, 15001, client, server); err != nil {
 		t.Fatalf("ambient capture with kube-proxy in nftables mode: %v", err)
 	}
+	harness.Eventually(t, 10*time.Second, func() error {
+		st := e.State(t, n)
+		if b := fmt.Sprint(st.Backend["name"]); b != "nftables" {
+			return fmt.Errorf("backend %s (%v), warning %v", b, st.Backend["reason"], st.Backend["warning"])
+		}
+		return nil
+	})
+	st := e.State(t, n)
+	t.Logf("switched %s after kube-proxy's table appeared: %v", time.Since(appeared).Round(time.Millisecond), st.Backend["reason"])
+	if w, ok := st.Backend["warning"]; ok {
+		t.Errorf("warning after the switch: %v", w)
+	}
+	if out := netnstest.Exec(t, n.NS, "iptables-save"); strings.Contains(out, "ztunnel-") {
+		t.Errorf("iptables chains of ours left after the switch:\n%s", out)
+	}
+	p := vipProber{e: e, n: n, from: client, vip: vip, endpoint: harness.Hostport(server.IP, harness.EchoPort)}
 	harness.Eventually(t, 5*time.Second, func() error {
-		if w := fmt.Sprint(e.State(t, n).IPTables["warning"]); !strings.Contains(w, "nftables mode") {
-			return fmt.Errorf("no warning in /debug/state: %q", w)
+		if orig, err := p.probe(t, time.Second); err != nil || orig != vip {
+			return fmt.Errorf("ambient client -> %s: ztunnel saw %q (%v)", vip, orig, err)
 		}
 		return nil
 	})
