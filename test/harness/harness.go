@@ -261,19 +261,29 @@ func (e *Env) KernelWrites(t testing.TB, n *Node) int {
 // (one sample for an unlabelled metric).
 func (e *Env) Metric(t testing.TB, n *Node, name string) float64 {
 	t.Helper()
+	return e.Metrics(t, n, name)[0]
+}
+
+// Metrics is Metric of each name, all from one read of /metrics (values
+// that must agree with each other, such as a histogram's count and
+// buckets). A name may also be a series, name{labels}.
+func (e *Env) Metrics(t testing.TB, n *Node, names ...string) []float64 {
+	t.Helper()
 	code, body, err := e.Get(n, "/metrics")
 	if err != nil || code != 200 {
 		t.Fatalf("/metrics: %d %v", code, err)
 	}
-	total := 0.0
+	totals := make([]float64, len(names))
 	for _, l := range strings.Split(body, "\n") {
-		if strings.HasPrefix(l, name+" ") || strings.HasPrefix(l, name+"{") {
-			if v, err := strconv.ParseFloat(l[strings.LastIndex(l, " ")+1:], 64); err == nil {
-				total += v
+		for i, name := range names {
+			if strings.HasPrefix(l, name+" ") || strings.HasPrefix(l, name+"{") {
+				if v, err := strconv.ParseFloat(l[strings.LastIndex(l, " ")+1:], 64); err == nil {
+					totals[i] += v
+				}
 			}
 		}
 	}
-	return total
+	return totals
 }
 
 type PodOpt func(*corev1.Pod)
