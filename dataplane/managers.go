@@ -162,8 +162,14 @@ func (m *managers) clone() *managers {
 	return &c
 }
 
-// setList are the set managers, IPv4 first.
-func (m *managers) setList() []manager { return []manager{m.sets[IPv4], m.sets[IPv6]} }
+// setList are the set managers, IPv4 first; with nftables, one manager
+// writing both (see nftSets).
+func (m *managers) setList() []manager {
+	if m.sets[IPv4].nft != nil {
+		return []manager{nftSets{[]*setManager{m.sets[IPv4], m.sets[IPv6]}}}
+	}
+	return []manager{m.sets[IPv4], m.sets[IPv6]}
+}
 
 // ruleList are the rule managers of fams.
 func (m *managers) ruleList(fams []Family) []manager {

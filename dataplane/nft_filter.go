@@ -48,9 +48,7 @@ func (noNFT) WriteChains(string, []nft.Set, []*nft.Chain, nft.Actual, []string) 
 func (noNFT) Elements(string, nft.Set) (map[netip.Addr]string, bool, error) {
 	return nil, false, errNoNFT
 }
-func (noNFT) UpdateElements(string, nft.Set, map[netip.Addr]string, []netip.Addr, []netip.Addr) error {
-	return errNoNFT
-}
+func (noNFT) UpdateElements(string, ...nft.ElementUpdate) error { return errNoNFT }
 func (noNFT) DeleteTable(string) error              { return errNoNFT }
 func (noNFT) HasTable(string, string) (bool, error) { return false, errNoNFT }
 

@@ -125,7 +125,7 @@ func (m *setManager) pending() []string {
 // every pending member.
 func (m *setManager) applyUpdates(_ context.Context, w *writer) error {
 	if m.nft != nil {
-		return m.nft.write(m, w, m.t.PendingUpdates(), nil)
+		return nftSets{[]*setManager{m}}.write(w, true)
 	}
 	if !m.exists {
 		opts := netlink.IpsetCreateOptions{Family: familyNum(m.fam), Comments: true}
@@ -148,7 +148,7 @@ func (m *setManager) applyUpdates(_ context.Context, w *writer) error {
 // applyDeletes deletes every member nothing desires.
 func (m *setManager) applyDeletes(_ context.Context, w *writer) error {
 	if m.nft != nil {
-		return m.nft.write(m, w, nil, m.t.PendingDeletes())
+		return nftSets{[]*setManager{m}}.write(w, false)
 	}
 	for _, a := range m.t.PendingDeletes() {
 		e := &netlink.IPSetEntry{IP: net.IP(a.AsSlice())}

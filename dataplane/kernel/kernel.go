@@ -83,7 +83,8 @@ type NFTables interface {
 	// transaction, creating the table and sets if missing.
 	WriteChains(table string, sets []nft.Set, want []*nft.Chain, have nft.Actual, drop []string) error
 	Elements(table string, s nft.Set) (map[netip.Addr]string, bool, error)
-	UpdateElements(table string, s nft.Set, add map[netip.Addr]string, relabel, del []netip.Addr) error
+	// UpdateElements applies us in one transaction.
+	UpdateElements(table string, us ...nft.ElementUpdate) error
 	DeleteTable(table string) error
 	// HasTable reports a table of family ("ip", "ip6", "inet") name.
 	HasTable(family, name string) (bool, error)

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/ambient-redirect/ambient-redirect/dataplane/kernel"
@@ -120,28 +121,34 @@ func (f *FakeNFT) Has(table, set string, a netip.Addr) bool {
 	return has
 }
 
-func (f *FakeNFT) UpdateElements(table string, s nft.Set, add map[netip.Addr]string, relabel, del []netip.Addr) error {
+func (f *FakeNFT) UpdateElements(table string, us ...nft.ElementUpdate) error {
 	f.mu.Lock()
 	t, ok := f.tables[table]
 	if !ok {
 		t = &fakeTable{chains: map[string]string{}, rules: map[string][]string{}, sets: map[string]map[netip.Addr]string{}}
-		f.tables[table] = t
 	}
-	if t.sets[s.Name] == nil {
-		t.sets[s.Name] = map[netip.Addr]string{}
+	sets := map[string]map[netip.Addr]string{}
+	for name, m := range t.sets {
+		sets[name] = maps.Clone(m)
 	}
-	for _, a := range del {
-		if _, ok := t.sets[s.Name][a]; !ok {
-			f.mu.Unlock()
-			return fmt.Errorf("delete %s from %s: no such element", a, s.Name)
+	var what []string
+	for _, u := range us {
+		if sets[u.Set.Name] == nil {
+			sets[u.Set.Name] = map[netip.Addr]string{}
 		}
+		for _, a := range append(slices.Clone(u.Relabel), u.Del...) {
+			if _, ok := sets[u.Set.Name][a]; !ok {
+				f.mu.Unlock()
+				return fmt.Errorf("delete %s from %s: no such element", a, u.Set.Name)
+			}
+			delete(sets[u.Set.Name], a)
+		}
+		maps.Copy(sets[u.Set.Name], u.Add)
+		what = append(what, fmt.Sprintf("%s +%v -%v", u.Set.Name, slices.SortedFunc(maps.Keys(u.Add), netip.Addr.Compare), u.Del))
 	}
-	for _, a := range del {
-		delete(t.sets[s.Name], a)
-	}
-	maps.Copy(t.sets[s.Name], add)
+	t.sets, f.tables[table] = sets, t // all or nothing, as a transaction
 	f.mu.Unlock()
-	f.record(OpReplace, "inet %s set %s +%v -%v", table, s.Name, slices.SortedFunc(maps.Keys(add), netip.Addr.Compare), del)
+	f.record(OpReplace, "inet %s sets %s", table, strings.Join(what, ", "))
 	return nil
 }
 

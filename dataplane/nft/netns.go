@@ -41,8 +41,8 @@ func (n NetNS) Elements(table string, s Set) (m map[netip.Addr]string, exists bo
 }
 
 // UpdateElements is UpdateElements in this netns.
-func (n NetNS) UpdateElements(table string, s Set, add map[netip.Addr]string, relabel, del []netip.Addr) error {
-	return n.with(func(c *nftables.Conn) error { return UpdateElements(c, table, s, add, relabel, del) })
+func (n NetNS) UpdateElements(table string, us ...ElementUpdate) error {
+	return n.with(func(c *nftables.Conn) error { return UpdateElements(c, table, us...) })
 }
 
 // DeleteTable deletes the inet table (a missing one is not an error).

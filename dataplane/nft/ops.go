@@ -123,36 +123,47 @@ func Elements(c *nftables.Conn, table string, s Set) (map[netip.Addr]string, boo
 	return out, true, nil
 }
 
-// UpdateElements adds (or re-labels: relabel lists the addresses there
-// now under another comment) and deletes elements of a set in one
-// transaction, creating the table and set if missing.
-func UpdateElements(c *nftables.Conn, table string, s Set, add map[netip.Addr]string, relabel, del []netip.Addr) error {
+// ElementUpdate is what one transaction does to one set: adds (or
+// re-labels: Relabel lists the addresses there now under another comment)
+// and deletes.
+type ElementUpdate struct {
+	Set     Set
+	Add     map[netip.Addr]string
+	Relabel []netip.Addr
+	Del     []netip.Addr
+}
+
+// UpdateElements applies us in one transaction, creating the table and
+// sets if missing.
+func UpdateElements(c *nftables.Conn, table string, us ...ElementUpdate) error {
 	t := inet(table)
-	set := s.of(t)
 	c.AddTable(t)
-	if err := c.AddSet(set, nil); err != nil {
-		return err
-	}
-	var gone []nftables.SetElement
-	for _, a := range append(slices.Clone(relabel), del...) {
-		gone = append(gone, nftables.SetElement{Key: a.AsSlice()})
-	}
-	if len(gone) > 0 {
-		if err := c.SetDeleteElements(set, gone); err != nil {
+	for _, u := range us {
+		set := u.Set.of(t)
+		if err := c.AddSet(set, nil); err != nil {
 			return err
 		}
-	}
-	var elems []nftables.SetElement
-	for a, comment := range add {
-		elems = append(elems, nftables.SetElement{Key: a.AsSlice(), Comment: comment})
-	}
-	if len(elems) > 0 {
-		if err := c.SetAddElements(set, elems); err != nil {
-			return err
+		var gone []nftables.SetElement
+		for _, a := range append(slices.Clone(u.Relabel), u.Del...) {
+			gone = append(gone, nftables.SetElement{Key: a.AsSlice()})
+		}
+		if len(gone) > 0 {
+			if err := c.SetDeleteElements(set, gone); err != nil {
+				return err
+			}
+		}
+		var elems []nftables.SetElement
+		for a, comment := range u.Add {
+			elems = append(elems, nftables.SetElement{Key: a.AsSlice(), Comment: comment})
+		}
+		if len(elems) > 0 {
+			if err := c.SetAddElements(set, elems); err != nil {
+				return err
+			}
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("update set %s of table inet %s: %w", s.Name, table, err)
+		return fmt.Errorf("update sets of table inet %s: %w", table, err)
 	}
 	return nil
 }
