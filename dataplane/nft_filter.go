@@ -49,8 +49,8 @@ func (noNFT) Elements(string, nft.Set) (map[netip.Addr]string, bool, error) {
 	return nil, false, errNoNFT
 }
 func (noNFT) UpdateElements(string, ...nft.ElementUpdate) error { return errNoNFT }
-func (noNFT) DeleteTable(string) error              { return errNoNFT }
-func (noNFT) HasTable(string, string) (bool, error) { return false, errNoNFT }
+func (noNFT) DeleteTable(string) error                          { return errNoNFT }
+func (noNFT) HasTable(string, string) (bool, error)             { return false, errNoNFT }
 
 // ours says chain is one of this family's (see nftChainName).
 func (c *nftChains) ours(chain string) bool {
