@@ -158,10 +158,11 @@ func (d *Dataplane) retireOtherBackend(ctx context.Context, w *writer) error {
 }
 
 // removeIPTables removes our chains of both iptables flavours from the
-// netns of k; a flavour whose tools are absent holds none.
+// netns of k; a flavour whose tools are absent holds none. The families
+// run side by side (each flavour is a process or two).
 func (d *Dataplane) removeIPTables(ctx context.Context, k *kernel.Kernel, w *writer) error {
-	var errs []error
-	for _, f := range d.fams {
+	return eachFamily(d.fams, w, func(f Family, w *writer) error {
+		var errs []error
 		for _, b := range []string{d.backend, otherBackend(d.backend)} {
 			r, err := k.IPT(b, int(f))
 			if err != nil {
@@ -173,8 +174,8 @@ func (d *Dataplane) removeIPTables(ctx context.Context, k *kernel.Kernel, w *wri
 				errs = append(errs, err)
 			}
 		}
-	}
-	return errors.Join(errs...)
+		return errors.Join(errs...)
+	})
 }
 
 // removeNFTTable deletes our nftables table (chains and sets) from the

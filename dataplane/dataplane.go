@@ -279,6 +279,14 @@ func newWriter(dry bool) *writer {
 	return &writer{dry: dry, res: &Result{Writes: map[string]int{}}}
 }
 
+// merge adds what another writer recorded.
+func (w *writer) merge(o *writer) {
+	w.res.Changes = append(w.res.Changes, o.res.Changes...)
+	for k, v := range o.res.Writes {
+		w.res.Writes[k] += v
+	}
+}
+
 func (w *writer) do(kind, what string, f func() error) error {
 	w.res.Changes = append(w.res.Changes, kind+": "+what)
 	if w.dry {
@@ -511,10 +519,7 @@ func eachFamily(fams []Family, w *writer, f func(Family, *writer) error) error {
 	}
 	wg.Wait()
 	for _, fw := range ws {
-		w.res.Changes = append(w.res.Changes, fw.res.Changes...)
-		for k, v := range fw.res.Writes {
-			w.res.Writes[k] += v
-		}
+		w.merge(fw)
 	}
 	return errors.Join(errs...)
 }

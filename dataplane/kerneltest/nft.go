@@ -40,8 +40,12 @@ func NewFakeNFT() *FakeNFT {
 	return &FakeNFT{tables: map[string]*fakeTable{}, Foreign: map[string]bool{}}
 }
 
+// record counts and journals a write; called without the lock held (the
+// journal's observers read this fake).
 func (f *FakeNFT) record(op Op, format string, a ...any) {
+	f.mu.Lock()
 	f.Writes++
+	f.mu.Unlock()
 	if f.Journal != nil {
 		f.Journal.record(Entry{NS: f.NS, Kind: "nftables", Op: op, Object: fmt.Sprintf(format, a...)})
 	}
