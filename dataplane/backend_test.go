@@ -3,6 +3,7 @@ package dataplane
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"strings"
 	"testing"
 
@@ -106,5 +107,34 @@ func TestAutoFollowsKubeProxy(t *testing.T) {
 	}
 	if w := d.KubeProxyWarning(); w != "" {
 		t.Errorf("warning after the switch: %s", w)
+	}
+}
+
+// TestServiceCIDRChangeRewritesChains: a change of the Service ranges
+// alone (same ztunnel, same pods) rewrites the raw chain, not only the
+// pod sets.
+func TestServiceCIDRChangeRewritesChains(t *testing.T) {
+	f := newFakeNode(t)
+	k := kerneltest.NewFakeKernel(f.nl, f.sys, f.ipt, f.ipt6)
+	nf := kerneltest.NewFakeNFT()
+	k.NFT, f.ztPaths["/run/netns/zt"].NFT = nf, kerneltest.NewFakeNFT()
+	cfg := DefaultConfig()
+	cfg.NetNSDir, cfg.Backend = t.TempDir(), BackendNFTables
+	d, err := New(context.Background(), cfg, Options{Node: k, OpenNS: f.open})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := State{Ztunnel: f.zt, Pods: pods(2)}
+	for _, svc := range [][]netip.Prefix{nil, {netip.MustParsePrefix("10.96.0.0/16")}, {netip.MustParsePrefix("10.96.0.0/16"), netip.MustParsePrefix("10.97.0.0/24")}} {
+		st.ServiceCIDRs = svc
+		if _, err := d.Apply(context.Background(), st); err != nil {
+			t.Fatal(err)
+		}
+		raw := strings.Join(nf.Rules(NFTTable, "raw-prerouting-ip"), "\n")
+		for _, p := range svc {
+			if !strings.Contains(raw, "ip daddr "+p.String()) {
+				t.Fatalf("Service range %s not in the raw chain after the apply:\n%s", p, raw)
+			}
+		}
 	}
 }

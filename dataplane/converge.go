@@ -24,7 +24,8 @@ func (d *Dataplane) converge(ctx context.Context, st State, w *writer) error {
 	// verifies them with the chains.
 	verify := anyResyncQueued(d.mgr.filters())
 	defer func() { d.syncSidecars(ctx, st.Sidecars, verify, w) }()
-	if f := d.fast; f != nil && !w.dry && sameZtunnel(d.wanted.Ztunnel, st.Ztunnel) && slices.EqualFunc(d.wanted.Draining, st.Draining, sameZtunnel) {
+	if f := d.fast; f != nil && !w.dry && sameZtunnel(d.wanted.Ztunnel, st.Ztunnel) && slices.EqualFunc(d.wanted.Draining, st.Draining, sameZtunnel) &&
+		slices.Equal(d.wanted.ServiceCIDRs, st.ServiceCIDRs) {
 		if !anyResyncQueued(d.mgr.all()) {
 			// Pod churn with the same ztunnel: only ipset members and
 			// table-100 routes can differ.

@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/harness"
 	"github.com/ambient-redirect/ambient-redirect/test/netnstest"
@@ -176,10 +177,14 @@ func TestAgent(t *testing.T) {
 	})
 
 	t.Run("drift is repaired within the resync period", func(t *testing.T) {
-		netnstest.Exec(t, n1.NS, "ipset", "del", "ztunnel-pods-ips", a2.IP)
+		harness.DelMember(t, n1, a2.IP)
 		netnstest.Exec(t, n1.NS, "ip", "route", "del", a1.IP+"/32", "table", "100")
 		netnstest.Exec(t, n1.NS, "ip", "rule", "del", "pref", "101")
-		netnstest.Exec(t, n1.NS, "iptables", "-t", "mangle", "-F", "ztunnel-PREROUTING")
+		if fmt.Sprint(e.State(t, n1).Backend["name"]) == "nftables" {
+			netnstest.Exec(t, n1.NS, "nft", "flush", "chain", "inet", dataplane.NFTTable, "prerouting-ip")
+		} else {
+			netnstest.Exec(t, n1.NS, "iptables", "-t", "mangle", "-F", "ztunnel-PREROUTING")
+		}
 		harness.Eventually(t, 4*time.Second, func() error {
 			st := e.State(t, n1)
 			if !st.Converged {
@@ -225,7 +230,7 @@ func TestAgent(t *testing.T) {
 			t.Fatal(err)
 		}
 		e.StopAgent(n1)
-		if !strings.Contains(netnstest.Exec(t, n1.NS, "ipset", "list", "ztunnel-pods-ips"), a1.IP) {
+		if !harness.Members(t, n1)[a1.IP] {
 			t.Fatal("SIGTERM removed state")
 		}
 		if err := ping(); err != nil {

@@ -43,7 +43,9 @@ func TestKubeProxy(t *testing.T) {
 	n := e.Nodes[0]
 	client := e.RunPod(t, n, harness.AmbientNS, "client")
 	server := e.RunPod(t, n, harness.AmbientNS, "server")
-	e.StartAgent(t, n, "--resync-period", kubeProxyAgentResync)
+	// Our jumps' positions are the iptables backend's (the nftables one is
+	// TestServiceVIPsEveryKubeProxyMode's).
+	e.StartAgent(t, n, "--resync-period", kubeProxyAgentResync, "--backend", "iptables")
 	harness.Eventually(t, 5*time.Second, func() error { return harness.Captured(t, n.ZT, 15001, client, server) })
 	if b := fmt.Sprint(e.State(t, n).IPTables["backend"]); b != "nft" {
 		t.Fatalf("agent uses iptables %q; kube-proxy uses the netns's default (nft): they would not share chains", b)
@@ -353,7 +355,7 @@ func TestKubeProxyNFTablesMode(t *testing.T) {
 	client := e.RunPod(t, n, harness.AmbientNS, "client")
 	server := e.RunPod(t, n, harness.AmbientNS, "server")
 	plain := e.RunPod(t, n, harness.PlainNS, "plain")
-	e.StartAgent(t, n) // --backend auto, resync 2s
+	e.StartAgent(t, n, "--backend", "auto") // resync 2s
 	if b := fmt.Sprint(e.State(t, n).Backend["name"]); b != "iptables" {
 		t.Fatalf("backend %s before kube-proxy runs", b)
 	}

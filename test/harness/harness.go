@@ -29,6 +29,7 @@ import (
 	"k8s.io/client-go/util/retry"
 
 	"github.com/ambient-redirect/ambient-redirect/controller"
+	"github.com/ambient-redirect/ambient-redirect/dataplane"
 	"github.com/ambient-redirect/ambient-redirect/dataplane/iptables"
 	"github.com/ambient-redirect/ambient-redirect/selection"
 	"github.com/ambient-redirect/ambient-redirect/test/cluster"
@@ -466,14 +467,45 @@ func (e *Env) Annotation(t testing.TB, p *Pod) string {
 	return obj.Annotations[selection.RedirectionAnno]
 }
 
-// Members lists the node's ipset members.
+// Members lists the members of the node's IPv4 pod set: the ipset, or
+// the set of the agent's nftables table with the nftables backend.
 func Members(t testing.TB, n *Node) map[string]bool {
 	t.Helper()
+	m := map[string]bool{}
+	if out, err := netnstest.ExecErr(n.NS, "nft", "-j", "list", "set", "inet", dataplane.NFTTable, "ztunnel-pods-ips"); err == nil {
+		var doc struct {
+			Nftables []struct {
+				Set *struct {
+					Elem []json.RawMessage `json:"elem"`
+				} `json:"set"`
+			} `json:"nftables"`
+		}
+		if err := json.Unmarshal([]byte(out), &doc); err != nil {
+			t.Fatalf("nft -j list set: %v", err)
+		}
+		for _, o := range doc.Nftables {
+			if o.Set == nil {
+				continue
+			}
+			for _, e := range o.Set.Elem {
+				var ip string
+				var withComment struct {
+					Elem struct {
+						Val string `json:"val"`
+					} `json:"elem"`
+				}
+				if json.Unmarshal(e, &ip) != nil && json.Unmarshal(e, &withComment) == nil {
+					ip = withComment.Elem.Val
+				}
+				m[ip] = true
+			}
+		}
+		return m
+	}
 	out, err := netnstest.ExecErr(n.NS, "ipset", "list", "ztunnel-pods-ips")
 	if err != nil {
-		return map[string]bool{}
+		return m
 	}
-	m := map[string]bool{}
 	inMembers := false
 	for _, l := range strings.Split(out, "\n") {
 		if strings.HasPrefix(l, "Members:") {
@@ -485,6 +517,17 @@ func Members(t testing.TB, n *Node) map[string]bool {
 		}
 	}
 	return m
+}
+
+// DelMember removes ip from the node's IPv4 pod set behind the agent's
+// back (drift), whichever backend holds it.
+func DelMember(t testing.TB, n *Node, ip string) {
+	t.Helper()
+	if _, err := netnstest.ExecErr(n.NS, "nft", "list", "table", "inet", dataplane.NFTTable); err == nil {
+		netnstest.Exec(t, n.NS, "nft", "delete", "element", "inet", dataplane.NFTTable, "ztunnel-pods-ips", "{", ip, "}")
+		return
+	}
+	netnstest.Exec(t, n.NS, "ipset", "del", "ztunnel-pods-ips", ip)
 }
 
 func HasRoute(t testing.TB, n *Node, ip string) bool {
