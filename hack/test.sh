@@ -21,7 +21,7 @@ shellcheck .ci/run hack/*.sh hack/kind/*.sh hack/cluster/*.sh
 # on a 2-core machine only adds noise.
 go test -count=1 -p 1 -timeout 60m "$@" ./...
 
-# The real-kernel dataplane suite once more on the nftables backend (the
-# run above uses the default, iptables on these nodes): paths, transitions,
-# pinning, drift, lifecycle.
-AR_BACKEND=nftables go test -count=1 -p 1 -timeout 30m "$@" ./test/integration/
+# The real-kernel dataplane suite and the e2e suite once more on the
+# nftables backend (the run above uses the default, iptables on these
+# nodes): paths, transitions, pinning, drift, lifecycle, the agent binary.
+AR_BACKEND=nftables go test -count=1 -p 1 -timeout 40m "$@" ./test/integration/ ./test/e2e/
