@@ -58,17 +58,31 @@ func (d *Dataplane) followKubeProxy() {
 	}
 	d.filter, d.filterReason = BackendNFTables, "kube-proxy runs in nftables mode (its table "+kubeProxyTable+" appeared after start): only our own nftables table keeps a Service VIP from its DNAT"
 	d.log.Warn("switching to the nftables backend", zap.String("reason", d.filterReason))
-	for _, f := range d.fams {
-		d.mgr.nodeFilter[f] = newFilterManager(newNFTChains(d.node, f))
-	}
-	for f, m := range d.mgr.sets {
-		m.nft = newNFTSetStore(d.node, nftSet(d.cfg, f))
-	}
+	_ = d.useBackend() // nftables needs no binary: it cannot fail
 	for path := range d.mgr.ztFilter {
 		d.mgr.ztFilter[path] = map[Family]*filterManager{} // written anew, then the old chains retired
 	}
 	d.fast, d.otherRetired = nil, false
 	queueResync(d.mgr.all())
+}
+
+// useBackend gives the node's chain and set managers the writers of the
+// chosen backend (at start, and when auto switches).
+func (d *Dataplane) useBackend() error {
+	for _, f := range d.fams {
+		cw, err := d.chainWriter(d.node, f)
+		if err != nil {
+			return err
+		}
+		d.mgr.nodeFilter[f] = newFilterManager(cw)
+	}
+	for f, m := range d.mgr.sets {
+		m.nft = nil
+		if d.filter == BackendNFTables {
+			m.nft = newNFTSetStore(d.node, nftSet(d.cfg, f))
+		}
+	}
+	return nil
 }
 
 // Backend returns the backend our rules are written with and why.

@@ -175,21 +175,14 @@ func New(ctx context.Context, cfg Config, o Options) (_ *Dataplane, err error) {
 	} else {
 		d.log.Info("IPv6 is disabled in this kernel (no net.ipv6 sysctls): programming IPv4 only", zap.Error(err))
 	}
-	for _, f := range d.fams {
-		cw, err := d.chainWriter(d.node, f)
-		if err != nil {
-			return nil, err
-		}
-		d.mgr.nodeFilter[f] = newFilterManager(cw)
+	for _, f := range []Family{IPv4, IPv6} {
+		d.mgr.sets[f] = newSetManager(cfg, f, d.node.NL)
+	}
+	if err := d.useBackend(); err != nil {
+		return nil, err
 	}
 	if err := d.resolveTunnel(); err != nil {
 		return nil, err
-	}
-	for _, f := range []Family{IPv4, IPv6} {
-		d.mgr.sets[f] = newSetManager(cfg, f, d.node.NL)
-		if d.filter == BackendNFTables {
-			d.mgr.sets[f].nft = newNFTSetStore(d.node, nftSet(cfg, f))
-		}
 	}
 	d.mgr.routes = newRouteManager(d.node.NL, cfg.RouteProtocol)
 	for _, f := range d.fams {

@@ -88,13 +88,18 @@ func (m *setManager) clone() *setManager {
 // setDesired makes members (address -> pod UID) the set's only members.
 func (m *setManager) setDesired(members map[netip.Addr]string) { m.t.ReplaceDesired(members) }
 
+// members reads the set's members from the kernel (the ipset, or the set
+// of our nftables table); exists is false when there is no set.
+func (m *setManager) members() (map[netip.Addr]string, bool, error) {
+	if m.nft != nil {
+		return m.nft.members()
+	}
+	return ipsetMembers(m.nl, m.name, m.fam)
+}
+
 // readBack records the set's members (none when it does not exist yet).
 func (m *setManager) readBack(context.Context) error {
-	list := func() (map[netip.Addr]string, bool, error) { return ipsetMembers(m.nl, m.name, m.fam) }
-	if m.nft != nil {
-		list = m.nft.members
-	}
-	have, exists, err := list()
+	have, exists, err := m.members()
 	if err != nil {
 		return err
 	}

@@ -3,7 +3,6 @@ package dataplane
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"slices"
 
 	"github.com/vishvananda/netlink"
@@ -43,11 +42,7 @@ func (d *Dataplane) Snapshot(ctx context.Context) Snapshot {
 	defer d.mu.Unlock()
 	s := Snapshot{Backend: d.filter, IPTablesBackend: d.backend, Tunnel: d.tunnel, IPSets: map[string]map[string]string{}}
 	for _, f := range []Family{IPv4, IPv6} {
-		list := func() (map[netip.Addr]string, bool, error) { return ipsetMembers(d.node.NL, d.setName(f), f) }
-		if sm := d.mgr.sets[f]; sm != nil && sm.nft != nil {
-			list = sm.nft.members
-		}
-		m, exists, err := list()
+		m, exists, err := d.mgr.sets[f].members()
 		if err != nil {
 			s.Errors = append(s.Errors, err.Error())
 		}

@@ -51,6 +51,15 @@ func (f *FakeNFT) record(op Op, format string, a ...any) {
 	}
 }
 
+// table is the table name, a new empty one if there is none (not
+// stored: the caller's write does that).
+func (f *FakeNFT) table(name string) *fakeTable {
+	if t, ok := f.tables[name]; ok {
+		return t
+	}
+	return &fakeTable{chains: map[string]string{}, rules: map[string][]string{}, sets: map[string]map[netip.Addr]string{}}
+}
+
 func (f *FakeNFT) ReadBack(table string) (nft.Actual, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -69,11 +78,8 @@ func (f *FakeNFT) ReadBack(table string) (nft.Actual, error) {
 // WriteChains writes without looking at have: the result is the same.
 func (f *FakeNFT) WriteChains(table string, sets []nft.Set, want []*nft.Chain, _ nft.Actual, drop []string) error {
 	f.mu.Lock()
-	t, ok := f.tables[table]
-	if !ok {
-		t = &fakeTable{chains: map[string]string{}, rules: map[string][]string{}, sets: map[string]map[netip.Addr]string{}}
-		f.tables[table] = t
-	}
+	t := f.table(table)
+	f.tables[table] = t
 	for _, s := range sets {
 		if t.sets[s.Name] == nil {
 			t.sets[s.Name] = map[netip.Addr]string{}
@@ -127,10 +133,7 @@ func (f *FakeNFT) Has(table, set string, a netip.Addr) bool {
 
 func (f *FakeNFT) UpdateElements(table string, us ...nft.ElementUpdate) error {
 	f.mu.Lock()
-	t, ok := f.tables[table]
-	if !ok {
-		t = &fakeTable{chains: map[string]string{}, rules: map[string][]string{}, sets: map[string]map[netip.Addr]string{}}
-	}
+	t := f.table(table)
 	sets := map[string]map[netip.Addr]string{}
 	for name, m := range t.sets {
 		sets[name] = maps.Clone(m)
