@@ -3,13 +3,7 @@
 // (test/sidecar/proxy) writes it; tests read it.
 package record
 
-import (
-	"bufio"
-	"encoding/json"
-	"errors"
-	"fmt"
-	"os"
-)
+import ztrecord "github.com/ambient-redirect/ambient-redirect/test/ztunnel/record"
 
 // How the proxy learnt the original destination.
 const (
@@ -54,23 +48,4 @@ type Record struct {
 }
 
 // Read returns the records of a file; a missing file has none.
-func Read(path string) ([]Record, error) {
-	f, err := os.Open(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var out []Record
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var r Record
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			return out, fmt.Errorf("bad record %q: %w", sc.Text(), err)
-		}
-		out = append(out, r)
-	}
-	return out, sc.Err()
-}
+func Read(path string) ([]Record, error) { return ztrecord.ReadLines[Record](path) }

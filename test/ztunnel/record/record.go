@@ -25,7 +25,11 @@ type Record struct {
 }
 
 // Read returns the records of a file; a missing file has none.
-func Read(path string) ([]Record, error) {
+func Read(path string) ([]Record, error) { return ReadLines[Record](path) }
+
+// ReadLines reads a file of one JSON value per line (a test proxy's
+// records); a missing file has none.
+func ReadLines[T any](path string) ([]T, error) {
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -34,10 +38,10 @@ func Read(path string) ([]Record, error) {
 		return nil, err
 	}
 	defer f.Close()
-	var out []Record
+	var out []T
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		var r Record
+		var r T
 		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
 			return out, fmt.Errorf("bad record %q: %w", sc.Text(), err)
 		}
